@@ -1,0 +1,3 @@
+"""imputationd: drive genotype-imputation jobs through remote imputation servers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,199 @@
+"""SQLAlchemy 2.0 typed models: the jobs queue and everything recorded about each job.
+
+Times are timezone-aware UTC everywhere (`UtcDateTime` normalises what SQLite hands back).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from daemon.states import JobState, OutputState
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp stored as UTC and always returned timezone-aware (SQLite keeps no zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING)
+
+
+def _state_enum(enum_cls: type, name: str) -> sa.Enum:
+    # Stored as plain strings with a CHECK constraint: readable in psql and sqlite3, no PostgreSQL ENUM type to
+    # migrate when a state is added.
+    return sa.Enum(
+        enum_cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, primary_key=True, default=uuid.uuid4)
+    #: Shared by the children of one multi-service submission (equal to `id` for a single-service one).
+    group_id: Mapped[uuid.UUID] = mapped_column(sa.Uuid, index=True)
+    service: Mapped[str] = mapped_column(sa.String(64))
+    panel: Mapped[str] = mapped_column(sa.String(200))
+    build: Mapped[str] = mapped_column(sa.String(8))
+    population: Mapped[str | None] = mapped_column(sa.String(32))
+    phasing: Mapped[str | None] = mapped_column(sa.String(32))
+    r2_filter: Mapped[str | None] = mapped_column(sa.String(16))
+    mode: Mapped[str | None] = mapped_column(sa.String(32))
+    name: Mapped[str | None] = mapped_column(sa.String(200))
+    #: Password of the result zips; a secret: never logged, never shown by `show`.
+    password: Mapped[str | None] = mapped_column(sa.String(200))
+
+    state: Mapped[JobState] = mapped_column(_state_enum(JobState, "job_state"), default=JobState.PENDING)
+    remote_state: Mapped[str | None] = mapped_column(sa.String(64))
+    remote_id: Mapped[str | None] = mapped_column(sa.String(200))
+    progress: Mapped[str | None] = mapped_column(sa.Text)
+    queue_position: Mapped[int | None] = mapped_column(sa.Integer)
+
+    submit_attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    restart_attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    #: Consecutive transient failures of the current step; drives the backoff and resets on success.
+    failures: Mapped[int] = mapped_column(sa.Integer, default=0)
+    next_poll_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(200))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    error_kind: Mapped[str | None] = mapped_column(sa.String(64))
+    result_dir: Mapped[str | None] = mapped_column(sa.Text)
+
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+    submitted_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+
+    inputs: Mapped[list[JobInput]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="JobInput.id"
+    )
+    events: Mapped[list[JobEvent]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="JobEvent.id"
+    )
+    outputs: Mapped[list[JobOutput]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="JobOutput.id"
+    )
+
+    __table_args__ = (
+        # Due work: "state IN (...) AND next_poll_at <= now" walks only active rows, however many finished ones.
+        sa.Index("ix_jobs_state_next_poll_at", "state", "next_poll_at"),
+        # Pending jobs per service in submission order, and in-flight counts per service.
+        sa.Index("ix_jobs_service_state_created_at", "service", "state", "created_at"),
+        sa.Index("ix_jobs_created_at", "created_at"),
+    )
+
+    def __repr__(self) -> str:  # never include the password
+        return f"<Job {self.id} {self.service} {self.state}>"
+
+
+class JobInput(Base):
+    __tablename__ = "job_inputs"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(sa.Text)
+    size: Mapped[int] = mapped_column(sa.BigInteger)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+
+    job: Mapped[Job] = relationship(back_populates="inputs")
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    from_state: Mapped[str | None] = mapped_column(sa.String(32))
+    to_state: Mapped[str] = mapped_column(sa.String(32))
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+
+    job: Mapped[Job] = relationship(back_populates="events")
+
+
+class JobOutput(Base):
+    __tablename__ = "job_outputs"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(sa.Text)
+    #: Download URL and Cloudgene file hash: URL secrets, stored to download, never logged or shown.
+    url: Mapped[str] = mapped_column(sa.Text)
+    remote_hash: Mapped[str | None] = mapped_column(sa.String(200))
+    size_text: Mapped[str | None] = mapped_column(sa.String(64))
+    downloads_left: Mapped[int | None] = mapped_column(sa.Integer)
+    remote_checksum: Mapped[str | None] = mapped_column(sa.String(200))  # "algo:hex" when the server publishes one
+    state: Mapped[OutputState] = mapped_column(
+        _state_enum(OutputState, "output_state"), default=OutputState.PENDING
+    )
+    size: Mapped[int | None] = mapped_column(sa.BigInteger)  # verified byte count
+    sha256: Mapped[str | None] = mapped_column(sa.String(64))  # ours, computed while streaming
+    local_path: Mapped[str | None] = mapped_column(sa.Text)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    verified_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+
+    job: Mapped[Job] = relationship(back_populates="outputs")
+
+    __table_args__ = (sa.UniqueConstraint("job_id", "name"),)
+
+
+class ServiceStatus(Base):
+    """Runtime status of a configured service, shared by every daemon on the database."""
+
+    __tablename__ = "services"
+
+    name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    #: Set while the service is unusable until an operator acts (bad token); jobs wait.
+    blocked_reason: Mapped[str | None] = mapped_column(sa.Text)
+    blocked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    #: Set while the whole service asked us to wait (maintenance, rate limit); nothing is sent before then.
+    paused_until: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    pause_reason: Mapped[str | None] = mapped_column(sa.Text)
+    #: Lowered when the server says "Only N jobs per user"; cleared when one of our jobs there finishes.
+    effective_limit: Mapped[int | None] = mapped_column(sa.Integer)
+    token_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    token_checked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)

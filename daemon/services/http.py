@@ -1,0 +1,138 @@
+"""HTTP plumbing shared by the adapters: one client per service, and remote answers turned into our errors.
+
+Messages built here name the call ("GET /jobs/{id}/status") but never the full URL: Cloudgene download URLs carry
+a secret, and query strings may carry anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from daemon import __version__
+from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
+
+USER_AGENT = f"imputationd/{__version__}"
+#: How much of a non-JSON error body goes into a message (HTML error pages are long and say little).
+BODY_EXCERPT = 200
+
+
+def make_client(
+    base_url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    max_connections: int = 10,
+) -> httpx.Client:
+    """A thread-safe client shared by every pool thread that talks to one service."""
+    return httpx.Client(
+        base_url=base_url,
+        headers={"User-Agent": USER_AGENT, **(headers or {})},
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        follow_redirects=True,
+    )
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None when absent or garbled."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@contextlib.contextmanager
+def transport_errors(call: str) -> Iterator[None]:
+    """Turn httpx's transport failures (timeouts, refused or reset connections, broken framing) into `Transient`."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise Transient(f"{call}: timed out ({type(exc).__name__})", kind="timeout") from None
+    except httpx.TransportError as exc:
+        raise Transient(f"{call}: connection failed ({type(exc).__name__})", kind="connection") from None
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's own words: `message` (Cloudgene) or `msg` (WES) from a JSON body, else a short text excerpt."""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict):
+        for key in ("message", "msg", "error"):
+            if isinstance(body.get(key), str) and body[key].strip():
+                return body[key].strip()
+    text = " ".join(response.text.split())
+    if response.headers.get("content-type", "").startswith("text/html") or text.lower().startswith("<"):
+        return f"HTTP {response.status_code} (HTML error page)"
+    return text[:BODY_EXCERPT] or f"HTTP {response.status_code}"
+
+
+def raise_for_status(response: httpx.Response, call: str) -> None:
+    """Raise the error our rules give a non-2xx answer; return quietly on success.
+
+    401/403 block the service (a bad token never fails a job); 429 and 503 pause the whole service; other 5xx are
+    transient; the remaining 4xx are permanent with the server's message. Adapters check the service-specific
+    answers (Cloudgene's "Only N jobs" 400, download counters) before calling this.
+    """
+    status = response.status_code
+    if status < 400:
+        return
+    message = error_message(response)
+    if status in (401, 403):
+        kind = "unauthorized" if status == 401 else "forbidden"
+        raise Blocked(f"{call}: HTTP {status}: {message}", kind=kind)
+    if status in (429, 503):
+        raise Transient(
+            f"{call}: HTTP {status}: {message}",
+            kind="rate_limited" if status == 429 else "unavailable",
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+            service_wide=True,
+        )
+    if status >= 500:
+        raise Transient(
+            f"{call}: HTTP {status}: {message}",
+            kind="server_error",
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+        )
+    if status == 408:
+        raise Transient(f"{call}: HTTP 408: {message}", kind="timeout")
+    raise Permanent(f"{call}: HTTP {status}: {message}", kind=f"http_{status}")
+
+
+def json_object(response: httpx.Response, call: str) -> dict[str, Any]:
+    """The JSON object a successful call returned; a garbled answer (a proxy's HTML page, cut-off JSON) is
+    transient: the next try usually gets a real one."""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Transient(f"{call}: answer is not JSON ({error_message(response)})", kind="bad_response") from None
+    if not isinstance(body, dict):
+        raise Transient(f"{call}: expected a JSON object, got {type(body).__name__}", kind="bad_response")
+    return body
+
+
+__all__ = [
+    "ServiceError",
+    "error_message",
+    "json_object",
+    "make_client",
+    "parse_retry_after",
+    "raise_for_status",
+    "transport_errors",
+]
