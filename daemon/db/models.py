@@ -91,6 +91,9 @@ class Job(Base):
 
     submit_attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
     restart_attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    #: How often `imputationd retry` restarted this job; part of the name the remote job carries, so a lookup after
+    #: a lost submit never mistakes the failed previous attempt for the new one.
+    retries: Mapped[int] = mapped_column(sa.Integer, default=0)
     #: Consecutive transient failures of the current step; drives the backoff and resets on success.
     failures: Mapped[int] = mapped_column(sa.Integer, default=0)
     next_poll_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
