@@ -1,0 +1,598 @@
+"""Every query the daemon and the CLI run against the jobs queue, named, in one place.
+
+Work is handed out by *claims*: an atomic UPDATE that sets a lease (`lease_owner`, `lease_expires_at`) on due jobs
+nobody holds. On PostgreSQL the candidate rows are picked with `FOR UPDATE SKIP LOCKED`, so several daemons share one
+database without waiting on each other; on SQLite every write transaction is `BEGIN IMMEDIATE` (see `engine.py`), which
+serialises claimers, and the same `UPDATE … RETURNING` runs. A step's outcome is written with `finish()`, which
+only lands while the caller still holds the lease: a daemon whose lease expired (it hung, or another daemon took the
+job over) cannot overwrite newer state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, selectinload
+
+from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, utcnow
+from daemon.services.base import RemoteOutput
+from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState, check_transition
+
+
+@dataclass(frozen=True)
+class NewInput:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class NewJob:
+    service: str
+    panel: str
+    build: str
+    inputs: Sequence[NewInput]
+    population: str | None = None
+    phasing: str | None = None
+    r2_filter: str | None = None
+    mode: str | None = None
+    name: str | None = None
+    password: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What one step decided about a job; `finish()` writes it in one transaction."""
+
+    state: JobState | None = None  # None: unchanged
+    reason: str | None = None  # for the event row when the state changes
+    next_poll_in: float | None = None  # seconds; None leaves next_poll_at unchanged
+    fields: dict[str, Any] = field(default_factory=dict)  # other job columns to set
+
+
+class LeaseLost(RuntimeError):
+    """The job's lease is no longer ours: another daemon took it over after it expired."""
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+def _load_options() -> tuple:
+    return (selectinload(Job.inputs), selectinload(Job.outputs))
+
+
+class JobStore:
+    def __init__(self, session_factory: Callable[[], Session], *, postgres: bool) -> None:
+        self._session = session_factory
+        self._postgres = postgres
+
+    # ------------------------------------------------------------------ submission and operator actions
+
+    def create_group(self, jobs: Sequence[NewJob]) -> list[Job]:
+        """Store one pending job per service, sharing a group id, with their inputs and a first event."""
+        group_id = uuid.uuid4()
+        now = utcnow()
+        created: list[Job] = []
+        with self._session() as session, session.begin():
+            for index, spec in enumerate(jobs):
+                job_id = group_id if index == 0 else uuid.uuid4()
+                job = Job(
+                    id=job_id,
+                    group_id=group_id,
+                    service=spec.service,
+                    panel=spec.panel,
+                    build=spec.build,
+                    population=spec.population,
+                    phasing=spec.phasing,
+                    r2_filter=spec.r2_filter,
+                    mode=spec.mode,
+                    name=spec.name,
+                    password=spec.password,
+                    state=JobState.PENDING,
+                    created_at=now,
+                    updated_at=now,
+                    submit_attempts=0,
+                    restart_attempts=0,
+                    retries=0,
+                    failures=0,
+                )
+                job.inputs = [JobInput(path=i.path, size=i.size, sha256=i.sha256) for i in spec.inputs]
+                job.events = [JobEvent(at=now, from_state=None, to_state=JobState.PENDING, reason="submitted")]
+                session.add(job)
+                created.append(job)
+        return created
+
+    def get(self, job_id: uuid.UUID, *, with_events: bool = False) -> Job:
+        options = [*_load_options()]
+        if with_events:
+            options.append(selectinload(Job.events))
+        with self._session() as session:
+            job = session.get(Job, job_id, options=options)
+            if job is None:
+                raise JobNotFound(f"no job {job_id}")
+            return job
+
+    def resolve_id(self, text: str) -> uuid.UUID:
+        """A full job id, or a unique prefix of one (as `git` accepts short hashes)."""
+        text = text.strip().lower()
+        try:
+            return uuid.UUID(text)
+        except ValueError:
+            pass
+        if len(text) < 4 or any(c not in "0123456789abcdef-" for c in text):
+            raise JobNotFound(f"'{text}' is not a job id")
+        with self._session() as session:
+            # UUIDs are stored as 32 hex digits on SQLite and natively on PostgreSQL; compare on text.
+            column = sa.cast(Job.id, sa.String)
+            hexed = text.replace("-", "")
+            if self._postgres:
+                column = sa.func.replace(column, "-", "")
+            ids = session.scalars(sa.select(Job.id).where(column.like(f"{hexed}%")).limit(2)).all()
+        if not ids:
+            raise JobNotFound(f"no job with id {text}")
+        if len(ids) > 1:
+            raise JobNotFound(f"job id prefix {text} is ambiguous")
+        return ids[0]
+
+    def list_jobs(
+        self,
+        *,
+        states: Collection[JobState] | None = None,
+        service: str | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        query = sa.select(Job).order_by(Job.created_at.desc()).limit(limit)
+        if states:
+            query = query.where(Job.state.in_(list(states)))
+        if service:
+            query = query.where(Job.service == service)
+        with self._session() as session:
+            return list(session.scalars(query.options(selectinload(Job.outputs))).all())
+
+    def group(self, group_id: uuid.UUID) -> list[Job]:
+        with self._session() as session:
+            query = sa.select(Job).where(Job.group_id == group_id).order_by(Job.created_at, Job.service)
+            return list(session.scalars(query.options(*_load_options(), selectinload(Job.events))).all())
+
+    def counts_by_service(self) -> dict[str, dict[str, int]]:
+        with self._session() as session:
+            rows = session.execute(
+                sa.select(Job.service, Job.state, sa.func.count()).group_by(Job.service, Job.state)
+            ).all()
+        counts: dict[str, dict[str, int]] = {}
+        for service, state, count in rows:
+            counts.setdefault(service, {})[JobState(state).value] = count
+        return counts
+
+    def request_cancel(self, job_id: uuid.UUID, *, reason: str = "cancelled by operator") -> JobState:
+        """Cancel at once what never reached the server; ask the daemon to cancel remotely otherwise."""
+        now = utcnow()
+        with self._session() as session, session.begin():
+            job = self._lock(session, job_id)
+            if job.state in TERMINAL or job.state is JobState.CANCEL_REQUESTED:
+                return job.state
+            if job.remote_id is None and job.state in (JobState.PENDING, JobState.BLOCKED):
+                self._transition(session, job, JobState.CANCELLED, reason, now)
+                job.finished_at = now
+            elif job.state is JobState.DOWNLOADING:
+                # The remote job is done; cancelling only stops our download.
+                self._transition(session, job, JobState.CANCELLED, reason, now)
+                job.finished_at = now
+            else:
+                self._transition(session, job, JobState.CANCEL_REQUESTED, reason, now)
+                job.next_poll_at = now
+            return job.state
+
+    def retry(self, job_id: uuid.UUID) -> Job:
+        """failed → pending: a fresh remote submission, keeping the inputs and the history."""
+        now = utcnow()
+        with self._session() as session, session.begin():
+            job = self._lock(session, job_id)
+            if job.state is not JobState.FAILED:
+                raise ValueError(f"job {job.id} is {job.state}; only failed jobs can be retried")
+            self._transition(session, job, JobState.PENDING, "retried by operator", now)
+            job.retries += 1
+            job.remote_id = job.remote_state = job.progress = job.error = job.error_kind = None
+            job.queue_position = job.next_poll_at = job.finished_at = job.submitted_at = None
+            job.submit_attempts = job.restart_attempts = job.failures = 0
+            # Verified files from the failed attempt stay on disk and are not re-fetched by name.
+            session.execute(
+                sa.delete(JobOutput).where(JobOutput.job_id == job.id, JobOutput.state != OutputState.VERIFIED)
+            )
+            return job
+
+    # ------------------------------------------------------------------ the scheduler's due-work queries
+
+    def ensure_services(self, names: Iterable[str]) -> None:
+        """Make sure each configured service has a status row (dispatch locks it on PostgreSQL)."""
+        names = list(names)
+        if not names:
+            return
+        if self._postgres:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        now = utcnow()
+        with self._session() as session, session.begin():
+            session.execute(
+                insert(ServiceStatus)
+                .values([{"name": n, "updated_at": now} for n in names])
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+
+    def service_statuses(self) -> dict[str, ServiceStatus]:
+        with self._session() as session:
+            return {s.name: s for s in session.scalars(sa.select(ServiceStatus)).all()}
+
+    def in_flight_count(self, service: str) -> int:
+        with self._session() as session:
+            return session.scalar(
+                sa.select(sa.func.count())
+                .select_from(Job)
+                .where(Job.service == service, Job.state.in_(list(IN_FLIGHT)))
+            ) or 0
+
+    def promote_pending(self, service: str, max_concurrent: int, *, now: dt.datetime | None = None) -> int:
+        """Move the oldest pending jobs of a service to `submitting`, as many as the service has free slots.
+
+        The count of in-flight jobs and the promotion happen in one transaction that holds the service's status
+        row (PostgreSQL `FOR UPDATE`; SQLite's write lock), so several daemons never overfill a service."""
+        now = now or utcnow()
+        with self._session() as session, session.begin():
+            status = session.scalars(
+                sa.select(ServiceStatus).where(ServiceStatus.name == service).with_for_update()
+            ).one_or_none()
+            limit = max_concurrent
+            if status is not None and status.effective_limit is not None:
+                limit = min(limit, status.effective_limit)
+            in_flight = session.scalar(
+                sa.select(sa.func.count())
+                .select_from(Job)
+                .where(Job.service == service, Job.state.in_(list(IN_FLIGHT)))
+            )
+            free = limit - (in_flight or 0)
+            if free <= 0:
+                return 0
+            candidates = (
+                sa.select(Job.id)
+                .where(
+                    Job.service == service,
+                    Job.state == JobState.PENDING,
+                    sa.or_(Job.next_poll_at.is_(None), Job.next_poll_at <= now),
+                )
+                .order_by(Job.created_at)
+                .limit(free)
+                .with_for_update(skip_locked=True)
+            )
+            ids = list(session.scalars(candidates).all())
+            if not ids:
+                return 0
+            session.execute(
+                sa.update(Job)
+                .where(Job.id.in_(ids))
+                .values(state=JobState.SUBMITTING, next_poll_at=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            session.add_all(
+                JobEvent(job_id=i, at=now, from_state=JobState.PENDING, to_state=JobState.SUBMITTING,
+                         reason="slot free on service")
+                for i in ids
+            )
+            return len(ids)
+
+    def claim_due(
+        self,
+        owner: str,
+        *,
+        states: Collection[JobState],
+        services: Collection[str],
+        limit: int,
+        lease_seconds: float,
+        now: dt.datetime | None = None,
+    ) -> list[Job]:
+        """Lease up to `limit` jobs in `states` whose `next_poll_at` is due and that nobody holds."""
+        if limit <= 0 or not services or not states:
+            return []
+        now = now or utcnow()
+        expires = now + dt.timedelta(seconds=lease_seconds)
+        candidates = (
+            sa.select(Job.id)
+            .where(
+                Job.state.in_(list(states)),
+                Job.next_poll_at <= now,
+                Job.service.in_(list(services)),
+                sa.or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
+            )
+            .order_by(Job.next_poll_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._session() as session, session.begin():
+            ids = list(
+                session.scalars(
+                    sa.update(Job)
+                    .where(Job.id.in_(candidates.scalar_subquery()))
+                    .values(lease_owner=owner, lease_expires_at=expires)
+                    .returning(Job.id)
+                    .execution_options(synchronize_session=False)
+                ).all()
+            )
+            if not ids:
+                return []
+            jobs = session.scalars(
+                sa.select(Job).where(Job.id.in_(ids)).order_by(Job.next_poll_at).options(*_load_options())
+            ).all()
+            return list(jobs)
+
+    def claim_one(self, job_id: uuid.UUID, owner: str, *, lease_seconds: float) -> Job | None:
+        """Lease one given job if nobody holds it (the CLI's `cancel` uses this)."""
+        now = utcnow()
+        with self._session() as session, session.begin():
+            claimed = session.scalar(
+                sa.update(Job)
+                .where(Job.id == job_id, sa.or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
+                .values(lease_owner=owner, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+                .returning(Job.id)
+                .execution_options(synchronize_session=False)
+            )
+            if claimed is None:
+                return None
+            return session.get(Job, job_id, options=_load_options(), populate_existing=True)
+
+    def renew_leases(self, owner: str, job_ids: Collection[uuid.UUID], *, lease_seconds: float) -> int:
+        if not job_ids:
+            return 0
+        expires = utcnow() + dt.timedelta(seconds=lease_seconds)
+        with self._session() as session, session.begin():
+            result = session.execute(
+                sa.update(Job)
+                .where(Job.id.in_(list(job_ids)), Job.lease_owner == owner)
+                .values(lease_expires_at=expires)
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount
+
+    def release(self, job_id: uuid.UUID, owner: str) -> None:
+        with self._session() as session, session.begin():
+            session.execute(
+                sa.update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
+
+    def release_owners(self, owners: Callable[[str], bool]) -> list[str]:
+        """Release every lease whose owner the predicate says is gone (dead processes on this host)."""
+        with self._session() as session, session.begin():
+            held = session.scalars(sa.select(Job.lease_owner).where(Job.lease_owner.is_not(None)).distinct()).all()
+            gone = [o for o in held if owners(o)]
+            if gone:
+                session.execute(
+                    sa.update(Job)
+                    .where(Job.lease_owner.in_(gone))
+                    .values(lease_owner=None, lease_expires_at=None)
+                    .execution_options(synchronize_session=False)
+                )
+            return gone
+
+    def clear_expired_leases(self, now: dt.datetime | None = None) -> int:
+        now = now or utcnow()
+        with self._session() as session, session.begin():
+            result = session.execute(
+                sa.update(Job)
+                .where(Job.lease_expires_at < now)
+                .values(lease_owner=None, lease_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount
+
+    # ------------------------------------------------------------------ writing a step's outcome
+
+    def finish(self, job_id: uuid.UUID, owner: str, outcome: Outcome, *, keep_lease: bool = False) -> Job:
+        """Apply a step's outcome and (unless `keep_lease`) release the lease, in one transaction.
+
+        Raises `LeaseLost` when another owner holds the job now: its state is newer than ours."""
+        now = utcnow()
+        with self._session() as session, session.begin():
+            job = self._lock(session, job_id)
+            if job.lease_owner != owner:
+                raise LeaseLost(f"job {job_id} is no longer leased by this daemon")
+            for name, value in outcome.fields.items():
+                setattr(job, name, value)
+            if outcome.state is not None and outcome.state != job.state:
+                self._transition(session, job, outcome.state, outcome.reason, now)
+                if outcome.state in TERMINAL:
+                    job.finished_at = now
+                    job.next_poll_at = None
+                    self._job_left_service(session, job.service)
+            if outcome.next_poll_in is not None:
+                job.next_poll_at = now + dt.timedelta(seconds=outcome.next_poll_in)
+            if not keep_lease:
+                job.lease_owner = None
+                job.lease_expires_at = None
+            job.updated_at = now
+            session.flush()
+            return job
+
+    def note_submit_attempt(self, job_id: uuid.UUID, owner: str) -> int:
+        """Count a submit attempt and commit it *before* the request goes out (exactly-once submission)."""
+        with self._session() as session, session.begin():
+            job = self._lock(session, job_id)
+            if job.lease_owner != owner:
+                raise LeaseLost(f"job {job_id} is no longer leased by this daemon")
+            job.submit_attempts += 1
+            job.updated_at = utcnow()
+            return job.submit_attempts
+
+    def record_outputs(self, job_id: uuid.UUID, outputs: Sequence[RemoteOutput]) -> None:
+        """Store the files a finished remote job offers; a file already known keeps its download state, but its
+        URL and counter are refreshed (a server may re-issue them)."""
+        with self._session() as session, session.begin():
+            known = {o.name: o for o in session.scalars(sa.select(JobOutput).where(JobOutput.job_id == job_id))}
+            for remote in outputs:
+                checksum = ":".join(remote.checksum) if remote.checksum else None
+                row = known.get(remote.name)
+                if row is None:
+                    session.add(
+                        JobOutput(
+                            job_id=job_id,
+                            name=remote.name,
+                            url=remote.url,
+                            remote_hash=remote.remote_hash,
+                            size_text=remote.size_text,
+                            downloads_left=remote.downloads_left,
+                            remote_checksum=checksum,
+                            state=OutputState.PENDING,
+                            attempts=0,
+                        )
+                    )
+                elif row.state is not OutputState.VERIFIED:
+                    row.url, row.remote_hash = remote.url, remote.remote_hash
+                    row.downloads_left, row.remote_checksum = remote.downloads_left, checksum
+
+    def update_output(self, output_id: int, **fields: Any) -> None:
+        with self._session() as session, session.begin():
+            session.execute(
+                sa.update(JobOutput)
+                .where(JobOutput.id == output_id)
+                .values(**fields)
+                .execution_options(synchronize_session=False)
+            )
+
+    def outputs(self, job_id: uuid.UUID) -> list[JobOutput]:
+        with self._session() as session:
+            return list(
+                session.scalars(sa.select(JobOutput).where(JobOutput.job_id == job_id).order_by(JobOutput.id))
+            )
+
+    # ------------------------------------------------------------------ service status
+
+    def block_service(self, service: str, reason: str) -> tuple[bool, int]:
+        """Mark a service unusable and park its waiting jobs in `blocked`.
+
+        Returns (newly blocked, jobs parked). Jobs held by a lease are left to their holder, which meets the same
+        error and parks its job itself."""
+        now = utcnow()
+        with self._session() as session, session.begin():
+            status = self._service_row(session, service)
+            newly = status.blocked_reason is None
+            status.blocked_reason, status.blocked_at = reason, status.blocked_at if not newly else now
+            jobs = session.scalars(
+                sa.select(Job)
+                .where(
+                    Job.service == service,
+                    Job.state.in_([JobState.PENDING, JobState.QUEUED, JobState.RUNNING]),
+                    sa.or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
+                )
+                .with_for_update(skip_locked=True)
+            ).all()
+            for job in jobs:
+                self._transition(session, job, JobState.BLOCKED, reason, now)
+            return newly, len(jobs)
+
+    def park_blocked(self, job_id: uuid.UUID, owner: str, reason: str) -> None:
+        self.finish(job_id, owner, Outcome(state=JobState.BLOCKED, reason=reason))
+
+    def unblock_service(self, service: str, reason: str) -> int:
+        """The service works again: blocked jobs return to where they can go on (pending, or polled again)."""
+        now = utcnow()
+        with self._session() as session, session.begin():
+            status = self._service_row(session, service)
+            status.blocked_reason = status.blocked_at = None
+            jobs = session.scalars(
+                sa.select(Job).where(Job.service == service, Job.state == JobState.BLOCKED).with_for_update()
+            ).all()
+            for job in jobs:
+                target = JobState.PENDING if job.remote_id is None else JobState.QUEUED
+                self._transition(session, job, target, reason, now)
+                job.next_poll_at = now
+                job.failures = 0
+            return len(jobs)
+
+    def pause_service(self, service: str, until: dt.datetime, reason: str) -> bool:
+        """Hold every call to a service until `until` (maintenance, rate limit). Returns True if newly paused."""
+        with self._session() as session, session.begin():
+            status = self._service_row(session, service)
+            now = utcnow()
+            newly = status.paused_until is None or status.paused_until <= now
+            if newly or until > status.paused_until:
+                status.paused_until, status.pause_reason = until, reason
+            return newly
+
+    def resume_service(self, service: str) -> None:
+        with self._session() as session, session.begin():
+            status = self._service_row(session, service)
+            status.paused_until = status.pause_reason = None
+
+    def lower_limit(self, service: str, limit: int) -> None:
+        """The server refused a job for too many running ones: use at most `limit` slots until a job finishes."""
+        with self._session() as session, session.begin():
+            status = self._service_row(session, service)
+            status.effective_limit = max(1, limit)
+
+    def record_token(self, service: str, *, expires: dt.datetime | None) -> None:
+        with self._session() as session, session.begin():
+            status = self._service_row(session, service)
+            status.token_expires_at = expires
+            status.token_checked_at = utcnow()
+
+    # ------------------------------------------------------------------ internals
+
+    def _lock(self, session: Session, job_id: uuid.UUID) -> Job:
+        job = session.scalars(sa.select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        return job
+
+    def _service_row(self, session: Session, service: str) -> ServiceStatus:
+        status = session.scalars(
+            sa.select(ServiceStatus).where(ServiceStatus.name == service).with_for_update()
+        ).one_or_none()
+        if status is None:
+            status = ServiceStatus(name=service, updated_at=utcnow())
+            session.add(status)
+        return status
+
+    def _job_left_service(self, session: Session, service: str) -> None:
+        # A finished job frees a slot: forget a limit lowered by "Only N jobs" so the next dispatch probes again.
+        session.execute(
+            sa.update(ServiceStatus)
+            .where(ServiceStatus.name == service, ServiceStatus.effective_limit.is_not(None))
+            .values(effective_limit=None)
+            .execution_options(synchronize_session=False)
+        )
+
+    @staticmethod
+    def _transition(session: Session, job: Job, new: JobState, reason: str | None, now: dt.datetime) -> None:
+        check_transition(job.state, new)
+        session.add(JobEvent(job_id=job.id, at=now, from_state=job.state, to_state=new, reason=reason))
+        job.state = new
+        job.updated_at = now
+
+
+def job_snapshot(job: Job) -> dict[str, Any]:
+    """A job as plain data for `--json` output and notifications; secrets (password, URLs, hashes) left out."""
+    data = {
+        c.name: getattr(job, c.name)
+        for c in Job.__table__.columns
+        if c.name not in {"password", "lease_owner", "lease_expires_at"}
+    }
+    data["has_password"] = job.password is not None
+    return data
+
+
+__all__ = [
+    "JobNotFound",
+    "JobStore",
+    "LeaseLost",
+    "NewInput",
+    "NewJob",
+    "Outcome",
+    "job_snapshot",
+]
