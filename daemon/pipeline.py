@@ -1,0 +1,367 @@
+"""One step of one job: submit, poll, download or cancel, decided by the job's state.
+
+A step runs on a pool thread with the job leased to this daemon. It talks to the service through the adapter, then
+writes its outcome with `JobStore.finish`. Every adapter error is handled here, in one place, by the rules of
+DESIGN.md: transient errors back off and never fail a job, a blocked service parks its jobs, a permanent error fails
+the job with the server's reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import structlog
+
+from daemon import downloads
+from daemon.backoff import backoff_delay, jittered
+from daemon.config import Config, ServiceConfig
+from daemon.db.models import Job, JobOutput, utcnow
+from daemon.db.store import JobStore, LeaseLost, Outcome
+from daemon.logging import bind_job
+from daemon.services.base import RemoteOutput, RemoteStatus, ServiceAdapter, SubmitRequest
+from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
+from daemon.states import JobState, OutputState, RemoteKind
+
+log = structlog.get_logger("daemon.pipeline")
+
+#: Integrity failures of one file (short body, bad zip) tolerated before that file is given up: each try spends
+#: one of the server's limited download counts.
+MAX_INTEGRITY_ATTEMPTS = 3
+#: Kinds of download failure that count against MAX_INTEGRITY_ATTEMPTS.
+INTEGRITY_KINDS = frozenset({"truncated", "corrupt_zip", "length_mismatch"})
+
+
+def remote_job_name(job: Job) -> str:
+    """The name our job carries on the server (Cloudgene `job-name`, WES `tags`): how a lost submit is found again.
+
+    A retried job carries its retry count too, so the failed earlier remote job is never mistaken for the new one."""
+    return str(job.id) if job.retries == 0 else f"{job.id}.retry{job.retries}"
+
+
+def remote_output(row: JobOutput) -> RemoteOutput:
+    checksum = tuple(row.remote_checksum.split(":", 1)) if row.remote_checksum else None
+    return RemoteOutput(
+        name=row.name,
+        url=row.url,
+        remote_hash=row.remote_hash,
+        size_text=row.size_text,
+        downloads_left=row.downloads_left,
+        checksum=checksum,  # type: ignore[arg-type]
+    )
+
+
+class Pipeline:
+    def __init__(
+        self,
+        store: JobStore,
+        adapters: Mapping[str, ServiceAdapter],
+        config: Config,
+        *,
+        owner: str,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.store = store
+        self.adapters = adapters
+        self.config = config
+        self.owner = owner
+        self.stopping = stopping
+
+    # ------------------------------------------------------------------ entry point
+
+    def run(self, job: Job) -> Job | None:
+        """Do the step the job's state calls for and return the job as written (None when nothing was).
+
+        Never raises: a pool thread has nobody to raise to."""
+        with bind_job(job_id=str(job.id), service=job.service, remote_id=job.remote_id):
+            try:
+                outcome = self._step(job)
+            except ServiceError as exc:
+                outcome = self._on_error(job, exc)
+            except LeaseLost:
+                log.warning("lease_lost", reason="another daemon took the job over; dropping this step's result")
+                return None
+            except Exception as exc:  # a bug: keep the daemon alive, retry with backoff, say so loudly
+                log.exception("step_crashed", state=str(job.state), error_kind="internal")
+                outcome = self._backoff(job, Transient(f"internal error: {type(exc).__name__}: {exc}",
+                                                       kind="internal"))
+            if outcome is None:
+                return None
+            try:
+                finished = self.store.finish(job.id, self.owner, outcome)
+            except LeaseLost:
+                log.warning("lease_lost", reason="another daemon took the job over; dropping this step's result")
+                return None
+            if outcome.state is not None and outcome.state != job.state:
+                self._log_transition(job, finished, outcome)
+            return finished
+
+    def _step(self, job: Job) -> Outcome | None:
+        adapter = self._adapter(job)
+        match job.state:
+            case JobState.SUBMITTING:
+                return self._submit(job, adapter)
+            case JobState.QUEUED | JobState.RUNNING:
+                return self._poll(job, adapter)
+            case JobState.DOWNLOADING:
+                return self._download(job, adapter)
+            case JobState.CANCEL_REQUESTED:
+                return self._cancel(job, adapter)
+        # Another daemon moved the job on between claim and now; nothing to do but let go of it.
+        self.store.release(job.id, self.owner)
+        return None
+
+    def _adapter(self, job: Job) -> ServiceAdapter:
+        adapter = self.adapters.get(job.service)
+        if adapter is None:
+            raise Permanent(f"service '{job.service}' is not configured", kind="unknown_service")
+        return adapter
+
+    def _service(self, job: Job) -> ServiceConfig:
+        return self.config.services[job.service]
+
+    # ------------------------------------------------------------------ submit
+
+    def _submit(self, job: Job, adapter: ServiceAdapter) -> Outcome:
+        carried = remote_job_name(job)
+        if job.submit_attempts > 0:
+            # An earlier attempt may have reached the server and lost its answer (timeout, crash, SIGKILL).
+            found = adapter.find_submitted(carried)
+            if found is not None:
+                return self._submitted(job, found, "found the earlier submission on the server")
+        request = self._submit_request(job, carried)
+        # Committed before the POST: after a crash from here on, the next attempt looks the job up first.
+        self.store.note_submit_attempt(job.id, self.owner)
+        remote_id = adapter.submit(request)
+        return self._submitted(job, remote_id, "submitted")
+
+    def _submitted(self, job: Job, remote_id: str, how: str) -> Outcome:
+        structlog.contextvars.bind_contextvars(remote_id=remote_id)
+        return Outcome(
+            state=JobState.QUEUED,
+            reason=f"{how} as {remote_id}",
+            next_poll_in=min(10.0, self._service(job).poll_interval),
+            fields={"remote_id": remote_id, "submitted_at": utcnow(), "failures": 0, "error": None,
+                    "error_kind": None},
+        )
+
+    def _submit_request(self, job: Job, carried: str) -> SubmitRequest:
+        service = self._service(job)
+        panel = service.panels.get(job.panel)
+        if panel is None:
+            raise Permanent(f"panel '{job.panel}' is no longer configured for service '{job.service}'",
+                            kind="unknown_panel")
+        files = [Path(i.path) for i in job.inputs]
+        for item, path in zip(job.inputs, files, strict=True):
+            try:
+                size = path.stat().st_size
+            except OSError as exc:
+                raise Permanent(f"input {path}: {exc.strerror or exc}", kind="input_missing") from None
+            if size != item.size:
+                raise Permanent(f"input {path} changed since it was submitted ({item.size} → {size} bytes)",
+                                kind="input_changed")
+        return SubmitRequest(
+            job_id=carried,
+            files=files,
+            panel=panel.remote_id,
+            build=job.build,
+            population=job.population,
+            phasing=job.phasing,
+            r2_filter=job.r2_filter,
+            mode=job.mode,
+            password=job.password,
+            name=job.name,
+        )
+
+    # ------------------------------------------------------------------ poll
+
+    def _poll(self, job: Job, adapter: ServiceAdapter) -> Outcome:
+        assert job.remote_id is not None
+        status = adapter.status(job.remote_id)
+        fields = {
+            "remote_state": status.raw_state,
+            "queue_position": status.queue_position,
+            "progress": status.progress,
+            "failures": 0,
+            "error": None,
+            "error_kind": None,
+        }
+        if job.failures:
+            log.info("recovered", after_failures=job.failures)
+        interval = jittered(self._service(job).poll_interval)
+        match status.kind:
+            case RemoteKind.QUEUED | RemoteKind.RUNNING:
+                new = JobState.QUEUED if status.kind is RemoteKind.QUEUED else JobState.RUNNING
+                return Outcome(state=new, reason=f"remote state {status.raw_state}", next_poll_in=interval,
+                               fields=fields)
+            case RemoteKind.SUCCEEDED:
+                self.store.record_outputs(job.id, status.outputs)
+                return Outcome(state=JobState.DOWNLOADING,
+                               reason=f"remote job finished ({status.raw_state}); {len(status.outputs)} files",
+                               next_poll_in=0, fields=fields)
+            case RemoteKind.FAILED:
+                reason = status.message or f"remote job failed ({status.raw_state})"
+                return Outcome(state=JobState.FAILED, reason=reason,
+                               fields={**fields, "error": reason, "error_kind": "remote_failed"})
+            case RemoteKind.CANCELLED:
+                return Outcome(state=JobState.CANCELLED, reason="cancelled on the server", fields=fields)
+            case RemoteKind.EXPIRED:
+                reason = f"results expired remotely ({status.raw_state}) before they were downloaded"
+                return Outcome(state=JobState.FAILED, reason=reason,
+                               fields={**fields, "error": reason, "error_kind": "expired"})
+            case RemoteKind.DEAD:
+                return self._dead(job, adapter, status, fields)
+            case _:
+                if status.raw_state != job.remote_state:
+                    log.warning("unknown_remote_state", remote_state=status.raw_state,
+                                reason="keeping the job and polling again")
+                return Outcome(next_poll_in=interval, fields=fields)
+
+    def _dead(self, job: Job, adapter: ServiceAdapter, status: RemoteStatus, fields: dict) -> Outcome:
+        assert job.remote_id is not None
+        if job.restart_attempts == 0:
+            adapter.restart(job.remote_id)
+            log.warning("remote_job_dead", action="restart requested")
+            return Outcome(next_poll_in=jittered(self._service(job).poll_interval),
+                           fields={**fields, "restart_attempts": 1})
+        reason = "remote job died (DEAD) and did not survive a restart"
+        return Outcome(state=JobState.FAILED, reason=reason,
+                       fields={**fields, "error": reason, "error_kind": "remote_dead"})
+
+    # ------------------------------------------------------------------ cancel
+
+    def _cancel(self, job: Job, adapter: ServiceAdapter) -> Outcome:
+        remote_id = job.remote_id
+        if remote_id is None and job.submit_attempts > 0:
+            remote_id = adapter.find_submitted(remote_job_name(job))
+        if remote_id is not None:
+            try:
+                adapter.cancel(remote_id)
+            except Permanent as exc:
+                # Gone or finished remotely: there is nothing left to cancel.
+                log.info("remote_cancel_refused", reason=str(exc))
+        return Outcome(state=JobState.CANCELLED, reason="cancelled on request",
+                       fields={"remote_id": remote_id})
+
+    # ------------------------------------------------------------------ download
+
+    def _download(self, job: Job, adapter: ServiceAdapter) -> Outcome:
+        result_dir = Path(job.result_dir) if job.result_dir else self.config.storage.results_dir / str(job.id)
+        downloads.remove_partials(result_dir)
+        rows = self.store.outputs(job.id)
+        for row in rows:
+            if row.state is not OutputState.PENDING:
+                continue
+            if self.stopping():
+                return Outcome(next_poll_in=0, fields={"result_dir": str(result_dir)})
+            problem = self._download_one(job, adapter, row, result_dir)
+            if problem is not None:
+                return problem
+        return self._downloads_done(job, result_dir)
+
+    def _download_one(
+        self, job: Job, adapter: ServiceAdapter, row: JobOutput, result_dir: Path
+    ) -> Outcome | None:
+        """Fetch and verify one file; an Outcome means "stop here for now" (retry later)."""
+        output = remote_output(row)
+        try:
+            got = downloads.download(
+                lambda: adapter.stream_output(output),
+                row.name,
+                result_dir=result_dir,
+                password=job.password,
+                should_stop=self.stopping,
+            )
+        except downloads.DownloadInterrupted:
+            return Outcome(next_poll_in=0, fields={"result_dir": str(result_dir)})
+        except Permanent as exc:
+            self.store.update_output(row.id, state=OutputState.FAILED, error=str(exc), attempts=row.attempts + 1)
+            log.error("download_failed", file=row.name, reason=str(exc), error_kind=exc.kind)
+            return None
+        except Transient as exc:
+            attempts = row.attempts + 1
+            if exc.kind in INTEGRITY_KINDS and attempts >= MAX_INTEGRITY_ATTEMPTS:
+                reason = f"{exc} (gave up after {attempts} attempts)"
+                self.store.update_output(row.id, state=OutputState.FAILED, error=reason, attempts=attempts)
+                log.error("download_failed", file=row.name, reason=reason, error_kind=exc.kind)
+                return None
+            self.store.update_output(row.id, error=str(exc), attempts=attempts)
+            outcome = self._backoff(job, exc)
+            outcome.fields["result_dir"] = str(result_dir)
+            return outcome
+        self.store.update_output(
+            row.id,
+            state=OutputState.VERIFIED,
+            size=got.size,
+            sha256=got.sha256,
+            local_path=str(got.path),
+            verified_at=utcnow(),
+            error=None,
+            attempts=row.attempts + 1,
+        )
+        log.info("file_downloaded", file=row.name, size=got.size, sha256=got.sha256)
+        return None
+
+    def _downloads_done(self, job: Job, result_dir: Path) -> Outcome:
+        rows = self.store.outputs(job.id)
+        failed = [r for r in rows if r.state is OutputState.FAILED]
+        pending = [r for r in rows if r.state is OutputState.PENDING]
+        fields = {"result_dir": str(result_dir), "failures": 0, "error": None, "error_kind": None}
+        if pending:
+            return Outcome(next_poll_in=0, fields=fields)
+        if failed:
+            names = ", ".join(r.name for r in failed[:5]) + (" …" if len(failed) > 5 else "")
+            reason = f"{len(failed)} of {len(rows)} result files could not be downloaded: {names}"
+            return Outcome(state=JobState.FAILED, reason=reason,
+                           fields={**fields, "error": reason, "error_kind": "download_failed"})
+        total = sum(r.size or 0 for r in rows)
+        return Outcome(state=JobState.COMPLETED,
+                       reason=f"{len(rows)} files downloaded and verified ({total} bytes)", fields=fields)
+
+    # ------------------------------------------------------------------ errors, in one place
+
+    def _on_error(self, job: Job, exc: ServiceError) -> Outcome | None:
+        if isinstance(exc, JobLimitReached) and job.state is JobState.SUBMITTING:
+            in_flight = self.store.in_flight_count(job.service) - 1
+            self.store.lower_limit(job.service, in_flight)
+            log.warning("service_job_limit", reason=str(exc), error_kind=exc.kind, lowered_to=max(1, in_flight))
+            outcome = self._backoff(job, exc, quiet=True)
+            outcome.state, outcome.reason = JobState.PENDING, "service has no free job slot; waiting"
+            return outcome
+        if isinstance(exc, Transient):
+            return self._backoff(job, exc)
+        if isinstance(exc, Blocked):
+            self.store.park_blocked(job.id, self.owner, str(exc))
+            newly, parked = self.store.block_service(job.service, str(exc))
+            if newly:
+                log.error("service_blocked", reason=str(exc), error_kind=exc.kind, jobs_waiting=parked + 1)
+            return None
+        assert isinstance(exc, Permanent)
+        if job.state is JobState.CANCEL_REQUESTED:
+            return Outcome(state=JobState.CANCELLED, reason=f"cancelled; the server answered: {exc}")
+        return Outcome(state=JobState.FAILED, reason=str(exc), fields={"error": str(exc), "error_kind": exc.kind})
+
+    def _backoff(self, job: Job, exc: Transient, *, quiet: bool = False) -> Outcome:
+        failures = job.failures + 1
+        scheduler = self.config.scheduler
+        delay = backoff_delay(
+            failures, initial=scheduler.backoff_initial, maximum=scheduler.backoff_max, retry_after=exc.retry_after
+        )
+        if exc.service_wide:
+            until = utcnow() + dt.timedelta(seconds=delay)
+            if self.store.pause_service(job.service, until, str(exc)):
+                log.warning("service_paused", reason=str(exc), error_kind=exc.kind, seconds=round(delay, 1))
+        elif not quiet:
+            # One line when a problem starts; the repeats of the same problem are debug-level.
+            level = log.warning if job.failures == 0 else log.debug
+            level("step_failed_will_retry", step=str(job.state), reason=str(exc), error_kind=exc.kind,
+                  failures=failures, retry_in=round(delay, 1))
+        return Outcome(next_poll_in=delay,
+                       fields={"failures": failures, "error": str(exc), "error_kind": exc.kind})
+
+    def _log_transition(self, before: Job, after: Job, outcome: Outcome) -> None:
+        level = log.error if outcome.state is JobState.FAILED else log.info
+        level("job_state", from_state=str(before.state), to_state=str(outcome.state), reason=outcome.reason,
+              remote_id=after.remote_id, error_kind=outcome.fields.get("error_kind"))
+
