@@ -1,0 +1,437 @@
+"""The daemon: APScheduler ticks that select due work and hand each job to a thread pool.
+
+Ticks (APScheduler `BackgroundScheduler`, in-memory job store, one instance of each at a time):
+
+- dispatch: promote pending jobs into free per-service slots, then claim `submitting` jobs;
+- poll: claim `queued`/`running`/`cancel_requested` jobs whose `next_poll_at` is due;
+- download: claim `downloading` jobs;
+- heartbeat: renew the leases of the jobs this daemon is working on;
+- maintenance: expired leases, blocked and paused services, token expiry, the periodic summary line.
+
+Each claimed job becomes one task on the worker pool; no job holds a thread while it waits remotely — between two
+steps it is only a row with a `next_poll_at`. APScheduler keeps no job state: everything lives in the database.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor as TickExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from daemon import systemd
+from daemon.config import Config, ConfigError, load_config
+from daemon.db.engine import is_postgres, make_engine, make_session_factory
+from daemon.db.models import Job, utcnow
+from daemon.db.schema import ensure_current
+from daemon.db.store import JobStore
+from daemon.logging import configure_logging
+from daemon.pipeline import Pipeline
+from daemon.services import build_adapter
+from daemon.services.base import ServiceAdapter
+from daemon.states import JobState
+
+log = structlog.get_logger("daemon.scheduler")
+
+POLL_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED})
+#: How often a blocked service is probed (token verify) when its token file has not changed.
+BLOCKED_PROBE_INTERVAL = 300.0
+TOKEN_CHECK_INTERVAL = 24 * 3600.0
+TOKEN_WARN_DAYS = 7
+SUMMARY_INTERVAL = 300.0
+
+
+def make_owner() -> str:
+    """Who holds a lease: host, pid and a random part (a pid is reused after a restart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_is_dead_local(owner: str) -> bool:
+    """True for a lease owner that ran on this host in a process that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return not owner.startswith(f"{host}:{pid}:")  # a previous process that had our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        owner: str | None = None,
+        adapter_factory: Callable[..., ServiceAdapter] = build_adapter,
+    ) -> None:
+        self.config = config
+        self.owner = owner or make_owner()
+        self._adapter_factory = adapter_factory
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight: dict[uuid.UUID, concurrent.futures.Future] = {}
+        self._last_tick: dict[str, float] = {}
+        self._service_checked: dict[str, float] = {}
+        self._token_fingerprint: dict[str, str | None] = {}
+        self._last_summary = 0.0
+        self._retired_adapters: list[ServiceAdapter] = []
+        self.engine = make_engine(config.database.url, pool_size=max(config.database.pool_size,
+                                                                     config.scheduler.workers + 4))
+        ensure_current(self.engine)
+        self.store = JobStore(make_session_factory(self.engine), postgres=is_postgres(self.engine))
+        self.adapters: dict[str, ServiceAdapter] = self._build_adapters(config)
+        self.pipeline = Pipeline(self.store, self.adapters, config, owner=self.owner, stopping=self._stop.is_set)
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.scheduler.workers, thread_name_prefix="imputationd-worker"
+        )
+        self.scheduler = BackgroundScheduler(
+            executors={"default": TickExecutor(5)},
+            job_defaults={"coalesce": True, "max_instances": 1},
+            timezone=dt.UTC,
+        )
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        self.store.ensure_services(self.config.services)
+        released = self.store.release_owners(_owner_is_dead_local)
+        if released:
+            log.info("released_dead_leases", owners=len(released))
+        self._add_ticks()
+        self.scheduler.start()
+        log.info("daemon_started", owner=self.owner, services=sorted(self.config.services),
+                 workers=self.config.scheduler.workers)
+        systemd.ready("imputationd running")
+
+    def _add_ticks(self) -> None:
+        s = self.config.scheduler
+        now = dt.datetime.now(dt.UTC)
+        ticks: list[tuple[str, Callable[[], None], float]] = [
+            ("dispatch", self.dispatch_tick, s.dispatch_interval),
+            ("poll", self.poll_tick, s.poll_tick_interval),
+            ("download", self.download_tick, s.download_interval),
+            ("heartbeat", self.heartbeat_tick, max(1.0, s.lease_seconds / 3)),
+            ("maintenance", self.maintenance_tick, s.maintenance_interval),
+        ]
+        for name, func, seconds in ticks:
+            self.scheduler.add_job(
+                self._tick(name, func), "interval", seconds=seconds, id=name, name=name,
+                next_run_time=now, misfire_grace_time=max(1, int(seconds)), replace_existing=True,
+            )
+
+    def _tick(self, name: str, func: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            started = time.monotonic()
+            try:
+                if not self._stop.is_set():
+                    func()
+            except Exception:
+                # A failing tick (database away, a bug) is logged and tried again next time; it never stops.
+                log.exception("tick_failed", tick=name, error_kind="tick")
+            finally:
+                self._last_tick[name] = time.monotonic()
+                elapsed = self._last_tick[name] - started
+                if elapsed > 5:
+                    log.warning("slow_tick", tick=name, seconds=round(elapsed, 2))
+
+        return run
+
+    def wake(self, tick: str) -> None:
+        """Run a tick now instead of at its next interval (a step left work that is due at once)."""
+        if self._stop.is_set():
+            return
+        try:
+            self.scheduler.modify_job(tick, next_run_time=dt.datetime.now(dt.UTC))
+        except Exception:  # the scheduler is shutting down
+            pass
+
+    def run_forever(self) -> int:
+        """The main thread: wait for signals, reload on SIGHUP, feed systemd's watchdog while the ticks run."""
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+        watchdog = systemd.watchdog_interval()
+        wait = min(1.0, watchdog) if watchdog else 1.0
+        while not self._stop.wait(wait):
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self.reload()
+            if watchdog and self.ticks_healthy():
+                systemd.watchdog()
+        return self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def ticks_healthy(self) -> bool:
+        """Every tick ran recently: a hung scheduler stops the watchdog pings and systemd restarts us."""
+        s = self.config.scheduler
+        limits = {
+            "dispatch": s.dispatch_interval,
+            "poll": s.poll_tick_interval,
+            "download": s.download_interval,
+            "heartbeat": max(1.0, s.lease_seconds / 3),
+            "maintenance": s.maintenance_interval,
+        }
+        now = time.monotonic()
+        return all(now - self._last_tick.get(name, now) < 3 * limit + 30 for name, limit in limits.items())
+
+    def stop(self) -> int:
+        """Stop claiming, let in-flight steps finish within the budget, release what is left. Returns exit code."""
+        self._stop.set()
+        systemd.stopping()
+        with self._lock:
+            waiting = list(self._in_flight.values())
+        log.info("daemon_stopping", in_flight=len(waiting))
+        self.scheduler.shutdown(wait=True)
+        _, unfinished = concurrent.futures.wait(waiting, timeout=self.config.scheduler.shutdown_timeout)
+        with self._lock:
+            leftover = [job_id for job_id, future in self._in_flight.items() if future in unfinished]
+        for job_id in leftover:
+            # Released, not finished: the next daemon (or this one after a restart) picks the job up again; a
+            # submit in flight is looked up on the server before any resubmission.
+            self.store.release(job_id, self.owner)
+        if leftover:
+            log.warning("released_unfinished_steps", jobs=len(leftover))
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for adapter in [*self.adapters.values(), *self._retired_adapters]:
+            adapter.close()
+        self.engine.dispose()
+        log.info("daemon_stopped")
+        return 0
+
+    @property
+    def unfinished_threads(self) -> bool:
+        with self._lock:
+            return bool(self._in_flight)
+
+    # ------------------------------------------------------------------ handing work to the pool
+
+    def _usable_services(self) -> list[str]:
+        usable = []
+        now = utcnow()
+        for name, status in self.store.service_statuses().items():
+            if name not in self.adapters or status.blocked_reason is not None:
+                continue
+            if status.paused_until is not None:
+                if status.paused_until > now:
+                    continue
+                self.store.resume_service(name)
+                log.info("service_resumed", service=name)
+            usable.append(name)
+        return usable
+
+    def _free_workers(self) -> int:
+        with self._lock:
+            busy = len(self._in_flight)
+        return min(self.config.scheduler.batch_size, self.config.scheduler.workers - busy)
+
+    def _claim_and_run(self, states: Collection[JobState], services: list[str]) -> int:
+        free = self._free_workers()
+        if free <= 0 or not services:
+            return 0
+        jobs = self.store.claim_due(
+            self.owner, states=states, services=services, limit=free,
+            lease_seconds=self.config.scheduler.lease_seconds,
+        )
+        for job in jobs:
+            self._run_on_pool(job)
+        return len(jobs)
+
+    def _run_on_pool(self, job: Job) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                self.store.release(job.id, self.owner)
+                return
+            self._in_flight[job.id] = self.pool.submit(self._work, job)
+
+    def _work(self, job: Job) -> None:
+        try:
+            finished = self.pipeline.run(job)
+        finally:
+            with self._lock:
+                self._in_flight.pop(job.id, None)
+        if finished is None:
+            return
+        if finished.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.PENDING):
+            self.wake("dispatch")  # a slot may be free
+        due_now = finished.next_poll_at is not None and finished.next_poll_at <= utcnow()
+        if due_now:
+            if finished.state is JobState.DOWNLOADING:
+                self.wake("download")
+            elif finished.state in POLL_STATES:
+                self.wake("poll")
+            elif finished.state is JobState.SUBMITTING:
+                self.wake("dispatch")
+
+    # ------------------------------------------------------------------ ticks
+
+    def dispatch_tick(self) -> None:
+        services = self._usable_services()
+        for name in services:
+            self.store.promote_pending(name, self.config.services[name].max_concurrent_jobs)
+        self._claim_and_run({JobState.SUBMITTING}, services)
+
+    def poll_tick(self) -> None:
+        self._claim_and_run(POLL_STATES, self._usable_services())
+
+    def download_tick(self) -> None:
+        # Downloads do not use the API token: a blocked service's finished jobs still download.
+        self._claim_and_run({JobState.DOWNLOADING}, list(self.adapters))
+
+    def heartbeat_tick(self) -> None:
+        with self._lock:
+            ids = list(self._in_flight)
+        if ids:
+            self.store.renew_leases(self.owner, ids, lease_seconds=self.config.scheduler.lease_seconds)
+
+    def maintenance_tick(self) -> None:
+        released = self.store.release_owners(_owner_is_dead_local)
+        if released:
+            log.info("released_dead_leases", owners=len(released))
+        expired = self.store.clear_expired_leases()
+        if expired:
+            log.info("expired_leases_returned", jobs=expired)
+        statuses = self.store.service_statuses()
+        for name, adapter in list(self.adapters.items()):
+            status = statuses.get(name)
+            if status is not None and status.blocked_reason is not None:
+                self._probe_blocked(name, adapter)
+            else:
+                self._check_token(name, adapter)
+        self._summary()
+
+    def _probe_blocked(self, name: str, adapter: ServiceAdapter) -> None:
+        fingerprint = self._fingerprint(name)
+        changed = fingerprint != self._token_fingerprint.get(name)
+        due = time.monotonic() - self._service_checked.get(name, 0.0) >= BLOCKED_PROBE_INTERVAL
+        if not (changed or due):
+            return
+        self._token_fingerprint[name] = fingerprint
+        self._service_checked[name] = time.monotonic()
+        check = adapter.check()
+        if check.reachable and check.token_valid is not False:
+            returned = self.store.unblock_service(name, "service usable again")
+            log.info("service_unblocked", service=name, jobs_returned=returned,
+                     why="token changed" if changed else "token verified")
+            self.wake("dispatch")
+            self.wake("poll")
+
+    def _check_token(self, name: str, adapter: ServiceAdapter) -> None:
+        if time.monotonic() - self._service_checked.get(name, -TOKEN_CHECK_INTERVAL) < TOKEN_CHECK_INTERVAL:
+            return
+        self._service_checked[name] = time.monotonic()
+        self._token_fingerprint[name] = self._fingerprint(name)
+        check = adapter.check()
+        if not check.reachable:
+            log.warning("service_unreachable", service=name, reason=check.message)
+            self._service_checked[name] -= TOKEN_CHECK_INTERVAL - BLOCKED_PROBE_INTERVAL  # try again sooner
+            return
+        self.store.record_token(name, expires=check.token_expires)
+        if check.token_valid is False:
+            log.error("token_invalid", service=name, reason=check.message, error_kind="token_invalid")
+        elif check.token_expires is not None:
+            days = (check.token_expires - utcnow()).total_seconds() / 86400
+            if days <= 0:
+                log.error("token_expired", service=name, expired=check.token_expires.isoformat(),
+                          error_kind="token_expired")
+            elif days <= TOKEN_WARN_DAYS:
+                log.warning("token_expires_soon", service=name, days_left=round(days, 1),
+                            expires=check.token_expires.isoformat())
+
+    def _fingerprint(self, name: str) -> str | None:
+        """Something that changes when the token changes, without keeping the token itself around."""
+        service = self.config.services.get(name)
+        if service is None:
+            return None
+        if service.token_file is not None:
+            path = service.token_file
+            if not path.is_absolute() and os.environ.get("CREDENTIALS_DIRECTORY"):
+                path = Path(os.environ["CREDENTIALS_DIRECTORY"]) / path
+            try:
+                st = path.stat()
+            except OSError:
+                return None
+            return f"{st.st_mtime_ns}:{st.st_size}:{st.st_ino}"
+        value = os.environ.get(service.token_env or "", "")
+        return str(hash(value))
+
+    def _summary(self) -> None:
+        now = time.monotonic()
+        if now - self._last_summary < SUMMARY_INTERVAL and self._last_summary:
+            return
+        self._last_summary = now
+        counts = self.store.counts_by_service()
+        active = sum(n for by_state in counts.values() for s, n in by_state.items()
+                     if s not in ("completed", "failed", "cancelled"))
+        log.info("jobs_summary", jobs=counts, active=active)
+        systemd.status(f"{active} active jobs")
+
+    # ------------------------------------------------------------------ configuration
+
+    def _build_adapters(self, config: Config) -> dict[str, ServiceAdapter]:
+        connections = config.scheduler.workers + 2
+        return {name: self._adapter_factory(svc, max_connections=connections) for name, svc in config.services.items()}
+
+    def reload(self, path: Path | None = None) -> bool:
+        """SIGHUP: validate the file first; a bad file keeps the running configuration."""
+        path = path or self.config.source
+        if path is None:
+            log.warning("config_reload_skipped", reason="the configuration was not loaded from a file")
+            return False
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error("config_reload_failed", path=str(path), problems=exc.problems, error_kind="config",
+                      reason="keeping the running configuration")
+            return False
+        if new.database.url != self.config.database.url:
+            log.warning("config_reload_partial", reason="database.url changes need a restart")
+        if new.scheduler.workers != self.config.scheduler.workers:
+            log.warning("config_reload_partial", reason="scheduler.workers changes need a restart")
+        configure_logging(new.logging)
+        adapters = dict(self.adapters)
+        for name, service in new.services.items():
+            if self.config.services.get(name) != service:
+                if name in adapters:
+                    self._retired_adapters.append(adapters[name])  # in-flight steps may still use it
+                adapters[name] = self._adapter_factory(service, max_connections=new.scheduler.workers + 2)
+        for name in set(adapters) - set(new.services):
+            self._retired_adapters.append(adapters.pop(name))
+            log.warning("service_removed", service=name, reason="its jobs wait until it is configured again")
+        self.store.ensure_services(new.services)
+        self.config = new
+        self.adapters = adapters
+        self.pipeline.adapters = adapters
+        self.pipeline.config = new
+        self._reschedule(new)
+        self._service_checked.clear()  # verify tokens again: the reload may have been for a new token
+        log.info("config_reloaded", path=str(path), services=sorted(new.services))
+        return True
+
+    def _reschedule(self, new: Config) -> None:
+        s = new.scheduler
+        for name, seconds in (("dispatch", s.dispatch_interval), ("poll", s.poll_tick_interval),
+                              ("download", s.download_interval), ("maintenance", s.maintenance_interval),
+                              ("heartbeat", max(1.0, s.lease_seconds / 3))):
+            self.scheduler.reschedule_job(name, trigger="interval", seconds=seconds)
+
