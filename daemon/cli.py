@@ -1,0 +1,471 @@
+"""The `imputationd` command.
+
+Exit codes: 0 success; 1 the operation failed (a job not found, a demo that did not complete); 2 bad usage, config
+or input; 3 the database is unreachable or its schema is not the one this version needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_DATABASE = 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------- shared plumbing
+
+
+def _load(args: argparse.Namespace):
+    from daemon.config import ConfigError, find_config_path, format_problems, load_config
+
+    path = find_config_path(getattr(args, "config", None))
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise CliError(format_problems(exc), EXIT_USAGE) from None
+
+
+def _store(config, *, check_schema: bool = True):
+    from daemon.db.engine import DatabaseUnavailable, is_postgres, make_engine, make_session_factory
+    from daemon.db.schema import SchemaOutdated, ensure_current
+    from daemon.db.store import JobStore
+
+    try:
+        engine = make_engine(config.database.url, pool_size=config.database.pool_size)
+        if check_schema:
+            ensure_current(engine)
+    except (DatabaseUnavailable, SchemaOutdated) as exc:
+        raise CliError(str(exc), EXIT_DATABASE) from None
+    return JobStore(make_session_factory(engine), postgres=is_postgres(engine))
+
+
+def _resolve(store, text: str) -> uuid.UUID:
+    from daemon.db.store import JobNotFound
+
+    try:
+        return store.resolve_id(text)
+    except JobNotFound as exc:
+        raise CliError(str(exc)) from None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=_json_default, sort_keys=False))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _when(value: dt.datetime | None) -> str:
+    return "" if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short(value: uuid.UUID | None) -> str:
+    return "" if value is None else str(value)[:8]
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from daemon.config import check_runtime
+
+    config = _load(args)
+    problems = check_runtime(config)
+    if problems:
+        raise CliError("\n".join(f"{config.source}: {p}" for p in problems), EXIT_USAGE)
+    print(f"{config.source}: OK ({len(config.services)} services: {', '.join(sorted(config.services)) or 'none'})")
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from daemon.db.engine import DatabaseUnavailable, describe_url, make_engine
+    from daemon.db.schema import upgrade
+
+    config = _load(args)
+    try:
+        before, after = upgrade(make_engine(config.database.url))
+    except DatabaseUnavailable as exc:
+        raise CliError(str(exc), EXIT_DATABASE) from None
+    where = describe_url(config.database.url)
+    if before == after:
+        print(f"{where}: schema already at {after}")
+    else:
+        print(f"{where}: schema upgraded from {before or 'empty'} to {after}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import structlog
+
+    from daemon.config import check_runtime
+    from daemon.db.engine import DatabaseUnavailable
+    from daemon.db.schema import SchemaOutdated
+    from daemon.logging import configure_logging
+    from daemon.scheduler import Daemon
+
+    config = _load(args)
+    configure_logging(config.logging)
+    log = structlog.get_logger("daemon")
+    for problem in check_runtime(config):
+        # A missing token blocks its service (jobs wait) rather than keeping the whole daemon down.
+        log.error("config_runtime_problem", problem=problem, error_kind="config")
+    try:
+        daemon = Daemon(config)
+    except (DatabaseUnavailable, SchemaOutdated) as exc:
+        log.error("cannot_start", reason=str(exc), error_kind="database")
+        raise CliError(str(exc), EXIT_DATABASE) from None
+    daemon.start()
+    code = daemon.run_forever()
+    if daemon.unfinished_threads:
+        # A step still stuck in I/O after the stop budget: its lease is released and its work will be redone;
+        # do not let the interpreter wait for the thread past systemd's TimeoutStopSec.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from daemon.submission import Submission, SubmissionError, submit
+
+    config = _load(args)
+    password = args.password
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CliError(f"--password-file {args.password_file}: {exc.strerror}", EXIT_USAGE) from None
+    request = Submission(
+        services=args.service,
+        panel=args.panel,
+        build=args.build,
+        files=[Path(f) for f in args.files],
+        population=args.population,
+        phasing=args.phasing,
+        r2_filter=args.r2_filter,
+        mode=args.mode,
+        name=args.name,
+        password=password,
+    )
+    store = _store(config)
+    try:
+        jobs = submit(config, store, request)
+    except SubmissionError as exc:
+        raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
+    if args.json:
+        _print_json({"group_id": jobs[0].group_id, "jobs": [{"id": j.id, "service": j.service} for j in jobs]})
+    else:
+        print(jobs[0].group_id)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from daemon.db.store import job_snapshot
+    from daemon.states import JobState
+
+    config = _load(args)
+    store = _store(config)
+    states = None
+    if args.status:
+        try:
+            states = [JobState(s) for s in args.status.split(",")]
+        except ValueError:
+            raise CliError(f"--status {args.status}: states are {', '.join(s.value for s in JobState)}",
+                           EXIT_USAGE) from None
+    jobs = store.list_jobs(states=states, service=args.service, limit=args.limit)
+    if args.json:
+        _print_json([job_snapshot(j) for j in jobs])
+        return 0
+    rows = [
+        (_short(j.id), _short(j.group_id) if j.group_id != j.id else "", j.service, j.state.value,
+         j.remote_state or "", (j.progress or j.error or "")[:60], _when(j.created_at), j.name or "")
+        for j in jobs
+    ]
+    print(_table(("ID", "GROUP", "SERVICE", "STATE", "REMOTE", "PROGRESS", "CREATED", "NAME"), rows))
+    return 0
+
+
+def _job_detail(job) -> dict[str, Any]:
+    from daemon.db.store import job_snapshot
+
+    data = job_snapshot(job)
+    data["inputs"] = [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in job.inputs]
+    data["outputs"] = [
+        {"name": o.name, "state": o.state.value, "size": o.size, "sha256": o.sha256, "local_path": o.local_path,
+         "downloads_left": o.downloads_left, "attempts": o.attempts, "error": o.error}
+        for o in job.outputs
+    ]
+    data["events"] = [
+        {"at": e.at, "from": e.from_state, "to": e.to_state, "reason": e.reason} for e in job.events
+    ]
+    return data
+
+
+def _group_state(states: Sequence[str]) -> str:
+    done = {"completed", "failed", "cancelled"}
+    if all(s == "completed" for s in states):
+        return "completed"
+    if all(s in done for s in states):
+        return "failed" if all(s != "completed" for s in states) else "partly failed"
+    return "in progress"
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _store(config)
+    job_id = _resolve(store, args.id)
+    jobs = store.group(job_id)
+    if len(jobs) <= 1 or all(j.id != job_id for j in jobs):
+        jobs = [store.get(job_id, with_events=True)]
+    details = [_job_detail(j) for j in jobs]
+    if args.json:
+        _print_json(details[0] if len(details) == 1 else {
+            "group_id": jobs[0].group_id, "state": _group_state([j.state.value for j in jobs]), "jobs": details})
+        return 0
+    if len(jobs) > 1:
+        print(f"group {jobs[0].group_id}: {_group_state([j.state.value for j in jobs])}")
+        print(_table(("ID", "SERVICE", "STATE"), [(_short(j.id), j.service, j.state.value) for j in jobs]))
+        print()
+    for job, data in zip(jobs, details, strict=True):
+        fields = [("id", job.id), ("group", job.group_id), ("service", job.service), ("state", job.state.value),
+                  ("remote id", job.remote_id), ("remote state", job.remote_state), ("panel", job.panel),
+                  ("build", job.build), ("population", job.population), ("phasing", job.phasing),
+                  ("r2 filter", job.r2_filter), ("mode", job.mode), ("name", job.name),
+                  ("progress", job.progress), ("queue position", job.queue_position), ("error", job.error),
+                  ("result dir", job.result_dir), ("created", _when(job.created_at)),
+                  ("finished", _when(job.finished_at))]
+        width = max(len(k) for k, _ in fields)
+        print("\n".join(f"{k.ljust(width)}  {v}" for k, v in fields if v not in (None, "")))
+        print("\ninputs")
+        print(_table(("PATH", "SIZE", "SHA256"), [(i["path"], i["size"], i["sha256"]) for i in data["inputs"]]))
+        if data["outputs"]:
+            print("\noutputs")
+            print(_table(("NAME", "STATE", "SIZE", "SHA256", "ERROR"),
+                         [(o["name"], o["state"], o["size"], o["sha256"], o["error"]) for o in data["outputs"]]))
+        print("\nhistory")
+        print(_table(("AT", "FROM", "TO", "REASON"),
+                     [(_when(e["at"]), e["from"] or "", e["to"], e["reason"] or "") for e in data["events"]]))
+        print()
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from daemon.pipeline import Pipeline
+    from daemon.scheduler import make_owner
+    from daemon.services import build_adapter
+    from daemon.states import JobState
+
+    config = _load(args)
+    store = _store(config)
+    job_id = _resolve(store, args.id)
+    state = store.request_cancel(job_id)
+    if state is JobState.CANCEL_REQUESTED:
+        # Cancel on the server now if no daemon is working on the job; otherwise the daemon's next poll does it.
+        owner = f"cli-{make_owner()}"
+        job = store.claim_one(job_id, owner, lease_seconds=60)
+        if job is not None and job.service in config.services:
+            adapter = build_adapter(config.services[job.service], max_connections=2)
+            try:
+                finished = Pipeline(store, {job.service: adapter}, config, owner=owner).run(job)
+            finally:
+                adapter.close()
+            state = finished.state if finished is not None else store.get(job_id).state
+        elif job is not None:
+            store.release(job_id, owner)
+    if state is JobState.CANCEL_REQUESTED:
+        print(f"{job_id}: cancel requested; the daemon will cancel the remote job")
+    else:
+        print(f"{job_id}: {state.value}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _store(config)
+    job_id = _resolve(store, args.id)
+    try:
+        job = store.retry(job_id)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(f"{job.id}: {job.state.value}")
+    return 0
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from daemon.services import build_adapter
+
+    config = _load(args)
+    store = _store(config)
+    statuses = store.service_statuses()
+    counts = store.counts_by_service()
+    result = []
+    for name, service in sorted(config.services.items()):
+        status = statuses.get(name)
+        entry: dict[str, Any] = {
+            "name": name, "type": service.type, "base_url": service.base_url,
+            "max_concurrent_jobs": service.max_concurrent_jobs, "panels": sorted(service.panels),
+            "blocked": status.blocked_reason if status else None,
+            "paused_until": status.paused_until if status else None,
+            "token_expires": status.token_expires_at if status else None,
+            "jobs": counts.get(name, {}),
+        }
+        if args.check:
+            adapter = build_adapter(service, max_connections=2)
+            try:
+                check = adapter.check()
+            finally:
+                adapter.close()
+            configured = {p.remote_id for p in service.panels.values()}
+            entry.update(
+                reachable=check.reachable, token_valid=check.token_valid, token_expires=check.token_expires,
+                user=check.user, remote_panels=list(check.remote_panels), message=check.message,
+                missing_panels=sorted(configured - set(check.remote_panels)) if check.remote_panels else [],
+            )
+        result.append(entry)
+    if args.json:
+        _print_json(result)
+        return 0
+    headers = ["SERVICE", "TYPE", "STATUS", "ACTIVE", "TOKEN EXPIRES"]
+    if args.check:
+        headers += ["REACHABLE", "TOKEN", "MISSING PANELS"]
+    rows = []
+    for e in result:
+        active = sum(n for s, n in e["jobs"].items() if s not in ("completed", "failed", "cancelled"))
+        state = "blocked: " + e["blocked"] if e["blocked"] else "ok"
+        row = [e["name"], e["type"], state[:60], active, _when(e["token_expires"])]
+        if args.check:
+            token = {True: "valid", False: "INVALID", None: "?"}[e["token_valid"]]
+            row += ["yes" if e["reachable"] else "NO", token, ", ".join(e["missing_panels"]) or "-"]
+        rows.append(row)
+    print(_table(headers, rows))
+    if args.check and any(not e["reachable"] or e["token_valid"] is False or e["missing_panels"] for e in result):
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(keep=args.keep, timeout=args.timeout)
+
+
+def cmd_simulate_server(args: argparse.Namespace) -> int:
+    from daemon.simulator import serve
+
+    serve(host=args.host, port=args.port, token=args.token)
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imputationd", description="Drive genotype-imputation jobs through remote imputation servers."
+    )
+    parser.add_argument("--version", action="version", version=f"imputationd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str, *, config: bool = True):
+        sub = commands.add_parser(name, help=help, description=help)
+        if config:
+            sub.add_argument("-c", "--config", metavar="FILE",
+                             help="config file (default: $IMPUTATIOND_CONFIG, then /etc/imputationd/config.yaml)")
+        sub.set_defaults(func=func)
+        return sub
+
+    demo = command("demo", cmd_demo, "run the whole pipeline against the built-in simulated server", config=False)
+    demo.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
+    demo.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
+
+    command("run", cmd_run, "run the daemon in the foreground (systemd Type=notify)")
+    command("check-config", cmd_check_config, "validate the configuration; exit 2 with every problem")
+
+    db = commands.add_parser("db", help="database schema", description="database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    upgrade = db_commands.add_parser("upgrade", help="apply the schema migrations")
+    upgrade.add_argument("-c", "--config", metavar="FILE")
+    upgrade.set_defaults(func=cmd_db_upgrade)
+
+    submit = command("submit", cmd_submit, "validate input files and store a pending job per service")
+    submit.add_argument("--service", action="append", required=True, metavar="S",
+                        help="a configured service; repeat for several (one child job each)")
+    submit.add_argument("--panel", required=True, metavar="P", help="reference panel (our name, from the config)")
+    submit.add_argument("--build", required=True, choices=["hg19", "hg38"])
+    submit.add_argument("--population", metavar="POP")
+    submit.add_argument("--phasing", choices=["eagle", "beagle", "no_phasing"])
+    submit.add_argument("--r2-filter", choices=["0", "0.001", "0.1", "0.2", "0.3"])
+    submit.add_argument("--mode", choices=["imputation", "qc_only"])
+    submit.add_argument("--name", help="a name for humans")
+    secret = submit.add_mutually_exclusive_group()
+    secret.add_argument("--password", help="password for the result zips (visible to `ps`: prefer --password-file)")
+    secret.add_argument("--password-file", metavar="FILE", help="read the result zip password from FILE")
+    submit.add_argument("--json", action="store_true")
+    submit.add_argument("files", nargs="+", metavar="FILE", help="bgzip-compressed VCF (*.vcf.gz)")
+
+    jobs = command("jobs", cmd_jobs, "list jobs, newest first")
+    jobs.add_argument("--status", metavar="S[,S…]", help="only jobs in these states")
+    jobs.add_argument("--service", metavar="S")
+    jobs.add_argument("--limit", type=int, default=100)
+    jobs.add_argument("--json", action="store_true")
+
+    show = command("show", cmd_show, "one job (or group) with its files and history")
+    show.add_argument("id", metavar="ID", help="job or group id (a unique prefix is enough)")
+    show.add_argument("--json", action="store_true")
+
+    cancel = command("cancel", cmd_cancel, "cancel a job (remotely too, if it was submitted)")
+    cancel.add_argument("id", metavar="ID")
+    retry = command("retry", cmd_retry, "put a failed job back to pending")
+    retry.add_argument("id", metavar="ID")
+
+    services = command("services", cmd_services, "configured services and their status")
+    services.add_argument("--check", action="store_true", help="contact each service: token, panels")
+    services.add_argument("--json", action="store_true")
+
+    sim = command("simulate-server", cmd_simulate_server, "run the simulated Cloudgene server", config=False)
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8080)
+    sim.add_argument("--token", help="API token to accept (default: a generated one, printed)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        for line in str(exc).splitlines():
+            print(f"imputationd: {line}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
