@@ -242,7 +242,10 @@ def configure_logging(config: LoggingConfig, *, stream: TextIO | None = None) ->
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     for name in QUIET_UNLESS_DEBUG:
         logging.getLogger(name).setLevel(logging.NOTSET if level <= logging.DEBUG else logging.WARNING)
-    logging.captureWarnings(True)  # warnings.warn (SQLAlchemy's among them) -> logger "py.warnings"
+    # warnings.warn (SQLAlchemy's among them) -> logger "py.warnings". Off then on: captureWarnings(True) does
+    # nothing if it thinks it is on, even after a warnings.catch_warnings() block has restored the old hook.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
 
     structlog.configure(
         processors=[
