@@ -19,7 +19,6 @@ import structlog
 
 __all__ = ["notify", "ready", "reloading", "status", "stopping", "watchdog", "watchdog_interval"]
 
-log = structlog.get_logger(__name__)
 _failure_logged = False
 
 
@@ -47,7 +46,7 @@ def notify(*lines: str) -> bool:
     except OSError as exc:
         if not _failure_logged:
             _failure_logged = True
-            log.debug("sd_notify_failed", error=str(exc), error_kind="sd_notify")
+            structlog.get_logger(__name__).debug("sd_notify_failed", error=str(exc), error_kind="sd_notify")
         return False
 
 
