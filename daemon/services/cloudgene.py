@@ -1,0 +1,657 @@
+"""The Cloudgene 3 adapter (Michigan, TOPMed, H3Africa/AfriGen imputation servers).
+
+Follows /reference/cloudgene-api.md. Decisions worth knowing before changing anything here:
+
+- The token is read through a callable on every request, so an operator fixing the token file unblocks the service
+  without a restart. It travels only in the `X-Auth-Token` header of API calls (and in the form of
+  `POST /tokens/verify`); downloads never carry it (the file hash in the URL is the capability).
+- API calls never follow redirects: httpx keeps custom headers on a cross-origin redirect, so following one would
+  hand the token to whatever host the redirect names. A redirect is a misconfigured `base_url` -> `Blocked`.
+  Downloads do follow redirects (some deployments answer 301 to a presigned URL) since they carry no token.
+- Every error message is scrubbed of the token and of the download hash / URL before it leaves this module; messages
+  name the call ("GET /jobs/job-1/status") or the file ("download of chr_1.zip"), never a full download URL.
+- A malformed answer (HTML where JSON was due, a list instead of an object, a missing or mistyped key) is
+  `Transient(kind="bad_response")` naming the call: proxies garble answers and the next try usually gets a real one.
+- A 404 on an API call counts as Cloudgene's answer ("Job X not found.", "Application 'X' not found.") only when it
+  carries a message; an empty or HTML 404, or Micronaut's generic "no such route" object, means the endpoint is not
+  there (wrong `base_url`) and blocks the service instead of failing every job that happens to be polled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import html
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from daemon.config import ServiceConfig
+from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
+from daemon.services.http import error_message, json_object, make_client, raise_for_status, transport_errors
+from daemon.states import RemoteKind, cloudgene_kind
+
+TOKEN_HEADER = "X-Auth-Token"
+#: Cloudgene's fixed page size for `GET /jobs?page=N`.
+PAGE_SIZE = 15
+#: Read timeout for the submit answer: Cloudgene copies the whole upload into its workspace (possibly S3) before it
+#: says a word, so the configured per-call timeout would cut off a healthy submit of a few GB.
+SUBMIT_READ_TIMEOUT = 1800.0
+#: Most characters of a progress line and of a failure reason.
+PROGRESS_LIMIT = 200
+MESSAGE_LIMIT = 2000
+#: The cap on how much of a failed download's error body is read to quote the server.
+ERROR_BODY_LIMIT = 64 * 1024
+
+LOG_ERROR = 1  # logMessages[].type: 0 OK, 1 ERROR, 2 WARNING, 3 RUNNING
+
+_JOB_LIMIT = re.compile(r"Only\s+(\d+)\s+jobs?\s+per\s+user", re.IGNORECASE)
+_DOWNLOADS_EXHAUSTED = re.compile(r"max(imum)?\s+downloads?\s+exceeded", re.IGNORECASE)
+_TAG = re.compile(r"<[^>]*>")
+#: What may go into an HTTP header value unchanged (a JWT is base64url with dots).
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+#: Characters Cloudgene's `StringEscapeUtils.escapeHtml` rewrites in form values: a password containing one would
+#: become, e.g., "&amp;" inside the server's zip, and our copy of the password would no longer open it.
+_HTML_ESCAPED = re.compile(r'[&<>"]|[^\x20-\x7e]')
+#: `_api`'s default: read the token from the callable.
+_READ = object()
+
+
+class CloudgeneAdapter:
+    """One Cloudgene server. Thread-safe: one shared `httpx.Client`, no other mutable state."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        *,
+        token: Callable[[], str | None],
+        max_connections: int = 10,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self._token = token
+        self.root, self.api = _normalise_base_url(config.base_url)
+        self._owns_client = client is None
+        self._client = client or make_client(
+            self.api + "/", timeout=config.timeout, max_connections=max_connections
+        )
+        self._submit_timeout = httpx.Timeout(
+            config.timeout, connect=min(config.timeout, 10.0), read=max(config.timeout, SUBMIT_READ_TIMEOUT)
+        )
+
+    # -- the adapter interface -------------------------------------------------------------------------------
+
+    def submit(self, request: SubmitRequest) -> str:
+        """Upload the files and start a job named after `request.job_id`; return Cloudgene's job id.
+
+        Any error but `Permanent` may come after the server created the job (a timeout waiting for the answer, a
+        garbled answer): look the job up with `find_submitted` before submitting again.
+        """
+        call = f"POST /jobs/submit/{self.config.app}"
+        if not request.files:
+            raise Permanent(f"{call}: no input files to upload", kind="bad_request")
+        if request.password is not None and (not request.password or _HTML_ESCAPED.search(request.password)):
+            raise Permanent(
+                f"{call}: the result password must be non-empty printable ASCII without & < > \" "
+                "(Cloudgene HTML-escapes those, and the zip would not open with our copy)",
+                kind="bad_password",
+            )
+        data = {"refpanel": request.panel, "build": request.build}
+        optional = {
+            "r2Filter": request.r2_filter,
+            "phasing": request.phasing,
+            "population": request.population,
+            "mode": request.mode,
+            "password": request.password,
+        }
+        data.update({key: value for key, value in optional.items() if value is not None})
+        # Checkboxes: Cloudgene reads the presence of the field as true, whatever its value; false means absent.
+        if request.aes_encryption:
+            data["aesEncryption"] = "true"
+        if request.meta:
+            data["meta"] = "true"
+        data["job-name"] = request.job_id
+
+        token = self._require_token()
+        with _redacting(token, request.password), contextlib.ExitStack() as stack:
+            files = []
+            for path in map(Path, request.files):
+                try:
+                    handle = stack.enter_context(open(path, "rb"))  # noqa: SIM115 - closed by the ExitStack
+                except OSError as exc:
+                    raise Permanent(
+                        f"{call}: cannot open input file {path.name}: {exc.strerror or type(exc).__name__}",
+                        kind="input_missing",
+                    ) from None
+                # httpx streams a file object in 64 KiB chunks and sends its length from fstat: never whole in memory.
+                files.append(("files", (path.name, handle, "application/octet-stream")))
+            try:
+                response = self._send(
+                    "POST", self._path("jobs", "submit", self.config.app), call, token=token,
+                    data=data, files=files, timeout=self._submit_timeout,
+                )
+            except OSError as exc:  # reading an input file failed mid-upload
+                raise Transient(
+                    f"{call}: reading an input file failed during the upload ({exc.strerror or type(exc).__name__})",
+                    kind="input_read",
+                ) from None
+            if response.status_code == 400:
+                _raise_job_limit(call, error_message(response))
+            body = self._answer(response, call, token=token)
+            if body.get("success") is not True:
+                message = body.get("message")
+                if isinstance(message, str):
+                    _raise_job_limit(call, message)
+                raise Transient(
+                    f"{call}: the server did not confirm the submit"
+                    + (f" ({_clean(message, PROGRESS_LIMIT)})" if isinstance(message, str) and message else ""),
+                    kind="bad_response",
+                )
+            remote_id = body.get("id")
+            if not isinstance(remote_id, str) or not remote_id.strip():
+                raise Transient(f"{call}: expected a job id (string 'id') in the answer", kind="bad_response")
+            return remote_id.strip()
+
+    def find_submitted(self, job_id: str, max_pages: int = 20) -> str | None:
+        """The newest remote job whose name is `job_id`, looking at most `max_pages` pages (15 jobs each)."""
+        for entry in self._iter_jobs(max_pages):
+            # Cloudgene stores `job-name` HTML-escaped.
+            if entry.name == job_id:
+                return entry.remote_id
+        return None
+
+    def status(self, remote_id: str) -> RemoteStatus:
+        call = f"GET /jobs/{remote_id}/status"
+        body = self._api("GET", self._path("jobs", remote_id, "status"), call, job=True)
+        return _parse_status(body, call, self.root)
+
+    def cancel(self, remote_id: str) -> None:
+        """Ask the server to cancel (states 1-3 become CANCELED). A 404 is `Permanent(kind="remote_not_found")`."""
+        call = f"GET /jobs/{remote_id}/cancel"
+        self._api("GET", self._path("jobs", remote_id, "cancel"), call, job=True)
+
+    def restart(self, remote_id: str) -> None:
+        """Revive a DEAD job. Cloudgene refuses jobs in other states with a 400 -> `Permanent`."""
+        call = f"GET /jobs/{remote_id}/restart"
+        body = self._api("GET", self._path("jobs", remote_id, "restart"), call, job=True)
+        if body.get("success") is False:
+            message = body.get("message")
+            raise Permanent(
+                f"{call}: restart refused"
+                + (f": {_clean(message, PROGRESS_LIMIT)}" if isinstance(message, str) and message else ""),
+                kind="restart_refused",
+            )
+
+    def list_jobs(self, limit: int = 100) -> list[RemoteJob]:
+        """The newest `limit` jobs of the token's user, newest first."""
+        if limit <= 0:
+            return []
+        jobs: list[RemoteJob] = []
+        for entry in self._iter_jobs(max_pages=-(-limit // PAGE_SIZE) + 1):
+            jobs.append(entry)
+            if len(jobs) >= limit:
+                break
+        return jobs
+
+    @contextlib.contextmanager
+    def stream_output(self, output: RemoteOutput) -> Iterator[httpx.Response]:
+        """A streaming GET of one result file, without the token; every call spends one of the file's downloads.
+
+        Transport errors raised while the caller iterates the body *inside this `with` block* (read timeouts,
+        resets, a body cut short) come out as `Transient` too: the block runs inside this generator.
+        """
+        call = f"download of {output.name}"
+        # Identity encoding: the bytes we count are the bytes Content-Length announced.
+        headers = {"Accept-Encoding": "identity"}
+        with _redacting(output.url, output.remote_hash), _stream_errors(call):
+            with self._client.stream("GET", output.url, headers=headers, follow_redirects=True) as response:
+                _check_download(response, call)
+                yield response
+
+    def check(self) -> ServiceCheck:
+        """Token validity and expiry (`POST /tokens/verify`) and the server's panels; never raises a ServiceError."""
+        notes: list[str] = []
+        reachable = False
+        token_valid: bool | None = None
+        expires: dt.datetime | None = None
+        user: str | None = None
+        panels: tuple[str, ...] = ()
+        try:
+            token: str | None = self._require_token()
+        except Blocked as exc:
+            token, token_valid = None, False
+            notes.append(exc.message)
+
+        if token is not None:
+            try:
+                answer = self._verify(token)
+            except Transient as exc:
+                notes.append(exc.message)
+                reachable = exc.kind not in ("timeout", "connection")
+            except ServiceError as exc:
+                reachable = True
+                notes.append(exc.message)
+            else:
+                reachable = True
+                token_valid = answer["valid"]
+                user = answer["user"]
+                expires = answer["expires"]
+                if not token_valid:
+                    notes.append(f"token rejected: {answer['message'] or 'invalid token'}")
+
+        call = f"GET /server/apps/{self.config.app}"
+        try:
+            with _redacting(token):
+                body = self._api(
+                    "GET", self._path("server", "apps", self.config.app), call,
+                    token=token if token_valid is not False else None,
+                )
+            reachable = True
+            panels = _parse_panels(body, call)
+        except Transient as exc:
+            reachable = reachable or exc.kind not in ("timeout", "connection")
+            notes.append(exc.message)
+        except ServiceError as exc:
+            reachable = True
+            notes.append(exc.message)
+        message = "; ".join(_scrub(note, (token,)) for note in notes) or None
+        return ServiceCheck(
+            reachable=reachable,
+            token_valid=token_valid,
+            token_expires=expires,
+            user=user,
+            remote_panels=panels,
+            message=message,
+        )
+
+    def close(self) -> None:
+        """Close the client this adapter made (a client passed in belongs to the caller)."""
+        if self._owns_client:
+            self._client.close()
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return self.api + "/" + "/".join(quote(part, safe="@") for part in parts)
+
+    def _require_token(self) -> str:
+        try:
+            token = self._token()
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            raise Blocked(
+                f"{self.name}: cannot read the token{where}: {exc.strerror or type(exc).__name__}", kind="no_token"
+            ) from None
+        except ValueError as exc:  # e.g. a token file that is not UTF-8; its message could quote the bytes
+            raise Blocked(f"{self.name}: cannot read the token ({type(exc).__name__})", kind="no_token") from None
+        if token is None or not token.strip():
+            raise Blocked(f"{self.name}: no token configured (set token_file or token_env)", kind="no_token")
+        token = token.strip()
+        if not _HEADER_SAFE.fullmatch(token):
+            raise Blocked(
+                f"{self.name}: the token contains spaces or characters an HTTP header cannot carry", kind="bad_token"
+            )
+        return token
+
+    def _send(self, method: str, url: str, call: str, *, token: str | None, **kwargs: Any) -> httpx.Response:
+        """One API request with the token header; transport failures and redirects become our errors."""
+        headers = {"Accept": "application/json"}
+        if token is not None:
+            headers[TOKEN_HEADER] = token
+        with transport_errors(call):
+            response = self._client.request(method, url, headers=headers, follow_redirects=False, **kwargs)
+        if response.is_redirect:
+            target = urlsplit(response.headers.get("location", ""))
+            where = f" to {target.scheme}://{target.netloc}{target.path}" if target.netloc else ""
+            raise Blocked(
+                f"{call}: HTTP {response.status_code} redirect{where}; the token is not sent after a redirect, "
+                "set base_url to the address the server answers on",
+                kind="redirect",
+            )
+        return response
+
+    def _api(
+        self, method: str, url: str, call: str, *, job: bool = False, token: str | None | object = _READ,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """A JSON-object API call; by default it reads the token, a string is used as is, None sends none."""
+        token = self._require_token() if token is _READ else token
+        if token is not None and not isinstance(token, str):
+            raise TypeError("token must be a string or None")
+        with _redacting(token):
+            response = self._send(method, url, call, token=token, **kwargs)
+            return self._answer(response, call, token=token, job=job)
+
+    def _answer(
+        self, response: httpx.Response, call: str, *, token: str | None, job: bool = False
+    ) -> dict[str, Any]:
+        status = response.status_code
+        if status == 404:
+            if _is_error_page(response):
+                raise Blocked(
+                    f"{call}: HTTP 404: {error_message(response)}; no such endpoint, check base_url",
+                    kind="endpoint_not_found",
+                )
+            if job:
+                raise Permanent(f"{call}: HTTP 404: {error_message(response)}", kind="remote_not_found")
+        if status == 403 and job and token is not None:
+            self._raise_forbidden(response, call, token)
+        raise_for_status(response, call)
+        return json_object(response, call)
+
+    def _raise_forbidden(self, response: httpx.Response, call: str, token: str) -> None:
+        """A 403 on one job: a revoked token, or a job of another account. Ask the server which.
+
+        Cloudgene answers 403 both when a (revoked) token no longer matches its user and, with "Access denied.",
+        when the job belongs to another account. The two need opposite handling: a token problem must never fail
+        a job (it blocks the service until an operator fixes the token), but a job we cannot see with a working
+        token must not block the service either, or one stray row (a remote id from another account after the
+        token was swapped, a copied database) would stop every other job. So we ask `POST /tokens/verify`: only
+        when the server confirms the token is valid is the 403 about this job (`Permanent`, kind
+        "access_denied"); when the token is invalid, or the check itself fails, it is `Blocked` — the safe side,
+        since a block is undone by fixing the token and a failed job is not.
+        """
+        message = error_message(response)
+        try:
+            answer = self._verify(token)
+        except ServiceError:
+            answer = None
+        if answer is not None and answer["valid"]:
+            raise Permanent(
+                f"{call}: HTTP 403: {message} The token is valid, so the job belongs to another account"
+                + (f" than {answer['user']}" if answer["user"] else ""),
+                kind="access_denied",
+            )
+        raise Blocked(f"{call}: HTTP 403: {message} (token revoked or not accepted)", kind="forbidden")
+
+    def _verify(self, token: str) -> dict[str, Any]:
+        """`POST /tokens/verify` → {"valid", "message", "user", "expires"}; errors as ServiceError."""
+        call = "POST /tokens/verify"
+        with _redacting(token):
+            # The token goes in the form; no header, so a revoked token cannot make the check itself fail.
+            response = self._send("POST", self._path("tokens", "verify"), call, token=None, data={"token": token})
+            raise_for_status(response, call)
+            body = json_object(response, call)
+            valid = body.get("valid")
+            if not isinstance(valid, bool):
+                raise Transient(f"{call}: expected a boolean 'valid' in the answer", kind="bad_response")
+            message = body.get("message")
+            user = body.get("username") or body.get("mail")
+            return {
+                "valid": valid,
+                "message": _clean(message, PROGRESS_LIMIT) if isinstance(message, str) else None,
+                "user": user if isinstance(user, str) and valid else None,
+                "expires": _parse_time(body.get("expire")) if valid else None,
+            }
+
+    def _iter_jobs(self, max_pages: int) -> Iterator[RemoteJob]:
+        for page in range(1, max_pages + 1):
+            call = f"GET /jobs?page={page}"
+            body = self._api("GET", self._path("jobs"), call, params={"page": page})
+            data = body.get("data")
+            if not isinstance(data, list):
+                raise Transient(f"{call}: expected a list 'data' in the answer", kind="bad_response")
+            for entry in data:
+                yield _parse_job_entry(entry, call)
+            pages = body.get("pages")
+            if not data or (isinstance(pages, int) and not isinstance(pages, bool) and page >= pages):
+                return
+
+
+# -- parsing ---------------------------------------------------------------------------------------------------
+
+
+def _normalise_base_url(base_url: str) -> tuple[str, str]:
+    """(server root, API base) from a base URL given with or without `/api/v2` and trailing slashes."""
+    root = base_url.strip().rstrip("/")
+    if root.endswith("/api/v2"):
+        root = root[: -len("/api/v2")].rstrip("/")
+    parts = urlsplit(root)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"base_url must be an http(s) URL without query or fragment, got {base_url!r}")
+    return root, root + "/api/v2"
+
+
+def _bad(call: str, what: str) -> Transient:
+    return Transient(f"{call}: {what}", kind="bad_response")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_status(body: dict[str, Any], call: str, root: str) -> RemoteStatus:
+    state = body.get("state")
+    if not _is_int(state):
+        raise _bad(call, "expected a number 'state' in the job")
+    raw_state, kind = cloudgene_kind(state)
+    position = body.get("positionInQueue")
+    steps = body.get("steps")
+    steps = [step for step in steps if isinstance(step, dict)] if isinstance(steps, list) else []
+    message = None
+    if kind is RemoteKind.FAILED:
+        errors = [
+            _clean(log["message"], MESSAGE_LIMIT)
+            for step in steps
+            for log in _logs(step)
+            if log.get("type") in (LOG_ERROR, str(LOG_ERROR)) and isinstance(log.get("message"), str)
+        ]
+        errors = [error for error in errors if error]
+        message = _clean("; ".join(errors), MESSAGE_LIMIT) if errors else (
+            f"the remote job failed ({raw_state}) without an error message in its log"
+        )
+    return RemoteStatus(
+        kind=kind,
+        raw_state=raw_state,
+        queue_position=position if _is_int(position) and position >= 0 else None,
+        progress=_progress(steps),
+        message=message,
+        outputs=_parse_outputs(body.get("outputParams"), call, root),
+    )
+
+
+def _logs(step: dict[str, Any]) -> list[dict[str, Any]]:
+    logs = step.get("logMessages")
+    return [log for log in logs if isinstance(log, dict)] if isinstance(logs, list) else []
+
+
+def _progress(steps: list[dict[str, Any]]) -> str | None:
+    if not steps:
+        return None
+    step = steps[-1]
+    name = _clean(step["name"], PROGRESS_LIMIT) if isinstance(step.get("name"), str) else ""
+    texts = [_clean(log["message"], PROGRESS_LIMIT) for log in _logs(step) if isinstance(log.get("message"), str)]
+    texts = [text for text in texts if text]
+    latest = texts[-1] if texts else ""
+    line = f"{name}: {latest}" if name and latest else name or latest
+    return _clean(line, PROGRESS_LIMIT) or None
+
+
+def _parse_outputs(params: object, call: str, root: str) -> tuple[RemoteOutput, ...]:
+    if params is None:
+        return ()
+    if not isinstance(params, list):
+        raise _bad(call, "expected a list 'outputParams'")
+    outputs = []
+    for param in params:
+        if not isinstance(param, dict):
+            raise _bad(call, "expected objects in 'outputParams'")
+        if param.get("download") is False:  # Cloudgene lists only downloadable outputs; be sure
+            continue
+        files = param.get("files")
+        if files is None:
+            continue
+        if not isinstance(files, list):
+            raise _bad(call, "expected a list 'files' in an output")
+        for entry in files:
+            if not isinstance(entry, dict):
+                raise _bad(call, "expected objects in an output's 'files'")
+            name, file_hash = entry.get("name"), entry.get("hash")
+            if not isinstance(name, str) or not name:
+                raise _bad(call, "an output file has no 'name'")
+            if not isinstance(file_hash, str) or not file_hash:
+                raise _bad(call, f"output file {name} has no 'hash'")
+            if not _safe_relative_path(name):
+                raise Permanent(
+                    f"{call}: output file name {name!r} is not a safe relative path; refusing it",
+                    kind="bad_output_name",
+                )
+            size, count = entry.get("size"), entry.get("count")
+            outputs.append(
+                RemoteOutput(
+                    name=name,
+                    url=f"{root}/share/results/{quote(file_hash, safe='')}/{quote(name, safe='/')}",
+                    remote_hash=file_hash,
+                    size_text=size if isinstance(size, str) else (str(size) if _is_int(size) else None),
+                    # Cloudgene's -1 means "no limit": we report that as unknown (None), never as "none left".
+                    downloads_left=count if _is_int(count) and count >= 0 else None,
+                )
+            )
+    return tuple(outputs)
+
+
+def _safe_relative_path(name: str) -> bool:
+    if name.startswith("/") or "\\" in name or "\x00" in name:
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def _parse_job_entry(entry: object, call: str) -> RemoteJob:
+    if not isinstance(entry, dict):
+        raise _bad(call, "expected job objects in 'data'")
+    remote_id = entry.get("id")
+    if not isinstance(remote_id, str) or not remote_id:
+        raise _bad(call, "a job in 'data' has no 'id'")
+    name = entry.get("name")
+    state = entry.get("state")
+    return RemoteJob(
+        remote_id=remote_id,
+        name=html.unescape(name) if isinstance(name, str) else None,
+        raw_state=cloudgene_kind(state)[0] if _is_int(state) else "?",
+    )
+
+
+def _parse_panels(body: dict[str, Any], call: str) -> tuple[str, ...]:
+    params = body.get("params")
+    if not isinstance(params, list):
+        raise _bad(call, "expected a list 'params' in the app")
+    for param in params:
+        if isinstance(param, dict) and param.get("id") == "refpanel":
+            values = param.get("values")
+            if not isinstance(values, list):
+                raise _bad(call, "expected a list 'values' in the refpanel parameter")
+            return tuple(
+                value["key"] for value in values if isinstance(value, dict) and isinstance(value.get("key"), str)
+            )
+    raise _bad(call, "the app has no 'refpanel' parameter")
+
+
+def _parse_time(value: object) -> dt.datetime | None:
+    """Token expiry: ISO-8601 (documented) or epoch milliseconds (Jackson's default for a Date); naive means UTC."""
+    when: dt.datetime | None = None
+    if isinstance(value, str) and value.strip():
+        try:
+            when = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    elif _is_int(value) or isinstance(value, float):
+        seconds = value / 1000 if value > 10**11 else value
+        try:
+            when = dt.datetime.fromtimestamp(seconds, dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if when is not None and when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when
+
+
+def _clean(text: str, limit: int) -> str:
+    """A log line for humans: tags dropped, entities decoded, whitespace collapsed, cut to `limit`."""
+    text = " ".join(html.unescape(_TAG.sub(" ", text)).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_error_page(response: httpx.Response) -> bool:
+    """True when a 404 comes from something other than Cloudgene's job and app code: an HTML page or an empty body
+    (a proxy, a wrong path), or Micronaut's generic error object (`_links`/`_embedded`: no such route)."""
+    text = response.text.strip()
+    if not text or text.startswith("<") or response.headers.get("content-type", "").startswith("text/html"):
+        return True
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(body, dict) and ("_links" in body or "_embedded" in body)
+
+
+def _raise_job_limit(call: str, message: str) -> None:
+    match = _JOB_LIMIT.search(message)
+    if match:
+        raise JobLimitReached(f"{call}: {_clean(message, PROGRESS_LIMIT)}", limit=int(match.group(1)))
+
+
+def _check_download(response: httpx.Response, call: str) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    quoted = _error_body(response)
+    message = error_message(quoted)
+    if status == 400 and _DOWNLOADS_EXHAUSTED.search(message):
+        raise Permanent(f"{call}: the server allows no more downloads of this file ({message})",
+                        kind="downloads_exhausted")
+    if status == 404:
+        raise Permanent(f"{call}: HTTP 404: the server does not know this file ({message})",
+                        kind="download_not_found")
+    if status in (401, 403):
+        # Downloads carry no token: a refusal here is about the file (an expired presigned link), not our
+        # credentials, so it must not block the service.
+        raise Permanent(f"{call}: HTTP {status}: {message}", kind="download_forbidden")
+    raise_for_status(quoted, call)
+
+
+def _error_body(response: httpx.Response) -> httpx.Response:
+    """A copy of an error response with at most ERROR_BODY_LIMIT bytes of its body, for quoting the server."""
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= ERROR_BODY_LIMIT:
+            break
+    headers = {key: value for key, value in response.headers.items() if key.lower() in ("content-type", "retry-after")}
+    return httpx.Response(response.status_code, headers=headers, content=b"".join(chunks)[:ERROR_BODY_LIMIT])
+
+
+@contextlib.contextmanager
+def _stream_errors(call: str) -> Iterator[None]:
+    """`transport_errors`, plus a body httpx cannot decode (a broken compressed stream) as a retryable error."""
+    with transport_errors(call):
+        try:
+            yield
+        except httpx.DecodingError:
+            raise Transient(f"{call}: the body could not be decoded", kind="bad_response") from None
+
+
+def _scrub(text: str, secrets: tuple[str | None, ...]) -> str:
+    for secret in sorted((s for s in secrets if s and len(s) >= 8), key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+@contextlib.contextmanager
+def _redacting(*secrets: str | None) -> Iterator[None]:
+    """Remove secrets (token, password, download hash and URL) from any ServiceError passing through."""
+    try:
+        yield
+    except ServiceError as exc:
+        scrubbed = _scrub(exc.message, secrets)
+        if scrubbed != exc.message:
+            exc.message = scrubbed
+            exc.args = (scrubbed,)
+        raise
