@@ -1,7 +1,8 @@
 """Logging: structlog for our code, the same processors for stdlib loggers, and redaction of every secret.
 
 One line per event. JSON lines when the output is not a terminal (journald), `ConsoleRenderer` on a terminal;
-`logging.format: json|console` overrides the guess. Every line has `timestamp` (ISO 8601, UTC), `level` (lower
+`logging.format: json|console` overrides the guess. When stdout is systemd's journal stream ($JOURNAL_STREAM),
+each line starts with a syslog "<N>" prefix that journald turns into the entry's PRIORITY and strips. Every line has `timestamp` (ISO 8601, UTC), `level` (lower
 case), `logger` and `event`; lines logged inside `bind_job(...)` also carry `job_id`, `service` and `remote_id`.
 
 Field conventions the rest of the daemon follows (operators filter on them with `jq`):
@@ -25,8 +26,10 @@ Bearer ...`), `key=value` and quoted `"key": "value"` secrets, URL query strings
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -196,13 +199,38 @@ def _is_tty(stream: TextIO) -> bool:
         return False
 
 
+def _is_journal_stream(stream: TextIO) -> bool:
+    """True when `stream` is the journald connection systemd gave us ($JOURNAL_STREAM is its "device:inode")."""
+    try:
+        device, inode = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        info = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
+
+
+def _with_syslog_priority(renderer: Processor) -> Processor:
+    """Prefix each line with "<N>": journald strips it and records PRIORITY=N, so `journalctl -p err` works."""
+
+    def render(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
+        priority = _SYSLOG_PRIORITY.get(event_dict.get("level", ""), 6)
+        return f"<{priority}>{renderer(logger, method_name, event_dict)}"
+
+    return render
+
+
+_SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
 def _renderer(fmt: str, stream: TextIO) -> Processor:
     tty = _is_tty(stream)
     if fmt == "console" or (fmt == "auto" and tty):
         # Exceptions arrive already formatted (and scrubbed) in `exception`, never as exc_info: a rich traceback
         # with local variables would print passwords.
-        return structlog.dev.ConsoleRenderer(colors=tty)
-    return structlog.processors.JSONRenderer(serializer=json.dumps)
+        renderer: Processor = structlog.dev.ConsoleRenderer(colors=tty)
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=json.dumps)
+    return _with_syslog_priority(renderer) if _is_journal_stream(stream) else renderer
 
 
 def configure_logging(config: LoggingConfig, *, stream: TextIO | None = None) -> None:

@@ -6,6 +6,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import threading
 import uuid
 import warnings
@@ -364,3 +365,25 @@ def test_reconfigure_is_idempotent_and_switches_stream_level_and_format(setup_lo
     log.warning("shown")
     assert "hidden" not in third.getvalue() and "shown" in third.getvalue()
     assert [line["event"] for line in lines(second)] == ["once"]
+
+
+def test_journald_stream_gets_syslog_priority_prefixes(setup_logging, monkeypatch, tmp_path):
+    path = tmp_path / "journal-stream"
+    with open(path, "w") as stream:
+        info = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
+        dlog.configure_logging(LoggingConfig(), stream=stream)
+        log = structlog.get_logger("daemon.test")
+        log.info("started")
+        log.error("failed", error_kind="x")
+        logging.getLogger("httpx").warning("slow")
+    got = path.read_text().splitlines()
+    assert [line[:3] for line in got] == ["<6>", "<3>", "<4>"]
+    assert json.loads(got[1][3:])["event"] == "failed"
+
+
+def test_no_priority_prefix_on_other_streams(setup_logging, monkeypatch, tmp_path):
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")
+    stream = setup_logging()
+    structlog.get_logger("daemon.test").info("started")
+    assert stream.getvalue().startswith("{")
