@@ -213,6 +213,12 @@ def test_unit_restart_limits_watchdog_and_credentials(unit):
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+def test_unit_does_not_restart_on_an_invalid_configuration(unit):
+    from daemon.cli import EXIT_USAGE  # the exit status of a configuration error
+
+    assert unit["Service"]["RestartPreventExitStatus"] == [str(EXIT_USAGE)]
+
+
 def test_unit_stop_budget_exceeds_the_daemons_shutdown_timeout(unit):
     assert seconds(unit["Service"]["TimeoutStopSec"][0]) >= SchedulerConfig().shutdown_timeout + 5
 
