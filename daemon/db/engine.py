@@ -1,0 +1,171 @@
+"""Engines and sessions for SQLite (the default) and PostgreSQL (production).
+
+SQLite is set up for a threaded daemon that writes from many threads:
+
+- WAL journal (readers never block the writer), `foreign_keys=ON` (the `ON DELETE CASCADE`s mean something),
+  `synchronous=NORMAL` (durable across a crash of the process; a power cut may lose the last commits, never corrupt),
+  a busy timeout so a writer waits for another instead of failing at once.
+- pysqlite's own transaction handling is switched off and we emit BEGIN ourselves (SQLAlchemy's documented recipe),
+  so every transaction really is one, DDL included, and a write transaction starts with `BEGIN IMMEDIATE`: it takes
+  the write lock up front, waiting for it under the busy timeout, instead of failing with "database is locked" when a
+  read transaction later tries to upgrade to a write. Transactions that only read use `read_only(engine)`
+  (`BEGIN DEFERRED`), which never waits for a writer.
+
+PostgreSQL: psycopg 3, `pool_pre_ping` (a restarted server costs one failed ping, not a failed tick), a connect timeout
+and `application_name=imputationd` so operators can find our sessions in `pg_stat_activity`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool, StaticPool
+
+#: Engine/connection execution option naming the SQLite BEGIN mode; `IMMEDIATE` unless set.
+SQLITE_BEGIN_OPTION = "sqlite_begin"
+_SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
+APPLICATION_NAME = "imputationd"
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached or opened. The message is one line, names the host or path and never a
+    password."""
+
+
+def describe_url(url: str | URL) -> str:
+    """The URL as it may be shown to an operator: the password replaced by `***`."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def unavailable(url: str | URL, error: BaseException) -> DatabaseUnavailable:
+    """A `DatabaseUnavailable` for `url` saying why (`error`'s first line), with any password scrubbed."""
+    url = make_url(url)
+    cause = getattr(error, "orig", None) or error
+    reason = " ".join(str(cause).split()) or type(cause).__name__
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    return DatabaseUnavailable(f"cannot open database {describe_url(url)}: {reason}")
+
+
+@contextmanager
+def connect(engine: Engine) -> Iterator[sa.Connection]:
+    """`engine.connect()`, with a failure to connect raised as `DatabaseUnavailable`."""
+    try:
+        connection = engine.connect()
+    except sa.exc.DBAPIError as e:
+        raise unavailable(engine.url, e) from e
+    with connection:
+        yield connection
+
+
+def _is_memory_sqlite(url: URL) -> bool:
+    database = url.database or ""
+    return database in ("", ":memory:") or "mode=memory" in database or url.query.get("mode") == "memory"
+
+
+def _sqlite_path(url: URL) -> Path | None:
+    """The file path of a file SQLite database, None for memory or `file:` URI databases."""
+    database = url.database or ""
+    if _is_memory_sqlite(url) or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def make_engine(url: str | URL, *, pool_size: int = 5, echo: bool = False) -> Engine:
+    """An engine for `url` set up for the daemon's threads (see the module doc).
+
+    `sqlite://` (in memory) gets a single connection shared by every thread (`StaticPool`): for unit tests only.
+    Raises `DatabaseUnavailable` when the directory of a SQLite file cannot be created."""
+    url = make_url(url)
+    if url.get_backend_name() == "sqlite":
+        return _make_sqlite_engine(url, pool_size=pool_size, echo=echo)
+    if url.get_backend_name() == "postgresql":
+        return _make_postgres_engine(url, pool_size=pool_size, echo=echo)
+    raise ValueError(f"unsupported database URL {describe_url(url)}: use sqlite:/// or postgresql+psycopg://")
+
+
+def _make_sqlite_engine(url: URL, *, pool_size: int, echo: bool) -> Engine:
+    path = _sqlite_path(url)
+    kwargs: dict[str, Any] = {}
+    if path is None:
+        kwargs["poolclass"] = StaticPool
+    else:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise unavailable(url, e) from e
+        kwargs.update(poolclass=QueuePool, pool_size=pool_size)
+    engine = sa.create_engine(
+        url,
+        echo=echo,
+        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        **kwargs,
+    )
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    # No implicit BEGIN/COMMIT from pysqlite: `_sqlite_on_begin` starts every transaction.
+    dbapi_connection.isolation_level = None
+    for pragma in (
+        "journal_mode=WAL",
+        "foreign_keys=ON",
+        f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+        "synchronous=NORMAL",
+    ):
+        dbapi_connection.execute(f"PRAGMA {pragma}").close()
+
+
+def _sqlite_on_begin(conn: sa.Connection) -> None:
+    mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
+    if mode not in _SQLITE_BEGIN_MODES:
+        raise ValueError(f"{SQLITE_BEGIN_OPTION}={mode!r}: expected one of {sorted(_SQLITE_BEGIN_MODES)}")
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _make_postgres_engine(url: URL, *, pool_size: int, echo: bool) -> Engine:
+    # The URL's own query parameters win over our defaults.
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+    if "application_name" not in url.query:
+        connect_args["application_name"] = APPLICATION_NAME
+    return sa.create_engine(
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine (same pool) whose transactions are for reading: `BEGIN DEFERRED` on SQLite, which takes no
+    write lock and never waits for a writer. A write inside such a transaction may fail with "database is locked"
+    instead of waiting, so write through `engine` itself. On PostgreSQL this is `engine` unchanged in effect."""
+    return engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions on `engine`; objects stay readable after commit (`expire_on_commit=False`)."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def is_postgres(engine: Engine | sa.Connection) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+def is_sqlite(engine: Engine | sa.Connection) -> bool:
+    return engine.dialect.name == "sqlite"
