@@ -1,0 +1,166 @@
+"""The database schema's version: apply the Alembic migrations shipped in `daemon/db/migrations`, and refuse to run
+on a schema this code does not match.
+
+- `upgrade(engine)`: bring the schema to head; safe to repeat and to run from several daemons at once (one
+  transaction, serialised by `BEGIN IMMEDIATE` on SQLite and an advisory lock on PostgreSQL).
+- `ensure_current(engine)`: what the daemon calls at start; raises `SchemaOutdated` (or `SchemaNewer`) with a
+  one-line message saying what to do.
+
+Writing a new revision: change `models.py`, then, against a database at head,
+`command.revision(alembic_config(url=URL), message="...", autogenerate=True)` (from `alembic import command`),
+clean the result up, and keep `tests/test_db.py::test_migrations_match_models` green.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+
+from daemon.db.engine import DatabaseUnavailable, connect, is_postgres, is_sqlite, read_only
+
+__all__ = [
+    "DatabaseUnavailable",
+    "SchemaNewer",
+    "SchemaOutdated",
+    "alembic_config",
+    "current_revision",
+    "ensure_current",
+    "head_revision",
+    "migration_transaction",
+    "upgrade",
+]
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+#: Key of the PostgreSQL advisory lock held while migrating (any daemon sharing the database waits on it).
+ADVISORY_LOCK_KEY = zlib.crc32(b"imputationd schema upgrade")
+
+UPGRADE_HINT = "run `imputationd db upgrade`"
+
+
+class SchemaOutdated(Exception):
+    """The database schema is not the one this imputationd was written for."""
+
+
+class SchemaNewer(SchemaOutdated):
+    """The database schema is at a revision this imputationd does not know: a newer imputationd upgraded it."""
+
+
+def alembic_config(*, connection: sa.Connection | None = None, url: str | sa.URL | None = None) -> Config:
+    """An Alembic configuration for our migrations, working on `connection` (preferred) or opening `url`."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("path_separator", "os")
+    if url is not None:
+        rendered = sa.make_url(url).render_as_string(hide_password=False)
+        cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    """The revision this code needs."""
+    head = _script().get_current_head()
+    assert head is not None, f"no migrations under {MIGRATIONS_DIR}"
+    return head
+
+
+def _revision_of(connection: sa.Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    """The database's revision; None for a database no migration has touched."""
+    with connect(read_only(engine)) as connection:
+        return _revision_of(connection)
+
+
+def _is_known(revision: str) -> bool:
+    try:
+        return _script().get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def _newer_message(current: str) -> str:
+    return (
+        f"database schema is at {current}, which this imputationd does not know: it was upgraded by a newer "
+        f"imputationd; run that version (this one needs {head_revision()})"
+    )
+
+
+def ensure_current(engine: sa.Engine) -> str:
+    """Return the head revision when the database is at it; raise `SchemaOutdated` (behind, or empty) or
+    `SchemaNewer` (ahead) with a one-line message, or `DatabaseUnavailable`."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return head
+    if current is not None and not _is_known(current):
+        raise SchemaNewer(_newer_message(current))
+    raise SchemaOutdated(f"database schema is at {current or 'empty'}, this imputationd needs {head}: {UPGRADE_HINT}")
+
+
+def _sqlite_foreign_keys(connection: sa.Connection, on: bool) -> None:
+    # On the driver connection: anything run through SQLAlchemy would BEGIN first, and this pragma is a no-op
+    # inside a transaction.
+    connection.connection.driver_connection.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}").close()
+
+
+@contextmanager
+def migration_transaction(connection: sa.Connection) -> Iterator[None]:
+    """One transaction to migrate in, committed when the block ends without error.
+
+    SQLite: `BEGIN IMMEDIATE` (one migrator at a time) with foreign keys off for the duration, because a batch
+    migration rebuilds a table by dropping the old one, and with foreign keys on that drop would delete every row
+    referring to it (`ON DELETE CASCADE`); `PRAGMA foreign_key_check` must come back clean before the commit.
+    PostgreSQL: transactional DDL, plus an advisory lock so concurrent daemons migrate one after the other."""
+    if connection.in_transaction():
+        raise RuntimeError("migration_transaction needs a connection outside any transaction")
+    sqlite = is_sqlite(connection)
+    if sqlite:
+        _sqlite_foreign_keys(connection, on=False)
+    try:
+        with connection.begin():
+            if is_postgres(connection):
+                connection.execute(sa.select(sa.func.pg_advisory_xact_lock(ADVISORY_LOCK_KEY)))
+            yield
+            if sqlite:
+                dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if dangling:
+                    raise RuntimeError(f"migration left rows whose foreign keys point nowhere: {dangling[:5]}")
+    finally:
+        if sqlite:
+            try:
+                _sqlite_foreign_keys(connection, on=True)
+            except Exception:
+                connection.invalidate()  # never hand a connection without foreign keys back to the pool
+                raise
+
+
+def upgrade(engine: sa.Engine) -> tuple[str | None, str]:
+    """Migrate the database to head; return (revision before, revision after). Running it again is a no-op that
+    returns (head, head). Raises `SchemaNewer` (changing nothing) when a newer imputationd has been here, and
+    `DatabaseUnavailable` when the database cannot be reached."""
+    with connect(engine) as connection, migration_transaction(connection):
+        before = _revision_of(connection)
+        if before is not None and not _is_known(before):
+            raise SchemaNewer(_newer_message(before))
+        command.upgrade(alembic_config(connection=connection), "head")
+        after = _revision_of(connection)
+    assert after is not None
+    return before, after
