@@ -6,10 +6,17 @@ from a file, and `check-config` and daemon start-up both go through it.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
 
 DEFAULT_CONFIG_PATH = Path("/etc/imputationd/config.yaml")
 CONFIG_ENV = "IMPUTATIOND_CONFIG"
@@ -145,4 +152,712 @@ def find_config_path(cli_path: str | Path | None) -> Path:
 
 
 def load_config(path: Path) -> Config:
-    raise NotImplementedError("being written")
+    """Read, parse and validate one YAML file.
+
+    Raises ConfigError carrying every problem found, each as "key.path: what is wrong"."""
+    path = Path(path)
+    data = _read_yaml(path)
+    # The file's directory as named, not its symlink target: operators think in terms of the path they typed.
+    return parse_config(data, base_dir=path.absolute().parent, source=path)
+
+
+def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Config:
+    """Validate already-parsed YAML (`None` counts as empty); relative paths resolve against `base_dir`."""
+    ctx = _Context(base_dir=Path(base_dir))
+    sections = _walk({} if data is None else data, "", _TOP_LEVEL, ctx, what="a mapping of sections") or {}
+    storage = _storage(sections.get("storage"), ctx)
+    database = _database(sections.get("database"), storage.state_dir, ctx)
+    scheduler = _scheduler(sections.get("scheduler"), ctx)
+    logging_ = LoggingConfig(**(_walk(sections.get("logging"), "logging", _LOGGING, ctx) or {}))
+    metrics = MetricsConfig(**(_walk(sections.get("metrics"), "metrics", _METRICS, ctx) or {}))
+    services = _services(sections.get("services"), scheduler.poll_interval, ctx)
+    if ctx.problems:
+        raise ConfigError(ctx.problems, source)
+    return Config(database, storage, scheduler, logging_, metrics, services, source)
+
+
+def format_problems(error: ConfigError) -> str:
+    """One line per problem, each prefixed by the file it was found in (for `check-config`)."""
+    prefix = f"{error.source}: " if error.source else ""
+    return "\n".join(prefix + problem for problem in error.problems)
+
+
+def check_runtime(config: Config) -> list[str]:
+    """Problems only visible on this machine, as this user: credentials and storage directories.
+
+    A valid file can still fail here when run as another user or outside systemd. Messages name paths and key
+    paths, never a token's content or the name held in `token_env` (an operator may have pasted the token there)."""
+    problems: list[str] = []
+    for name, service in config.services.items():
+        problem = _check_credential(f"services.{name}", service)
+        if problem:
+            problems.append(problem)
+    problems.extend(_check_storage(config.storage))
+    return problems
+
+
+# --- reading YAML ----------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        # The problem names the file itself, so the error carries no separate source to prefix it with again.
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: cannot read: not UTF-8 text (bad byte at offset {exc.start})"]) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError([_describe_yaml_error(exc)], path) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], path) from None
+
+
+def _describe_yaml_error(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+    message = exc.problem or exc.context or "not valid YAML"
+    if exc.problem and exc.context:
+        context_line = f" that starts at line {exc.context_mark.line + 1}" if exc.context_mark else ""
+        message += f" ({exc.context}{context_line})"
+    return f"{where}: {message}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a repeated key is an error: plain YAML silently keeps only the last one, so a second
+    `services:` section would quietly drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges are meant to be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first at line {first_line[key] + 1}); YAML would keep only the last",
+                        key_node.start_mark,
+                    )
+                first_line[key] = key_node.start_mark.line
+            except TypeError:  # unhashable key: the base class reports it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
+# --- the schema walker -----------------------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """One problem with the value at the key being converted; the walker adds the key path."""
+
+
+@dataclass
+class _Context:
+    base_dir: Path
+    problems: list[str] = field(default_factory=list)
+
+    def report(self, where: str, message: str) -> None:
+        self.problems.append(f"{where or '(top level)'}: {message}")
+
+
+#: A converter checks one YAML value and returns it as the dataclass field wants it. It raises `_Invalid` for a
+#: problem with the value itself; converters of nested sections report their inner problems through the context.
+_Convert = Callable[[Any, str, _Context], Any]
+
+_SECRET_KEYS = frozenset(
+    {"token", "password", "passwd", "api_key", "apikey", "secret", "access_token", "auth_token", "x_auth_token"}
+)
+_SECRET_MESSAGE = "secrets are never stored in the YAML; use token_file or token_env"
+
+
+def _walk(
+    raw: Any,
+    where: str,
+    schema: Mapping[str, _Convert],
+    ctx: _Context,
+    *,
+    required: tuple[str, ...] = (),
+    refuse_secrets: bool = False,
+    what: str = "a mapping",
+) -> dict[str, Any] | None:
+    """Convert one mapping key by key through `schema`, reporting unknown keys, bad values and missing required keys.
+
+    Returns the converted values of the keys that were given and valid (an absent key keeps its dataclass default),
+    or None when `raw` is not a mapping at all. An empty YAML value (`scheduler:`) counts as an empty mapping."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        ctx.report(where, f"must be {what}, got {_got(raw)}")
+        return None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = _join(where, key)
+        if refuse_secrets and _is_secret_key(key):
+            ctx.report(path, _SECRET_MESSAGE)  # never the value: it is the secret
+        elif key not in schema:
+            ctx.report(path, _unknown_key(str(key), schema))
+        else:
+            try:
+                values[key] = schema[key](value, path, ctx)
+            except _Invalid as exc:
+                ctx.report(path, str(exc))
+    for key in required:
+        if key not in raw:
+            ctx.report(_join(where, key), "required")
+    return values
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _unknown_key(key: str, schema: Mapping[str, Any]) -> str:
+    match = difflib.get_close_matches(key, list(schema), n=1)
+    if match:
+        return f"unknown key (did you mean '{match[0]}'?)"
+    return f"unknown key (expected one of: {', '.join(schema)})"
+
+
+def _is_secret_key(key: Any) -> bool:
+    return isinstance(key, str) and key.lower().replace("-", "_") in _SECRET_KEYS
+
+
+def _given_and_valid(raw: Any, values: dict[str, Any] | None, *keys: str) -> bool:
+    """True when none of `keys` was given with a bad value, so cross-field checks (which fall back to defaults for
+    absent keys) do not pile a second, confusing problem on top of one already reported."""
+    if values is None:
+        return False
+    given = raw if isinstance(raw, dict) else {}
+    return all(key in values or key not in given for key in keys)
+
+
+def _got(value: Any) -> str:
+    """How a bad value is shown: short, in YAML's words. Never used for keys that may hold secrets."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"  # e.g. a date: YAML reads 2024-01-01 as one
+
+
+# --- value converters ------------------------------------------------------------------------------------------------
+
+
+def _as_is(value: Any, path: str, ctx: _Context) -> Any:
+    return value
+
+
+def _optional(convert: _Convert) -> _Convert:
+    """`null` is allowed and means "not set"."""
+
+    def optional(value: Any, path: str, ctx: _Context) -> Any:
+        return None if value is None else convert(value, path, ctx)
+
+    return optional
+
+
+def _integer(low: int, high: int) -> _Convert:
+    def integer(value: Any, path: str, ctx: _Context) -> int:
+        # bool is an int in Python; `workers: yes` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _Invalid(f"must be an integer from {low} to {high}, got {_got(value)}")
+        return value
+
+    return integer
+
+
+def _seconds(high: float) -> _Convert:
+    def seconds(value: Any, path: str, ctx: _Context) -> float:
+        number_ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not number_ok or not 0 < value <= high:
+            raise _Invalid(f"must be a number of seconds greater than 0 and at most {high:g}, got {_got(value)}")
+        return float(value)
+
+    return seconds
+
+
+def _boolean(value: Any, path: str, ctx: _Context) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {_got(value)}")
+    return value
+
+
+def _text(value: Any, path: str, ctx: _Context) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # YAML turns `1.10` into the float 1.1: make the operator quote it rather than guess.
+        raise _Invalid(f"must be text, got the number {value!r} (quote it so YAML keeps it as written)")
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"must be non-empty text, got {_got(value)}")
+    return value.strip()
+
+
+def _choice(*options: str, fold_case: bool = False) -> _Convert:
+    def choice(value: Any, path: str, ctx: _Context) -> str:
+        candidate = value.lower() if fold_case and isinstance(value, str) else value
+        if candidate not in options:
+            raise _Invalid(f"must be one of {', '.join(options)}, got {_got(value)}")
+        return candidate
+
+    return choice
+
+
+def _pattern(regex: str, description: str) -> _Convert:
+    compiled = re.compile(regex)
+
+    def pattern(value: Any, path: str, ctx: _Context) -> str:
+        if not isinstance(value, str) or not compiled.fullmatch(value):
+            raise _Invalid(f"must be {description}, got {_got(value)}")
+        return value
+
+    return pattern
+
+
+def _subset(options: tuple[str, ...], *, non_empty: bool) -> _Convert:
+    """A list of distinct values drawn from `options` (panel builds, populations)."""
+
+    def subset(value: Any, path: str, ctx: _Context) -> tuple[str, ...]:
+        expected = ", ".join(options)
+        if not isinstance(value, list):
+            raise _Invalid(f"must be a list drawn from {expected}, got {_got(value)}")
+        if non_empty and not value:
+            raise _Invalid(f"must list at least one of {expected}")
+        if any(isinstance(item, bool) for item in value):
+            raise _Invalid("""quote 'off' as "off": YAML reads a bare off (or on, yes, no) as a boolean""")
+        unknown = [item for item in value if item not in options]
+        if unknown:
+            raise _Invalid(f"unknown {', '.join(_got(item) for item in unknown)} (expected values from {expected})")
+        repeated = sorted({item for item in value if value.count(item) > 1})
+        if repeated:
+            raise _Invalid(f"lists {', '.join(repeated)} more than once")
+        return tuple(value)
+
+    return subset
+
+
+def _path(value: Any, path: str, ctx: _Context) -> Path:
+    text = _text(value, path, ctx)
+    resolved = Path(text).expanduser()
+    if not resolved.is_absolute():
+        resolved = ctx.base_dir / resolved
+    return Path(os.path.normpath(resolved))
+
+
+def _token_file(value: Any, path: str, ctx: _Context) -> Path:
+    """A relative token file lives under `$CREDENTIALS_DIRECTORY` when systemd provides one (`LoadCredential=`),
+    else beside the config file like every other relative path."""
+    # The value is not echoed: someone may have pasted the token itself here.
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("must be the path of a file that holds only the token")
+    if _JWT.search(value):
+        raise _Invalid("holds a token, not a file name; put the token in a file and name that file here")
+    candidate = Path(value.strip()).expanduser()
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not candidate.is_absolute() and credentials:
+        return Path(credentials) / candidate
+    return _path(value, path, ctx)
+
+
+def _env_name(value: Any, path: str, ctx: _Context) -> str:
+    # The value is not echoed: someone may have pasted the token itself here.
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise _Invalid(
+            "must be the name of an environment variable (letters, digits and '_', not starting with a digit); "
+            "the token itself goes into that variable"
+        )
+    return value
+
+
+def _url(value: Any, path: str, ctx: _Context) -> str:
+    # Values are not echoed: a URL may carry credentials.
+    if not isinstance(value, str) or not value.strip() or any(ch.isspace() for ch in value.strip()):
+        raise _Invalid("not a URL (expected http:// or https://)")
+    parts = urlsplit(value.strip())
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise _Invalid("has an invalid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Invalid("not a URL (expected http:// or https://)")
+    if parts.username or parts.password:
+        raise _Invalid(f"must not contain credentials; {_SECRET_MESSAGE}")
+    if parts.query or parts.fragment:
+        raise _Invalid("must not have a query string or fragment")
+    return value.strip().rstrip("/")
+
+
+def _database_url(value: Any, path: str, ctx: _Context) -> str:
+    # Only the scheme is ever echoed: a PostgreSQL URL may hold a password.
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+    url = value.strip()
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if url.startswith("sqlite:///"):
+        return _sqlite_url(url, ctx)
+    if url.startswith("postgresql+psycopg://"):
+        if len(url) == len("postgresql+psycopg://"):
+            raise _Invalid("needs a host and database after postgresql+psycopg://")
+        return url
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg2"):
+        raise _Invalid(f"use postgresql+psycopg:// instead of {scheme}:// (the daemon uses the psycopg 3 driver)")
+    shown = f"{scheme}://" if scheme else "no scheme"
+    raise _Invalid(f"must start with sqlite:/// or postgresql+psycopg://, got {shown}")
+
+
+def _sqlite_url(url: str, ctx: _Context) -> str:
+    file_part, question, query = url[len("sqlite:///") :].partition("?")
+    if file_part in ("", ":memory:"):
+        # Each pooled connection would get its own empty database, and everything is lost at exit.
+        raise _Invalid("needs a database file path (an in-memory database is neither shared nor kept)")
+    if file_part.startswith("/") or file_part.startswith("file:"):
+        return url
+    return f"sqlite:///{_path(file_part, '', ctx)}{question}{query}"
+
+
+def _listen(value: Any, path: str, ctx: _Context) -> str:
+    expected = 'must be "host:port" with a port from 1 to 65535, e.g. "127.0.0.1:9478" or "[::1]:9478"'
+    if not isinstance(value, str):
+        raise _Invalid(f"{expected}, got {_got(value)}")
+    host, colon, port = value.strip().rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535 or any(ch.isspace() for ch in host):
+        raise _Invalid(f"{expected}, got {_got(value)}")
+    if not host:
+        raise _Invalid(f'needs a host, e.g. "127.0.0.1:{port}" (or "0.0.0.0:{port}" for every interface)')
+    if ":" in host and not bracketed:
+        raise _Invalid(f'needs brackets around an IPv6 address, e.g. "[::1]:{port}", got {_got(value)}')
+    return value.strip()
+
+
+def _json_object(value: Any, path: str, ctx: _Context) -> dict[str, Any]:
+    """A free-form mapping sent to the server as JSON (WES parameters)."""
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a mapping, got {_got(value)}")
+    _refuse_nested_secrets(value, path, ctx)
+    if not _is_json(value):
+        raise _Invalid("must hold only text keys and JSON values (quote dates and times; no .nan or .inf)")
+    return value
+
+
+def _refuse_nested_secrets(value: Any, path: str, ctx: _Context) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _is_secret_key(key):
+                ctx.report(_join(path, key), _SECRET_MESSAGE)
+            else:
+                _refuse_nested_secrets(item, _join(path, key), ctx)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_nested_secrets(item, f"{path}[{index}]", ctx)
+
+
+def _is_json(value: Any) -> bool:
+    if value is None or isinstance(value, str | bool | int):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_is_json(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _is_json(item) for key, item in value.items())
+    return False
+
+
+# --- sections --------------------------------------------------------------------------------------------------------
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+\.")  # Cloudgene's API tokens are JWTs
+_SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_PANEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+BUILDS = ("hg19", "hg38")
+POPULATIONS = ("eur", "afr", "amr", "eas", "sas", "asn", "AA", "mixed", "all", "off")
+
+_TOP_LEVEL: dict[str, _Convert] = {
+    name: _as_is for name in ("database", "storage", "scheduler", "logging", "metrics", "services")
+}
+
+_DATABASE: dict[str, _Convert] = {
+    "url": _database_url,
+    "pool_size": _integer(1, 100),
+    "echo": _boolean,
+}
+
+_STORAGE: dict[str, _Convert] = {
+    "state_dir": _path,
+    "results_dir": _path,
+    "temp_dir": _path,
+    "keep_days": _optional(_integer(1, 36500)),
+}
+
+#: Intervals at which the scheduler's ticks run; a lease must outlast the longest of them.
+_TICKS = ("dispatch_interval", "poll_tick_interval", "download_interval")
+
+_SCHEDULER: dict[str, _Convert] = {
+    "workers": _integer(1, 256),
+    "dispatch_interval": _seconds(3600),
+    "poll_tick_interval": _seconds(3600),
+    "download_interval": _seconds(3600),
+    "maintenance_interval": _seconds(86400),
+    "poll_interval": _seconds(86400),
+    "lease_seconds": _seconds(86400),
+    "backoff_initial": _seconds(86400),
+    "backoff_max": _seconds(7 * 86400),
+    "shutdown_timeout": _seconds(3600),
+    "batch_size": _integer(1, 10000),
+}
+
+_LOGGING: dict[str, _Convert] = {
+    "format": _choice("auto", "json", "console"),
+    "level": _choice("debug", "info", "warning", "error", fold_case=True),
+}
+
+_METRICS: dict[str, _Convert] = {"listen": _optional(_listen)}
+
+_PANEL: dict[str, _Convert] = {
+    "id": _text,
+    "builds": _subset(BUILDS, non_empty=True),
+    "populations": _subset(POPULATIONS, non_empty=False),
+}
+
+_WES_REQUIRED = ("workflow_url", "workflow_type", "workflow_type_version")
+
+_WES: dict[str, _Convert] = {
+    "workflow_url": _text,
+    "workflow_type": _text,
+    "workflow_type_version": _text,
+    "engine": _optional(_text),
+    "engine_version": _optional(_text),
+    "engine_parameters": _json_object,
+    "workflow_params": _json_object,
+    "inputs_as": _choice("attachment", "path"),
+    "page_size": _integer(1, 1000),
+}
+
+
+def _storage(raw: Any, ctx: _Context) -> StorageConfig:
+    values = _walk(raw, "storage", _STORAGE, ctx) or {}
+    # systemd's StateDirectory=/CacheDirectory= export these (colon-separated when several are configured).
+    state_dir = values.get("state_dir") or _systemd_dir("STATE_DIRECTORY") or Path("/var/lib/imputationd")
+    results_dir = values.get("results_dir") or state_dir / "results"
+    temp_dir = values.get("temp_dir") or _systemd_dir("CACHE_DIRECTORY") or state_dir / "tmp"
+    if results_dir == temp_dir:
+        ctx.report("storage.temp_dir", "must differ from results_dir (scratch files would sit among the results)")
+    return StorageConfig(state_dir, results_dir, temp_dir, values.get("keep_days"))
+
+
+def _systemd_dir(variable: str) -> Path | None:
+    value = os.environ.get(variable, "").split(":")[0]
+    return Path(value) if value else None
+
+
+def _database(raw: Any, state_dir: Path, ctx: _Context) -> DatabaseConfig:
+    values = _walk(raw, "database", _DATABASE, ctx) or {}
+    values.setdefault("url", f"sqlite:///{state_dir}/imputationd.db")
+    return DatabaseConfig(**values)
+
+
+def _scheduler(raw: Any, ctx: _Context) -> SchedulerConfig:
+    values = _walk(raw, "scheduler", _SCHEDULER, ctx)
+    config = SchedulerConfig(**(values or {}))
+    if _given_and_valid(raw, values, "lease_seconds", *_TICKS):
+        # A lease that can expire between two ticks hands live work to a second worker: it would run twice.
+        longest = max(_TICKS, key=lambda name: getattr(config, name))
+        if config.lease_seconds <= getattr(config, longest):
+            ctx.report(
+                "scheduler.lease_seconds",
+                f"must be longer than every tick interval ({longest} is {getattr(config, longest):g}), "
+                f"got {config.lease_seconds:g}",
+            )
+    if _given_and_valid(raw, values, "backoff_initial", "backoff_max") and config.backoff_max < config.backoff_initial:
+        ctx.report(
+            "scheduler.backoff_max",
+            f"must be at least backoff_initial ({config.backoff_initial:g}), got {config.backoff_max:g}",
+        )
+    return config
+
+
+def _services(raw: Any, default_poll_interval: float, ctx: _Context) -> dict[str, ServiceConfig]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        ctx.report("services", f"must be a mapping of service name to its settings, got {_got(raw)}")
+        return {}
+    services = {}
+    for name, body in raw.items():
+        where = _join("services", name)
+        if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
+            ctx.report(where, "service names must be lower-case letters, digits, '_' and '-' (e.g. michigan)")
+        service = _service(str(name), body, where, default_poll_interval, ctx)
+        if service is not None:
+            services[str(name)] = service
+    return services
+
+
+def _service(name: str, raw: Any, where: str, default_poll_interval: float, ctx: _Context) -> ServiceConfig | None:
+    values = _walk(raw, where, _SERVICE, ctx, required=("type", "base_url"), refuse_secrets=True)
+    if values is None:
+        return None
+    raw = raw or {}  # `michigan:` with nothing under it
+    _check_service_type(raw, values, where, ctx)
+    _check_credential_keys(raw, where, ctx)
+    if _given_and_valid(raw, values, "min_samples", "max_samples"):
+        low = values.get("min_samples", _SERVICE_DEFAULTS["min_samples"])
+        high = values.get("max_samples", _SERVICE_DEFAULTS["max_samples"])
+        if low > high:
+            ctx.report(f"{where}.min_samples", f"must not exceed max_samples ({high}), got {low}")
+    if "type" not in values or "base_url" not in values:
+        return None
+    values.setdefault("poll_interval", default_poll_interval)
+    return ServiceConfig(name=name, **values)
+
+
+def _check_service_type(raw: dict[str, Any], values: dict[str, Any], where: str, ctx: _Context) -> None:
+    kind = values.get("type")
+    if kind == "wes":
+        if "wes" not in raw:
+            ctx.report(f"{where}.wes", f"required for services of type wes ({', '.join(_WES_REQUIRED)})")
+        if "app" in raw:
+            ctx.report(f"{where}.app", "only used by cloudgene services; remove it")
+    elif kind == "cloudgene":
+        if "wes" in raw:
+            ctx.report(f"{where}.wes", "only for services of type wes; remove it")
+
+
+def _check_credential_keys(raw: dict[str, Any], where: str, ctx: _Context) -> None:
+    given = [key for key in ("token_file", "token_env") if raw.get(key) is not None]
+    if not given:
+        ctx.report(where, "needs token_file or token_env (secrets are never stored in the YAML)")
+    elif len(given) > 1:
+        ctx.report(where, "give exactly one of token_file or token_env, not both")
+
+
+def _panels(value: Any, path: str, ctx: _Context) -> dict[str, PanelConfig]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a mapping of panel name to its settings, got {_got(value)}")
+    panels = {}
+    for name, raw in value.items():
+        where = _join(path, name)
+        if not isinstance(name, str) or not _PANEL_NAME.fullmatch(name):
+            ctx.report(where, "panel names must be letters, digits, '.', '_' and '-' (e.g. 1000g-phase-3-v5)")
+        values = _walk(raw, where, _PANEL, ctx, required=("id",), refuse_secrets=True)
+        if values and "id" in values:
+            panels[str(name)] = PanelConfig(name=str(name), remote_id=values.pop("id"), **values)
+    return panels
+
+
+def _wes(value: Any, path: str, ctx: _Context) -> WesConfig | None:
+    values = _walk(value, path, _WES, ctx, required=_WES_REQUIRED, refuse_secrets=True)
+    if values is None:
+        return None
+    if "workflow_params" in values:
+        # The placeholder rules belong to the adapter that renders the template; imported here, not at the top,
+        # because the adapter imports this module's types.
+        from daemon.services.wes import template_problems
+
+        ctx.problems.extend(template_problems(values["workflow_params"], f"{path}.workflow_params"))
+    if any(key not in values for key in _WES_REQUIRED):
+        return None
+    return WesConfig(**values)
+
+
+_SERVICE: dict[str, _Convert] = {
+    "type": _choice("cloudgene", "wes"),
+    "base_url": _url,
+    "app": _pattern(r"[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._-]+)?", "a Cloudgene app id like imputationserver2"),
+    "token_file": _optional(_token_file),
+    "token_env": _optional(_env_name),
+    "max_concurrent_jobs": _integer(1, 1000),
+    "poll_interval": _seconds(86400),
+    "timeout": _seconds(3600),
+    "max_upload_mb": _integer(1, 1_000_000),
+    "min_samples": _integer(1, 10_000_000),
+    "max_samples": _integer(1, 10_000_000),
+    "panels": _panels,
+    "wes": _wes,
+}
+
+_SERVICE_DEFAULTS = {f.name: f.default for f in fields(ServiceConfig)}
+
+
+# --- runtime checks --------------------------------------------------------------------------------------------------
+
+
+def _credential_path(token_file: Path) -> Path:
+    """Where `ServiceConfig.read_token` will look."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not token_file.is_absolute() and credentials:
+        return Path(credentials) / token_file
+    return token_file
+
+
+def _check_credential(where: str, service: ServiceConfig) -> str | None:
+    if service.token_file is not None:
+        return _check_token_file(f"{where}.token_file", _credential_path(service.token_file))
+    if service.token_env is not None:
+        value = os.environ.get(service.token_env)
+        if value is None:
+            return f"{where}.token_env: the environment variable it names is not set"
+        if not value.strip():
+            return f"{where}.token_env: the environment variable it names is empty"
+        return None
+    return f"{where}: no token_file or token_env"
+
+
+def _check_token_file(where: str, path: Path) -> str | None:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return f"{where}: {path} does not exist"
+    except IsADirectoryError:
+        return f"{where}: {path} is a directory, not a file"
+    except PermissionError:
+        return f"{where}: {path} cannot be read by this user (permission denied)"
+    except OSError as exc:
+        return f"{where}: cannot read {path}: {exc.strerror or type(exc).__name__}"
+    except UnicodeDecodeError:
+        return f"{where}: {path} is not UTF-8 text"
+    if not token:
+        return f"{where}: {path} is empty"
+    if any(ch.isspace() for ch in token):
+        # It would be sent as one header value with the line break in it; the server would answer 401.
+        return f"{where}: {path} holds more than the token (several lines or words)"
+    return None
+
+
+def _check_storage(storage: StorageConfig) -> list[str]:
+    problems = []
+    for key in ("state_dir", "results_dir", "temp_dir"):
+        problem = _check_directory(f"storage.{key}", getattr(storage, key))
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _check_directory(where: str, path: Path) -> str | None:
+    """Only what is certainly wrong: a directory that does not exist yet is fine (systemd's StateDirectory= or the
+    daemon creates it), and one this user cannot even see may belong to the service's own user."""
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        return f"{where}: {ancestor} exists and is not a directory"
+    if ancestor == path and not os.access(path, os.W_OK | os.X_OK):
+        return f"{where}: {path} is not writable by this user"
+    return None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or "/")
