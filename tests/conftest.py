@@ -1,0 +1,170 @@
+"""Shared fixtures: databases for every test module.
+
+Database fixtures (all function-scoped unless said otherwise; every database is new and private to the test):
+
+- `db_url` -> str: URL of a fresh database MIGRATED to head, parametrized over ["sqlite", "postgres"], so a test
+  that uses it (or `engine` / `session_factory`) runs once per dialect; ids `[sqlite]` / `[postgres]`.
+- `engine` -> sqlalchemy.Engine on `db_url`, made by `daemon.db.engine.make_engine` (disposed afterwards).
+- `session_factory` -> sessionmaker[Session] on `engine` (`expire_on_commit=False`).
+- `empty_db_url` -> str: like `db_url` but EMPTY (no tables, no alembic_version): for migration tests.
+- `sqlite_url` -> str: a migrated SQLite file database only (for tests that are about SQLite or don't need both).
+- `postgres_cluster` (session) -> tests.pg.PostgresCluster: the throwaway server. `.restart()`, `.stop(mode)`,
+  `.start()` to break connections under a running daemon; `.create_database()` for more databases; `.url(name)`.
+- `fresh_postgres_db` -> str: URL of a new EMPTY database on that server, dropped afterwards.
+- `postgres_url` (session) -> str: one MIGRATED database shared by the whole session (state leaks between tests:
+  prefer `db_url` or `fresh_postgres_db`).
+
+Only tests that ask for PostgreSQL start the server (once per session). Without PostgreSQL server binaries those
+tests are skipped, except when $CI is set: then they fail. Select either side with `-m postgres` /
+`-m "not postgres"`; `-k sqlite` / `-k postgres` pick one side of `db_url`. No pytest-xdist needed (with it, each
+worker starts its own server).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.db.engine import make_engine, make_session_factory
+from daemon.db.schema import upgrade
+
+if __package__:  # tests/ became a package
+    from .pg import ClusterError, PostgresCluster, find_bindir
+else:
+    from pg import ClusterError, PostgresCluster, find_bindir
+
+DIALECTS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def migrate(url: str) -> str:
+    """Bring the database at `url` to head; return `url`."""
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    return url
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "postgres_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """The session's throwaway PostgreSQL server (started on first use, stopped and deleted at session end)."""
+    if find_bindir() is None:
+        message = "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin): apt-get install postgresql"
+        if _in_ci():
+            pytest.fail(message + " (CI is set: PostgreSQL tests must run, not skip)", pytrace=False)
+        pytest.skip(message)
+    try:
+        cluster = PostgresCluster.create()
+    except ClusterError as e:
+        pytest.fail(f"could not start the throwaway PostgreSQL cluster: {e}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def _postgres_template(postgres_cluster: PostgresCluster) -> str:
+    """Name of a migrated database that `db_url` copies (CREATE DATABASE … TEMPLATE): cheaper than migrating."""
+    name = "imputationd_template"
+    migrate(postgres_cluster.create_database(name))
+    return name
+
+
+@pytest.fixture
+def fresh_postgres_db(postgres_cluster: PostgresCluster) -> Iterator[str]:
+    """URL (`postgresql+psycopg://postgres@127.0.0.1:PORT/t_…`) of a new, empty database; dropped afterwards."""
+    postgres_cluster.ensure_running()  # a test that stopped the server must not take the next one down with it
+    url = postgres_cluster.create_database()
+    yield url
+    postgres_cluster.ensure_running()
+    postgres_cluster.drop_database(sa.make_url(url).database)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_cluster: PostgresCluster, _postgres_template: str) -> str:
+    """One migrated database for the whole session; shared, so tests see each other's rows."""
+    return postgres_cluster.create_database("imputationd_session", template=_postgres_template)
+
+
+def _migrated_postgres_db(cluster: PostgresCluster, template: str) -> Iterator[str]:
+    cluster.ensure_running()
+    url = cluster.create_database(template=template)
+    yield url
+    cluster.ensure_running()
+    cluster.drop_database(sa.make_url(url).database)
+
+
+# -- SQLite -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that `sqlite_url` copies (its WAL checkpointed away when the engine closed)."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "imputationd.db"
+    migrate(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, _sqlite_template: Path) -> str:
+    """URL of a migrated SQLite file database in `tmp_path`."""
+    path = tmp_path / "imputationd.db"
+    shutil.copyfile(_sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+# -- both ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=DIALECTS)
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """URL of a fresh migrated database, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("sqlite_url")
+    else:
+        yield from _migrated_postgres_db(
+            request.getfixturevalue("postgres_cluster"), request.getfixturevalue("_postgres_template")
+        )
+
+
+@pytest.fixture(params=DIALECTS)
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """URL of a fresh EMPTY database (nothing migrated), once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'empty.db'}"
+    return request.getfixturevalue("fresh_postgres_db")
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    """`make_engine(db_url)`; disposed after the test."""
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session_factory(engine: sa.Engine) -> sessionmaker[Session]:
+    """Sessions on `engine` (`make_session_factory`)."""
+    return make_session_factory(engine)
