@@ -1,0 +1,440 @@
+"""Engines, migrations and models on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import socket
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.db import schema
+from daemon.db.engine import (
+    DatabaseUnavailable,
+    is_postgres,
+    make_engine,
+    make_session_factory,
+    read_only,
+)
+from daemon.db.models import Base, Job, JobEvent, JobInput, JobOutput, ServiceStatus
+from daemon.db.schema import SchemaNewer, SchemaOutdated
+from daemon.states import JobState, OutputState
+
+HEAD = schema.head_revision()
+
+
+@pytest.fixture
+def empty_engine(empty_db_url: str):
+    engine = make_engine(empty_db_url)
+    yield engine
+    engine.dispose()
+
+
+def _tables(engine: sa.Engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names())
+
+
+def _stamp(engine: sa.Engine, revision: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+
+
+# -- migrations ---------------------------------------------------------------------------------------------------
+
+
+def test_upgrade_from_empty_then_again_is_a_no_op(empty_engine: sa.Engine) -> None:
+    assert schema.current_revision(empty_engine) is None
+
+    assert schema.upgrade(empty_engine) == (None, HEAD)
+    assert _tables(empty_engine) == {"alembic_version", *Base.metadata.tables}
+    assert schema.current_revision(empty_engine) == HEAD
+
+    assert schema.upgrade(empty_engine) == (HEAD, HEAD)
+    assert schema.ensure_current(empty_engine) == HEAD
+
+
+def test_concurrent_upgrades_apply_the_migrations_once(empty_db_url: str) -> None:
+    engines = [make_engine(empty_db_url) for _ in range(3)]
+    barrier = threading.Barrier(len(engines))
+    results: list[tuple[str | None, str]] = []
+    errors: list[BaseException] = []
+
+    def run(engine: sa.Engine) -> None:
+        barrier.wait(timeout=10)
+        try:
+            results.append(schema.upgrade(engine))
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for e in engines:
+        e.dispose()
+    assert not errors, errors
+    assert sorted(results, key=str) == sorted([(None, HEAD), (HEAD, HEAD), (HEAD, HEAD)], key=str)
+
+
+def test_migrations_match_models(engine: sa.Engine) -> None:
+    """Alembic's autogenerate finds nothing to do on a migrated database: the migrations create the models."""
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    assert diff == []
+
+
+def test_the_comparison_sees_a_difference(engine: sa.Engine) -> None:
+    metadata = sa.MetaData()
+    for table in Base.metadata.tables.values():
+        table.to_metadata(metadata)
+    sa.Table("services", metadata, sa.Column("extra", sa.Integer), extend_existing=True)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+    assert [(d[0], d[2], d[3].name) for d in diff] == [("add_column", "services", "extra")]
+
+
+def _snapshot(engine: sa.Engine) -> dict[str, dict[str, object]]:
+    """What autogenerate does not compare, and more: every table's columns, keys, indexes and CHECK constraints."""
+    inspector = sa.inspect(engine)
+    snapshot: dict[str, dict[str, object]] = {}
+    for table in sorted(set(inspector.get_table_names()) - {"alembic_version"}):
+        snapshot[table] = {
+            "columns": [
+                (c["name"], c["type"].compile(dialect=engine.dialect), c["nullable"], c.get("default"))
+                for c in inspector.get_columns(table)
+            ],
+            "pk": inspector.get_pk_constraint(table),
+            "fks": sorted(
+                (f["name"], tuple(f["constrained_columns"]), f["referred_table"], f["options"].get("ondelete"))
+                for f in inspector.get_foreign_keys(table)
+            ),
+            "indexes": sorted((i["name"], tuple(i["column_names"]), i["unique"]) for i in inspector.get_indexes(table)),
+            "uniques": sorted((u["name"], tuple(u["column_names"])) for u in inspector.get_unique_constraints(table)),
+            "checks": sorted((c["name"], c["sqltext"]) for c in inspector.get_check_constraints(table)),
+        }
+    return snapshot
+
+
+def test_migrated_schema_is_exactly_create_all(empty_db_url: str, request: pytest.FixtureRequest, tmp_path) -> None:
+    """Column order, types, constraint names, ON DELETE CASCADE and CHECK constraints included."""
+    if sa.make_url(empty_db_url).get_backend_name() == "sqlite":
+        other_url = f"sqlite:///{tmp_path / 'create_all.db'}"
+    else:
+        other_url = request.getfixturevalue("postgres_cluster").create_database()
+    migrated, created = make_engine(empty_db_url), make_engine(other_url)
+    try:
+        schema.upgrade(migrated)
+        Base.metadata.create_all(created)
+        expected = _snapshot(created)
+        assert _snapshot(migrated) == expected
+        fks = expected["job_inputs"]["fks"]
+        assert fks == [("fk_job_inputs_job_id_jobs", ("job_id",), "jobs", "CASCADE")]
+        assert [name for name, _ in expected["jobs"]["checks"]] == ["ck_jobs_job_state"]
+        assert [name for name, _ in expected["job_outputs"]["checks"]] == ["ck_job_outputs_output_state"]
+    finally:
+        migrated.dispose()
+        created.dispose()
+
+
+# -- schema version checks ----------------------------------------------------------------------------------------
+
+
+def test_ensure_current_on_an_empty_database(empty_engine: sa.Engine) -> None:
+    with pytest.raises(SchemaOutdated) as raised:
+        schema.ensure_current(empty_engine)
+    assert not isinstance(raised.value, SchemaNewer)
+    assert str(raised.value) == (
+        f"database schema is at empty, this imputationd needs {HEAD}: run `imputationd db upgrade`"
+    )
+
+
+def test_ensure_current_on_a_current_database(engine: sa.Engine) -> None:
+    assert schema.ensure_current(engine) == HEAD
+
+
+def test_a_database_upgraded_by_a_newer_imputationd_is_refused_and_left_alone(engine: sa.Engine) -> None:
+    _stamp(engine, "9999_from_the_future")
+
+    with pytest.raises(SchemaNewer, match=r"^database schema is at 9999_from_the_future, .*newer imputationd"):
+        schema.ensure_current(engine)
+    with pytest.raises(SchemaNewer):
+        schema.upgrade(engine)
+    assert schema.current_revision(engine) == "9999_from_the_future"
+
+
+NEXT_REVISION = '''
+from alembic import op
+
+revision = "0002"
+down_revision = "{head}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_index("ix_services_updated_at", "services", ["updated_at"])
+
+
+def downgrade():
+    op.drop_index("ix_services_updated_at", "services")
+'''
+
+
+def test_an_old_database_is_refused_until_upgraded(
+    engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newer imputationd (here: our migrations plus a 0002) meets a database at our head."""
+    migrations = tmp_path / "migrations"
+    shutil.copytree(schema.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
+    (migrations / "versions" / "0002_next.py").write_text(NEXT_REVISION.format(head=HEAD))
+    monkeypatch.setattr(schema, "MIGRATIONS_DIR", migrations)
+
+    with pytest.raises(SchemaOutdated) as raised:
+        schema.ensure_current(engine)
+    assert not isinstance(raised.value, SchemaNewer)
+    assert str(raised.value) == (
+        f"database schema is at {HEAD}, this imputationd needs 0002: run `imputationd db upgrade`"
+    )
+
+    assert schema.upgrade(engine) == (HEAD, "0002")
+    assert schema.ensure_current(engine) == "0002"
+    assert "ix_services_updated_at" in {i["name"] for i in sa.inspect(engine).get_indexes("services")}
+
+
+# -- models -------------------------------------------------------------------------------------------------------
+
+
+def _job(**overrides: object) -> Job:
+    job_id = uuid.uuid4()
+    fields: dict[str, object] = dict(
+        id=job_id, group_id=job_id, service="michigan", panel="1000g-phase3", build="hg19", password="s3cret"
+    )
+    fields.update(overrides)
+    return Job(**fields)
+
+
+def test_a_job_with_everything_round_trips(session_factory: sessionmaker[Session]) -> None:
+    poll_at = dt.datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    with session_factory.begin() as session:
+        job = _job(state=JobState.QUEUED, next_poll_at=poll_at, remote_id="job-20300102")
+        job.inputs = [JobInput(path="/data/chr20.vcf.gz", size=5 * 2**30, sha256="a" * 64)]
+        job.events = [
+            JobEvent(from_state=None, to_state="pending", reason="submitted"),
+            JobEvent(from_state="pending", to_state="queued"),
+        ]
+        job.outputs = [JobOutput(name="chr_20.zip", url="https://example.org/d/abc?x=1", size_text="1 GB")]
+        session.add(job)
+        session.add(ServiceStatus(name="michigan", paused_until=poll_at, effective_limit=2))
+        job_id = job.id
+
+    with session_factory() as session:
+        job = session.get_one(Job, job_id)
+        assert job.state is JobState.QUEUED
+        assert job.next_poll_at == poll_at
+        for value in (job.next_poll_at, job.created_at, job.updated_at, job.events[0].at):
+            assert value.tzinfo is not None and value.utcoffset() == dt.timedelta(0)
+        assert (job.submit_attempts, job.retries, job.failures) == (0, 0, 0)
+        assert [(i.path, i.size) for i in job.inputs] == [("/data/chr20.vcf.gz", 5 * 2**30)]
+        assert [(e.from_state, e.to_state) for e in job.events] == [(None, "pending"), ("pending", "queued")]
+        assert [(o.name, o.state) for o in job.outputs] == [("chr_20.zip", OutputState.PENDING)]
+        service = session.get_one(ServiceStatus, "michigan")
+        assert service.paused_until == poll_at and service.paused_until.tzinfo is not None
+
+        # Timestamps compare correctly in SQL too (SQLite stores them as naive UTC text).
+        due = session.scalars(sa.select(Job.id).where(Job.next_poll_at <= poll_at + dt.timedelta(microseconds=1)))
+        assert list(due) == [job_id]
+
+
+def test_deleting_a_job_cascades_in_the_database(session_factory: sessionmaker[Session]) -> None:
+    with session_factory.begin() as session:
+        job = _job()
+        job.inputs = [JobInput(path="/a.vcf.gz", size=1, sha256="b" * 64)]
+        job.events = [JobEvent(to_state="pending")]
+        job.outputs = [JobOutput(name="x.zip", url="https://example.org/x")]
+        session.add(job)
+    with session_factory.begin() as session:
+        session.execute(sa.delete(Job))  # Core DELETE: only the foreign keys' ON DELETE CASCADE removes children
+    with session_factory() as session:
+        for model in (JobInput, JobEvent, JobOutput):
+            assert session.scalar(sa.select(sa.func.count()).select_from(model)) == 0
+
+
+def test_a_state_outside_the_enum_is_rejected_by_the_database(session_factory: sessionmaker[Session]) -> None:
+    with session_factory.begin() as session:
+        job = _job()
+        job.outputs = [JobOutput(name="x.zip", url="https://example.org/x")]
+        session.add(job)
+    for table in ("jobs", "job_outputs"):
+        with session_factory() as session, pytest.raises(sa.exc.IntegrityError, match="(?i)check"):
+            session.execute(sa.text(f"UPDATE {table} SET state = 'bogus'"))
+            session.commit()
+
+
+def test_a_naive_datetime_is_refused(session_factory: sessionmaker[Session]) -> None:
+    with session_factory() as session, pytest.raises(sa.exc.StatementError, match="naive datetime"):
+        session.add(_job(next_poll_at=dt.datetime(2030, 1, 1)))
+        session.flush()
+
+
+# -- engines ------------------------------------------------------------------------------------------------------
+
+
+def test_sqlite_connections_get_their_pragmas(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
+            assert pragma("journal_mode") == "wal"
+            assert pragma("foreign_keys") == 1
+            assert pragma("busy_timeout") == 30000
+            assert pragma("synchronous") == 1  # NORMAL
+        assert not is_postgres(engine)
+        assert isinstance(engine.pool, sa.pool.QueuePool)
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_leaves_foreign_keys_on_for_pooled_connections(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
+    try:
+        schema.upgrade(engine)
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def _set_busy_timeout(conn: sa.Connection, ms: int) -> None:
+    # On the driver connection: anything through SQLAlchemy would BEGIN (and wait for the lock) first.
+    conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={ms}").close()
+
+
+def test_sqlite_write_transactions_begin_immediate(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as writer, engine.connect() as impatient, read_only(engine).connect() as reader:
+            writer.begin()  # takes the write lock now, before any statement
+            _set_busy_timeout(impatient, 50)
+            with pytest.raises(sa.exc.OperationalError, match="database is locked"):
+                impatient.begin()
+            # A reader is not held up by the writer.
+            with reader.begin():
+                assert reader.exec_driver_sql("SELECT count(*) FROM jobs").scalar() == 0
+
+            # A second writer with the normal busy timeout waits for the first one to commit.
+            began, done = threading.Event(), threading.Event()
+
+            def second_writer() -> None:
+                with engine.connect() as conn:
+                    began.set()
+                    with conn.begin():
+                        done.set()
+
+            thread = threading.Thread(target=second_writer)
+            thread.start()
+            assert began.wait(10)
+            assert not done.wait(0.3)
+            writer.commit()
+            assert done.wait(10)
+            thread.join(10)
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_in_memory_works_across_threads() -> None:
+    engine = make_engine("sqlite://")
+    try:
+        schema.upgrade(engine)
+        schema.ensure_current(engine)
+        factory = make_session_factory(engine)
+        with factory.begin() as session:
+            session.add(_job())
+        errors: list[BaseException] = []
+
+        def insert() -> None:
+            try:
+                with factory.begin() as session:
+                    session.add(_job())
+            except BaseException as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=insert)
+        thread.start()
+        thread.join(10)
+        assert not errors
+        with factory() as session:
+            assert session.scalar(sa.select(sa.func.count()).select_from(Job)) == 2
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_engine_settings(fresh_postgres_db: str) -> None:
+    engine = make_engine(fresh_postgres_db, pool_size=3)
+    try:
+        assert is_postgres(engine)
+        assert engine.pool.size() == 3 and engine.pool._pre_ping
+        with read_only(engine).connect() as conn:
+            assert conn.exec_driver_sql("SHOW application_name").scalar() == "imputationd"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_engine_survives_a_server_restart(postgres_cluster, fresh_postgres_db: str) -> None:
+    engine = make_engine(fresh_postgres_db)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        postgres_cluster.restart()
+        with engine.connect() as conn:  # the pooled connection is dead; pre-ping replaces it
+            assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    finally:
+        engine.dispose()
+
+
+# -- unavailable databases ----------------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_postgres_names_the_host_and_hides_the_password() -> None:
+    port = _closed_port()
+    engine = make_engine(f"postgresql+psycopg://daemon:Hunter2secret@127.0.0.1:{port}/imputationd")
+    try:
+        for check in (schema.ensure_current, schema.upgrade, schema.current_revision):
+            with pytest.raises(DatabaseUnavailable) as raised:
+                check(engine)
+            message = str(raised.value)
+            assert "Hunter2secret" not in message
+            assert f"postgresql+psycopg://daemon:***@127.0.0.1:{port}/imputationd" in message
+            assert "\n" not in message
+    finally:
+        engine.dispose()
+
+
+def test_unopenable_sqlite_names_the_path(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+    with pytest.raises(DatabaseUnavailable, match=r"not-a-dir/sub/imputationd\.db"):
+        make_engine(f"sqlite:///{tmp_path}/not-a-dir/sub/imputationd.db")
+
+    (tmp_path / "a-dir.db").mkdir()
+    engine = make_engine(f"sqlite:///{tmp_path}/a-dir.db")
+    try:
+        with pytest.raises(DatabaseUnavailable, match=r"a-dir\.db: .*unable to open database file"):
+            schema.ensure_current(engine)
+    finally:
+        engine.dispose()
