@@ -1,0 +1,743 @@
+"""The GA4GH WES 1.1 adapter: any Workflow Execution Service server (sapporo, Toil, Cromwell's WES, …).
+
+Where the API is (`base_url`)
+    - ends with `/ga4gh/wes/v1`: that is the API root, used as given;
+    - any other path (`https://host/wes`): the operator named the API root, used as given (a server mounted at
+      the root of a proxy path);
+    - no path (`https://host:1122`): the standard `/ga4gh/wes/v1` is appended. Some servers (sapporo by default)
+      mount the API at the root of a bare origin instead: on its first call the adapter asks the standard place
+      for `service-info` and, only if that is a 404 and the root answers `service-info` with a JSON object, uses
+      the root from then on.
+
+What a run gets (`POST /runs`, multipart): `workflow_url`, `workflow_type`, `workflow_type_version`,
+`workflow_params` (the `wes.workflow_params` template rendered with the job, see `render_params`), `tags`
+(`{"imputationd_job_id": <our job id>}` and the job name), the engine fields when configured, and, with
+`inputs_as: attachment`, one streamed `workflow_attachment` part per input file.
+
+Finding a lost submit (`find_submitted`): WES has no idempotency key. The adapter walks `GET /runs` (paged) over
+the first `find_limit` runs the server lists (servers list newest first in practice; the spec does not say) and
+compares our tag: from the list entry when the server includes `tags` there (WES 1.1 `RunSummary`, sapporo),
+else from `GET /runs/{id}` `request.tags`, one run at a time.
+
+Outputs: the spec leaves `RunLog.outputs` free-form, so `parse_outputs` reads the shapes servers use (sapporo's
+list of `{file_name, file_url}`, a mapping of output name to URL, to `{location|url|path}` or to CWL File and
+Directory objects with `checksum: "sha1$…"`); scalar outputs are skipped, anything else is a `bad_response`.
+
+The token (`Authorization: Bearer`) is read from the callable on every request, is sent only to the API's own
+origin (httpx drops it on cross-origin redirects), and never appears in a message; neither do output URLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote, unquote, urljoin, urlsplit
+
+import httpx
+
+from daemon.config import ServiceConfig, WesConfig
+from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
+from daemon.services.http import json_object, make_client, raise_for_status, transport_errors
+from daemon.states import wes_kind
+
+API_PATH = "/ga4gh/wes/v1"
+#: The tag that carries our job id on the server.
+TAG_JOB_ID = "imputationd_job_id"
+#: The tag that carries the job's human name, when it has one.
+TAG_NAME = "imputationd_name"
+
+#: Placeholders a `workflow_params` template may use.
+PLACEHOLDERS = ("files", "panel", "build", "population", "phasing", "r2_filter", "mode", "job_id", "name")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+#: A run id we accept from a server: it goes into URL paths, so no slashes, spaces or controls.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:@+=-]{0,199}")
+#: Characters an attachment name keeps (servers sanitise others differently; sapporo turns " " into "_").
+_ATTACHMENT_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+#: States after which the full RunLog (outputs, stderr) is fetched; others need only `/status`.
+_DETAIL_STATES = frozenset({"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR"})
+#: How much of a failed run's stderr goes into the failure message.
+STDERR_LINES = 15
+STDERR_CHARS = 1500
+#: Most bytes read from a stderr log the server publishes as a URL (only the tail is kept).
+STDERR_FETCH_LIMIT = 4 * 1024 * 1024
+
+_CHECKSUM_ALGORITHMS = {"md5": 32, "sha1": 40, "sha224": 56, "sha256": 64, "sha384": 96, "sha512": 128}
+_LOCATION_KEYS = ("file_url", "location", "url", "uri", "href", "path")
+_URL_KEYS = frozenset({"file_url", "url", "href"})
+_NAME_KEYS = ("file_name", "basename", "name")
+_MAX_OUTPUT_DEPTH = 8
+
+
+class TemplateError(ValueError):
+    """A `workflow_params` template that cannot be rendered."""
+
+
+# --------------------------------------------------------------------------------------------- pure helpers
+
+
+def split_base_url(base_url: str) -> tuple[str, str | None]:
+    """(API root, root-mount fallback) for a configured `base_url`; see the module docstring for the rule.
+
+    The fallback is the bare origin, offered only when `base_url` has no path."""
+    text = base_url.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("base_url must not have a query string or fragment")
+    origin = f"{parts.scheme}://{parts.netloc}"
+    path = parts.path.rstrip("/")
+    if not path:
+        return origin + API_PATH, origin
+    return origin + path, None
+
+
+def render_params(template: Any, fields: Mapping[str, Any]) -> Any:
+    """`template` with `{placeholder}`s replaced by the job's fields, through dicts and lists.
+
+    A string that is exactly one placeholder becomes the field's value itself: `"{files}"` a list of strings,
+    `"{population}"` a string or null. Inside a longer string a field is text (null becomes ""), and `{files}`
+    is refused. Unknown placeholders are left as they are (`template_problems` reports them)."""
+    if isinstance(template, Mapping):
+        return {key: render_params(value, fields) for key, value in template.items()}
+    if isinstance(template, (list, tuple)):
+        return [render_params(value, fields) for value in template]
+    if not isinstance(template, str):
+        return template
+    whole = _PLACEHOLDER.fullmatch(template)
+    if whole and whole.group(1) in fields:
+        value = fields[whole.group(1)]
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in fields:
+            return match.group(0)
+        value = fields[name]
+        if isinstance(value, (list, tuple)):
+            raise TemplateError(f"{{{name}}} is a list and must be a whole string value, not part of {template!r}")
+        return "" if value is None else str(value)
+
+    return _PLACEHOLDER.sub(substitute, template)
+
+
+def template_problems(template: Any, path: str = "workflow_params") -> list[str]:
+    """Every problem of a `workflow_params` template, each with its key path (for `check-config`)."""
+    problems: list[str] = []
+    if isinstance(template, Mapping):
+        for key, value in template.items():
+            problems += template_problems(value, f"{path}.{key}")
+    elif isinstance(template, (list, tuple)):
+        for index, value in enumerate(template):
+            problems += template_problems(value, f"{path}[{index}]")
+    elif isinstance(template, str):
+        whole = _PLACEHOLDER.fullmatch(template)
+        for match in _PLACEHOLDER.finditer(template):
+            name = match.group(1)
+            if name not in PLACEHOLDERS:
+                problems.append(f"{path}: unknown placeholder {{{name}}} (known: {', '.join(PLACEHOLDERS)})")
+            elif name == "files" and not whole:
+                problems.append(f"{path}: {{files}} is a list and must be the whole value, as \"{{files}}\"")
+    return problems
+
+
+def attachment_name(path: Path) -> str:
+    """The name an input file is attached under: its file name with characters servers rename replaced by `_`."""
+    name = _ATTACHMENT_UNSAFE.sub("_", path.name)
+    return "input" if name in ("", ".", "..") else name
+
+
+def parse_checksum(value: Any) -> tuple[str, str] | None:
+    """("sha1", hex) from CWL's "sha1$<hex>", "sha256:<hex>" or a DRS-style {"type", "checksum"}; else None."""
+    if isinstance(value, Mapping):
+        algorithm, digest = value.get("type"), value.get("checksum")
+    elif isinstance(value, str):
+        algorithm, sep, digest = value.replace(":", "$", 1).partition("$")
+        if not sep:
+            return None
+    else:
+        return None
+    if not isinstance(algorithm, str) or not isinstance(digest, str):
+        return None
+    algorithm = algorithm.strip().lower().replace("-", "").replace("_", "")
+    digest = digest.strip().lower()
+    length = _CHECKSUM_ALGORITHMS.get(algorithm)
+    if length is None or len(digest) != length or not all(c in "0123456789abcdef" for c in digest):
+        return None
+    return algorithm, digest
+
+
+def parse_outputs(outputs: Any, *, api_root: str, call: str) -> tuple[RemoteOutput, ...]:
+    """The downloadable files of a RunLog's `outputs`, whatever shape the server chose (module docstring)."""
+    found: list[tuple[str | None, str, str, tuple[str, str] | None, int | None]] = []
+
+    def location_of(value: str, key: str | None = None) -> str | None:
+        """A URL (absolute, or relative to the API root) or a server path (file://) from a string output."""
+        value = value.strip()
+        if "://" in value:
+            return value
+        if key in _URL_KEYS and value:
+            return value  # a URL relative to the API (a leading "/" is a path on the API's host)
+        if value.startswith("/"):
+            return "file://" + value  # a path on the server's file system: listed, but not downloadable
+        return None
+
+    def add(key: str | None, name: str | None, location: str, obj: Mapping[str, Any] | None, prefix: str) -> None:
+        parts = urlsplit(location)
+        if not parts.scheme:
+            location = urljoin(api_root + "/", location)
+            parts = urlsplit(location)
+        if not name:
+            name = unquote(PurePosixPath(parts.path).name) or key or "output"
+        checksum = None
+        size = None
+        if obj is not None:
+            checksum = parse_checksum(obj.get("checksum"))
+            if checksum is None and isinstance(obj.get("checksums"), list):
+                checksum = next((c for c in map(parse_checksum, obj["checksums"]) if c), None)
+            if isinstance(obj.get("size"), int) and not isinstance(obj.get("size"), bool):
+                size = obj["size"]
+        found.append((key, prefix + name, location, checksum, size))
+
+    def walk(value: Any, key: str | None, prefix: str, depth: int) -> None:
+        if depth > _MAX_OUTPUT_DEPTH:
+            raise Transient(f"{call}: outputs are nested too deeply", kind="bad_response")
+        if isinstance(value, str):
+            location = location_of(value)
+            if location is not None:
+                add(key, None, location, None, prefix)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, key, prefix, depth + 1)
+        elif isinstance(value, Mapping):
+            walk_object(value, key, prefix, depth)
+        # numbers, booleans and null are scalar outputs: nothing to download
+
+    def walk_object(obj: Mapping[str, Any], key: str | None, prefix: str, depth: int) -> None:
+        kind = obj.get("class")
+        name = next((obj[k] for k in _NAME_KEYS if isinstance(obj.get(k), str) and obj[k].strip()), None)
+        if kind == "Directory":
+            listing = obj.get("listing")
+            if isinstance(listing, list):
+                sub = prefix + (f"{name}/" if name else "")
+                for item in listing:
+                    walk(item, key, sub, depth + 1)
+            return
+        location = None
+        for location_key in _LOCATION_KEYS:
+            if isinstance(obj.get(location_key), str):
+                location = location_of(obj[location_key], location_key)
+                if location is not None:
+                    break
+        if location is not None:
+            add(key, name, location, obj, prefix)
+            for secondary in obj.get("secondaryFiles") or []:
+                walk(secondary, key, prefix, depth + 1)
+            return
+        if kind == "File":
+            raise Transient(f"{call}: output {key or name or '?'} is a File without a location", kind="bad_response")
+        for sub_key, sub_value in obj.items():  # a record: look inside
+            walk(sub_value, key if key is not None else str(sub_key), prefix, depth + 1)
+
+    if outputs is None:
+        return ()
+    if isinstance(outputs, list):
+        walk(outputs, None, "", 0)
+    elif isinstance(outputs, Mapping):
+        if "class" in outputs or any(k in outputs for k in _LOCATION_KEYS):
+            walk_object(outputs, None, "", 0)
+        else:
+            for key, value in outputs.items():
+                walk(value, str(key), "", 1)
+    else:
+        raise Transient(f"{call}: outputs has an unexpected shape ({type(outputs).__name__})", kind="bad_response")
+
+    result: list[RemoteOutput] = []
+    used: set[str] = set()
+    for key, raw_name, location, checksum, size in found:
+        name = _safe_name(raw_name) or _safe_name(key or "") or "output"
+        if name in used:
+            candidates = [f"{_safe_name(key)}/{name}"] if key and _safe_name(key) else []
+            candidates += [f"{n}/{name}" for n in range(2, len(found) + 2)]
+            name = next(c for c in candidates if c not in used)
+        used.add(name)
+        result.append(
+            RemoteOutput(
+                name=name,
+                url=location,
+                checksum=checksum,
+                size_text=f"{size} bytes" if size is not None else None,
+            )
+        )
+    return tuple(result)
+
+
+def _safe_name(name: str) -> str:
+    """A relative path without empty, "." or ".." parts (a name the downloader may join under a directory)."""
+    parts = [part for part in PurePosixPath(name.replace("\\", "/")).parts if part not in ("", ".", "..", "/")]
+    return "/".join(parts)
+
+
+def jwt_expiry(token: str) -> dt.datetime | None:
+    """The `exp` of a JWT (read, not verified: only to warn before it runs out); None for other tokens."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+        return None
+    try:
+        return dt.datetime.fromtimestamp(exp, tz=dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _excerpt(text: str) -> str:
+    lines = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
+    tail = "\n".join(lines[-STDERR_LINES:])
+    if len(tail) > STDERR_CHARS:
+        tail = "…" + tail[-STDERR_CHARS:]
+    return tail
+
+
+def _bad(call: str, what: str) -> Transient:
+    return Transient(f"{call}: {what}", kind="bad_response")
+
+
+# --------------------------------------------------------------------------------------------- the adapter
+
+
+class WesAdapter:
+    """One GA4GH WES 1.1 server. Thread-safe: pool threads share one instance (and its httpx client)."""
+
+    #: How many of the runs the server lists `find_submitted` examines (see the module docstring).
+    find_limit: int = 100
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        *,
+        token: Callable[[], str | None],
+        max_connections: int = 10,
+        client: httpx.Client | None = None,
+    ) -> None:
+        if config.wes is None:
+            raise ValueError(f"services.{config.name}.wes: a WES service needs its workflow settings")
+        self.name = config.name
+        self.config = config
+        self._wes: WesConfig = config.wes
+        self._token = token
+        self._standard_root, self._origin_fallback = split_base_url(config.base_url)
+        self._root: str | None = None if self._origin_fallback else self._standard_root
+        self._root_lock = threading.Lock()
+        self._origin = self._origin_key(self._standard_root)
+        self._own_client = client is None
+        self._client = client or make_client(
+            self._standard_root, timeout=config.timeout, max_connections=max_connections
+        )
+
+    # ------------------------------------------------------------------ the interface
+
+    def submit(self, request: SubmitRequest) -> str:
+        """POST /runs. A timeout or garbled answer is `Transient`: look the run up with `find_submitted` first."""
+        call = "POST /runs"
+        wes = self._wes
+        paths = [Path(p) for p in request.files]
+        if wes.inputs_as == "attachment":
+            names = [attachment_name(p) for p in paths]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise Permanent(
+                    f"{call}: input files would be attached under the same name: {', '.join(duplicates)}",
+                    kind="duplicate_input_name",
+                )
+        else:
+            names = [os.path.abspath(p) for p in paths]
+        fields = {
+            "files": names,
+            "panel": request.panel,
+            "build": request.build,
+            "population": request.population,
+            "phasing": request.phasing,
+            "r2_filter": request.r2_filter,
+            "mode": request.mode,
+            "job_id": request.job_id,
+            "name": request.name,
+        }
+        try:
+            params = render_params(wes.workflow_params, fields)
+        except TemplateError as exc:
+            # An operator's mistake that no job can get past: block the service, do not fail jobs one by one.
+            raise Blocked(f"services.{self.name}.wes.workflow_params: {exc}", kind="config") from None
+        tags = {TAG_JOB_ID: request.job_id}
+        if request.name:
+            tags[TAG_NAME] = request.name
+        form: list[tuple[str, Any]] = [
+            ("workflow_url", wes.workflow_url),
+            ("workflow_type", wes.workflow_type),
+            ("workflow_type_version", wes.workflow_type_version),
+            ("workflow_params", json.dumps(params)),
+            ("tags", json.dumps(tags)),
+        ]
+        if wes.engine:
+            form.append(("workflow_engine", wes.engine))
+        if wes.engine_version:
+            form.append(("workflow_engine_version", wes.engine_version))
+        if wes.engine_parameters:
+            form.append(("workflow_engine_parameters", json.dumps(wes.engine_parameters)))
+        # Every field as a multipart part (filename None = a plain form field), so that the body is multipart even
+        # without attachments; file parts are file objects that httpx reads in chunks while sending.
+        parts: list[tuple[str, tuple[str | None, Any, str | None]]] = [(k, (None, v, None)) for k, v in form]
+        with contextlib.ExitStack() as files:
+            if wes.inputs_as == "attachment":
+                for path, name in zip(paths, names, strict=True):
+                    try:
+                        handle = files.enter_context(path.open("rb"))
+                    except OSError as exc:
+                        raise Permanent(
+                            f"{call}: cannot read input {path.name}: {exc.strerror or type(exc).__name__}",
+                            kind="input_unreadable",
+                        ) from None
+                    parts.append(("workflow_attachment", (name, handle, "application/octet-stream")))
+            response = self._send("POST", self._url("runs"), call, files=parts)
+        body = json_object(response, call)
+        return self._run_id(body.get("run_id"), call)
+
+    def find_submitted(self, job_id: str) -> str | None:
+        """The run tagged with our `job_id` among the first `find_limit` runs the server lists, if any."""
+        for entry in self._iter_runs(self.find_limit):
+            run_id = entry["run_id"]
+            tags = entry.get("tags")
+            if not isinstance(tags, Mapping):
+                try:
+                    log = self._run_log(run_id)
+                except Permanent as exc:
+                    if exc.kind == "http_404":  # deleted between the list and now
+                        continue
+                    raise
+                request = log.get("request")
+                tags = _tags(request.get("tags")) if isinstance(request, Mapping) else {}
+            if tags.get(TAG_JOB_ID) == job_id:
+                return run_id
+        return None
+
+    def status(self, remote_id: str) -> RemoteStatus:
+        call = f"GET /runs/{remote_id}/status"
+        body = json_object(self._send("GET", self._url("runs", remote_id, "status"), call), call)
+        state = body.get("state")
+        if not isinstance(state, str) or not state:
+            raise _bad(call, "the answer has no state")
+        if state not in _DETAIL_STATES:
+            return RemoteStatus(kind=wes_kind(state), raw_state=state)
+        log = self._run_log(remote_id)
+        call = f"GET /runs/{remote_id}"
+        state = log.get("state") if isinstance(log.get("state"), str) and log.get("state") else state
+        kind = wes_kind(state)
+        if state == "COMPLETE":
+            outputs = parse_outputs(log.get("outputs"), api_root=self._api_root(), call=call)
+            return RemoteStatus(kind=kind, raw_state=state, outputs=outputs)
+        if state in ("EXECUTOR_ERROR", "SYSTEM_ERROR"):
+            return RemoteStatus(kind=kind, raw_state=state, message=self._failure_message(state, log, remote_id))
+        return RemoteStatus(kind=kind, raw_state=state)
+
+    def cancel(self, remote_id: str) -> None:
+        call = f"POST /runs/{remote_id}/cancel"
+        self._send("POST", self._url("runs", remote_id, "cancel"), call)
+
+    def restart(self, remote_id: str) -> None:
+        raise Permanent(
+            f"{self.name}: a WES run cannot be restarted (run {remote_id}); submit the job again", kind="unsupported"
+        )
+
+    def list_jobs(self, limit: int = 100) -> list[RemoteJob]:
+        jobs = []
+        for entry in self._iter_runs(limit):
+            tags = entry.get("tags")
+            name = tags.get(TAG_JOB_ID) if isinstance(tags, Mapping) else None
+            state = entry.get("state")
+            jobs.append(
+                RemoteJob(
+                    remote_id=entry["run_id"],
+                    name=name if isinstance(name, str) else None,
+                    raw_state=state if isinstance(state, str) else "UNKNOWN",
+                )
+            )
+        return jobs
+
+    def stream_output(self, output: RemoteOutput) -> contextlib.AbstractContextManager[httpx.Response]:
+        return self._stream(output.url, f"GET output {output.name}")
+
+    def check(self) -> ServiceCheck:
+        """GET /service-info (reachable, what it runs) and GET /runs?page_size=1 (whether the token is accepted).
+
+        WES has no panels; the message lists the workflow types and engines the server offers instead."""
+        call = "GET /service-info"
+        try:
+            token = self._read_token()
+        except Blocked as exc:
+            return ServiceCheck(reachable=False, token_valid=False, message=str(exc))
+        expires = jwt_expiry(token) if token else None
+        try:
+            info = json_object(self._send("GET", self._url("service-info"), call), call)
+        except Blocked as exc:
+            note = "" if token else " (no token is configured)"
+            return ServiceCheck(reachable=True, token_valid=False, token_expires=expires, message=f"{exc}{note}")
+        except ServiceError as exc:
+            hint = ""
+            if exc.kind == "http_404":
+                hint = f" (is {self._api_root()} the WES API root? base_url may end in {API_PATH} or name the path)"
+            return ServiceCheck(reachable=False, token_expires=expires, message=f"{exc}{hint}")
+        notes = [self._describe(info)]
+        token_valid: bool | None = None
+        try:
+            self._send("GET", self._url("runs"), "GET /runs", params={"page_size": 1})
+            token_valid = True if token else None
+        except Blocked as exc:
+            token_valid = False
+            notes.append(str(exc) if token else f"{exc} (no token is configured)")
+        except ServiceError as exc:
+            notes.append(str(exc))
+        return ServiceCheck(reachable=True, token_valid=token_valid, token_expires=expires, message="; ".join(notes))
+
+    def close(self) -> None:
+        if self._own_client:
+            self._client.close()
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _read_token(self) -> str | None:
+        try:
+            token = self._token()
+        except Exception as exc:  # the callable is the operator's token file; its failure blocks, never leaks
+            raise Blocked(f"{self.name}: the token could not be read ({type(exc).__name__})", kind="token") from None
+        return token.strip() if token and token.strip() else None
+
+    def _auth(self, token: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    @staticmethod
+    def _origin_key(url: str | httpx.URL) -> tuple[str, str, int | None]:
+        parsed = httpx.URL(url) if isinstance(url, str) else url
+        default = {"http": 80, "https": 443}.get(parsed.scheme)
+        return parsed.scheme, parsed.host.lower(), parsed.port or default
+
+    def _api_root(self) -> str:
+        """The API root; for a bare-origin base_url, decided once (standard prefix, or root if only it answers)."""
+        if self._root is not None:
+            return self._root
+        with self._root_lock:
+            if self._root is None:
+                self._root = self._probe_root()
+            return self._root
+
+    def _probe_root(self) -> str:
+        assert self._origin_fallback is not None
+        headers = self._auth(self._read_token())
+        call = "GET /service-info"
+        with transport_errors(call):
+            standard = self._client.get(f"{self._standard_root}/service-info", headers=headers)
+        if standard.status_code != 404:
+            return self._standard_root
+        with transport_errors(call):
+            root = self._client.get(f"{self._origin_fallback}/service-info", headers=headers)
+        if root.status_code == 200:
+            with contextlib.suppress(Transient):
+                json_object(root, call)
+                return self._origin_fallback
+        return self._standard_root
+
+    def _url(self, *segments: str) -> str:
+        return "/".join([self._api_root(), *(quote(s, safe="") for s in segments)])
+
+    def _send(self, method: str, url: str, call: str, **kwargs: Any) -> httpx.Response:
+        """One API call: bearer token when there is one, transport errors and HTTP errors turned into ours."""
+        token = self._read_token()
+        with transport_errors(call):
+            response = self._client.request(method, url, headers=self._auth(token), **kwargs)
+        with _scrubbed(token):
+            raise_for_status(response, call)
+        return response
+
+    @contextlib.contextmanager
+    def _stream(self, url: str, call: str) -> Iterator[httpx.Response]:
+        """A streaming GET; the bearer token goes only to the API's origin. Errors while the caller reads are ours."""
+        try:
+            target = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError):
+            raise Permanent(f"{call}: the server gave no usable URL", kind="not_downloadable") from None
+        if target.scheme not in ("http", "https"):
+            where = "a path on the server" if target.scheme == "file" else f"a {target.scheme or 'relative'} location"
+            raise Permanent(
+                f"{call}: the server publishes this output as {where}, not an HTTP URL we can download",
+                kind="not_downloadable",
+            )
+        token = self._read_token() if self._origin_key(target) == self._origin else None
+        with transport_errors(call), self._client.stream("GET", target, headers=self._auth(token)) as response:
+            if response.status_code >= 400:
+                response.read()
+                with _scrubbed(token):
+                    raise_for_status(response, call)
+            yield response
+
+    # ------------------------------------------------------------------ WES answers
+
+    def _run_id(self, value: Any, call: str) -> str:
+        if not isinstance(value, str) or not _RUN_ID.fullmatch(value):
+            shown = repr(value)[:60] if isinstance(value, str) else type(value).__name__
+            raise _bad(call, f"the answer has no usable run_id ({shown})")
+        return value
+
+    def _run_log(self, run_id: str) -> dict[str, Any]:
+        call = f"GET /runs/{run_id}"
+        return json_object(self._send("GET", self._url("runs", run_id), call), call)
+
+    def _iter_runs(self, limit: int) -> Iterator[dict[str, Any]]:
+        """Entries of GET /runs (each with a valid run_id), page by page, at most `limit` of them."""
+        call = "GET /runs"
+        yielded = 0
+        page_token: str | None = None
+        seen_tokens: set[str] = set()
+        while yielded < limit:
+            params: dict[str, Any] = {"page_size": max(1, min(self._wes.page_size, limit - yielded))}
+            if page_token:
+                params["page_token"] = page_token
+            body = json_object(self._send("GET", self._url("runs"), call, params=params), call)
+            runs = body.get("runs")
+            if runs is None:
+                runs = []
+            if not isinstance(runs, list):
+                raise _bad(call, f"runs is a {type(runs).__name__}, not a list")
+            for entry in runs:
+                if not isinstance(entry, Mapping):
+                    raise _bad(call, f"a runs entry is a {type(entry).__name__}, not an object")
+                entry = dict(entry)
+                entry["run_id"] = self._run_id(entry.get("run_id"), call)
+                yield entry
+                yielded += 1
+                if yielded >= limit:
+                    return
+            next_token = body.get("next_page_token")
+            if not runs or not isinstance(next_token, str) or not next_token or next_token in seen_tokens:
+                return
+            seen_tokens.add(next_token)
+            page_token = next_token
+
+    def _failure_message(self, state: str, log: Mapping[str, Any], run_id: str) -> str:
+        run_log = log.get("run_log") if isinstance(log.get("run_log"), Mapping) else {}
+        exit_code = run_log.get("exit_code")
+        head = state + (f" (exit code {exit_code})" if isinstance(exit_code, int) else "")
+        excerpt = self._stderr_excerpt(run_log.get("stderr"), run_id)
+        if not excerpt:
+            system_logs = run_log.get("system_logs")  # sapporo: why a run failed before its workflow started
+            if isinstance(system_logs, list) and system_logs and isinstance(system_logs[-1], str):
+                excerpt = _excerpt(system_logs[-1])
+        return f"{head}: {excerpt}" if excerpt else head
+
+    def _stderr_excerpt(self, stderr: Any, run_id: str) -> str:
+        """The last lines of stderr: the text itself (sapporo), or read from the URL the spec says it may be."""
+        if not isinstance(stderr, str) or not stderr.strip():
+            return ""
+        text = stderr.strip()
+        if not re.fullmatch(r"https?://\S+", text):
+            return _excerpt(text)
+        tail: deque[bytes] = deque()
+        kept = 0
+        read = 0
+        try:
+            with self._stream(text, f"GET stderr of run {run_id}") as response:
+                for chunk in response.iter_bytes():
+                    read += len(chunk)
+                    tail.append(chunk)
+                    kept += len(chunk)
+                    while kept - len(tail[0]) > 64 * 1024:
+                        kept -= len(tail.popleft())
+                    if read >= STDERR_FETCH_LIMIT:
+                        break
+        except ServiceError as exc:
+            return f"(the stderr log could not be read: {exc.kind})"
+        return _excerpt(b"".join(tail).decode("utf-8", errors="replace"))
+
+    def _describe(self, info: Mapping[str, Any]) -> str:
+        """What the server runs, and whether it offers what we are configured to send."""
+        wes = self._wes
+        types = _versions(info.get("workflow_type_versions"), "workflow_type_version")
+        engines = _versions(info.get("workflow_engine_versions"), "workflow_engine_version")
+        notes = ["workflow types: " + (_listing(types) or "none listed")]
+        if engines:
+            notes.append("engines: " + _listing(engines))
+        if types and wes.workflow_type not in types:
+            notes.append(f"the configured workflow_type {wes.workflow_type} is not offered")
+        elif types.get(wes.workflow_type) and wes.workflow_type_version not in types[wes.workflow_type]:
+            notes.append(
+                f"the configured workflow_type_version {wes.workflow_type} {wes.workflow_type_version} is not offered"
+            )
+        if wes.engine and engines and wes.engine not in engines:
+            notes.append(f"the configured engine {wes.engine} is not offered")
+        return "; ".join(notes)
+
+
+@contextlib.contextmanager
+def _scrubbed(token: str | None) -> Iterator[None]:
+    """Our errors raised inside, with the token cut out of their message (should a server echo it back)."""
+    try:
+        yield
+    except ServiceError as exc:
+        if token and token in exc.message:
+            exc.message = exc.message.replace(token, "[token]")
+            exc.args = (exc.message,)
+        raise
+
+
+def _tags(value: Any) -> dict[str, Any]:
+    """`request.tags` as a mapping; some servers echo the form field back as JSON text."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = json.loads(value)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _versions(value: Any, inner: str) -> dict[str, list[str]]:
+    """{"CWL": ["v1.0", …]} from service-info's `{"CWL": {"workflow_type_version": [...]}}` (or a bare list)."""
+    if not isinstance(value, Mapping):
+        return {}
+    result: dict[str, list[str]] = {}
+    for name, entry in value.items():
+        versions = entry.get(inner) if isinstance(entry, Mapping) else entry
+        result[str(name)] = [str(v) for v in versions] if isinstance(versions, list) else []
+    return result
+
+
+def _listing(versions: Mapping[str, list[str]]) -> str:
+    return ", ".join(f"{name} {'/'.join(v)}".strip() for name, v in versions.items())
+
+
+__all__ = [
+    "API_PATH",
+    "PLACEHOLDERS",
+    "TAG_JOB_ID",
+    "TemplateError",
+    "WesAdapter",
+    "attachment_name",
+    "jwt_expiry",
+    "parse_checksum",
+    "parse_outputs",
+    "render_params",
+    "split_base_url",
+    "template_problems",
+]
