@@ -1,0 +1,257 @@
+"""The job store's queue queries on SQLite and PostgreSQL: claims, leases, slots, outcomes, operator actions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import threading
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from daemon.db.engine import is_postgres, make_engine, make_session_factory
+from daemon.db.models import Job, JobEvent, utcnow
+from daemon.db.store import JobNotFound, JobStore, LeaseLost, NewInput, NewJob, Outcome
+from daemon.services.base import RemoteOutput
+from daemon.states import InvalidTransition, JobState, OutputState
+
+WORKABLE_POLL = {JobState.QUEUED, JobState.RUNNING}
+
+
+def make_store(url: str) -> JobStore:
+    engine = make_engine(url, pool_size=10)
+    return JobStore(make_session_factory(engine), postgres=is_postgres(engine))
+
+
+@pytest.fixture
+def store(db_url: str) -> JobStore:
+    return make_store(db_url)
+
+
+def new_job(service: str = "mis", **overrides) -> NewJob:
+    return NewJob(
+        service=service,
+        panel="1000g",
+        build="hg19",
+        inputs=[NewInput(path="/data/chr20.vcf.gz", size=123, sha256="ab" * 32)],
+        **overrides,
+    )
+
+
+def add_jobs(store: JobStore, n: int, service: str = "mis") -> list[uuid.UUID]:
+    return [store.create_group([new_job(service)])[0].id for _ in range(n)]
+
+
+def force(store: JobStore, job_ids, **values) -> None:
+    """Put rows into a state directly (test setup only)."""
+    with store._session() as session, session.begin():
+        session.execute(sa.update(Job).where(Job.id.in_(list(job_ids))).values(**values))
+
+
+def events(store: JobStore, job_id: uuid.UUID) -> list[tuple[str | None, str]]:
+    with store._session() as session:
+        rows = session.execute(
+            sa.select(JobEvent.from_state, JobEvent.to_state).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        ).all()
+    return [tuple(r) for r in rows]
+
+
+def test_group_submission_shares_group_and_records_first_event(store: JobStore) -> None:
+    jobs = store.create_group([new_job("mis"), new_job("topmed")])
+    assert {j.group_id for j in jobs} == {jobs[0].id}
+    assert [j.service for j in store.group(jobs[0].id)] == ["mis", "topmed"]
+    assert events(store, jobs[1].id) == [(None, "pending")]
+    assert store.get(jobs[1].id).inputs[0].sha256 == "ab" * 32
+
+
+def test_promote_fills_only_free_slots_in_submission_order(store: JobStore) -> None:
+    store.ensure_services(["mis"])
+    ids = add_jobs(store, 5)
+    assert store.promote_pending("mis", 3) == 3
+    assert [store.get(i).state for i in ids] == [JobState.SUBMITTING] * 3 + [JobState.PENDING] * 2
+    assert store.promote_pending("mis", 3) == 0  # all three slots taken
+    force(store, ids[:1], state=JobState.COMPLETED)
+    assert store.promote_pending("mis", 3) == 1
+    assert store.get(ids[3]).state is JobState.SUBMITTING
+    assert events(store, ids[0])[1] == ("pending", "submitting")
+
+
+def test_lowered_limit_applies_until_a_job_finishes(store: JobStore) -> None:
+    store.ensure_services(["mis"])
+    ids = add_jobs(store, 3)
+    store.lower_limit("mis", 1)
+    assert store.promote_pending("mis", 3) == 1
+    claimed = store.claim_due("me", states={JobState.SUBMITTING}, services=["mis"], limit=5, lease_seconds=60)
+    store.finish(claimed[0].id, "me", Outcome(state=JobState.FAILED, reason="x"))
+    assert store.service_statuses()["mis"].effective_limit is None
+    assert store.promote_pending("mis", 3) == 2
+    assert {store.get(i).state for i in ids[1:]} == {JobState.SUBMITTING}
+
+
+def test_claim_respects_due_time_lease_and_service(store: JobStore) -> None:
+    now = utcnow()
+    due, later, leased, other = add_jobs(store, 3) + add_jobs(store, 1, service="topmed")
+    force(store, [due, later, leased, other], state=JobState.QUEUED, next_poll_at=now - dt.timedelta(seconds=1))
+    force(store, [later], next_poll_at=now + dt.timedelta(hours=1))
+    force(store, [leased], lease_owner="other", lease_expires_at=now + dt.timedelta(minutes=5))
+    claimed = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=10, lease_seconds=60)
+    assert [j.id for j in claimed] == [due]
+    assert claimed[0].lease_owner == "me" and claimed[0].inputs  # loaded with its inputs, usable detached
+
+
+def test_expired_lease_is_taken_over_and_old_owner_cannot_write(store: JobStore) -> None:
+    [job_id] = add_jobs(store, 1)
+    force(store, [job_id], state=JobState.RUNNING, next_poll_at=utcnow())
+    [first] = store.claim_due("dead", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
+    assert store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60) == []
+    force(store, [job_id], lease_expires_at=utcnow() - dt.timedelta(seconds=1))
+    [again] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
+    assert again.id == first.id
+    with pytest.raises(LeaseLost):
+        store.finish(job_id, "dead", Outcome(state=JobState.FAILED, reason="stale"))
+    done = store.finish(job_id, "me", Outcome(state=JobState.DOWNLOADING, reason="done", next_poll_in=0))
+    assert done.state is JobState.DOWNLOADING and done.lease_owner is None
+
+
+def test_finish_writes_an_event_only_when_the_state_changes(store: JobStore) -> None:
+    [job_id] = add_jobs(store, 1)
+    force(store, [job_id], state=JobState.QUEUED, next_poll_at=utcnow())
+    for _ in range(3):
+        [job] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
+        store.finish(job.id, "me", Outcome(state=JobState.QUEUED, next_poll_in=0, fields={"queue_position": 4}))
+    [job] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
+    store.finish(job.id, "me", Outcome(state=JobState.RUNNING, reason="remote RUNNING", next_poll_in=0))
+    assert events(store, job_id) == [(None, "pending"), ("queued", "running")]
+    with pytest.raises(InvalidTransition):
+        [job] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
+        store.finish(job.id, "me", Outcome(state=JobState.PENDING))
+
+
+def test_renew_extends_only_our_leases(store: JobStore) -> None:
+    a, b = add_jobs(store, 2)
+    soon = utcnow() + dt.timedelta(seconds=5)
+    force(store, [a], lease_owner="me", lease_expires_at=soon)
+    force(store, [b], lease_owner="other", lease_expires_at=soon)
+    assert store.renew_leases("me", [a, b], lease_seconds=600) == 1
+    assert store.get(a).lease_expires_at > soon + dt.timedelta(seconds=500)
+    assert store.get(b).lease_expires_at == soon
+
+
+def test_block_parks_waiting_jobs_and_unblock_returns_them(store: JobStore) -> None:
+    store.ensure_services(["mis"])
+    pending, remote = add_jobs(store, 2)
+    force(store, [remote], state=JobState.RUNNING, remote_id="job-1")
+    newly, parked = store.block_service("mis", "HTTP 401: token expired")
+    assert (newly, parked) == (True, 2)
+    assert store.block_service("mis", "HTTP 401 again") == (False, 0)
+    assert store.unblock_service("mis", "token replaced") == 2
+    assert store.get(pending).state is JobState.PENDING
+    assert store.get(remote).state is JobState.QUEUED
+    assert store.service_statuses()["mis"].blocked_reason is None
+
+
+def test_outputs_keep_verified_state_when_recorded_again(store: JobStore) -> None:
+    [job_id] = add_jobs(store, 1)
+    outputs = [RemoteOutput(name="chr_20.zip", url="http://x/share/results/h1/chr_20.zip", remote_hash="h1")]
+    store.record_outputs(job_id, outputs)
+    [row] = store.outputs(job_id)
+    store.update_output(row.id, state=OutputState.VERIFIED, sha256="cd" * 32, size=10)
+    store.record_outputs(job_id, [RemoteOutput(name="chr_20.zip", url="http://x/new", remote_hash="h2")])
+    [row] = store.outputs(job_id)
+    assert row.state is OutputState.VERIFIED and row.url.endswith("/h1/chr_20.zip")
+
+
+def test_cancel_and_retry(store: JobStore) -> None:
+    pending, running, failed = add_jobs(store, 3)
+    force(store, [running], state=JobState.RUNNING, remote_id="job-2")
+    force(store, [failed], state=JobState.FAILED, remote_id="job-3", submit_attempts=1, error="boom")
+    assert store.request_cancel(pending) is JobState.CANCELLED
+    assert store.request_cancel(running) is JobState.CANCEL_REQUESTED
+    job = store.retry(failed)
+    assert (job.state, job.remote_id, job.submit_attempts, job.retries, job.error) == (
+        JobState.PENDING, None, 0, 1, None)
+    with pytest.raises(ValueError, match="only failed jobs"):
+        store.retry(pending)
+
+
+def test_resolve_id_accepts_unique_prefixes(store: JobStore) -> None:
+    [job_id] = add_jobs(store, 1)
+    assert store.resolve_id(str(job_id)[:8]) == job_id
+    assert store.resolve_id(str(job_id).upper()) == job_id
+    with pytest.raises(JobNotFound):
+        store.resolve_id("zzzz")
+    with pytest.raises(JobNotFound):
+        store.resolve_id("0000000")
+
+
+def test_concurrent_claimers_never_share_a_job(db_url: str) -> None:
+    store = make_store(db_url)
+    ids = add_jobs(store, 120)
+    force(store, ids, state=JobState.QUEUED, next_poll_at=utcnow() - dt.timedelta(seconds=1))
+    claimed: list[list[uuid.UUID]] = [[] for _ in range(6)]
+    start = threading.Barrier(6)
+
+    def claimer(index: int) -> None:
+        mine = make_store(db_url)
+        start.wait()
+        while True:
+            jobs = mine.claim_due(f"w{index}", states=WORKABLE_POLL, services=["mis"], limit=7, lease_seconds=600)
+            if not jobs:
+                return
+            claimed[index].extend(j.id for j in jobs)
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    everything = [i for part in claimed for i in part]
+    assert sorted(everything) == sorted(ids), "every job claimed exactly once"
+
+
+def _claim_in_process(url: str, owner: str, queue) -> None:
+    store = make_store(url)
+    got = []
+    while True:
+        jobs = store.claim_due(owner, states={JobState.QUEUED}, services=["mis"], limit=5, lease_seconds=600)
+        if not jobs:
+            break
+        got.extend(str(j.id) for j in jobs)
+    queue.put(got)
+
+
+def test_claimers_in_separate_processes_never_share_a_job(db_url: str) -> None:
+    store = make_store(db_url)
+    ids = add_jobs(store, 90)
+    force(store, ids, state=JobState.QUEUED, next_poll_at=utcnow() - dt.timedelta(seconds=1))
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_process, args=(db_url, f"p{i}", queue)) for i in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    everything = [i for part in results for i in part]
+    assert len(everything) == len(set(everything)) == 90
+
+
+def test_concurrent_promotion_never_overfills_a_service(db_url: str) -> None:
+    store = make_store(db_url)
+    store.ensure_services(["mis"])
+    add_jobs(store, 40)
+    start = threading.Barrier(5)
+
+    def promoter() -> None:
+        mine = make_store(db_url)
+        start.wait()
+        for _ in range(10):
+            mine.promote_pending("mis", 3)
+
+    threads = [threading.Thread(target=promoter) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert store.in_flight_count("mis") == 3
