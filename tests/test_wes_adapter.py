@@ -120,7 +120,9 @@ def test_base_url_rule(base_url: str, root: str, fallback: str | None) -> None:
     assert split_base_url(base_url) == (root, fallback)
 
 
-@pytest.mark.parametrize("base_url", ["ftp://h/x", "h:1122", "https://h/?a=b", "https://h/#x"])
+@pytest.mark.parametrize(
+    "base_url", ["ftp://h/x", "h:1122", "https://h/?a=b", "https://h/#x", "https://user:pw@h/", "https://tok@h"]
+)
 def test_base_url_refused(base_url: str) -> None:
     with pytest.raises(ValueError, match="base_url"):
         split_base_url(base_url)

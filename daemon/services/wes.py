@@ -97,6 +97,8 @@ def split_base_url(base_url: str) -> tuple[str, str | None]:
         raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
     if parts.query or parts.fragment:
         raise ValueError("base_url must not have a query string or fragment")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("base_url must not contain credentials (the token comes from token_file or token_env)")
     origin = f"{parts.scheme}://{parts.netloc}"
     path = parts.path.rstrip("/")
     if not path:
