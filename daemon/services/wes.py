@@ -12,7 +12,9 @@ Where the API is (`base_url`)
 What a run gets (`POST /runs`, multipart): `workflow_url`, `workflow_type`, `workflow_type_version`,
 `workflow_params` (the `wes.workflow_params` template rendered with the job, see `render_params`), `tags`
 (`{"imputationd_job_id": <our job id>}` and the job name), the engine fields when configured, and, with
-`inputs_as: attachment`, one streamed `workflow_attachment` part per input file.
+`inputs_as: attachment`, one streamed `workflow_attachment` part per input file (under its file name with
+characters other than letters, digits, ".", "_" and "-" replaced by "_", the same name `{files}` gives). The
+Cloudgene-only request fields (`password`, `aes_encryption`, `meta`) mean nothing to WES and are not sent.
 
 Finding a lost submit (`find_submitted`): WES has no idempotency key. The adapter walks `GET /runs` (paged) over
 the first `find_limit` runs the server lists (servers list newest first in practice; the spec does not say) and
@@ -25,6 +27,7 @@ Directory objects with `checksum: "sha1$…"`); scalar outputs are skipped, anyt
 
 The token (`Authorization: Bearer`) is read from the callable on every request, is sent only to the API's own
 origin (httpx drops it on cross-origin redirects), and never appears in a message; neither do output URLs.
+`check()` reports a JWT's `exp` (read, not verified) as `token_expires`.
 """
 
 from __future__ import annotations
