@@ -96,11 +96,12 @@ def _is_known(revision: str) -> bool:
         return False
 
 
-def _newer_message(current: str) -> str:
-    return (
-        f"database schema is at {current}, which this imputationd does not know: it was upgraded by a newer "
-        f"imputationd; run that version (this one needs {head_revision()})"
-    )
+def _refuse_newer(current: str | None) -> None:
+    if current is not None and not _is_known(current):
+        raise SchemaNewer(
+            f"database schema is at {current}, which this imputationd does not know: it was upgraded by a newer "
+            f"imputationd; run that version (this one needs {head_revision()})"
+        )
 
 
 def ensure_current(engine: sa.Engine) -> str:
@@ -110,8 +111,7 @@ def ensure_current(engine: sa.Engine) -> str:
     head = head_revision()
     if current == head:
         return head
-    if current is not None and not _is_known(current):
-        raise SchemaNewer(_newer_message(current))
+    _refuse_newer(current)
     raise SchemaOutdated(f"database schema is at {current or 'empty'}, this imputationd needs {head}: {UPGRADE_HINT}")
 
 
@@ -158,8 +158,7 @@ def upgrade(engine: sa.Engine) -> tuple[str | None, str]:
     `DatabaseUnavailable` when the database cannot be reached."""
     with connect(engine) as connection, migration_transaction(connection):
         before = _revision_of(connection)
-        if before is not None and not _is_known(before):
-            raise SchemaNewer(_newer_message(before))
+        _refuse_newer(before)
         command.upgrade(alembic_config(connection=connection), "head")
         after = _revision_of(connection)
     assert after is not None
