@@ -8,8 +8,9 @@ Database fixtures (all function-scoped unless said otherwise; every database is 
 - `session_factory` -> sessionmaker[Session] on `engine` (`expire_on_commit=False`).
 - `empty_db_url` -> str: like `db_url` but EMPTY (no tables, no alembic_version): for migration tests.
 - `sqlite_url` -> str: a migrated SQLite file database only (for tests that are about SQLite or don't need both).
-- `postgres_cluster` (session) -> tests.pg.PostgresCluster: the throwaway server. `.restart()`, `.stop(mode)`,
-  `.start()` to break connections under a running daemon; `.create_database()` for more databases; `.url(name)`.
+- `postgres_cluster` (session) -> pg.PostgresCluster (tests/pg.py; `from pg import ...` works in any test module):
+  the throwaway server. `.restart()`, `.stop(mode)`, `.start()` to break connections under a running daemon;
+  `.create_database()` for more databases; `.url(name)`.
 - `fresh_postgres_db` -> str: URL of a new EMPTY database on that server, dropped afterwards.
 - `postgres_url` (session) -> str: one MIGRATED database shared by the whole session (state leaks between tests:
   prefer `db_url` or `fresh_postgres_db`).
@@ -34,10 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.db.engine import make_engine, make_session_factory
 from daemon.db.schema import upgrade
 
-if __package__:  # tests/ became a package
-    from .pg import ClusterError, PostgresCluster, find_bindir
-else:
-    from pg import ClusterError, PostgresCluster, find_bindir
+from pg import ClusterError, PostgresCluster, find_bindir  # tests/ is no package: pytest puts it on sys.path
 
 DIALECTS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
 
@@ -91,28 +89,24 @@ def _postgres_template(postgres_cluster: PostgresCluster) -> str:
     return name
 
 
+def _private_postgres_db(cluster: PostgresCluster, template: str | None = None) -> Iterator[str]:
+    cluster.ensure_running()  # a test that stopped the server must not take the next one down with it
+    url = cluster.create_database(template=template)
+    yield url
+    cluster.ensure_running()
+    cluster.drop_database(sa.make_url(url).database)
+
+
 @pytest.fixture
 def fresh_postgres_db(postgres_cluster: PostgresCluster) -> Iterator[str]:
     """URL (`postgresql+psycopg://postgres@127.0.0.1:PORT/t_…`) of a new, empty database; dropped afterwards."""
-    postgres_cluster.ensure_running()  # a test that stopped the server must not take the next one down with it
-    url = postgres_cluster.create_database()
-    yield url
-    postgres_cluster.ensure_running()
-    postgres_cluster.drop_database(sa.make_url(url).database)
+    yield from _private_postgres_db(postgres_cluster)
 
 
 @pytest.fixture(scope="session")
 def postgres_url(postgres_cluster: PostgresCluster, _postgres_template: str) -> str:
     """One migrated database for the whole session; shared, so tests see each other's rows."""
     return postgres_cluster.create_database("imputationd_session", template=_postgres_template)
-
-
-def _migrated_postgres_db(cluster: PostgresCluster, template: str) -> Iterator[str]:
-    cluster.ensure_running()
-    url = cluster.create_database(template=template)
-    yield url
-    cluster.ensure_running()
-    cluster.drop_database(sa.make_url(url).database)
 
 
 # -- SQLite -------------------------------------------------------------------------------------------------------
@@ -143,7 +137,7 @@ def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "sqlite":
         yield request.getfixturevalue("sqlite_url")
     else:
-        yield from _migrated_postgres_db(
+        yield from _private_postgres_db(
             request.getfixturevalue("postgres_cluster"), request.getfixturevalue("_postgres_template")
         )
 

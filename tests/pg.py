@@ -49,7 +49,8 @@ def _version_key(name: str) -> tuple[int, ...]:
     return tuple(int(part) for part in name.split(".") if part.isdigit())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -70,7 +71,7 @@ class PostgresCluster:
         self.logfile = basedir / "server.log"
         self.run_as = run_as
         self.host = "127.0.0.1"
-        self.port = _free_port()
+        self.port = free_port()
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ class PostgresCluster:
             except ClusterError:
                 if attempt == attempts - 1:
                     raise
-                self.port = _free_port()
+                self.port = free_port()
 
     def start(self) -> None:
         """Start the server (waits until it accepts connections). Port and data survive stop/start."""

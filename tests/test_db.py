@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import socket
 import threading
 import uuid
 from pathlib import Path
@@ -26,6 +25,7 @@ from daemon.db.engine import (
 from daemon.db.models import Base, Job, JobEvent, JobInput, JobOutput, ServiceStatus
 from daemon.db.schema import SchemaNewer, SchemaOutdated
 from daemon.states import JobState, OutputState
+from pg import free_port
 
 HEAD = schema.head_revision()
 
@@ -302,13 +302,12 @@ def test_sqlite_connections_get_their_pragmas(sqlite_url: str) -> None:
         engine.dispose()
 
 
-def test_upgrade_leaves_foreign_keys_on_for_pooled_connections(empty_db_url: str) -> None:
-    engine = make_engine(empty_db_url)
+def test_upgrade_leaves_foreign_keys_on_for_pooled_connections(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'imputationd.db'}")
     try:
         schema.upgrade(engine)
-        if engine.dialect.name == "sqlite":
-            with engine.connect() as conn:
-                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     finally:
         engine.dispose()
 
@@ -405,14 +404,8 @@ def test_postgres_engine_survives_a_server_restart(postgres_cluster, fresh_postg
 # -- unavailable databases ----------------------------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_postgres_names_the_host_and_hides_the_password() -> None:
-    port = _closed_port()
+    port = free_port()
     engine = make_engine(f"postgresql+psycopg://daemon:Hunter2secret@127.0.0.1:{port}/imputationd")
     try:
         for check in (schema.ensure_current, schema.upgrade, schema.current_revision):
