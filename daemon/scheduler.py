@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import logging
 import os
 import signal
 import socket
@@ -103,6 +104,9 @@ class Daemon:
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.scheduler.workers, thread_name_prefix="imputationd-worker"
         )
+        # Ticks are idempotent and coalesced: a tick skipped because the previous run is still going, or woken
+        # early while it runs, is normal operation, not something to warn an operator about.
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
         self.scheduler = BackgroundScheduler(
             executors={"default": TickExecutor(5)},
             job_defaults={"coalesce": True, "max_instances": 1},
