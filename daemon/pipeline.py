@@ -19,7 +19,7 @@ from daemon.backoff import backoff_delay, jittered
 from daemon.config import Config, ServiceConfig
 from daemon.db.models import Job, JobOutput, utcnow
 from daemon.db.store import JobStore, LeaseLost, Outcome
-from daemon.logging import bind_job
+from daemon.logging import bind_job, register_secret
 from daemon.services.base import RemoteOutput, RemoteStatus, ServiceAdapter, SubmitRequest
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.states import JobState, OutputState, RemoteKind
@@ -74,6 +74,7 @@ class Pipeline:
         """Do the step the job's state calls for and return the job as written (None when nothing was).
 
         Never raises: a pool thread has nobody to raise to."""
+        register_secret(job.password)  # before anything about this job can be logged
         with bind_job(job_id=str(job.id), service=job.service, remote_id=job.remote_id):
             try:
                 outcome = self._step(job)

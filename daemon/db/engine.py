@@ -108,6 +108,7 @@ def _make_sqlite_engine(url: URL, *, pool_size: int, echo: bool) -> Engine:
     engine = sa.create_engine(
         url,
         echo=echo,
+        hide_parameters=True,  # statement parameters hold job passwords and download URLs
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         **kwargs,
     )
@@ -145,6 +146,7 @@ def _make_postgres_engine(url: URL, *, pool_size: int, echo: bool) -> Engine:
     return sa.create_engine(
         url,
         echo=echo,
+        hide_parameters=True,  # statement parameters hold job passwords and download URLs
         pool_size=pool_size,
         pool_pre_ping=True,
         connect_args=connect_args,
