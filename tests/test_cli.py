@@ -1,0 +1,206 @@
+"""Each `imputationd` command, human and `--json` output, against a real SQLite database and the simulator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import main
+from daemon.config import load_config
+from daemon.db.engine import make_engine
+from daemon.db.schema import upgrade
+from daemon.simulator import SimulatedCloudgene, Timings, write_sample_vcf
+
+TOKEN = "cli-test-token-0123456789"
+PANEL = "apps@1000g-phase-3-v5@2.0.0"
+
+
+@pytest.fixture
+def simulator():
+    with SimulatedCloudgene({TOKEN: "alice"}, timings=Timings(queue=0.1, run=0.1, export=0.1)) as sim:
+        yield sim
+
+
+def write_config(tmp_path: Path, base_url: str, *, migrate: bool = True) -> Path:
+    (tmp_path / "mis.token").write_text(TOKEN)
+    (tmp_path / "topmed.token").write_text(TOKEN)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+storage: {{state_dir: {tmp_path / 'state'}}}
+services:
+  mis:
+    type: cloudgene
+    base_url: {base_url}
+    token_file: mis.token
+    panels:
+      1000g: {{id: "{PANEL}", builds: [hg19, hg38], populations: [eur, afr, all]}}
+  topmed:
+    type: cloudgene
+    base_url: {base_url}
+    token_file: topmed.token
+    max_concurrent_jobs: 2
+    panels:
+      1000g: {{id: "{PANEL}", builds: [hg38]}}
+"""
+    )
+    if migrate:
+        upgrade(make_engine(load_config(config).database.url))
+    return config
+
+
+@pytest.fixture
+def config(tmp_path: Path, simulator) -> Path:
+    return write_config(tmp_path, simulator.base_url)
+
+
+@pytest.fixture
+def vcf(tmp_path: Path) -> Path:
+    path = tmp_path / "chr20.vcf.gz"
+    write_sample_vcf(path, chromosome="20", build="hg19", samples=25, variants=50)
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def submit(capsys, config: Path, vcf: Path, *extra: str) -> str:
+    code, out, err = run(capsys, "submit", "-c", str(config), "--service", "mis", "--panel", "1000g",
+                         "--build", "hg19", *extra, str(vcf))
+    assert code == 0, err
+    return out.strip()
+
+
+def test_check_config_ok_and_broken(capsys, config: Path, tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "check-config", "-c", str(config))
+    assert code == 0 and "OK (2 services: mis, topmed)" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheduler: {wokers: 3}\nservices: {x: {type: nope}}\n")
+    code, _, err = run(capsys, "check-config", "-c", str(bad))
+    assert code == 2
+    assert "scheduler.wokers: unknown key (did you mean 'workers'?)" in err
+    assert "services.x.type" in err and "Traceback" not in err
+
+
+def test_check_config_reports_a_missing_token_file(capsys, config: Path, tmp_path: Path) -> None:
+    (tmp_path / "mis.token").unlink()
+    code, _, err = run(capsys, "check-config", "-c", str(config))
+    assert code == 2 and "services.mis.token_file" in err
+
+
+def test_commands_refuse_an_unmigrated_database(capsys, tmp_path: Path, simulator) -> None:
+    config = write_config(tmp_path, simulator.base_url, migrate=False)
+    code, _, err = run(capsys, "jobs", "-c", str(config))
+    assert code == 3 and "imputationd db upgrade" in err
+    code, out, _ = run(capsys, "db", "upgrade", "-c", str(config))
+    assert code == 0 and "upgraded from empty" in out
+    code, out, _ = run(capsys, "db", "upgrade", "-c", str(config))
+    assert code == 0 and "already at" in out
+
+
+def test_submit_prints_an_id_and_stores_a_pending_job(capsys, config: Path, vcf: Path) -> None:
+    job_id = submit(capsys, config, vcf, "--population", "eur", "--name", "batch 1")
+    code, out, _ = run(capsys, "show", "-c", str(config), job_id, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["id"] == job_id and data["state"] == "pending"
+    assert data["population"] == "eur" and data["name"] == "batch 1"
+    assert data["inputs"][0]["path"] == str(vcf) and len(data["inputs"][0]["sha256"]) == 64
+    assert "password" not in data and data["has_password"] is True
+    assert [e["to"] for e in data["events"]] == ["pending"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--service", "nope", "--panel", "1000g", "--build", "hg19"], "--service nope: not a configured service"),
+        (["--service", "mis", "--panel", "hrc", "--build", "hg19"], "--panel hrc: service 'mis' has no such panel"),
+        (["--service", "topmed", "--panel", "1000g", "--build", "hg19"], "--build hg19: panel '1000g' on 'topmed'"),
+        (["--service", "mis", "--panel", "1000g", "--build", "hg19", "--population", "sas"], "--population sas"),
+    ],
+)
+def test_submit_rejects_what_the_config_does_not_offer(capsys, config, vcf, args, message) -> None:
+    code, out, err = run(capsys, "submit", "-c", str(config), *args, str(vcf))
+    assert code == 2 and message in err and out == ""
+    code, out, _ = run(capsys, "jobs", "-c", str(config), "--json")
+    assert json.loads(out) == []
+
+
+def test_submit_rejects_bad_files_with_the_file_named(capsys, config: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.vcf.gz"
+    plain = tmp_path / "plain.vcf"
+    plain.write_text("##fileformat=VCFv4.2\n")
+    code, _, err = run(capsys, "submit", "-c", str(config), "--service", "mis", "--panel", "1000g",
+                       "--build", "hg19", str(missing), str(plain))
+    assert code == 2 and "missing.vcf.gz" in err and "plain.vcf" in err
+
+
+def test_submit_to_several_services_makes_a_group(capsys, config: Path, tmp_path: Path) -> None:
+    vcf = tmp_path / "chr20.hg38.vcf.gz"
+    write_sample_vcf(vcf, chromosome="20", build="hg38", samples=25, variants=50)
+    code, out, err = run(capsys, "submit", "-c", str(config), "--service", "mis", "--service", "topmed",
+                         "--panel", "1000g", "--build", "hg38", "--json", str(vcf))
+    assert code == 0, err
+    created = json.loads(out)
+    assert [j["service"] for j in created["jobs"]] == ["mis", "topmed"]
+    code, out, _ = run(capsys, "show", "-c", str(config), created["group_id"])
+    assert code == 0 and "group " in out and "in progress" in out and "topmed" in out
+    code, out, _ = run(capsys, "show", "-c", str(config), created["group_id"], "--json")
+    group = json.loads(out)
+    assert group["state"] == "in progress" and len(group["jobs"]) == 2
+
+
+def test_jobs_table_json_and_filters(capsys, config: Path, vcf: Path) -> None:
+    first = submit(capsys, config, vcf)
+    code, out, _ = run(capsys, "jobs", "-c", str(config))
+    header, row = out.splitlines()
+    assert header.split()[:4] == ["ID", "GROUP", "SERVICE", "STATE"] and row.startswith(first[:8])
+    code, out, _ = run(capsys, "jobs", "-c", str(config), "--status", "pending", "--service", "mis", "--json")
+    assert [j["id"] for j in json.loads(out)] == [first]
+    code, out, _ = run(capsys, "jobs", "-c", str(config), "--status", "completed", "--json")
+    assert json.loads(out) == []
+    code, _, err = run(capsys, "jobs", "-c", str(config), "--status", "done")
+    assert code == 2 and "--status done" in err
+
+
+def test_cancel_pending_and_retry_rules(capsys, config: Path, vcf: Path) -> None:
+    job_id = submit(capsys, config, vcf)
+    code, out, _ = run(capsys, "cancel", "-c", str(config), job_id[:8])
+    assert code == 0 and out.strip() == f"{job_id}: cancelled"
+    code, _, err = run(capsys, "retry", "-c", str(config), job_id)
+    assert code == 1 and "only failed jobs can be retried" in err
+    code, _, err = run(capsys, "show", "-c", str(config), "0000dead")
+    assert code == 1 and "no job" in err
+
+
+def test_services_table_json_and_check(capsys, config: Path) -> None:
+    code, out, _ = run(capsys, "services", "-c", str(config))
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["SERVICE", "TYPE", "STATUS"]
+    code, out, _ = run(capsys, "services", "-c", str(config), "--check", "--json")
+    entries = {e["name"]: e for e in json.loads(out)}
+    assert code == 0
+    assert entries["mis"]["reachable"] is True and entries["mis"]["token_valid"] is True
+    assert entries["mis"]["missing_panels"] == [] and PANEL in entries["mis"]["remote_panels"]
+    assert TOKEN not in out
+
+
+def test_services_check_flags_a_panel_the_server_does_not_offer(capsys, tmp_path: Path, simulator) -> None:
+    config = write_config(tmp_path, simulator.base_url)
+    config.write_text(config.read_text().replace('id: "apps@1000g-phase-3-v5@2.0.0", builds: [hg38]',
+                                                 'id: "apps@renamed@9.9.9", builds: [hg38]'))
+    code, out, _ = run(capsys, "services", "-c", str(config), "--check")
+    assert code == 1 and "apps@renamed@9.9.9" in out
+
+
+def test_console_script_usage_errors_exit_2_without_traceback() -> None:
+    result = subprocess.run([sys.executable, "-m", "daemon", "submit", "--build", "hg17"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--build" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "daemon", "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("imputationd ")
