@@ -1,0 +1,118 @@
+"""The daemon drives WES jobs exactly like Cloudgene ones: same scheduler, state machine, store and downloads.
+
+A real sapporo WES server on loopback (tests/wes/sapporo_server.py), a real SQLite database, the Daemon in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from daemon.config import Config, DatabaseConfig, PanelConfig, SchedulerConfig, StorageConfig
+from daemon.scheduler import Daemon
+from daemon.simulator import write_sample_vcf
+from daemon.states import TERMINAL, JobState, OutputState
+from daemon.submission import Submission, submit
+from wes.sapporo_server import DEFAULT_PARAMS, SapporoServer, sapporo  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+FAST = SchedulerConfig(
+    workers=4, dispatch_interval=0.2, poll_tick_interval=0.2, download_interval=0.2, maintenance_interval=30,
+    lease_seconds=30, backoff_initial=0.2, backoff_max=2,
+)
+
+
+def make_config(tmp_path: Path, sqlite_url: str, server: SapporoServer, params: dict | None = None) -> Config:
+    service = server.service_config(
+        "wes", wes=server.wes_config(params), poll_interval=0.3,
+        panels={"1000g": PanelConfig(name="1000g", remote_id="1000g-phase3")},
+    )
+    state = tmp_path / "state"
+    return Config(
+        database=DatabaseConfig(url=sqlite_url),
+        storage=StorageConfig(state_dir=state, results_dir=state / "results", temp_dir=state / "tmp"),
+        scheduler=FAST,
+        services={"wes": service},
+    )
+
+
+@pytest.fixture
+def vcf(tmp_path: Path) -> Path:
+    path = tmp_path / "chr20.vcf.gz"
+    write_sample_vcf(path, chromosome="20", build="hg19", samples=25, variants=80)
+    return path
+
+
+def run_until(daemon: Daemon, job_id, done, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = daemon.store.get(job_id, with_events=True)
+        if done(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job still {job.state} after {timeout} s: {job.error}")
+
+
+def start(config: Config, vcf: Path) -> tuple[Daemon, object]:
+    daemon = Daemon(config)
+    [job] = submit(config, daemon.store, Submission(services=["wes"], panel="1000g", build="hg19", files=[vcf]))
+    daemon.start()
+    return daemon, job
+
+
+def test_wes_job_completes_with_verified_outputs(tmp_path, sqlite_url, sapporo: SapporoServer, vcf) -> None:
+    daemon, job = start(make_config(tmp_path, sqlite_url, sapporo), vcf)
+    try:
+        job = run_until(daemon, job.id, lambda j: j.state in TERMINAL)
+    finally:
+        daemon.request_stop()
+        daemon.stop()
+    assert job.state is JobState.COMPLETED, job.error
+    assert [e.to_state for e in job.events][:3] == ["pending", "submitting", "queued"]
+    assert job.remote_state == "COMPLETE"
+    served = sapporo.outputs_dir(job.remote_id)
+    assert job.outputs and all(o.state is OutputState.VERIFIED for o in job.outputs)
+    for output in job.outputs:
+        local = Path(output.local_path)
+        assert local.is_relative_to(Path(job.result_dir))
+        original = served / output.name
+        assert hashlib.sha256(original.read_bytes()).hexdigest() == output.sha256 == hashlib.sha256(
+            local.read_bytes()).hexdigest()
+
+
+def test_wes_executor_error_fails_the_job_with_stderr(tmp_path, sqlite_url, sapporo: SapporoServer, vcf) -> None:
+    config = make_config(tmp_path, sqlite_url, sapporo, {**DEFAULT_PARAMS, "simulate": "fail"})
+    daemon, job = start(config, vcf)
+    try:
+        job = run_until(daemon, job.id, lambda j: j.state in TERMINAL)
+    finally:
+        daemon.request_stop()
+        daemon.stop()
+    assert job.state is JobState.FAILED
+    assert job.remote_state == "EXECUTOR_ERROR" and job.error_kind == "remote_failed"
+    assert "EXECUTOR_ERROR" in job.error
+
+
+def test_wes_cancel_reaches_the_server(tmp_path, sqlite_url, sapporo: SapporoServer, vcf) -> None:
+    config = make_config(tmp_path, sqlite_url, sapporo, {**DEFAULT_PARAMS, "sleep": 30})
+    daemon, job = start(config, vcf)
+    try:
+        job = run_until(daemon, job.id, lambda j: j.state is JobState.RUNNING)
+        daemon.store.request_cancel(job.id)
+        job = run_until(daemon, job.id, lambda j: j.state in TERMINAL)
+    finally:
+        daemon.request_stop()
+        daemon.stop()
+    assert job.state is JobState.CANCELLED
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{sapporo.api_root}/runs/{job.remote_id}/status", timeout=5).json()["state"]
+        if state == "CANCELED":
+            break
+        time.sleep(0.2)
+    assert state in ("CANCELING", "CANCELED")
