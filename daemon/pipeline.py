@@ -333,10 +333,14 @@ class Pipeline:
         if isinstance(exc, Transient):
             return self._backoff(job, exc)
         if isinstance(exc, Blocked):
-            self.store.park_blocked(job.id, self.owner, str(exc))
             newly, parked = self.store.block_service(job.service, str(exc))
             if newly:
                 log.error("service_blocked", reason=str(exc), error_kind=exc.kind, jobs_waiting=parked + 1)
+            if job.state in (JobState.DOWNLOADING, JobState.CANCEL_REQUESTED):
+                # Keep what these jobs are doing (a finished remote job, an operator's cancel) and retry it when
+                # the service is usable again, instead of parking them where that would be forgotten.
+                return self._backoff(job, Transient(str(exc), kind=exc.kind), quiet=True)
+            self.store.park_blocked(job.id, self.owner, str(exc))
             return None
         assert isinstance(exc, Permanent)
         if job.state is JobState.CANCEL_REQUESTED:
