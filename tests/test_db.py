@@ -173,7 +173,7 @@ def test_a_database_upgraded_by_a_newer_imputationd_is_refused_and_left_alone(en
 NEXT_REVISION = '''
 from alembic import op
 
-revision = "0002"
+revision = "{head}_next"
 down_revision = "{head}"
 branch_labels = None
 depends_on = None
@@ -191,21 +191,21 @@ def downgrade():
 def test_an_old_database_is_refused_until_upgraded(
     engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A newer imputationd (here: our migrations plus a 0002) meets a database at our head."""
+    """A newer imputationd (here: our migrations plus one more) meets a database at our head."""
     migrations = tmp_path / "migrations"
     shutil.copytree(schema.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0002_next.py").write_text(NEXT_REVISION.format(head=HEAD))
+    (migrations / "versions" / "zz_next.py").write_text(NEXT_REVISION.format(head=HEAD))
     monkeypatch.setattr(schema, "MIGRATIONS_DIR", migrations)
 
     with pytest.raises(SchemaOutdated) as raised:
         schema.ensure_current(engine)
     assert not isinstance(raised.value, SchemaNewer)
     assert str(raised.value) == (
-        f"database schema is at {HEAD}, this imputationd needs 0002: run `imputationd db upgrade`"
+        f"database schema is at {HEAD}, this imputationd needs {HEAD}_next: run `imputationd db upgrade`"
     )
 
-    assert schema.upgrade(engine) == (HEAD, "0002")
-    assert schema.ensure_current(engine) == "0002"
+    assert schema.upgrade(engine) == (HEAD, f"{HEAD}_next")
+    assert schema.ensure_current(engine) == f"{HEAD}_next"
     assert "ix_services_updated_at" in {i["name"] for i in sa.inspect(engine).get_indexes("services")}
 
 

@@ -152,6 +152,16 @@ class JobEvent(Base):
     from_state: Mapped[str | None] = mapped_column(sa.String(32))
     to_state: Mapped[str] = mapped_column(sa.String(32))
     reason: Mapped[str | None] = mapped_column(sa.Text)
+    # The notification outbox (daemon/notify.py), since revision 0002. `notify_next_at` is set when the event is
+    # written for a state that may be notified (terminal, blocked) and cleared when its notification is done (sent,
+    # not wanted, or given up); the notify tick claims rows whose `notify_next_at` is due.
+    notify_next_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, index=True)
+    #: Claims so far; also the fencing token: only the claim that set this number may record the outcome.
+    notify_attempts: Mapped[int | None] = mapped_column(sa.Integer)
+    notified_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    #: Channels that delivered ("webhook", "email", comma-separated): a retry sends only to the others.
+    notified_via: Mapped[str | None] = mapped_column(sa.String(64))
+    notify_error: Mapped[str | None] = mapped_column(sa.Text)
 
     job: Mapped[Job] = relationship(back_populates="events")
 
