@@ -45,6 +45,14 @@ class StorageConfig:
     results_dir: Path
     temp_dir: Path
     keep_days: int | None = None
+    #: Unpack each verified chr_*.zip into the job's result directory after it completes.
+    extract: bool = False
+    #: Key that encrypts job passwords in the database; None means `state_dir/secret.key` (made when missing).
+    secret_key_file: Path | None = None
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.secret_key_file or self.state_dir / "secret.key"
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,52 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str | None = None  # "127.0.0.1:9478"; None disables the listener
+
+
+#: Job states a notification can be sent for (`notifications.on`).
+NOTIFY_STATES = ("completed", "failed", "cancelled", "blocked")
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    url: str  # may itself be a secret (chat webhooks): never logged
+    timeout: float = 10.0
+    #: Extra request headers, one "Name: value" per line (e.g. Authorization); read again at every reload.
+    headers_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class EmailConfig:
+    host: str
+    sender: str  # YAML key `from`
+    to: tuple[str, ...]
+    port: int = 25
+    starttls: bool = True
+    username: str | None = None
+    #: SMTP password: a file (relative: under $CREDENTIALS_DIRECTORY when systemd provides it) or an env variable.
+    password_file: Path | None = None
+    password_env: str | None = None
+    timeout: float = 30.0
+
+    def read_password(self) -> str | None:
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        if self.password_env is not None:
+            return os.environ.get(self.password_env, "").strip() or None
+        return None
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    webhook: WebhookConfig | None = None
+    email: EmailConfig | None = None
+    on: tuple[str, ...] = ("completed", "failed", "cancelled")
+    #: A notification still failing this many seconds after its state change is given up (logged as an error).
+    give_up_after: float = 86400.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.webhook is not None or self.email is not None
 
 
 @dataclass(frozen=True)
@@ -140,6 +194,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     source: Path | None = None
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
 
 
 def find_config_path(cli_path: str | Path | None) -> Path:
@@ -171,9 +226,10 @@ def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Co
     logging_ = LoggingConfig(**(_walk(sections.get("logging"), "logging", _LOGGING, ctx) or {}))
     metrics = MetricsConfig(**(_walk(sections.get("metrics"), "metrics", _METRICS, ctx) or {}))
     services = _services(sections.get("services"), scheduler.poll_interval, ctx)
+    notifications = _notifications(sections.get("notifications"), ctx)
     if ctx.problems:
         raise ConfigError(ctx.problems, source)
-    return Config(database, storage, scheduler, logging_, metrics, services, source)
+    return Config(database, storage, scheduler, logging_, metrics, services, source, notifications)
 
 
 def format_problems(error: ConfigError) -> str:
@@ -193,6 +249,7 @@ def check_runtime(config: Config) -> list[str]:
         if problem:
             problems.append(problem)
     problems.extend(_check_storage(config.storage))
+    problems.extend(_check_notifications(config.notifications))
     return problems
 
 
@@ -585,7 +642,8 @@ BUILDS = ("hg19", "hg38")
 POPULATIONS = ("eur", "afr", "amr", "eas", "sas", "asn", "AA", "mixed", "all", "off")
 
 _TOP_LEVEL: dict[str, _Convert] = {
-    name: _as_is for name in ("database", "storage", "scheduler", "logging", "metrics", "services")
+    name: _as_is
+    for name in ("database", "storage", "scheduler", "logging", "metrics", "services", "notifications")
 }
 
 _DATABASE: dict[str, _Convert] = {
@@ -599,6 +657,8 @@ _STORAGE: dict[str, _Convert] = {
     "results_dir": _path,
     "temp_dir": _path,
     "keep_days": _optional(_integer(1, 36500)),
+    "extract": _boolean,
+    "secret_key_file": _optional(_path),
 }
 
 #: Intervals at which the scheduler's ticks run; a lease must outlast the longest of them.
@@ -654,7 +714,8 @@ def _storage(raw: Any, ctx: _Context) -> StorageConfig:
     temp_dir = values.get("temp_dir") or _systemd_dir("CACHE_DIRECTORY") or state_dir / "tmp"
     if results_dir == temp_dir:
         ctx.report("storage.temp_dir", "must differ from results_dir (scratch files would sit among the results)")
-    return StorageConfig(state_dir, results_dir, temp_dir, values.get("keep_days"))
+    return StorageConfig(state_dir, results_dir, temp_dir, values.get("keep_days"), values.get("extract", False),
+                         values.get("secret_key_file"))
 
 
 def _systemd_dir(variable: str) -> Path | None:
@@ -790,6 +851,104 @@ _SERVICE: dict[str, _Convert] = {
 
 _SERVICE_DEFAULTS = {f.name: f.default for f in fields(ServiceConfig)}
 
+_EMAIL_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def _credential_file(value: Any, path: str, ctx: _Context) -> Path:
+    """Like `_token_file`: relative paths live under `$CREDENTIALS_DIRECTORY` when systemd provides one."""
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("must be the path of a file that holds only the secret")
+    candidate = Path(value.strip()).expanduser()
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not candidate.is_absolute() and credentials:
+        return Path(credentials) / candidate
+    return _path(value, path, ctx)
+
+
+def _address(value: Any, path: str, ctx: _Context) -> str:
+    if not isinstance(value, str) or not _EMAIL_ADDRESS.fullmatch(value.strip()):
+        raise _Invalid(f"must be an e-mail address like imputation@example.org, got {_got(value)}")
+    return value.strip()
+
+
+def _addresses(value: Any, path: str, ctx: _Context) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise _Invalid(f"must be an e-mail address or a non-empty list of them, got {_got(value)}")
+    bad = [item for item in items if not isinstance(item, str) or not _EMAIL_ADDRESS.fullmatch(item.strip())]
+    if bad:
+        raise _Invalid(f"not e-mail addresses: {', '.join(_got(item) for item in bad)}")
+    return tuple(item.strip() for item in items)
+
+
+_WEBHOOK: dict[str, _Convert] = {
+    "url": _url,
+    "timeout": _seconds(120),
+    "headers_file": _optional(_credential_file),
+}
+
+_EMAIL: dict[str, _Convert] = {
+    "host": _text,
+    "port": _integer(1, 65535),
+    "starttls": _boolean,
+    "from": _address,
+    "to": _addresses,
+    "username": _optional(_text),
+    "password_file": _optional(_credential_file),
+    "password_env": _optional(_env_name),
+    "timeout": _seconds(600),
+}
+
+_NOTIFICATIONS: dict[str, _Convert] = {
+    "webhook": _as_is,
+    "email": _as_is,
+    "on": _subset(NOTIFY_STATES, non_empty=True),
+    "give_up_after": _seconds(30 * 86400),
+}
+
+
+def _notifications(raw: Any, ctx: _Context) -> NotificationsConfig:
+    if raw is None:
+        return NotificationsConfig()
+    values = _walk(raw, "notifications", _NOTIFICATIONS, ctx)
+    if values is None:
+        return NotificationsConfig()
+    webhook = email = None
+    if values.get("webhook") is not None:
+        hook = _walk(values["webhook"], "notifications.webhook", _WEBHOOK, ctx, required=("url",), refuse_secrets=True)
+        if hook and "url" in hook:
+            webhook = WebhookConfig(**hook)
+    if values.get("email") is not None:
+        email = _email(values["email"], ctx)
+    if "webhook" not in raw and "email" not in raw:
+        ctx.report("notifications", "needs webhook or email (or leave the section out)")
+    extra = {key: values[key] for key in ("on", "give_up_after") if key in values}
+    return NotificationsConfig(webhook=webhook, email=email, **extra)
+
+
+def _email(raw: Any, ctx: _Context) -> EmailConfig | None:
+    where = "notifications.email"
+    values = _walk(raw, where, _EMAIL, ctx, required=("host", "from", "to"), refuse_secrets=True)
+    if values is None:
+        return None
+    raw = raw or {}
+    credentials = [key for key in ("password_file", "password_env") if raw.get(key) is not None]
+    if len(credentials) > 1:
+        ctx.report(where, "give exactly one of password_file or password_env, not both")
+    if credentials and raw.get("username") is None:
+        ctx.report(f"{where}.username", f"required with {credentials[0]}")
+    if raw.get("username") is not None and not credentials:
+        ctx.report(where, "username needs password_file or password_env (secrets are never stored in the YAML)")
+    starttls = values.get("starttls", True)
+    host = values.get("host")
+    if credentials and not starttls and host is not None and host.lower() not in _LOOPBACK_HOSTS:
+        ctx.report(f"{where}.starttls", f"must be true when logging in to {host} (the password would travel in clear)")
+    if any(key not in values for key in ("host", "from", "to")):
+        return None
+    values["sender"] = values.pop("from")
+    return EmailConfig(**values)
+
 
 # --- runtime checks --------------------------------------------------------------------------------------------------
 
@@ -834,6 +993,26 @@ def _check_token_file(where: str, path: Path) -> str | None:
         # It would be sent as one header value with the line break in it; the server would answer 401.
         return f"{where}: {path} holds more than the token (several lines or words)"
     return None
+
+
+def _check_notifications(notifications: NotificationsConfig) -> list[str]:
+    problems = []
+    if notifications.webhook is not None and notifications.webhook.headers_file is not None:
+        # The format belongs to the sender; imported here because it imports this module's types.
+        from daemon.notify import HeadersFileError, read_headers_file
+
+        try:
+            read_headers_file(notifications.webhook.headers_file)
+        except HeadersFileError as exc:
+            problems.append(f"notifications.webhook.headers_file: {exc}")
+    email = notifications.email
+    if email is not None and email.password_file is not None:
+        problem = _check_token_file("notifications.email.password_file", email.password_file)
+        if problem:
+            problems.append(problem.replace("the token", "the password"))
+    elif email is not None and email.password_env is not None and not os.environ.get(email.password_env, "").strip():
+        problems.append("notifications.email.password_env: the environment variable it names is not set or empty")
+    return problems
 
 
 def _check_storage(storage: StorageConfig) -> list[str]:

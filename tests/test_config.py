@@ -16,10 +16,13 @@ from daemon.config import (
     DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
+    EmailConfig,
+    NotificationsConfig,
     PanelConfig,
     SchedulerConfig,
     ServiceConfig,
     StorageConfig,
+    WebhookConfig,
     WesConfig,
     check_runtime,
     find_config_path,
@@ -228,9 +231,10 @@ def test_example_documents_every_key() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     documented = {
         f.name
-        for cls in (Config, SchedulerConfig, StorageConfig, ServiceConfig, PanelConfig, WesConfig)
+        for cls in (Config, SchedulerConfig, StorageConfig, ServiceConfig, PanelConfig, WesConfig,
+                    NotificationsConfig, WebhookConfig, EmailConfig)
         for f in dataclasses.fields(cls)
-    } - {"name", "source", "remote_id"}
+    } - {"name", "source", "remote_id", "sender"}
     documented |= {"id", "url", "pool_size", "echo", "format", "level", "listen"}
     missing = sorted(key for key in documented if f"{key}:" not in text)
     assert missing == []
