@@ -14,7 +14,7 @@ import datetime as dt
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
@@ -22,6 +22,9 @@ from sqlalchemy.orm import Session, selectinload
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, utcnow
 from daemon.services.base import RemoteOutput
 from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState, check_transition
+
+#: States whose events go into the notification outbox (`notify_next_at` set when the event is written).
+NOTIFIABLE: frozenset[JobState] = TERMINAL | {JobState.BLOCKED}
 
 
 @dataclass(frozen=True)
@@ -63,14 +66,55 @@ class JobNotFound(LookupError):
     pass
 
 
+class PasswordSealer(Protocol):
+    """What the store needs of `daemon.crypto.PasswordCipher`: seal a password before it is stored."""
+
+    def seal(self, password: str | None) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class PendingNotification:
+    """One claimed outbox row: a job event and what a notification says about its job."""
+
+    event_id: int
+    attempt: int  # the claim's fencing token for `finish_notification`
+    at: dt.datetime
+    from_state: str | None
+    state: str
+    reason: str | None
+    notified_via: frozenset[str]
+    job_id: uuid.UUID
+    group_id: uuid.UUID
+    name: str | None
+    service: str
+    result_dir: str | None
+    finished_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class ExpiredJob:
+    """A finished job past the retention period (`expired_jobs`)."""
+
+    id: uuid.UUID
+    service: str
+    state: JobState
+    name: str | None
+    finished_at: dt.datetime
+    result_dir: str | None
+
+
 def _load_options() -> tuple:
     return (selectinload(Job.inputs), selectinload(Job.outputs))
 
 
 class JobStore:
-    def __init__(self, session_factory: Callable[[], Session], *, postgres: bool) -> None:
+    def __init__(
+        self, session_factory: Callable[[], Session], *, postgres: bool, sealer: PasswordSealer | None = None
+    ) -> None:
         self._session = session_factory
         self._postgres = postgres
+        #: Seals job passwords before they are stored; None stores them as given.
+        self._sealer = sealer
 
     # ------------------------------------------------------------------ submission and operator actions
 
@@ -93,7 +137,7 @@ class JobStore:
                     r2_filter=spec.r2_filter,
                     mode=spec.mode,
                     name=spec.name,
-                    password=spec.password,
+                    password=self._sealer.seal(spec.password) if self._sealer else spec.password,
                     state=JobState.PENDING,
                     created_at=now,
                     updated_at=now,
@@ -542,6 +586,142 @@ class JobStore:
             status.token_expires_at = expires
             status.token_checked_at = utcnow()
 
+    # ------------------------------------------------------------------ health
+
+    def ping(self) -> None:
+        """A trivial query: raises when the database does not answer."""
+        with self._session() as session:
+            session.execute(sa.select(1)).one()
+
+    # ------------------------------------------------------------------ notification outbox
+
+    def claim_notifications(
+        self,
+        *,
+        states: Collection[str],
+        limit: int,
+        lease_seconds: float,
+        now: dt.datetime | None = None,
+    ) -> list[PendingNotification]:
+        """Claim up to `limit` due outbox rows for `states`: push their `notify_next_at` a lease ahead and count an
+        attempt, so no other notifier takes them until the lease runs out (PostgreSQL: `FOR UPDATE SKIP LOCKED`;
+        SQLite: the write lock of `BEGIN IMMEDIATE`)."""
+        if limit <= 0 or not states:
+            return []
+        now = now or utcnow()
+        candidates = (
+            sa.select(JobEvent.id)
+            .where(JobEvent.notify_next_at <= now, JobEvent.to_state.in_(list(states)))
+            .order_by(JobEvent.notify_next_at, JobEvent.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self._session() as session, session.begin():
+            claimed = session.execute(
+                sa.update(JobEvent)
+                .where(JobEvent.id.in_(candidates.scalar_subquery()))
+                .values(
+                    notify_next_at=now + dt.timedelta(seconds=lease_seconds),
+                    notify_attempts=sa.func.coalesce(JobEvent.notify_attempts, 0) + 1,
+                )
+                .returning(JobEvent.id)
+                .execution_options(synchronize_session=False)
+            ).scalars().all()
+            if not claimed:
+                return []
+            rows = session.execute(
+                sa.select(JobEvent, Job).join(Job, Job.id == JobEvent.job_id).where(JobEvent.id.in_(list(claimed)))
+                .order_by(JobEvent.id)
+            ).all()
+            return [
+                PendingNotification(
+                    event_id=event.id, attempt=event.notify_attempts or 0, at=event.at, from_state=event.from_state,
+                    state=event.to_state, reason=event.reason,
+                    notified_via=frozenset(filter(None, (event.notified_via or "").split(","))),
+                    job_id=job.id, group_id=job.group_id, name=job.name, service=job.service,
+                    result_dir=job.result_dir, finished_at=job.finished_at,
+                )
+                for event, job in rows
+            ]
+
+    def finish_notification(
+        self,
+        event_id: int,
+        attempt: int,
+        *,
+        delivered: Collection[str],
+        done: bool,
+        error: str | None = None,
+        retry_at: dt.datetime | None = None,
+        now: dt.datetime | None = None,
+    ) -> bool:
+        """Record a claimed notification's outcome: `done` takes it out of the outbox, otherwise it is due again at
+        `retry_at`. Lands only for the claim that made attempt `attempt`; returns whether it did."""
+        now = now or utcnow()
+        values: dict[str, Any] = {
+            "notified_via": ",".join(sorted(delivered)) or None,
+            "notify_error": error,
+            "notify_next_at": None if done else retry_at,
+        }
+        if done and delivered:
+            values["notified_at"] = now
+        with self._session() as session, session.begin():
+            result = session.execute(
+                sa.update(JobEvent)
+                .where(JobEvent.id == event_id, JobEvent.notify_attempts == attempt)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount == 1
+
+    def drop_notifications(
+        self, reason: str, *, keep_states: Collection[str] = (), now: dt.datetime | None = None
+    ) -> int:
+        """Take due outbox rows out without sending anything (their state is not wanted, or notifications are off),
+        except those for `keep_states`. Returns how many."""
+        now = now or utcnow()
+        query = sa.update(JobEvent).where(JobEvent.notify_next_at <= now)
+        if keep_states:
+            query = query.where(JobEvent.to_state.not_in(list(keep_states)))
+        with self._session() as session, session.begin():
+            result = session.execute(
+                query.values(notify_next_at=None, notify_error=reason).execution_options(synchronize_session=False)
+            )
+            return result.rowcount
+
+    # ------------------------------------------------------------------ retention
+
+    def expired_jobs(self, cutoff: dt.datetime, *, limit: int = 1000) -> list[ExpiredJob]:
+        """Finished jobs (completed, failed, cancelled) that finished before `cutoff`, oldest first."""
+        with self._session() as session:
+            rows = session.execute(
+                sa.select(Job.id, Job.service, Job.state, Job.name, Job.finished_at, Job.result_dir)
+                .where(Job.state.in_(list(TERMINAL)), Job.finished_at < cutoff)
+                .order_by(Job.finished_at)
+                .limit(limit)
+            ).all()
+        return [ExpiredJob(*row) for row in rows]
+
+    def delete_expired_job(
+        self, job_id: uuid.UUID, cutoff: dt.datetime, *, before_delete: Callable[[Job], None] | None = None
+    ) -> bool:
+        """Delete one finished job's row (inputs, outputs and events go with it) if it is still finished before
+        `cutoff` and nobody holds it; `before_delete(job)` runs first, inside the transaction holding the row (it
+        removes the files; when it raises, the row stays). Returns whether the row was deleted."""
+        with self._session() as session, session.begin():
+            job = session.scalars(
+                sa.select(Job)
+                .where(Job.id == job_id, Job.state.in_(list(TERMINAL)), Job.finished_at < cutoff)
+                .with_for_update(skip_locked=True)
+            ).one_or_none()
+            if job is None:
+                return False
+            if before_delete is not None:
+                before_delete(job)
+            # The database's ON DELETE CASCADE removes inputs, outputs and events without loading them.
+            session.execute(sa.delete(Job).where(Job.id == job_id).execution_options(synchronize_session=False))
+            return True
+
     # ------------------------------------------------------------------ internals
 
     def _lock(self, session: Session, job_id: uuid.UUID) -> Job:
@@ -571,7 +751,8 @@ class JobStore:
     @staticmethod
     def _transition(session: Session, job: Job, new: JobState, reason: str | None, now: dt.datetime) -> None:
         check_transition(job.state, new)
-        session.add(JobEvent(job_id=job.id, at=now, from_state=job.state, to_state=new, reason=reason))
+        session.add(JobEvent(job_id=job.id, at=now, from_state=job.state, to_state=new, reason=reason,
+                             notify_next_at=now if new in NOTIFIABLE else None))
         job.state = new
         job.updated_at = now
 
@@ -588,11 +769,15 @@ def job_snapshot(job: Job) -> dict[str, Any]:
 
 
 __all__ = [
+    "NOTIFIABLE",
+    "ExpiredJob",
     "JobNotFound",
     "JobStore",
     "LeaseLost",
     "NewInput",
     "NewJob",
     "Outcome",
+    "PasswordSealer",
+    "PendingNotification",
     "job_snapshot",
 ]
