@@ -390,6 +390,8 @@ def cmd_simulate_server(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from daemon.submission import BUILDS, MODES, PHASING, R2_FILTERS
+
     parser = argparse.ArgumentParser(
         prog="imputationd", description="Drive genotype-imputation jobs through remote imputation servers."
     )
@@ -421,11 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--service", action="append", required=True, metavar="S",
                         help="a configured service; repeat for several (one child job each)")
     submit.add_argument("--panel", required=True, metavar="P", help="reference panel (our name, from the config)")
-    submit.add_argument("--build", required=True, choices=["hg19", "hg38"])
+    submit.add_argument("--build", required=True, choices=BUILDS)
     submit.add_argument("--population", metavar="POP")
-    submit.add_argument("--phasing", choices=["eagle", "beagle", "no_phasing"])
-    submit.add_argument("--r2-filter", choices=["0", "0.001", "0.1", "0.2", "0.3"])
-    submit.add_argument("--mode", choices=["imputation", "qc_only"])
+    submit.add_argument("--phasing", choices=PHASING)
+    submit.add_argument("--r2-filter", choices=R2_FILTERS)
+    submit.add_argument("--mode", choices=MODES)
     submit.add_argument("--name", help="a name for humans")
     secret = submit.add_mutually_exclusive_group()
     secret.add_argument("--password", help="password for the result zips (visible to `ps`: prefer --password-file)")
