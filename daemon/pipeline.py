@@ -31,6 +31,8 @@ log = structlog.get_logger("daemon.pipeline")
 MAX_INTEGRITY_ATTEMPTS = 3
 #: Kinds of download failure that count against MAX_INTEGRITY_ATTEMPTS.
 INTEGRITY_KINDS = frozenset({"truncated", "corrupt_zip", "length_mismatch"})
+#: Error kinds that pause the whole service (`Transient.service_wide`); a job recovering from one ends the pause.
+SERVICE_WIDE_KINDS = frozenset({"unavailable", "rate_limited"})
 
 
 def remote_job_name(job: Job) -> str:
@@ -190,6 +192,8 @@ class Pipeline:
         }
         if job.failures:
             log.info("recovered", after_failures=job.failures)
+            if job.error_kind in SERVICE_WIDE_KINDS and self.store.resume_service(job.service):
+                log.info("service_resumed", service=job.service)
         interval = jittered(self._service(job).poll_interval)
         match status.kind:
             case RemoteKind.QUEUED | RemoteKind.RUNNING:
@@ -355,7 +359,7 @@ class Pipeline:
         )
         if exc.service_wide:
             until = utcnow() + dt.timedelta(seconds=delay)
-            if self.store.pause_service(job.service, until, str(exc)):
+            if self.store.pause_service(job.service, until, str(exc), continuing_within=scheduler.backoff_max):
                 log.warning("service_paused", reason=str(exc), error_kind=exc.kind, seconds=round(delay, 1))
         elif not quiet:
             # One line when a problem starts; the repeats of the same problem are debug-level.

@@ -236,11 +236,10 @@ class Daemon:
         for name, status in self.store.service_statuses().items():
             if name not in self.adapters or status.blocked_reason is not None:
                 continue
-            if status.paused_until is not None:
-                if status.paused_until > now:
-                    continue
-                self.store.resume_service(name)
-                log.info("service_resumed", service=name)
+            if status.paused_until is not None and status.paused_until > now:
+                continue
+            # An expired pause is not cleared here: the pipeline clears it (and says so) when a call works again,
+            # so a maintenance window retried with backoff stays one outage in the logs, not one per retry.
             usable.append(name)
         return usable
 

@@ -559,20 +559,30 @@ class JobStore:
                 job.failures = 0
             return len(jobs)
 
-    def pause_service(self, service: str, until: dt.datetime, reason: str) -> bool:
-        """Hold every call to a service until `until` (maintenance, rate limit). Returns True if newly paused."""
+    def pause_service(
+        self, service: str, until: dt.datetime, reason: str, *, continuing_within: float = 0.0
+    ) -> bool:
+        """Hold every call to a service until `until` (maintenance, rate limit). Returns True if newly paused.
+
+        An expired pause stays recorded until `resume_service`: a pause starting at most `continuing_within`
+        seconds after the last one ended is the same outage (a maintenance window retried with backoff), not a
+        new one."""
         with self._session() as session, session.begin():
             status = self._service_row(session, service)
             now = utcnow()
-            newly = status.paused_until is None or status.paused_until <= now
+            ended_long_ago = now - dt.timedelta(seconds=continuing_within)
+            newly = status.paused_until is None or status.paused_until <= ended_long_ago
             if newly or until > status.paused_until:
                 status.paused_until, status.pause_reason = until, reason
             return newly
 
-    def resume_service(self, service: str) -> None:
+    def resume_service(self, service: str) -> bool:
+        """A call to the service worked again: forget its pause. Returns True if it had one."""
         with self._session() as session, session.begin():
             status = self._service_row(session, service)
+            was_paused = status.paused_until is not None
             status.paused_until = status.pause_reason = None
+            return was_paused
 
     def lower_limit(self, service: str, limit: int) -> None:
         """The server refused a job for too many running ones: use at most `limit` slots until a job finishes."""
