@@ -1,0 +1,415 @@
+"""Download one result file safely: stream it into a temp file beside its destination, hash it while it arrives,
+check its length (and a zip's CRCs), then move it into place atomically.
+
+Rules this module keeps:
+
+- A server-given file name never escapes the result directory (`safe_relative_path`).
+- A file appears under its final name only when it is complete and verified; every error path removes the partial.
+  Partials live in `<result_dir>/.partial/` (same file system, so the final `os.replace` is atomic); a SIGKILL can
+  leave some behind, which `remove_partials` clears at start-up.
+- The download URL is never seen here (the caller hands an `open_stream` callable) and never appears in a message.
+- Each GET may spend one of the server's download counts (Cloudgene: 10 per file), so nothing here retries: the
+  caller decides, counting attempts.
+
+Errors: `Permanent(kind="unsafe_name")` for a hostile name; `Transient` with kinds `truncated`, `length_mismatch`,
+`timeout`/`connection` (mid-stream), `bad_response` (garbled Content-Length or Content-Encoding), `disk_full`,
+`corrupt_zip`, `interrupted` (`DownloadInterrupted`);
+`Permanent(kind="zip_password")` when the job's password does not open the zip; the adapter's own errors (HTTP
+status) pass through. Other local `OSError`s (permissions, a read-only file system) propagate unchanged: they need
+an operator, not another download.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import httpx
+
+from daemon import results
+from daemon.services.errors import Permanent, Transient
+from daemon.services.http import raise_for_status, transport_errors
+
+#: Temp files of downloads in progress, inside each result directory.
+PARTIAL_DIR = ".partial"
+PARTIAL_SUFFIX = ".part"
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+#: Longest file-name component most file systems accept (bytes).
+NAME_MAX = 255
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A result file stored under its final name."""
+
+    path: Path
+    size: int
+    sha256: str  # of the stored bytes, computed while streaming
+    #: The server's Content-Length, or None when it sent none (then `size` could not be checked against anything).
+    content_length: int | None = None
+    #: For zips: True when every entry's CRC was checked, False when encrypted entries could only be checked for
+    #: structure (no password known). None for other files.
+    zip_crc_checked: bool | None = None
+
+
+class DownloadInterrupted(Transient):
+    """`should_stop()` turned true: the partial is gone, the file must be fetched again from byte zero."""
+
+    kind = "interrupted"
+
+
+def _printable(name: str, limit: int = 120) -> str:
+    """The name as it can safely appear in a message and a log line: control characters escaped, length capped."""
+    out = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
+                  for ch in name[:limit])
+    return out + ("…" if len(name) > limit else "")
+
+
+def safe_relative_path(name: str) -> PurePosixPath:
+    """The server-given `name` as a relative path that stays inside the result directory.
+
+    Subfolders are kept ("statistics/summary.txt"). Rejected with `Permanent(kind="unsafe_name")`: empty names,
+    absolute paths, `..`, `.` and empty components (also a trailing slash), backslashes, Windows drive letters,
+    control characters (NUL included), names that are not valid Unicode, components longer than 255 bytes, and
+    the reserved first component `.partial`.
+    """
+
+    def reject(why: str) -> Permanent:
+        return Permanent(f"unsafe result file name {_printable(name)!r}: {why}", kind="unsafe_name")
+
+    if not isinstance(name, str) or not name:
+        raise reject("empty")
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in name):
+        raise reject("contains a control character")
+    if "\\" in name:
+        raise reject("contains a backslash")
+    if _DRIVE.match(name):
+        raise reject("starts with a drive letter")
+    if name.startswith("/"):
+        raise reject("absolute path")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise reject("not valid Unicode") from None
+    parts = name.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise reject(f"has a {part or 'empty'!r} path component" if part else "has an empty path component")
+        if len(part.encode("utf-8")) > NAME_MAX:
+            raise reject(f"a path component is longer than {NAME_MAX} bytes")
+    if parts[0] == PARTIAL_DIR:
+        raise reject(f"{PARTIAL_DIR!r} is reserved for downloads in progress")
+    return PurePosixPath(*parts)
+
+
+def download(
+    open_stream: Callable[[], AbstractContextManager[httpx.Response]],
+    name: str,
+    *,
+    result_dir: Path,
+    password: str | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    chunk_size: int = 1 << 20,
+) -> Downloaded:
+    """Fetch one result file into `result_dir/<name>` and return what was stored.
+
+    `open_stream` opens the streaming GET (e.g. `lambda: adapter.stream_output(output)`); it is called at most once,
+    and not at all when `should_stop()` is already true. A non-2xx answer is turned into our errors by
+    `http.raise_for_status` (adapters may raise their own before that).
+
+    The body is streamed (`iter_raw` when the transfer is not content-encoded, so the bytes stored are the bytes
+    sent), hashed with SHA-256 on the way, and its byte count must equal Content-Length: short →
+    `Transient(kind="truncated")`, long → `Transient(kind="length_mismatch")`. A missing Content-Length is allowed
+    and shows as `Downloaded.content_length is None`.
+
+    A `*.zip` is then verified with `results.verify_zip` (every entry's CRC when `password` is known or entries are
+    not encrypted; structure only for encrypted entries without a password). A corrupt zip is
+    `Transient(kind="corrupt_zip")`: the bytes may have been damaged on the way, so another download may succeed,
+    but each attempt spends one of the server's download counts — the caller counts attempts and gives the file
+    up (fails it) after a few. A zip the job's password does not open is `Permanent(kind="zip_password")`: fetching
+    it again would not help.
+
+    `should_stop()` is checked before the request and between chunks (also during zip verification); when true,
+    the partial is deleted and `DownloadInterrupted` raised. Cloudgene's workspace ignores Range, so a restart
+    fetches from zero.
+
+    On success the file is fsynced, made mode 0640, renamed into place (subfolders created 0750; an existing file
+    of that name is replaced) and its directory fsynced. On any failure no partial file remains.
+    """
+    rel = safe_relative_path(name)
+    label = f"download {_printable(name)}"
+    if should_stop():
+        raise DownloadInterrupted(f"{label}: stopped before it started", kind="interrupted")
+
+    result_dir = Path(result_dir)
+    _make_dirs(result_dir)
+    final = result_dir.joinpath(*rel.parts)
+    if final.is_dir():
+        raise Permanent(f"{label}: a directory of that name is in the way", kind="unsafe_name")
+    if not final.parent.resolve().is_relative_to(result_dir.resolve()):
+        raise Permanent(f"{label}: its folder leads out of the result directory (a symlink?)", kind="unsafe_name")
+
+    with _partial_file(result_dir) as (partial, fh):
+        digest = hashlib.sha256()
+        size = 0
+        content_length: int | None = None
+        try:
+            with transport_errors(label), open_stream() as response:
+                _check_status(response, label)
+                content_length = _content_length(response)
+                _check_free_space(partial.parent, content_length, label)
+                encoding = response.headers.get("content-encoding", "identity").strip().lower()
+                chunks = (
+                    response.iter_raw(chunk_size) if encoding in ("", "identity") else response.iter_bytes(chunk_size)
+                )
+                # Mid-stream failures are mapped here, inside the adapter's `with`, where they are still httpx's.
+                try:
+                    with transport_errors(label):
+                        try:
+                            for chunk in chunks:
+                                if should_stop():
+                                    raise DownloadInterrupted(
+                                        f"{label}: stopped after {size} bytes; the next attempt starts from zero",
+                                        kind="interrupted",
+                                    )
+                                fh.write(chunk)
+                                digest.update(chunk)
+                                size += len(chunk)
+                        except httpx.RemoteProtocolError:  # the peer closed before the body was complete
+                            raise Transient(
+                                f"{label}: truncated: the connection closed after {size}{_of(content_length)} bytes",
+                                kind="truncated",
+                            ) from None
+                        except httpx.DecodingError:  # a broken Content-Encoding stream
+                            raise Transient(
+                                f"{label}: the body could not be decoded after {size} bytes", kind="bad_response"
+                            ) from None
+                except Transient as exc:
+                    if exc.kind in ("timeout", "connection"):
+                        raise Transient(
+                            f"{exc.message} after {size}{_of(content_length)} bytes", kind=exc.kind
+                        ) from None
+                    raise
+                received = response.num_bytes_downloaded
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise Transient(
+                    f"{label}: no space left for the download ({os.strerror(exc.errno)}) after {size} bytes",
+                    kind="disk_full",
+                ) from None
+            raise
+
+        if content_length is not None and received != content_length:
+            if received < content_length:
+                raise Transient(
+                    f"{label}: truncated: received {received} of {content_length} bytes", kind="truncated"
+                )
+            raise Transient(
+                f"{label}: received {received} bytes but Content-Length said {content_length}",
+                kind="length_mismatch",
+            )
+
+        try:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise Transient(f"{label}: no space left to finish the download", kind="disk_full") from None
+            raise
+
+        zip_crc_checked: bool | None = None
+        if rel.name.lower().endswith(".zip"):
+            zip_crc_checked = _verify(partial, password, label, should_stop)
+
+        os.chmod(partial, FILE_MODE)
+        created = _make_dirs(final.parent, base=result_dir)
+        os.replace(partial, final)
+        _fsync_dir(final.parent)
+        for directory in created:
+            _fsync_dir(directory.parent)
+
+    return Downloaded(
+        path=final,
+        size=size,
+        sha256=digest.hexdigest(),
+        content_length=content_length,
+        zip_crc_checked=zip_crc_checked,
+    )
+
+
+def remove_partials(result_dir: Path) -> int:
+    """Delete the partial files a killed daemon left under `result_dir` (searched recursively, symlinks not
+    followed) and their empty `.partial` folders; return how many files went.
+
+    Call it at start-up, before any download runs: it cannot tell a dead download's partial from a live one's.
+    """
+    result_dir = Path(result_dir)
+    removed = 0
+    if not result_dir.is_dir():
+        return 0
+    for top, dirs, _files in os.walk(result_dir):
+        if PARTIAL_DIR not in dirs:
+            continue
+        dirs.remove(PARTIAL_DIR)  # handled here, not walked into
+        partial_dir = Path(top, PARTIAL_DIR)
+        if partial_dir.is_symlink():
+            continue
+        for entry in os.scandir(partial_dir):
+            if entry.name.endswith(PARTIAL_SUFFIX) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+        with contextlib.suppress(OSError):
+            os.rmdir(partial_dir)
+    return removed
+
+
+def sha256_file(path: Path, *, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 of a stored file, streamed (constant memory), to re-verify a result against the recorded hash."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(chunk_size)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+# --- internals ----------------------------------------------------------------------------------------------------
+
+
+def _of(content_length: int | None) -> str:
+    return f" of {content_length}" if content_length is not None else ""
+
+
+def _check_status(response: httpx.Response, label: str) -> None:
+    if 200 <= response.status_code < 300:
+        return
+    if response.status_code >= 400:
+        with contextlib.suppress(httpx.HTTPError):
+            response.read()  # error bodies are short; raise_for_status quotes the server's message
+        raise_for_status(response, label)
+    raise Transient(f"{label}: unexpected HTTP {response.status_code}", kind="bad_response")
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    if value is None:
+        return None
+    values = {v.strip() for v in value.split(",")}  # a repeated header arrives joined with commas
+    if len(values) != 1:
+        raise Transient("conflicting Content-Length headers", kind="bad_response")
+    (text,) = values
+    if not text.isdigit():
+        raise Transient(f"invalid Content-Length {text[:40]!r}", kind="bad_response")
+    return int(text)
+
+
+def _check_free_space(directory: Path, content_length: int | None, label: str) -> None:
+    """Fail fast (before streaming gigabytes) when the file cannot fit."""
+    if content_length is None:
+        return
+    free = shutil.disk_usage(directory).free
+    if content_length > free:
+        raise Transient(
+            f"{label}: needs {content_length} bytes but only {free} are free", kind="disk_full"
+        )
+
+
+def _verify(partial: Path, password: str | None, label: str, should_stop: Callable[[], bool]) -> bool:
+    def checkpoint() -> None:
+        if should_stop():
+            raise DownloadInterrupted(
+                f"{label}: stopped while verifying the zip; the next attempt starts from zero", kind="interrupted"
+            )
+
+    try:
+        return results.verify_zip(partial, password, checkpoint=checkpoint)
+    except results.WrongPassword as exc:
+        raise Permanent(f"{label}: {exc}", kind="zip_password") from None
+    except results.CorruptResult as exc:
+        raise Transient(f"{label}: {exc}", kind="corrupt_zip") from None
+
+
+@contextlib.contextmanager
+def _partial_file(result_dir: Path) -> Iterator[tuple[Path, BinaryIO]]:
+    """A new, exclusively created temp file in `result_dir/.partial/`; removed unless it was renamed away."""
+    partial_dir = result_dir / PARTIAL_DIR
+    partial = partial_dir / f"{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+    for attempt in range(3):
+        _make_dirs(partial_dir, base=result_dir)
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            break
+        except FileNotFoundError:
+            if attempt == 2:  # another download kept removing the (empty) folder under us
+                raise
+    try:
+        fh = open(fd, "wb")  # noqa: SIM115 - closed below on every path
+    except BaseException:
+        os.close(fd)
+        os.unlink(partial)
+        raise
+    try:
+        yield partial, fh
+    finally:
+        with contextlib.suppress(OSError):
+            fh.close()  # a failing flush here (disk full) must not hide the original error
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)  # gone already when it was renamed into place
+        with contextlib.suppress(OSError):
+            os.rmdir(partial_dir)  # only when empty: another download may be using it
+
+
+def _make_dirs(path: Path, *, base: Path | None = None) -> list[Path]:
+    """Create `path` and its missing parents (below `base`, when given) with mode 0750; return what was created.
+
+    Safe against a concurrent download creating the same folder. The `.partial` folder may vanish between its
+    creation and use when another download removes it empty; `_partial_file` therefore creates it right before use.
+    """
+    path = Path(path)
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        if base is not None and current == base:
+            break
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    created = []
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(directory, DIR_MODE)  # the umask may have narrowed or the mode; make it exactly 0750
+        created.append(directory)
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+    return created
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["Downloaded", "DownloadInterrupted", "download", "remove_partials", "safe_relative_path", "sha256_file"]

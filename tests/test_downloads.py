@@ -1,0 +1,498 @@
+"""Downloading one result file: names, streaming, length and zip checks, cleanup on every error path."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import http.server
+import io
+import os
+import socket
+import stat
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+
+import httpx
+import pyzipper
+import pytest
+
+from daemon import downloads
+from daemon.downloads import (
+    Downloaded,
+    DownloadInterrupted,
+    download,
+    remove_partials,
+    safe_relative_path,
+    sha256_file,
+)
+from daemon.services.errors import Blocked, Permanent, Transient
+
+SECRET = "a3f1c0ffee5ecret"
+URL = f"https://imputation.example/share/results/{SECRET}/chr_20.zip?token=qs-secret"
+BODY = os.urandom(300_000)
+
+
+def opener(
+    body: bytes | Callable[[], Iterator[bytes]] = BODY,
+    *,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    calls: list[int] | None = None,
+) -> Callable[[], object]:
+    """An `open_stream` over httpx's MockTransport: `body` as bytes (Content-Length set unless `headers` say
+    otherwise) or as a chunk generator (no Content-Length unless given)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if calls is not None:
+            calls.append(1)
+        if callable(body):
+            return httpx.Response(status, headers=headers, stream=_Stream(body))
+        all_headers = {"Content-Length": str(len(body)), **(headers or {})}
+        return httpx.Response(status, headers=all_headers, stream=_Stream(lambda: iter([body])))
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    return lambda: client.stream("GET", URL)
+
+
+class _Stream(httpx.SyncByteStream):
+    def __init__(self, chunks: Callable[[], Iterator[bytes]]) -> None:
+        self._chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._chunks()
+
+
+def leftovers(result_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(result_dir)) for p in result_dir.rglob("*") if p.is_file())
+
+
+def assert_clean(result_dir: Path) -> None:
+    assert leftovers(result_dir) == []
+    assert not (result_dir / downloads.PARTIAL_DIR).exists()
+
+
+def assert_no_secret(exc: BaseException) -> None:
+    text = str(exc)
+    assert SECRET not in text and "qs-secret" not in text and "example" not in text
+
+
+# --- safe_relative_path ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["chr_20.zip", "statistics/summary.txt", "qc_report.txt", "a/b/c.txt", "ünïcode-name.txt", "x..y.txt"]
+)
+def test_safe_names_are_kept(name: str) -> None:
+    assert safe_relative_path(name) == PurePosixPath(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "/etc/passwd",
+        "../evil",
+        "a/../../b",
+        "a/..",
+        "..",
+        ".",
+        "./x",
+        "a//b",
+        "dir/",
+        "nul\x00byte",
+        "new\nline",
+        "esc\x1b[31m",
+        "back\\slash",
+        "..\\..\\evil",
+        "C:evil",
+        "c:/windows/x",
+        ".partial/x.part",
+        "x" * 256,
+        "bad\udcffsurrogate",
+    ],
+)
+def test_unsafe_names_are_refused(name: str) -> None:
+    with pytest.raises(Permanent) as info:
+        safe_relative_path(name)
+    assert info.value.kind == "unsafe_name"
+    assert "\x00" not in str(info.value) and "\n" not in str(info.value) and "\x1b" not in str(info.value)
+
+
+def test_unsafe_name_fails_before_any_request(tmp_path: Path) -> None:
+    calls: list[int] = []
+    with pytest.raises(Permanent, match="unsafe result file name '../x'"):
+        download(opener(calls=calls), "../x", result_dir=tmp_path / "r")
+    assert calls == []
+
+
+# --- success --------------------------------------------------------------------------------------------------------
+
+
+def test_download_stores_file_with_hash_and_modes(tmp_path: Path) -> None:
+    result_dir = tmp_path / "results" / "job-1"
+    got = download(opener(), "statistics/summary.txt", result_dir=result_dir, chunk_size=4096)
+    target = result_dir / "statistics" / "summary.txt"
+    assert got == Downloaded(
+        path=target, size=len(BODY), sha256=hashlib.sha256(BODY).hexdigest(), content_length=len(BODY)
+    )
+    assert target.read_bytes() == BODY
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert stat.S_IMODE(result_dir.stat().st_mode) == 0o750
+    assert stat.S_IMODE((result_dir / "statistics").stat().st_mode) == 0o750
+    assert leftovers(result_dir) == ["statistics/summary.txt"]
+    assert not (result_dir / downloads.PARTIAL_DIR).exists()
+    assert sha256_file(target) == got.sha256
+
+
+def test_missing_content_length_is_allowed_and_recorded(tmp_path: Path) -> None:
+    got = download(opener(lambda: iter([BODY[:1000], BODY[1000:]])), "qc_report.txt", result_dir=tmp_path)
+    assert (got.size, got.content_length) == (len(BODY), None)
+    assert (tmp_path / "qc_report.txt").read_bytes() == BODY
+
+
+def test_existing_file_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / "qc_report.txt").write_bytes(b"old")
+    download(opener(b"new"), "qc_report.txt", result_dir=tmp_path)
+    assert (tmp_path / "qc_report.txt").read_bytes() == b"new"
+
+
+def test_content_encoded_body_is_decoded_and_length_checked_on_the_wire(tmp_path: Path) -> None:
+    wire = gzip.compress(BODY)
+    got = download(opener(wire, headers={"Content-Encoding": "gzip"}), "qc_report.txt", result_dir=tmp_path)
+    assert (tmp_path / "qc_report.txt").read_bytes() == BODY
+    assert (got.size, got.content_length) == (len(BODY), len(wire))
+
+
+def test_concurrent_downloads_into_one_folder(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            for _ in range(10):
+                download(opener(BODY[:5000]), f"f{i}.txt", result_dir=tmp_path)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert leftovers(tmp_path) == [f"f{i}.txt" for i in range(6)]
+
+
+# --- length and transport failures ----------------------------------------------------------------------------------
+
+
+def test_short_body_is_truncated(tmp_path: Path) -> None:
+    open_stream = opener(lambda: iter([BODY[:1000]]), headers={"Content-Length": str(len(BODY))})
+    with pytest.raises(Transient) as info:
+        download(open_stream, "chr_20.zip", result_dir=tmp_path)
+    assert info.value.kind == "truncated"
+    assert f"received 1000 of {len(BODY)} bytes" in str(info.value)
+    assert_no_secret(info.value)
+    assert_clean(tmp_path)
+
+
+def test_long_body_is_a_length_mismatch(tmp_path: Path) -> None:
+    open_stream = opener(lambda: iter([BODY]), headers={"Content-Length": "10"})
+    with pytest.raises(Transient) as info:
+        download(open_stream, "qc_report.txt", result_dir=tmp_path)
+    assert info.value.kind == "length_mismatch"
+    assert_clean(tmp_path)
+
+
+def test_garbled_content_length(tmp_path: Path) -> None:
+    open_stream = opener(lambda: iter([BODY]), headers={"Content-Length": "12, 13"})
+    with pytest.raises(Transient) as info:
+        download(open_stream, "qc_report.txt", result_dir=tmp_path)
+    assert info.value.kind == "bad_response"
+    assert_clean(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (httpx.ReadError("connection reset by peer"), "connection"),
+        (httpx.ReadTimeout("read timed out"), "timeout"),
+        (httpx.RemoteProtocolError("peer closed connection"), "truncated"),
+    ],
+)
+def test_mid_stream_failure_is_transient(tmp_path: Path, error: Exception, kind: str) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield BODY[:4096]
+        raise error
+
+    with pytest.raises(Transient) as info:
+        download(
+            opener(chunks, headers={"Content-Length": str(len(BODY))}), "chr_20.zip", result_dir=tmp_path,
+            chunk_size=4096,
+        )
+    assert info.value.kind == kind
+    assert f"after 4096 of {len(BODY)} bytes" in str(info.value)
+    assert_no_secret(info.value)
+    assert_clean(tmp_path)
+
+
+def test_broken_content_encoding_is_transient(tmp_path: Path) -> None:
+    wire = gzip.compress(BODY)[:-100] + b"garbage" * 20
+    with pytest.raises(Transient) as info:
+        download(opener(wire, headers={"Content-Encoding": "gzip"}), "qc_report.txt", result_dir=tmp_path)
+    assert info.value.kind == "bad_response"
+    assert_clean(tmp_path)
+
+
+def test_connect_failure_is_transient(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    with pytest.raises(Transient) as info:
+        download(lambda: client.stream("GET", URL), "chr_20.zip", result_dir=tmp_path)
+    assert info.value.kind == "connection"
+    assert_no_secret(info.value)
+    assert_clean(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error", "kind"),
+    [
+        (400, b'{"success": false, "message": "number of max downloads exceeded."}', Permanent, "http_400"),
+        (404, b"not found", Permanent, "http_404"),
+        (503, b"maintenance", Transient, "unavailable"),
+        (502, b"<html>bad gateway</html>", Transient, "server_error"),
+        (401, b"", Blocked, "unauthorized"),
+    ],
+)
+def test_http_errors(tmp_path: Path, status: int, body: bytes, error: type, kind: str) -> None:
+    with pytest.raises(error) as info:
+        download(opener(body, status=status), "chr_20.zip", result_dir=tmp_path)
+    assert info.value.kind == kind
+    assert_no_secret(info.value)
+    assert_clean(tmp_path)
+
+
+class _TruncatingHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY[:50_000])
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_real_server_closing_early_is_truncated(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TruncatingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client() as client:
+            url = f"http://127.0.0.1:{server.server_port}/share/results/{SECRET}/chr_20.zip"
+            with pytest.raises(Transient) as info:
+                download(lambda: client.stream("GET", url), "chr_20.zip", result_dir=tmp_path, chunk_size=8192)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert info.value.kind == "truncated"
+    assert f"of {len(BODY)} bytes" in str(info.value)
+    assert_no_secret(info.value)
+    assert_clean(tmp_path)
+
+
+# --- disk full ------------------------------------------------------------------------------------------------------
+
+
+class _FullDisk:
+    """A file object that takes `room` bytes and then fails like a full disk."""
+
+    def __init__(self, fd: int, room: int, err: int) -> None:
+        self._real = open(fd, "wb")  # noqa: SIM115
+        self._room = room
+        self._err = err
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self._room:
+            raise OSError(self._err, os.strerror(self._err))
+        self._room -= len(data)
+        return self._real.write(data)
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    def flush(self) -> None:
+        self._real.flush()
+
+    def close(self) -> None:
+        self._real.close()
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
+def test_disk_full_mid_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+    monkeypatch.setattr(downloads, "open", lambda fd, mode: _FullDisk(fd, 10_000, err), raising=False)
+    with pytest.raises(Transient) as info:
+        download(opener(), "chr_20.zip", result_dir=tmp_path, chunk_size=4096)
+    assert info.value.kind == "disk_full"
+    assert_clean(tmp_path)
+
+
+def test_disk_too_small_for_content_length_fails_before_streaming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(downloads.shutil, "disk_usage", lambda path: _Usage(100))
+    streamed: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        streamed.append(1)
+        yield BODY
+
+    with pytest.raises(Transient) as info:
+        download(opener(chunks, headers={"Content-Length": str(len(BODY))}), "chr_20.zip", result_dir=tmp_path)
+    assert info.value.kind == "disk_full"
+    assert streamed == []
+    assert_clean(tmp_path)
+
+
+class _Usage:
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.total = self.used = 0
+
+
+def test_other_local_errors_propagate_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(downloads, "open", lambda fd, mode: _FullDisk(fd, 10, errno.EIO), raising=False)
+    with pytest.raises(OSError) as info:
+        download(opener(), "chr_20.zip", result_dir=tmp_path)
+    assert info.value.errno == errno.EIO
+    assert_clean(tmp_path)
+
+
+# --- stopping -------------------------------------------------------------------------------------------------------
+
+
+def test_stop_before_start_spends_no_download(tmp_path: Path) -> None:
+    calls: list[int] = []
+    with pytest.raises(DownloadInterrupted):
+        download(opener(calls=calls), "chr_20.zip", result_dir=tmp_path, should_stop=lambda: True)
+    assert calls == []
+
+
+def test_stop_between_chunks_leaves_nothing(tmp_path: Path) -> None:
+    checks = iter([False, False, True])
+    with pytest.raises(DownloadInterrupted) as info:
+        download(opener(), "chr_20.zip", result_dir=tmp_path, should_stop=lambda: next(checks), chunk_size=1000)
+    assert isinstance(info.value, Transient)
+    assert info.value.kind == "interrupted"
+    assert "stopped after 1000 bytes" in str(info.value)
+    assert_clean(tmp_path)
+
+
+# --- zips -----------------------------------------------------------------------------------------------------------
+
+
+def _zip_bytes(entries: dict[str, bytes], *, aes_password: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    if aes_password is None:
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in entries.items():
+                zf.writestr(name, data)
+    else:
+        with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED, encryption=pyzipper.WZ_AES) as zf:
+            zf.setpassword(aes_password.encode())
+            for name, data in entries.items():
+                zf.writestr(name, data)
+    return buf.getvalue()
+
+
+ZIP_ENTRIES = {"chr20.dose.vcf.gz": BODY, "chr20.info.gz": b"info\n" * 1000}
+
+
+def test_good_zip_is_verified(tmp_path: Path) -> None:
+    got = download(opener(_zip_bytes(ZIP_ENTRIES)), "chr_20.zip", result_dir=tmp_path)
+    assert got.zip_crc_checked is True
+    with zipfile.ZipFile(got.path) as zf:
+        assert zf.read("chr20.dose.vcf.gz") == BODY
+
+
+def test_corrupt_zip_is_transient_and_removed(tmp_path: Path) -> None:
+    data = bytearray(_zip_bytes(ZIP_ENTRIES))
+    data[1000] ^= 0xFF
+    with pytest.raises(Transient) as info:
+        download(opener(bytes(data)), "chr_20.zip", result_dir=tmp_path)
+    assert info.value.kind == "corrupt_zip"
+    assert "chr20.dose.vcf.gz" in str(info.value)
+    assert_no_secret(info.value)
+    assert_clean(tmp_path)
+
+
+def test_html_error_page_saved_as_zip_is_corrupt(tmp_path: Path) -> None:
+    with pytest.raises(Transient) as info:
+        download(opener(b"<html>Service Unavailable</html>"), "chr_20.zip", result_dir=tmp_path)
+    assert info.value.kind == "corrupt_zip"
+    assert_clean(tmp_path)
+
+
+def test_aes_zip_with_password_without_and_wrong(tmp_path: Path) -> None:
+    body = _zip_bytes(ZIP_ENTRIES, aes_password="pw-1234")
+    assert download(opener(body), "chr_20.zip", result_dir=tmp_path, password="pw-1234").zip_crc_checked is True
+    assert download(opener(body), "chr_21.zip", result_dir=tmp_path).zip_crc_checked is False
+    with pytest.raises(Permanent) as info:
+        download(opener(body), "chr_22.zip", result_dir=tmp_path, password="wrong")
+    assert info.value.kind == "zip_password"
+    assert "wrong" not in str(info.value) and "pw-1234" not in str(info.value)
+    assert leftovers(tmp_path) == ["chr_20.zip", "chr_21.zip"]
+
+
+def test_stop_during_zip_verification_leaves_nothing(tmp_path: Path) -> None:
+    body = _zip_bytes(ZIP_ENTRIES)
+    chunks_before_verify = -(-len(body) // 4096)
+    checks = iter([False] * (1 + chunks_before_verify) + [True] * 100)  # one check before the request
+    with pytest.raises(DownloadInterrupted, match="while verifying"):
+        download(opener(body), "chr_20.zip", result_dir=tmp_path, should_stop=lambda: next(checks), chunk_size=4096)
+    assert_clean(tmp_path)
+
+
+def test_non_zip_names_are_not_verified(tmp_path: Path) -> None:
+    got = download(opener(b"not a zip"), "qc_report.txt", result_dir=tmp_path)
+    assert got.zip_crc_checked is None
+
+
+def test_symlinked_subfolder_leading_out_is_refused(tmp_path: Path) -> None:
+    result_dir = tmp_path / "r"
+    result_dir.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (result_dir / "statistics").symlink_to(tmp_path / "elsewhere")
+    calls: list[int] = []
+    with pytest.raises(Permanent, match="leads out of the result directory"):
+        download(opener(calls=calls), "statistics/x.txt", result_dir=result_dir)
+    assert calls == []
+
+
+# --- crash recovery and re-verification -----------------------------------------------------------------------------
+
+
+def test_remove_partials(tmp_path: Path) -> None:
+    for job in ("job-1", "job-2/sub"):
+        partial_dir = tmp_path / job / downloads.PARTIAL_DIR
+        partial_dir.mkdir(parents=True)
+        (partial_dir / "a.part").write_bytes(b"x")
+        (partial_dir / "b.part").write_bytes(b"y")
+    (tmp_path / "job-1" / "chr_1.zip").write_bytes(b"kept")
+    assert remove_partials(tmp_path) == 4
+    assert leftovers(tmp_path) == ["job-1/chr_1.zip"]
+    assert not (tmp_path / "job-1" / downloads.PARTIAL_DIR).exists()
+    assert remove_partials(tmp_path) == 0
+    assert remove_partials(tmp_path / "missing") == 0
+
+
+def test_sha256_file_streams(tmp_path: Path) -> None:
+    p = tmp_path / "f"
+    p.write_bytes(BODY * 5)
+    assert sha256_file(p, chunk_size=1000) == hashlib.sha256(BODY * 5).hexdigest()
