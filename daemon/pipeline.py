@@ -14,12 +14,14 @@ from pathlib import Path
 
 import structlog
 
-from daemon import downloads
+from daemon import downloads, unpack
 from daemon.backoff import backoff_delay, jittered
 from daemon.config import Config, ServiceConfig
+from daemon.crypto import PasswordCipher, SecretKeyError
 from daemon.db.models import Job, JobOutput, utcnow
 from daemon.db.store import JobStore, LeaseLost, Outcome
 from daemon.logging import bind_job, register_secret
+from daemon.metrics import NO_METRICS, Metrics
 from daemon.services.base import RemoteOutput, RemoteStatus, ServiceAdapter, SubmitRequest
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.states import JobState, OutputState, RemoteKind
@@ -63,12 +65,17 @@ class Pipeline:
         *,
         owner: str,
         stopping: Callable[[], bool] = lambda: False,
+        metrics: Metrics = NO_METRICS,
+        passwords: PasswordCipher | None = None,
     ) -> None:
         self.store = store
         self.adapters = adapters
         self.config = config
         self.owner = owner
         self.stopping = stopping
+        self.metrics = metrics
+        #: Opens passwords sealed at rest (`daemon.crypto`); None: only cleartext passwords can be used.
+        self.passwords = passwords
 
     # ------------------------------------------------------------------ entry point
 
@@ -87,6 +94,7 @@ class Pipeline:
                 return None
             except Exception as exc:  # a bug: keep the daemon alive, retry with backoff, say so loudly
                 log.exception("step_crashed", state=str(job.state), error_kind="internal")
+                self.metrics.error(job.service, "internal")
                 outcome = self._backoff(job, Transient(f"internal error: {type(exc).__name__}: {exc}",
                                                        kind="internal"))
             if outcome is None:
@@ -124,6 +132,18 @@ class Pipeline:
     def _service(self, job: Job) -> ServiceConfig:
         return self.config.services[job.service]
 
+    def _password(self, job: Job) -> str | None:
+        """The job's result-zip password in clear (registered with the log redaction by `reveal`)."""
+        try:
+            if self.passwords is not None:
+                return self.passwords.reveal(job.password)
+            if job.password is not None and job.password.startswith("aesgcm1:"):
+                raise SecretKeyError("the job's password is sealed and this process has no key to open it")
+        except SecretKeyError as exc:
+            # The operator can fix the key file; the job waits (with backoff) instead of failing.
+            raise Transient(f"cannot open the job's password: {exc}", kind="secret_key") from None
+        return job.password
+
     # ------------------------------------------------------------------ submit
 
     def _submit(self, job: Job, adapter: ServiceAdapter) -> Outcome:
@@ -141,6 +161,7 @@ class Pipeline:
 
     def _submitted(self, job: Job, remote_id: str, how: str) -> Outcome:
         structlog.contextvars.bind_contextvars(remote_id=remote_id)
+        self.metrics.submitted(job.service)
         return Outcome(
             state=JobState.QUEUED,
             reason=f"{how} as {remote_id}",
@@ -173,7 +194,7 @@ class Pipeline:
             phasing=job.phasing,
             r2_filter=job.r2_filter,
             mode=job.mode,
-            password=job.password,
+            password=self._password(job),
             name=job.name,
         )
 
@@ -182,6 +203,7 @@ class Pipeline:
     def _poll(self, job: Job, adapter: ServiceAdapter) -> Outcome:
         assert job.remote_id is not None
         status = adapter.status(job.remote_id)
+        self.metrics.polled(job.service)
         fields = {
             "remote_state": status.raw_state,
             "queue_position": status.queue_position,
@@ -275,7 +297,7 @@ class Pipeline:
                 lambda: adapter.stream_output(output),
                 row.name,
                 result_dir=result_dir,
-                password=job.password,
+                password=self._password(job),
                 should_stop=self.stopping,
             )
         except downloads.DownloadInterrupted:
@@ -306,6 +328,7 @@ class Pipeline:
             attempts=row.attempts + 1,
         )
         log.info("file_downloaded", file=row.name, size=got.size, sha256=got.sha256)
+        self.metrics.downloaded(job.service, got.size)
         return None
 
     def _downloads_done(self, job: Job, result_dir: Path) -> Outcome:
@@ -321,12 +344,16 @@ class Pipeline:
             return Outcome(state=JobState.FAILED, reason=reason,
                            fields={**fields, "error": reason, "error_kind": "download_failed"})
         total = sum(r.size or 0 for r in rows)
-        return Outcome(state=JobState.COMPLETED,
-                       reason=f"{len(rows)} files downloaded and verified ({total} bytes)", fields=fields)
+        reason = f"{len(rows)} files downloaded and verified ({total} bytes)"
+        if self.config.storage.extract:
+            # Never fails the job: what went wrong is logged and told in the reason of the completed event.
+            reason += "; " + unpack.unpack_outputs(rows, result_dir, self._password(job)).summary()
+        return Outcome(state=JobState.COMPLETED, reason=reason, fields=fields)
 
     # ------------------------------------------------------------------ errors, in one place
 
     def _on_error(self, job: Job, exc: ServiceError) -> Outcome | None:
+        self.metrics.error(job.service, exc.kind)
         if isinstance(exc, JobLimitReached) and job.state is JobState.SUBMITTING:
             in_flight = self.store.in_flight_count(job.service) - 1
             self.store.lower_limit(job.service, in_flight)

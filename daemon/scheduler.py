@@ -30,13 +30,16 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor as TickExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from daemon import systemd
+from daemon import retention, systemd
 from daemon.config import Config, ConfigError, load_config
-from daemon.db.engine import is_postgres, make_engine, make_session_factory
+from daemon.crypto import PasswordCipher
+from daemon.db.engine import is_postgres, make_engine, make_session_factory, unavailable
 from daemon.db.models import Job, utcnow
 from daemon.db.schema import ensure_current
 from daemon.db.store import JobStore
 from daemon.logging import configure_logging
+from daemon.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics, health_report
+from daemon.notify import Notifier
 from daemon.pipeline import Pipeline
 from daemon.services import build_adapter
 from daemon.services.base import ServiceAdapter
@@ -50,6 +53,10 @@ BLOCKED_PROBE_INTERVAL = 300.0
 TOKEN_CHECK_INTERVAL = 24 * 3600.0
 TOKEN_WARN_DAYS = 7
 SUMMARY_INTERVAL = 300.0
+#: How often the notify tick looks for state changes to notify (and is woken at once when a job finishes).
+NOTIFY_INTERVAL = 5.0
+#: How often maintenance deletes finished jobs past storage.keep_days.
+RETENTION_INTERVAL = 3600.0
 
 
 def make_owner() -> str:
@@ -98,9 +105,18 @@ class Daemon:
         self.engine = make_engine(config.database.url, pool_size=max(config.database.pool_size,
                                                                      config.scheduler.workers + 4))
         ensure_current(self.engine)
-        self.store = JobStore(make_session_factory(self.engine), postgres=is_postgres(self.engine))
+        #: Seals job passwords at rest (key read or created on first use).
+        self.passwords = PasswordCipher(config.storage.secret_key_path)
+        self.store = JobStore(make_session_factory(self.engine), postgres=is_postgres(self.engine),
+                              sealer=self.passwords)
+        self.metrics: Metrics = PrometheusMetrics(self.store.counts_by_service) if config.metrics.listen else NO_METRICS
+        self.metrics_server: MetricsServer | None = None
+        self.notifier = self._build_notifier(config)
+        self._retired_notifiers: list[Notifier] = []
+        self._last_retention = -RETENTION_INTERVAL
         self.adapters: dict[str, ServiceAdapter] = self._build_adapters(config)
-        self.pipeline = Pipeline(self.store, self.adapters, config, owner=self.owner, stopping=self._stop.is_set)
+        self.pipeline = Pipeline(self.store, self.adapters, config, owner=self.owner, stopping=self._stop.is_set,
+                                 metrics=self.metrics, passwords=self.passwords)
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.scheduler.workers, thread_name_prefix="imputationd-worker"
         )
@@ -120,11 +136,11 @@ class Daemon:
         released = self.store.release_owners(_owner_is_dead_local)
         if released:
             log.info("released_dead_leases", owners=len(released))
+        self._start_metrics_server()
         self._add_ticks()
         self.scheduler.start()
         log.info("daemon_started", owner=self.owner, services=sorted(self.config.services),
                  workers=self.config.scheduler.workers)
-        systemd.ready("imputationd running")
 
     def _add_ticks(self) -> None:
         s = self.config.scheduler
@@ -135,6 +151,7 @@ class Daemon:
             ("download", self.download_tick, s.download_interval),
             ("heartbeat", self.heartbeat_tick, max(1.0, s.lease_seconds / 3)),
             ("maintenance", self.maintenance_tick, s.maintenance_interval),
+            ("notify", self.notify_tick, NOTIFY_INTERVAL),
         ]
         for name, func, seconds in ticks:
             self.scheduler.add_job(
@@ -154,6 +171,7 @@ class Daemon:
             finally:
                 self._last_tick[name] = time.monotonic()
                 elapsed = self._last_tick[name] - started
+                self.metrics.tick(name, elapsed)
                 if elapsed > 5:
                     log.warning("slow_tick", tick=name, seconds=round(elapsed, 2))
 
@@ -173,6 +191,9 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+        # Ready only now: systemd may send SIGTERM or SIGHUP (reload) the moment it reads READY=1, and before the
+        # handlers above exist either signal's default action kills the process.
+        systemd.ready("imputationd running")
         watchdog = systemd.watchdog_interval()
         wait = min(1.0, watchdog) if watchdog else 1.0
         while not self._stop.wait(wait):
@@ -219,6 +240,10 @@ class Daemon:
         self.pool.shutdown(wait=False, cancel_futures=True)
         for adapter in [*self.adapters.values(), *self._retired_adapters]:
             adapter.close()
+        for notifier in [self.notifier, *self._retired_notifiers]:
+            notifier.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.engine.dispose()
         log.info("daemon_stopped")
         return 0
@@ -277,6 +302,8 @@ class Daemon:
             return
         if finished.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.PENDING):
             self.wake("dispatch")  # a slot may be free
+        if finished.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED):
+            self.wake("notify")
         due_now = finished.next_poll_at is not None and finished.next_poll_at <= utcnow()
         if due_now:
             if finished.state is JobState.DOWNLOADING:
@@ -321,6 +348,7 @@ class Daemon:
                 self._probe_blocked(name, adapter)
             else:
                 self._check_token(name, adapter)
+        self._retention()
         self._summary()
 
     def _probe_blocked(self, name: str, adapter: ServiceAdapter) -> None:
@@ -354,6 +382,7 @@ class Daemon:
             log.error("token_invalid", service=name, reason=check.message, error_kind="token_invalid")
         elif check.token_expires is not None:
             days = (check.token_expires - utcnow()).total_seconds() / 86400
+            self.metrics.token_days_left(name, days)
             if days <= 0:
                 log.error("token_expired", service=name, expired=check.token_expires.isoformat(),
                           error_kind="token_expired")
@@ -426,10 +455,69 @@ class Daemon:
         self.adapters = adapters
         self.pipeline.adapters = adapters
         self.pipeline.config = new
+        self._retired_notifiers.append(self.notifier)  # the notify tick may be sending with it right now
+        self.notifier = self._build_notifier(new)
+        if new.metrics.listen != self.config.metrics.listen:
+            log.warning("config_reload_partial", reason="metrics.listen changes need a restart")
         self._reschedule(new)
         self._service_checked.clear()  # verify tokens again: the reload may have been for a new token
         log.info("config_reloaded", path=str(path), services=sorted(new.services))
         return True
+
+    # ------------------------------------------------------------------ notifications, retention, health
+
+    def _build_notifier(self, config: Config) -> Notifier:
+        return Notifier(self.store, config.notifications, backoff_initial=config.scheduler.backoff_initial,
+                        backoff_max=config.scheduler.backoff_max, metrics=self.metrics)
+
+    def notify_tick(self) -> None:
+        self.notifier.tick()
+
+    def _retention(self) -> None:
+        keep_days = self.config.storage.keep_days
+        if keep_days is None or time.monotonic() - self._last_retention < RETENTION_INTERVAL:
+            return
+        self._last_retention = time.monotonic()
+        report = retention.cleanup(self.store, self.config.storage, keep_days)
+        if report.deleted or report.skipped:
+            log.info("retention_done", jobs_deleted=len(report.deleted), bytes_freed=report.bytes,
+                     jobs_skipped=len(report.skipped), keep_days=keep_days)
+
+    def health(self) -> tuple[bool, dict]:
+        """`/healthz`: the database answers and the ticks run; blocked or paused services are told, not failed."""
+
+        def services() -> dict:
+            statuses = self.store.service_statuses()
+            now = utcnow()
+            report = {}
+            for name in sorted(self.adapters):
+                status = statuses.get(name)
+                if status is not None and status.blocked_reason is not None:
+                    report[name] = f"blocked: {status.blocked_reason}"
+                elif status is not None and status.paused_until is not None and status.paused_until > now:
+                    report[name] = f"paused until {status.paused_until.isoformat()}: {status.pause_reason}"
+                else:
+                    report[name] = "ok"
+            return {"services": report}
+
+        return health_report(
+            self.store.ping, self.ticks_healthy, stopping=self._stop.is_set,
+            describe_error=lambda exc: str(unavailable(self.engine.url, exc)), extra=services,
+        )
+
+    def _start_metrics_server(self) -> None:
+        listen = self.config.metrics.listen
+        if not listen or not isinstance(self.metrics, PrometheusMetrics):
+            return
+        server = MetricsServer(listen, self.metrics, self.health)
+        try:
+            server.start()
+        except OSError as exc:
+            # Metrics are optional: say so loudly, keep imputing.
+            log.error("metrics_listen_failed", listen=listen, reason=exc.strerror or str(exc), error_kind="metrics")
+            return
+        self.metrics_server = server
+        log.info("metrics_listening", address="%s:%d" % server.address)
 
     def _reschedule(self, new: Config) -> None:
         s = new.scheduler

@@ -1,0 +1,293 @@
+"""Metrics and health: what the daemon counts, and the optional HTTP listener that serves it.
+
+The pipeline and the scheduler call a tiny interface, `Metrics` — `submitted(service)`, `polled(service)`,
+`error(service, kind)`, `downloaded(service, nbytes)`, `tick(name, seconds)`, `token_days_left(service, days)`,
+`notification(channel, outcome)` — whose default, `NO_METRICS`, does nothing, so no caller cares whether metrics are
+on. `PrometheusMetrics` records into its own `CollectorRegistry` (never the process-global one: tests and several
+daemons in one process do not clash), plus a collector that asks the database for jobs by service and state when
+scraped, cached for a few seconds so a scrape storm costs one query.
+
+`MetricsServer` is a stdlib `ThreadingHTTPServer` bound to `metrics.listen` (default off) with two pages:
+
+- `GET /metrics`: the registry in Prometheus text format (OpenMetrics when the scraper asks for it);
+- `GET /healthz`: 200 and `{"status": "ok", "database": "ok", "scheduler": "ok", ...}` when the database answers a
+  trivial query and every tick ran recently; 503 with what is wrong otherwise.
+
+Metric names (all prefixed `imputationd_`): `jobs{service,state}` (gauge, from the database),
+`submissions_total{service}`, `polls_total{service}`, `errors_total{service,kind}` (service errors by their
+stable `kind`: timeout, connection, http_5xx, ...), `download_bytes_total{service}`,
+`tick_duration_seconds{tick}` (histogram), `token_days_left{service}` (gauge), `notifications_total{channel,outcome}`,
+`database_up` (gauge: the jobs query of the last scrape worked).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from daemon.states import JobState
+
+log = structlog.get_logger("daemon.metrics")
+
+#: Seconds a scrape's job counts are reused by the next scrapes.
+COUNTS_CACHE_SECONDS = 5.0
+TICK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    """The instrumentation interface; this base class records nothing (`NO_METRICS`)."""
+
+    def submitted(self, service: str) -> None:
+        """A job was accepted by a service (a new remote job)."""
+
+    def polled(self, service: str) -> None:
+        """A job's remote status was read."""
+
+    def error(self, service: str, kind: str) -> None:
+        """A step met a service error of this `kind` (`ServiceError.kind`)."""
+
+    def downloaded(self, service: str, nbytes: int) -> None:
+        """A result file of `nbytes` was downloaded and verified."""
+
+    def tick(self, name: str, seconds: float) -> None:
+        """A scheduler tick ran for `seconds`."""
+
+    def token_days_left(self, service: str, days: float) -> None:
+        """The service's API token expires in `days` (negative: expired)."""
+
+    def notification(self, channel: str, outcome: str) -> None:
+        """A notification attempt on `channel` ("webhook", "email") ended with `outcome` ("sent", "failed")."""
+
+
+NO_METRICS = Metrics()
+
+
+class _JobsCollector:
+    """`imputationd_jobs{service,state}` from `counts()` (the store's `counts_by_service`), cached briefly."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, Mapping[str, int]]], cache_seconds: float) -> None:
+        self._counts = counts
+        self._cache_seconds = cache_seconds
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Mapping[str, Mapping[str, int]] | None] = (-float("inf"), None)
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only: without this the registry would call collect() (a database query) at registration.
+        yield GaugeMetricFamily("imputationd_jobs", "Jobs by service and state", labels=["service", "state"])
+        yield GaugeMetricFamily("imputationd_database_up", "1 when the last jobs query worked, else 0")
+
+    def collect(self) -> Iterable[Metric]:
+        counts = self._current()
+        jobs = GaugeMetricFamily("imputationd_jobs", "Jobs by service and state", labels=["service", "state"])
+        for service, by_state in sorted((counts or {}).items()):
+            for state in JobState:
+                jobs.add_metric([service, state.value], by_state.get(state.value, 0))
+        yield jobs
+        yield GaugeMetricFamily("imputationd_database_up", "1 when the last jobs query worked, else 0",
+                                value=0 if counts is None else 1)
+
+    def _current(self) -> Mapping[str, Mapping[str, int]] | None:
+        with self._lock:  # one query at a time; concurrent scrapes wait for it and share the answer
+            at, counts = self._cached
+            if time.monotonic() - at < self._cache_seconds:
+                return counts
+            try:
+                counts = self._counts()
+            except Exception as exc:  # the database is away: report it as a metric, not a failed scrape
+                log.warning("metrics_jobs_query_failed", reason=type(exc).__name__, error_kind="database")
+                counts = None
+            self._cached = (time.monotonic(), counts)
+            return counts
+
+
+class PrometheusMetrics(Metrics):
+    """Records into `self.registry`, a registry of its own."""
+
+    def __init__(
+        self,
+        counts: Callable[[], Mapping[str, Mapping[str, int]]] | None = None,
+        *,
+        cache_seconds: float = COUNTS_CACHE_SECONDS,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._submissions = Counter("imputationd_submissions", "Jobs accepted by a service", ["service"], registry=r)
+        self._polls = Counter("imputationd_polls", "Remote status requests", ["service"], registry=r)
+        self._errors = Counter("imputationd_errors", "Service errors met by steps, by kind", ["service", "kind"],
+                               registry=r)
+        self._download_bytes = Counter("imputationd_download_bytes", "Bytes of verified result files",
+                                       ["service"], registry=r)
+        self._ticks = Histogram("imputationd_tick_duration_seconds", "How long each scheduler tick ran", ["tick"],
+                                buckets=TICK_BUCKETS, registry=r)
+        self._token_days = Gauge("imputationd_token_days_left", "Days until the service's API token expires",
+                                 ["service"], registry=r)
+        self._notifications = Counter("imputationd_notifications", "Notification attempts by channel and outcome",
+                                      ["channel", "outcome"], registry=r)
+        if counts is not None:
+            r.register(_JobsCollector(counts, cache_seconds))
+
+    def submitted(self, service: str) -> None:
+        self._submissions.labels(service).inc()
+
+    def polled(self, service: str) -> None:
+        self._polls.labels(service).inc()
+
+    def error(self, service: str, kind: str) -> None:
+        self._errors.labels(service, kind).inc()
+
+    def downloaded(self, service: str, nbytes: int) -> None:
+        self._download_bytes.labels(service).inc(max(0, nbytes))
+
+    def tick(self, name: str, seconds: float) -> None:
+        self._ticks.labels(name).observe(max(0.0, seconds))
+
+    def token_days_left(self, service: str, days: float) -> None:
+        self._token_days.labels(service).set(days)
+
+    def notification(self, channel: str, outcome: str) -> None:
+        self._notifications.labels(channel, outcome).inc()
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition body and its content type, in the format the `Accept` header asks for."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+# --- health ------------------------------------------------------------------------------------------------------
+
+
+def health_report(
+    ping: Callable[[], None],
+    ticks_healthy: Callable[[], bool],
+    *,
+    stopping: Callable[[], bool] = lambda: False,
+    describe_error: Callable[[BaseException], str] = lambda exc: type(exc).__name__,
+    extra: Callable[[], Mapping[str, Any]] | None = None,
+) -> tuple[bool, dict[str, Any]]:
+    """(healthy, report). Unhealthy when `ping()` raises, `ticks_healthy()` is false, or the daemon is stopping.
+
+    `describe_error` turns a database error into a line fit to show (no password); `extra()` adds informational
+    entries (services) that never make the report unhealthy."""
+    report: dict[str, Any] = {}
+    healthy = True
+    try:
+        ping()
+        report["database"] = "ok"
+    except Exception as exc:
+        healthy = False
+        report["database"] = describe_error(exc)
+    if stopping():
+        healthy = False
+        report["scheduler"] = "stopping"
+    elif ticks_healthy():
+        report["scheduler"] = "ok"
+    else:
+        healthy = False
+        report["scheduler"] = "ticks have not run for too long"
+    if extra is not None:
+        try:
+            report.update(extra())
+        except Exception as exc:
+            report["details"] = f"unavailable ({type(exc).__name__})"
+    return healthy, {"status": "ok" if healthy else "unhealthy", **report}
+
+
+# --- the listener ------------------------------------------------------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """"127.0.0.1:9478" -> ("127.0.0.1", 9478); "[::1]:9478" -> ("::1", 9478)."""
+    host, _, port = listen.strip().rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    metrics: PrometheusMetrics
+    health: Callable[[], tuple[bool, Mapping[str, Any]]]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "imputationd"
+    sys_version = ""
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            body, content_type = self.server.metrics.render(self.headers.get("Accept"))
+            self._reply(HTTPStatus.OK, body, content_type)
+        elif path == "/healthz":
+            healthy, report = self.server.health()
+            body = json.dumps(report, default=str, sort_keys=False).encode("utf-8") + b"\n"
+            self._reply(HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json")
+        else:
+            self._reply(HTTPStatus.NOT_FOUND, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
+
+    def _reply(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        pass  # a scrape every 15 s is not news; errors surface as failed scrapes on the Prometheus side
+
+
+class MetricsServer:
+    """The HTTP listener: `start()` binds and serves on a thread of its own, `close()` stops and unbinds."""
+
+    def __init__(
+        self,
+        listen: str,
+        metrics: PrometheusMetrics,
+        health: Callable[[], tuple[bool, Mapping[str, Any]]],
+    ) -> None:
+        host, port = parse_listen(listen)
+        server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6}) if ":" in host else _Server
+        self._server = server_class((host, port), _Handler, bind_and_activate=False)
+        self._server.metrics = metrics
+        self._server.health = health
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port): the real port when `listen` asked for port 0."""
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Bind and serve; raises OSError when the address is taken or not ours."""
+        try:
+            self._server.server_bind()
+            self._server.server_activate()
+        except OSError:
+            self._server.server_close()
+            raise
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="imputationd-metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._server.server_close()
+
+
+__all__ = ["NO_METRICS", "Metrics", "MetricsServer", "PrometheusMetrics", "health_report", "parse_listen"]

@@ -1,0 +1,129 @@
+"""`storage.keep_days`: delete finished jobs — their result directories and their rows — some days after they finished.
+
+A job qualifies when it is completed, failed or cancelled and finished more than `keep_days` ago. For each one, in a
+transaction that holds its row (so an operator's `retry` at that moment either wins or waits), the result directory
+is removed, then the row with its inputs, outputs, events. Only directories inside `storage.results_dir` are ever
+removed: a job whose result directory lies elsewhere (results_dir changed since) is left alone, row and files, and
+listed as such. The maintenance tick runs this at most once an hour; `imputationd cleanup [--dry-run]` runs it now.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from daemon.config import StorageConfig
+from daemon.db.models import Job, utcnow
+from daemon.db.store import ExpiredJob, JobStore
+
+log = structlog.get_logger("daemon.retention")
+
+#: Most jobs one pass deletes; the next pass takes the rest.
+BATCH = 500
+
+
+class OutsideResults(Exception):
+    """The job's result directory is not inside storage.results_dir: not ours to delete."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    job: ExpiredJob
+    path: Path | None  # the result directory that would go (None: nothing on disk)
+    size: int  # bytes under it
+    problem: str | None = None  # why it is left alone
+
+
+@dataclass
+class Report:
+    deleted: list[Candidate] = field(default_factory=list)
+    skipped: list[Candidate] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.size for c in self.deleted)
+
+
+def cutoff(keep_days: int, now: dt.datetime | None = None) -> dt.datetime:
+    return (now or utcnow()) - dt.timedelta(days=keep_days)
+
+
+def result_path(storage: StorageConfig, job_id: object, result_dir: str | None) -> Path:
+    return Path(result_dir) if result_dir else storage.results_dir / str(job_id)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    real, base = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return real != base and real.is_relative_to(base)
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(top, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _candidate(storage: StorageConfig, job: ExpiredJob) -> Candidate:
+    path = result_path(storage, job.id, job.result_dir)
+    if not os.path.lexists(path):
+        return Candidate(job, None, 0)
+    if not _inside(path, storage.results_dir):
+        return Candidate(job, path, 0, f"{path} is outside storage.results_dir ({storage.results_dir}); left alone")
+    return Candidate(job, path, _size(path))
+
+
+def plan(store: JobStore, storage: StorageConfig, keep_days: int, *, now: dt.datetime | None = None,
+         limit: int = BATCH) -> list[Candidate]:
+    """What a cleanup would do now (`cleanup --dry-run`)."""
+    return [_candidate(storage, job) for job in store.expired_jobs(cutoff(keep_days, now), limit=limit)]
+
+
+def cleanup(store: JobStore, storage: StorageConfig, keep_days: int, *, now: dt.datetime | None = None,
+            limit: int = BATCH) -> Report:
+    """Delete what `plan` lists, job by job; a job that changed meanwhile (retried, taken) is skipped."""
+    limit_at = cutoff(keep_days, now)
+    report = Report()
+    for candidate in plan(store, storage, keep_days, now=now, limit=limit):
+        if candidate.problem is not None:
+            report.skipped.append(candidate)
+            log.warning("retention_skipped", job_id=str(candidate.job.id), reason=candidate.problem,
+                        error_kind="retention")
+            continue
+
+        def remove_files(job: Job, candidate: Candidate = candidate) -> None:
+            if candidate.path is not None:
+                # Check again under the row lock: the path is what the row says now.
+                path = result_path(storage, job.id, job.result_dir)
+                if not _inside(path, storage.results_dir):
+                    raise OutsideResults(f"{path} is outside storage.results_dir")
+                try:
+                    shutil.rmtree(path)
+                except FileNotFoundError:  # gone already (another daemon, an operator)
+                    pass
+
+        try:
+            deleted = store.delete_expired_job(candidate.job.id, limit_at, before_delete=remove_files)
+        except (OSError, OutsideResults) as exc:
+            problem = f"could not delete {candidate.path}: {getattr(exc, 'strerror', None) or exc}"
+            report.skipped.append(Candidate(candidate.job, candidate.path, candidate.size, problem))
+            log.error("retention_failed", job_id=str(candidate.job.id), reason=problem, error_kind="retention")
+            continue
+        if deleted:
+            report.deleted.append(candidate)
+            log.info("job_deleted", job_id=str(candidate.job.id), service=candidate.job.service,
+                     state=candidate.job.state.value, finished_at=candidate.job.finished_at.isoformat(),
+                     bytes=candidate.size, reason=f"finished more than {keep_days} days ago")
+    return report
+
+
+__all__ = ["Candidate", "Report", "cleanup", "cutoff", "plan", "result_path"]
