@@ -43,6 +43,7 @@ def _load(args: argparse.Namespace):
 
 
 def _store(config, *, check_schema: bool = True):
+    from daemon.crypto import PasswordCipher
     from daemon.db.engine import DatabaseUnavailable, is_postgres, make_engine, make_session_factory
     from daemon.db.schema import SchemaOutdated, ensure_current
     from daemon.db.store import JobStore
@@ -53,7 +54,9 @@ def _store(config, *, check_schema: bool = True):
             ensure_current(engine)
     except (DatabaseUnavailable, SchemaOutdated) as exc:
         raise CliError(str(exc), EXIT_DATABASE) from None
-    return JobStore(make_session_factory(engine), postgres=is_postgres(engine))
+    # Passwords are sealed with the daemon's key (read, or created, only when a job is submitted).
+    return JobStore(make_session_factory(engine), postgres=is_postgres(engine),
+                    sealer=PasswordCipher(config.storage.secret_key_path))
 
 
 def _resolve(store, text: str) -> uuid.UUID:
@@ -156,6 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from daemon.crypto import SecretKeyError
     from daemon.submission import Submission, SubmissionError, submit
 
     config = _load(args)
@@ -182,6 +186,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         jobs = submit(config, store, request)
     except SubmissionError as exc:
         raise CliError("\n".join(exc.problems), EXIT_USAGE) from None
+    except SecretKeyError as exc:
+        raise CliError(f"storage.secret_key_file: {exc} (submit as the daemon's user)", EXIT_FAILED) from None
     if args.json:
         _print_json({"group_id": jobs[0].group_id, "jobs": [{"id": j.id, "service": j.service} for j in jobs]})
     else:
@@ -235,6 +241,8 @@ def _group_state(states: Sequence[str]) -> str:
     done = {"completed", "failed", "cancelled"}
     if all(s == "completed" for s in states):
         return "completed"
+    if all(s == "cancelled" for s in states):
+        return "cancelled"
     if all(s in done for s in states):
         return "failed" if all(s != "completed" for s in states) else "partly failed"
     return "in progress"
@@ -373,6 +381,44 @@ def cmd_services(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from daemon import retention
+
+    config = _load(args)
+    keep_days = args.keep_days if args.keep_days is not None else config.storage.keep_days
+    if keep_days is None:
+        raise CliError("storage.keep_days is not set, so nothing is ever deleted; give --keep-days N to clean up "
+                       "once", EXIT_USAGE)
+    if keep_days < 1:
+        raise CliError("--keep-days: must be at least 1", EXIT_USAGE)
+    store = _store(config)
+    everything = 1_000_000
+    if args.dry_run:
+        candidates = retention.plan(store, config.storage, keep_days, limit=everything)
+        doomed = [c for c in candidates if c.problem is None]
+        left = [c for c in candidates if c.problem is not None]
+    else:
+        report = retention.cleanup(store, config.storage, keep_days, limit=everything)
+        doomed, left = report.deleted, report.skipped
+    if args.json:
+        def item(c: Any) -> dict[str, Any]:
+            return {"id": c.job.id, "service": c.job.service, "state": c.job.state.value, "name": c.job.name,
+                    "finished_at": c.job.finished_at, "path": c.path, "bytes": c.size, "problem": c.problem}
+        _print_json({"dry_run": args.dry_run, "keep_days": keep_days, "deleted": [item(c) for c in doomed],
+                     "left": [item(c) for c in left]})
+        return 0 if not left else EXIT_FAILED
+    rows = [(_short(c.job.id), c.job.service, c.job.state.value, _when(c.job.finished_at), c.size, c.path or "-")
+            for c in doomed]
+    if rows:
+        print(_table(("ID", "SERVICE", "STATE", "FINISHED", "BYTES", "RESULT DIR"), rows))
+    verb = "would delete" if args.dry_run else "deleted"
+    total = sum(c.size for c in doomed)
+    print(f"{verb} {len(doomed)} jobs finished more than {keep_days} days ago ({total} bytes of results)")
+    for c in left:
+        print(f"left alone: {c.job.id}: {c.problem}", file=sys.stderr)
+    return 0 if not left else EXIT_FAILED
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
@@ -453,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     services = command("services", cmd_services, "configured services and their status")
     services.add_argument("--check", action="store_true", help="contact each service: token, panels")
     services.add_argument("--json", action="store_true")
+
+    cleanup = command("cleanup", cmd_cleanup,
+                      "delete finished jobs (result folders and rows) older than storage.keep_days")
+    cleanup.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    cleanup.add_argument("--keep-days", type=int, metavar="N", help="override storage.keep_days for this run")
+    cleanup.add_argument("--json", action="store_true")
 
     sim = command("simulate-server", cmd_simulate_server, "run the simulated Cloudgene server", config=False)
     sim.add_argument("--host", default="127.0.0.1")
