@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.config import BUILDS, Config
+from daemon.crypto import MAX_PASSWORD_LENGTH
 from daemon.db.models import Job
 from daemon.db.store import JobStore, NewInput, NewJob
 from daemon.preflight import PreflightError, preflight
@@ -58,6 +59,9 @@ def validate(config: Config, request: Submission) -> list[str]:
         problems.append(f"--r2-filter: must be one of {', '.join(R2_FILTERS)}, got '{request.r2_filter}'")
     if request.mode is not None and request.mode not in MODES:
         problems.append(f"--mode: must be one of {', '.join(MODES)}, got '{request.mode}'")
+    if request.password is not None and len(request.password) > MAX_PASSWORD_LENGTH:
+        # Never echoed: it is a secret.
+        problems.append(f"--password: at most {MAX_PASSWORD_LENGTH} characters (it is stored encrypted)")
     for name in request.services:
         service = config.services.get(name)
         if service is None:
