@@ -107,6 +107,40 @@ def _load_options() -> tuple:
     return (selectinload(Job.inputs), selectinload(Job.outputs))
 
 
+# Statements of the dispatch tick, built once (the tick runs them for every service every few seconds).
+_jobs = Job.__table__
+#: The service's lowered limit, locking its status row: whoever promotes into this service waits for us.
+_SERVICE_LIMIT = (
+    sa.select(ServiceStatus.effective_limit).where(ServiceStatus.name == sa.bindparam("service")).with_for_update()
+)
+_IN_FLIGHT_COUNT = (
+    sa.select(sa.func.count())
+    .select_from(_jobs)
+    .where(_jobs.c.service == sa.bindparam("service"), _jobs.c.state.in_(sorted(IN_FLIGHT)))
+)
+#: Oldest due pending jobs of a service → submitting, at most `free` of them; rows another daemon is promoting
+#: are skipped (PostgreSQL), the SQLite write lock serialises promoters anyway.
+_PROMOTE = (
+    sa.update(_jobs)
+    .where(
+        _jobs.c.id.in_(
+            sa.select(_jobs.c.id)
+            .where(
+                _jobs.c.service == sa.bindparam("of_service"),
+                _jobs.c.state == JobState.PENDING,
+                sa.or_(_jobs.c.next_poll_at.is_(None), _jobs.c.next_poll_at <= sa.bindparam("now")),
+            )
+            .order_by(_jobs.c.created_at)
+            .limit(sa.bindparam("free"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(state=JobState.SUBMITTING, next_poll_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
+    .returning(_jobs.c.id)
+)
+
+
 class JobStore:
     def __init__(
         self, session_factory: Callable[[], Session], *, postgres: bool, sealer: PasswordSealer | None = None
@@ -286,48 +320,27 @@ class JobStore:
         """Move the oldest pending jobs of a service to `submitting`, as many as the service has free slots.
 
         The count of in-flight jobs and the promotion happen in one transaction that holds the service's status
-        row (PostgreSQL `FOR UPDATE`; SQLite's write lock), so several daemons never overfill a service."""
+        row (PostgreSQL `FOR UPDATE`; SQLite's write lock), so several daemons never overfill a service. The lock
+        and the count are separate statements on purpose: under READ COMMITTED the count then sees every promotion
+        committed by whoever held the lock before us.
+
+        Runs on every dispatch tick for every service, so it is Core statements built once (no unit of work): the
+        pick and the update are one `UPDATE … WHERE id IN (… FOR UPDATE SKIP LOCKED) RETURNING id`."""
         now = now or utcnow()
         with self._session() as session, session.begin():
-            status = session.scalars(
-                sa.select(ServiceStatus).where(ServiceStatus.name == service).with_for_update()
-            ).one_or_none()
-            limit = max_concurrent
-            if status is not None and status.effective_limit is not None:
-                limit = min(limit, status.effective_limit)
-            in_flight = session.scalar(
-                sa.select(sa.func.count())
-                .select_from(Job)
-                .where(Job.service == service, Job.state.in_(list(IN_FLIGHT)))
-            )
-            free = limit - (in_flight or 0)
+            conn = session.connection()
+            effective = conn.execute(_SERVICE_LIMIT, {"service": service}).scalar()
+            limit = max_concurrent if effective is None else min(max_concurrent, effective)
+            free = limit - (conn.execute(_IN_FLIGHT_COUNT, {"service": service}).scalar() or 0)
             if free <= 0:
                 return 0
-            candidates = (
-                sa.select(Job.id)
-                .where(
-                    Job.service == service,
-                    Job.state == JobState.PENDING,
-                    sa.or_(Job.next_poll_at.is_(None), Job.next_poll_at <= now),
+            ids = conn.execute(_PROMOTE, {"of_service": service, "now": now, "free": free}).scalars().all()
+            if ids:
+                conn.execute(
+                    sa.insert(JobEvent.__table__),
+                    [{"job_id": i, "at": now, "from_state": JobState.PENDING.value,
+                      "to_state": JobState.SUBMITTING.value, "reason": "slot free on service"} for i in ids],
                 )
-                .order_by(Job.created_at)
-                .limit(free)
-                .with_for_update(skip_locked=True)
-            )
-            ids = list(session.scalars(candidates).all())
-            if not ids:
-                return 0
-            session.execute(
-                sa.update(Job)
-                .where(Job.id.in_(ids))
-                .values(state=JobState.SUBMITTING, next_poll_at=now, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            session.add_all(
-                JobEvent(job_id=i, at=now, from_state=JobState.PENDING, to_state=JobState.SUBMITTING,
-                         reason="slot free on service")
-                for i in ids
-            )
             return len(ids)
 
     def claim_due(
@@ -358,21 +371,17 @@ class JobStore:
             .with_for_update(skip_locked=True)
         )
         with self._session() as session, session.begin():
-            ids = list(
-                session.scalars(
-                    sa.update(Job)
-                    .where(Job.id.in_(candidates.scalar_subquery()))
-                    .values(lease_owner=owner, lease_expires_at=expires)
-                    .returning(Job.id)
-                    .execution_options(synchronize_session=False)
-                ).all()
-            )
-            if not ids:
-                return []
+            # One statement leases the rows and returns them whole (then one query each for inputs and outputs, so
+            # the jobs are usable detached): every tick runs this, so every round trip counts.
             jobs = session.scalars(
-                sa.select(Job).where(Job.id.in_(ids)).order_by(Job.next_poll_at).options(*_load_options())
+                sa.update(Job)
+                .where(Job.id.in_(candidates.scalar_subquery()))
+                .values(lease_owner=owner, lease_expires_at=expires)
+                .returning(Job)
+                .options(*_load_options()),
+                execution_options={"synchronize_session": False},
             ).all()
-            return list(jobs)
+            return sorted(jobs, key=lambda job: job.next_poll_at)
 
     def claim_one(self, job_id: uuid.UUID, owner: str, *, lease_seconds: float) -> Job | None:
         """Lease one given job if nobody holds it (the CLI's `cancel` uses this)."""
