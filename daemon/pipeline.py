@@ -76,6 +76,9 @@ class Pipeline:
         self.metrics = metrics
         #: Opens passwords sealed at rest (`daemon.crypto`); None: only cleartext passwords can be used.
         self.passwords = passwords
+        #: The job limit last reported per service: a server whose limit is below ours refuses again after every
+        #: finished job (the lowered limit is forgotten then, to probe for a free slot); that is not news.
+        self._job_limit_told: dict[str, int] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -355,9 +358,18 @@ class Pipeline:
     def _on_error(self, job: Job, exc: ServiceError) -> Outcome | None:
         self.metrics.error(job.service, exc.kind)
         if isinstance(exc, JobLimitReached) and job.state is JobState.SUBMITTING:
-            in_flight = self.store.in_flight_count(job.service) - 1
-            self.store.lower_limit(job.service, in_flight)
-            log.warning("service_job_limit", reason=str(exc), error_kind=exc.kind, lowered_to=max(1, in_flight))
+            # What we hold besides this job, and never more than the server's own "Only N": each wrong guess
+            # costs a whole upload before the server says no.
+            limit = self.store.in_flight_count(job.service) - 1
+            if exc.limit is not None:
+                limit = min(limit, exc.limit)
+            # One line when the limit goes down; more refusals at the same limit are the same problem.
+            lowered = self.store.lower_limit(job.service, limit)
+            news = lowered and self._job_limit_told.get(job.service) != max(1, limit)
+            self._job_limit_told[job.service] = max(1, limit)
+            (log.warning if news else log.debug)(
+                "service_job_limit", reason=str(exc), error_kind=exc.kind, lowered_to=max(1, limit)
+            )
             outcome = self._backoff(job, exc, quiet=True)
             outcome.state, outcome.reason = JobState.PENDING, "service has no free job slot; waiting"
             return outcome

@@ -593,11 +593,16 @@ class JobStore:
             status.paused_until = status.pause_reason = None
             return was_paused
 
-    def lower_limit(self, service: str, limit: int) -> None:
-        """The server refused a job for too many running ones: use at most `limit` slots until a job finishes."""
+    def lower_limit(self, service: str, limit: int) -> bool:
+        """The server refused a job for too many running ones: use at most `limit` slots until a job finishes.
+
+        Returns True when that lowered the service's limit (False: it was already this low)."""
         with self._session() as session, session.begin():
             status = self._service_row(session, service)
-            status.effective_limit = max(1, limit)
+            limit = max(1, limit)
+            lowered = status.effective_limit is None or status.effective_limit > limit
+            status.effective_limit = limit if lowered else status.effective_limit
+            return lowered
 
     def record_token(self, service: str, *, expires: dt.datetime | None) -> None:
         with self._session() as session, session.begin():
