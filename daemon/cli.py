@@ -383,8 +383,10 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from daemon import retention
+    from daemon.logging import configure_logging
 
     config = _load(args)
+    configure_logging(config.logging, stream=sys.stderr)  # stdout is for the listing (and --json)
     keep_days = args.keep_days if args.keep_days is not None else config.storage.keep_days
     if keep_days is None:
         raise CliError("storage.keep_days is not set, so nothing is ever deleted; give --keep-days N to clean up "
