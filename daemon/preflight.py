@@ -104,8 +104,10 @@ def preflight(
 
     total = sum(scan.size for scan in scans)
     if total > max_upload_bytes:
+        largest = sorted(scans, key=lambda scan: scan.size, reverse=True)
+        files = _listing([f"{scan.label} {_human(scan.size)}" for scan in largest])
         problems.append(
-            f"total upload {_human(total)} exceeds the service limit of {max_upload_bytes // 1024**2} MB; "
+            f"total upload {_human(total)} ({files}) exceeds the service limit of {max_upload_bytes // 1024**2} MB; "
             "submit the files as several jobs"
         )
     if problems:
