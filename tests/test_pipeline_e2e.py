@@ -1,0 +1,590 @@
+"""End to end: the daemon (in-process: real APScheduler ticks, worker pool, Cloudgene adapter, downloads) drives
+jobs through simulated Cloudgene servers over real HTTP.
+
+Every test ends in a final state and checks the job's history (`job_events`), the remote state stored raw, the
+files (our sha256 equals that of the bytes the simulator served) and the log lines: one clear line per problem,
+never one per tick or per retry. Harness: tests/e2e_support.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+import daemon.scheduler
+from daemon import cli
+from daemon.simulator import State, Timings
+from daemon.states import JobState
+
+from e2e_support import Harness, e2e  # noqa: F401  (e2e is a fixture)
+
+pytestmark = pytest.mark.timeout(60)
+
+NORMAL_STATES = {"pending", "submitting", "queued", "running", "downloading", "completed"}
+
+
+def assert_normal_history(h: Harness, job) -> None:
+    """pending → submitting → queued → (running) → downloading → completed, nothing else, no repeats."""
+    visited = h.states_visited(job)
+    assert visited[:3] == ["pending", "submitting", "queued"], h.history_text(job)
+    assert visited[-2:] == ["downloading", "completed"], h.history_text(job)
+    assert set(visited) <= NORMAL_STATES and len(visited) == len(set(visited)), h.history_text(job)
+
+
+def only_events(lines: list[dict]) -> list[str]:
+    return [line["event"] for line in lines]
+
+
+def status_path(remote_id: str) -> str:
+    return f"/api/v2/jobs/{remote_id}/status"
+
+
+def stalled_job(h: Harness, **submit_options):
+    """A job whose remote twin stays WAITING until `h.sim.release_job(remote_id)`; the daemon is started."""
+    h.sim.faults.stall()
+    [job] = h.submit(**submit_options)
+    h.start()
+    remote_id = h.wait_remote_id(job.id)
+    h.wait_job(job.id, lambda j: j.remote_state == "WAITING", what="the first poll")
+    return job, remote_id
+
+
+# ---------------------------------------------------------------------------------------------------- happy paths
+
+
+def test_happy_path(e2e, db_url):
+    h = e2e(db_url=db_url)
+    [job] = h.submit(name="happy")
+    h.start()
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    job = h.job(job.id)
+
+    assert_normal_history(h, job)
+    assert job.remote_state == "SUCCESS"  # the server's word, stored raw beside ours
+    assert job.error is None and job.failures == 0 and job.finished_at is not None
+    assert h.sim.submissions(str(job.id)) == 1  # our id travels as job-name
+    h.assert_outputs_match(job)
+    for output in job.outputs:  # each file fetched once: a download spends one of the server's counts
+        assert len(h.downloads_of(job, output.name)) == 1
+
+    assert h.logs.problems() == [], h.logs.dump()
+    job_lines = h.logs.select(job_id=str(job.id))
+    assert job_lines and all(line["service"] == "mis" and "remote_id" in line for line in job_lines)
+    # One info line per transition the daemon made (pending → submitting is the dispatcher's, logged by none).
+    assert len(h.logs.select(event="job_state", job_id=str(job.id))) == len(job.events) - 2
+    assert len(h.logs.select(event="file_downloaded", job_id=str(job.id))) == len(job.outputs)
+
+
+def test_multi_file_outputs_keep_their_subfolders(e2e):
+    h = e2e()
+    [job] = h.submit([h.vcf("20"), h.vcf("21", seed=1)])
+    h.start()
+    job = h.wait_state(job.id, "completed")
+
+    names = {o.name for o in job.outputs}
+    assert {"chr_20.zip", "chr_21.zip", "qc_report.txt", "statistics/summary.txt"} <= names
+    assert any("/" in name for name in names)
+    h.assert_outputs_match(job)  # includes: stored under result_dir/<subfolder>/<file>
+    h.stop_daemon()
+    assert h.logs.problems() == [], h.logs.dump()
+
+
+def test_group_over_two_services(e2e):
+    h = e2e(services=("mis", "tis"))
+    jobs = h.submit(services=["mis", "tis"])
+    assert len({j.group_id for j in jobs}) == 1 and {j.service for j in jobs} == {"mis", "tis"}
+    h.start()
+    done = [h.wait_state(j.id, "completed") for j in jobs]
+    h.stop_daemon()
+
+    for job in done:
+        job = h.job(job.id)
+        assert_normal_history(h, job)
+        h.assert_outputs_match(job)  # against that service's own simulator
+        assert h.services[job.service].sim.submissions(str(job.id)) == 1
+        other = "tis" if job.service == "mis" else "mis"
+        assert h.services[other].sim.submissions(str(job.id)) == 0
+    assert h.logs.problems() == [], h.logs.dump()
+
+
+# ---------------------------------------------------------------------------------------------------- remote states
+
+
+def test_waiting_jobs_store_queue_position_and_write_no_history_while_nothing_changes(e2e):
+    h = e2e()
+    h.sim.faults.stall(times=2)
+    jobs = [h.submit(name=f"w{i}")[0] for i in range(2)]
+    h.start()
+    for job in jobs:
+        h.wait_job(job.id, lambda j: j.remote_state == "WAITING" and j.queue_position is not None,
+                   what="a queue position")
+    positions = sorted(h.job(j.id).queue_position for j in jobs)
+    assert positions == [0, 1]  # Cloudgene's 0-based positionInQueue, stored as given
+    assert all(h.job(j.id).state is JobState.QUEUED for j in jobs)
+
+    before = {j.id: len(h.job(j.id).events) for j in jobs}
+    polls = h.requests["mis"].count("/api/v2/jobs/")
+    h.wait_until(lambda: h.requests["mis"].count("/api/v2/jobs/") >= polls + 16, what="16 more polls")
+    assert {j.id: len(h.job(j.id).events) for j in jobs} == before  # polled, nothing changed: no rows
+    assert h.logs.select(level=("info", "warning", "error"), event="job_state") and not h.logs.problems()
+    state_lines = len(h.logs.select(event="job_state"))
+
+    for job in jobs:
+        h.sim.release_job(h.job(job.id).remote_id)
+    for job in jobs:
+        job = h.wait_state(job.id, "completed")
+        assert job.queue_position is None  # cleared once the job left the queue
+        assert_normal_history(h, job)
+    assert len(h.logs.select(event="job_state")) > state_lines
+
+
+def test_running_and_exporting_are_running_not_done(e2e):
+    h = e2e(timings=Timings(queue=0.1, run=0.6, export=0.8))
+    [job] = h.submit()
+    h.start()
+    running = h.wait_job(job.id, lambda j: j.remote_state == "RUNNING", what="remote RUNNING")
+    assert running.state is JobState.RUNNING and running.progress  # e.g. "Pre-phasing and Imputation: …"
+    exporting = h.wait_job(job.id, lambda j: j.remote_state == "EXPORTING", what="remote EXPORTING")
+    assert exporting.state is JobState.RUNNING and not exporting.outputs  # EXPORTING is not done
+    job = h.wait_state(job.id, "completed")
+    downloading = [e for e in job.events if e.to_state == "downloading"]
+    assert len(downloading) == 1 and "(SUCCESS)" in downloading[0].reason
+    h.assert_outputs_match(job)
+
+
+def test_success_notified_is_downloaded(e2e):
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=0.1, notify=0.0))
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "completed")
+    assert job.remote_state == "SUCCESS_NOTIFIED"
+    assert "(SUCCESS_NOTIFIED)" in next(e.reason for e in job.events if e.to_state == "downloading")
+    h.assert_outputs_match(job)
+
+
+@pytest.mark.parametrize("notify, raw", [(None, "FAILED"), (0.0, "FAILED_NOTIFIED")])
+def test_remote_validation_failure_fails_with_the_servers_messages(e2e, notify, raw):
+    # Our preflight is told to accept 5 samples; the server wants 20 and fails the job after queueing it.
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=0.1, notify=notify), service={"min_samples": 1})
+    [job] = h.submit([h.vcf(samples=5)])
+    h.start()
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    assert job.remote_state == raw
+    assert job.error_kind == "remote_failed"
+    assert "At least 20 samples must be uploaded (found 5)." in job.error  # the type-1 log message
+    assert job.events[-1].reason == job.error
+    assert not job.outputs
+    problems = h.logs.problems()
+    assert only_events(problems) == ["job_state"] and problems[0]["level"] == "error", h.logs.dump()
+    assert "At least 20 samples" in problems[0]["reason"]
+
+
+def test_cancelled_remotely(e2e):
+    h = e2e()
+    job, remote_id = stalled_job(h)
+    # The user cancels in the web UI (the same API call).
+    svc = h.service
+    answer = httpx.get(f"{h.sim.api_url}/jobs/{remote_id}/cancel", headers={"X-Auth-Token": svc.token})
+    assert answer.status_code == 200
+    job = h.wait_state(job.id, "cancelled")
+    assert job.remote_state == "CANCELED"
+    assert job.events[-1].reason == "cancelled on the server"
+    h.stop_daemon()
+    assert h.logs.problems() == [], h.logs.dump()
+
+
+def test_results_retired_before_download(e2e):
+    # Retention 0: the server deletes the results the moment the job succeeds, before any poll sees SUCCESS.
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=0.1, retention=0.0))
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "failed")
+    assert job.remote_state == "RETIRED"
+    assert job.error_kind == "expired"
+    assert "results expired remotely (RETIRED)" in job.error
+    assert not job.outputs and h.requests["mis"].count("/share/") == 0
+
+
+@pytest.mark.parametrize("visible", [True, False], ids=["state-10", "404"])
+def test_deleted_before_download(e2e, visible):
+    h = e2e()
+    job, remote_id = stalled_job(h)
+    h.force_remote_state("mis", remote_id, State.DELETED, visible=visible)
+    job = h.wait_state(job.id, "failed")
+    if visible:
+        assert job.remote_state == "DELETED" and job.error_kind == "expired"
+        assert "results expired remotely (DELETED)" in job.error
+    else:
+        # Cloudgene answers 404 "Job X not found." for a deleted job: a definite answer, the job fails with it.
+        assert job.error_kind == "remote_not_found"
+        assert f"Job {remote_id} not found." in job.error
+    h.stop_daemon()
+    assert only_events(h.logs.problems()) == ["job_state"], h.logs.dump()
+
+
+def test_dead_job_is_restarted_once_and_recovers(e2e):
+    h = e2e()
+    h.sim.faults.dead()
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    assert h.requests["mis"].count(f"/api/v2/jobs/{job.remote_id}/restart") == 1
+    assert job.restart_attempts == 1
+    assert_normal_history(h, job)
+    h.assert_outputs_match(job)
+    assert only_events(h.logs.problems()) == ["remote_job_dead"], h.logs.dump()
+
+
+def test_dead_again_after_the_restart_fails(e2e):
+    h = e2e(timings=Timings(queue=0.6, run=0.2, export=0.2))
+    h.sim.faults.dead()
+    [job] = h.submit()
+    h.start()
+    remote_id = h.wait_remote_id(job.id)
+    restart = f"/api/v2/jobs/{remote_id}/restart"
+    h.wait_until(lambda: h.requests["mis"].count(restart) == 1, what="the restart")
+    h.sim.kill_job(remote_id)  # the server dies under it again
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+    assert job.remote_state == "DEAD" and job.error_kind == "remote_dead"
+    assert "did not survive a restart" in job.error
+    assert h.requests["mis"].count(restart) == 1  # restarted once, not again
+    assert only_events(h.logs.problems()) == ["remote_job_dead", "job_state"], h.logs.dump()
+
+
+def test_unknown_remote_state_keeps_polling_with_one_warning(e2e):
+    h = e2e()
+    job, remote_id = stalled_job(h)
+    h.force_remote_state("mis", remote_id, 42)  # a state number the API table does not have
+    h.wait_job(job.id, lambda j: j.remote_state == "42", what="remote state 42 stored")
+    polls = h.requests["mis"].count(status_path(remote_id))
+    h.wait_until(lambda: h.requests["mis"].count(status_path(remote_id)) >= polls + 8, what="8 more polls")
+    stuck = h.job(job.id)
+    assert stuck.state is JobState.QUEUED and stuck.remote_state == "42"
+    assert h.states_visited(stuck)[-1] == "queued"  # no event for an unknown state
+
+    h.force_remote_state("mis", remote_id, State.WAITING)
+    h.sim.release_job(remote_id)
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    assert_normal_history(h, job)
+    problems = h.logs.problems()
+    assert only_events(problems) == ["unknown_remote_state"], h.logs.dump()
+    assert problems[0]["remote_state"] == "42" and problems[0]["job_id"] == str(job.id)
+
+
+# ---------------------------------------------------------------------------------------------------- transient faults
+
+
+TRANSIENT_FAULTS = {
+    # name: (how to arm it on one path, the error_kind the daemon reports). A proxy's 502 HTML page: below.
+    "5xx-burst": (lambda f, path: f.error(500, times=None, path=path), "server_error"),
+    "dropped-connection": (lambda f, path: f.drop(times=None, path=path), "connection"),
+    "malformed-json": (lambda f, path: f.malformed_json(times=None, path=path), "bad_response"),
+    "html-with-200": (lambda f, path: f.html_200(times=None, path=path), "bad_response"),
+    "timeout": (lambda f, path: f.latency(1.0, path=path), "timeout"),
+}
+
+
+def test_transient_fault_bursts_never_fail_a_job_and_log_one_line_each(e2e):
+    """One job per fault, all at once, each fault on its own job's status calls: every job keeps being retried
+    (with backoff) while its fault lasts, says so in exactly one warning line, and completes afterwards."""
+    h = e2e(service={"timeout": 0.25, "max_concurrent_jobs": 8}, sim_options={"max_jobs_per_user": 8})
+    h.sim.faults.stall(times=len(TRANSIENT_FAULTS))
+    jobs = {fault: h.submit(name=fault)[0] for fault in TRANSIENT_FAULTS}
+    h.start()
+    paths = {}
+    for fault, job in jobs.items():
+        paths[fault] = status_path(h.wait_remote_id(job.id))
+        h.wait_job(job.id, lambda j: j.remote_state == "WAITING", what="the first poll")
+    log = h.requests["mis"]
+    started = {fault: log.count(path) for fault, path in paths.items()}
+    rules = [TRANSIENT_FAULTS[fault][0](h.sim.faults, path) for fault, path in paths.items()]
+    for fault, job in jobs.items():
+        h.wait_until(lambda: log.count(paths[fault]) >= started[fault] + 5, what=f"5 failed polls ({fault})")
+        failing = h.wait_job(job.id, lambda j: j.failures >= 4, what=f"4 failures recorded ({fault})")
+        assert failing.state is JobState.QUEUED and failing.error_kind == TRANSIENT_FAULTS[fault][1], fault
+    for rule in rules:
+        h.sim.faults.remove(rule.id)
+    for path in paths.values():
+        h.sim.release_job(path.split("/")[-2])
+    done = {fault: h.wait_state(job.id, "completed") for fault, job in jobs.items()}
+    h.stop_daemon()
+
+    for fault, job in done.items():
+        job = h.job(job.id)
+        assert_normal_history(h, job)
+        assert job.failures == 0 and job.error is None
+        h.assert_outputs_match(job)
+        problems = h.logs.problems(job_id=str(job.id))
+        assert only_events(problems) == ["step_failed_will_retry"], (fault, h.logs.dump())
+        assert problems[0]["error_kind"] == TRANSIENT_FAULTS[fault][1], fault
+        assert len(h.logs.select(event="recovered", job_id=str(job.id))) == 1, fault
+    assert len(h.logs.problems()) == len(TRANSIENT_FAULTS), h.logs.dump()
+
+
+def test_long_502_burst_from_the_proxy_is_one_warning(e2e):
+    """Seconds of nginx's 502 HTML page on every API call: many failed attempts, one line."""
+    h = e2e()
+    job, remote_id = stalled_job(h)
+    rule = h.sim.faults.error(502, times=None, path="/api/v2/")
+    t0 = time.monotonic()
+    h.wait_until(lambda: time.monotonic() - t0 > 2.0, what="2 s of 502s")
+    h.sim.faults.remove(rule.id)
+    refused = [r for r in h.requests["mis"].matching("/api/v2/") if r.fault == "error"]
+    assert len(refused) >= 5
+    assert h.job(job.id).state is JobState.QUEUED
+    h.sim.release_job(remote_id)
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    assert_normal_history(h, job)
+    problems = h.logs.problems()
+    assert only_events(problems) == ["step_failed_will_retry"], h.logs.dump()
+    assert "HTTP 502 (HTML error page)" in problems[0]["reason"]  # the page itself is not quoted
+
+
+def test_slow_answers_within_the_timeout_are_no_problem(e2e):
+    h = e2e()
+    h.sim.faults.latency(0.15, path="/api/v2/")
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    assert_normal_history(h, job)
+    h.assert_outputs_match(job)
+    assert h.logs.problems() == [], h.logs.dump()
+
+
+def test_lost_submit_answer_finds_the_job_instead_of_submitting_twice(e2e):
+    h = e2e()
+    # The server creates the job, then the connection drops before the answer.
+    h.sim.faults.drop(when="after", path="/api/v2/jobs/submit")
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    assert h.sim.submissions(str(job.id)) == 1
+    assert job.submit_attempts == 1
+    assert any("found the earlier submission" in (e.reason or "") for e in job.events)
+    h.assert_outputs_match(job)
+    problems = h.logs.problems()
+    assert only_events(problems) == ["step_failed_will_retry"] and problems[0]["error_kind"] == "connection"
+
+
+# ---------------------------------------------------------------------------------------------------- service-wide
+
+
+@pytest.mark.parametrize("fix", ["token-restored", "token-file-replaced"])
+def test_401_mid_job_blocks_the_service_until_the_token_is_fixed(e2e, monkeypatch, fix):
+    if fix == "token-restored":
+        # Nothing changes locally: the daemon finds out by verifying the token again (every 300 s in production).
+        monkeypatch.setattr(daemon.scheduler, "BLOCKED_PROBE_INTERVAL", 0.3)
+    h = e2e()
+    svc = h.service
+    job, remote_id = stalled_job(h)
+    h.sim.expire_token(svc.token)
+    h.wait_state(job.id, "blocked")
+    [waiting] = h.submit(name="submitted while blocked")
+    probes = h.requests["mis"].count("/api/v2/tokens/verify")
+    h.wait_ticks(3)
+    if fix == "token-restored":
+        h.wait_until(lambda: h.requests["mis"].count("/api/v2/tokens/verify") >= probes + 2, what="probes")
+    assert h.job(job.id).state is JobState.BLOCKED
+    assert h.job(waiting.id).state is JobState.PENDING  # jobs wait; nothing is submitted to a blocked service
+    assert h.sim.submissions(str(waiting.id)) == 0
+
+    if fix == "token-restored":
+        h.sim.restore_token(svc.token)
+    else:
+        new = "tok-new-" + svc.token[-12:]
+        h.sim.add_token(new, "alice")
+        svc.replace_token(new)
+    h.sim.release_job(remote_id)
+    job = h.wait_state(job.id, "completed")
+    waiting = h.wait_state(waiting.id, "completed")
+    h.stop_daemon()
+
+    assert h.states_visited(job)[:5] == ["pending", "submitting", "queued", "blocked", "queued"]
+    assert "HTTP 401" in next(e.reason for e in job.events if e.to_state == "blocked")
+    h.assert_outputs_match(job)
+    h.assert_outputs_match(waiting)
+    problems = h.logs.problems()
+    assert only_events(problems) == ["service_blocked"], h.logs.dump()
+    assert problems[0]["level"] == "error" and problems[0]["error_kind"] == "unauthorized"
+    unblocked = h.logs.select(event="service_unblocked")
+    assert len(unblocked) == 1
+    assert unblocked[0]["why"] == ("token verified" if fix == "token-restored" else "token changed")
+
+
+def test_403_revoked_token_blocks_until_restored(e2e, monkeypatch):
+    monkeypatch.setattr(daemon.scheduler, "BLOCKED_PROBE_INTERVAL", 0.3)
+    h = e2e()
+    job, remote_id = stalled_job(h)
+    h.sim.revoke_token(h.service.token)
+    blocked = h.wait_state(job.id, "blocked")
+    assert blocked.error is None  # blocked, not failed
+    h.sim.restore_token(h.service.token)
+    h.sim.release_job(remote_id)
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    assert "HTTP 403" in next(e.reason for e in job.events if e.to_state == "blocked")
+    problems = h.logs.problems()
+    assert only_events(problems) == ["service_blocked"], h.logs.dump()
+    assert problems[0]["error_kind"] == "forbidden"
+
+
+def test_maintenance_window_pauses_the_service_with_one_line(e2e):
+    h = e2e()
+    job, remote_id = stalled_job(h)
+    h.sim.set_maintenance(True)
+    t0 = time.monotonic()
+    path = status_path(remote_id)
+    start = h.requests["mis"].count(path)
+    h.wait_until(lambda: time.monotonic() - t0 > 1.5, what="1.5 s of maintenance")
+    assert h.requests["mis"].count(path) >= start + 3  # it kept trying, paused between tries
+    assert h.job(job.id).state is JobState.QUEUED
+    h.sim.set_maintenance(False)
+    h.sim.release_job(remote_id)
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    assert_normal_history(h, job)
+    problems = h.logs.problems()
+    assert only_events(problems) == ["service_paused"], h.logs.dump()
+    assert problems[0]["error_kind"] == "unavailable" and "maintenance" in problems[0]["reason"]
+
+
+def test_429_retry_after_is_honoured(e2e):
+    h = e2e(scheduler={"backoff_max": 3})
+    job, remote_id = stalled_job(h)
+    path = status_path(remote_id)
+    h.sim.faults.rate_limit(retry_after=1, times=1, path=path)
+    h.wait_until(lambda: any(r.fault == "rate_limit" for r in h.requests["mis"].matching(path)), what="the 429")
+    h.sim.release_job(remote_id)
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+
+    seen = h.requests["mis"].matching("/api/v2/jobs")
+    limited = next(r for r in seen if r.fault == "rate_limit")
+    after = [r for r in seen if r.at > limited.at]
+    assert after and after[0].at - limited.at >= 1.0, "the next call came before Retry-After"
+    problems = h.logs.problems()
+    assert only_events(problems) == ["service_paused"], h.logs.dump()
+    assert problems[0]["error_kind"] == "rate_limited" and problems[0]["seconds"] >= 1.0
+
+
+def test_only_n_jobs_sends_jobs_back_to_pending_until_a_slot_frees(e2e):
+    h = e2e(sim_options={"max_jobs_per_user": 1}, service={"max_concurrent_jobs": 3},
+            timings=Timings(queue=0.1, run=0.2, export=0.1))
+    jobs = [h.submit(name=f"j{i}")[0] for i in range(3)]
+    h.start()
+    done = [h.wait_state(j.id, "completed", timeout=30) for j in jobs]
+    h.stop_daemon()
+
+    stats = h.sim.stats()
+    assert sum(stats["rejected_submissions"].values()) >= 1  # the server did say "Only 1 jobs per user"
+    back = [e for j in done for e in j.events if e.from_state == "submitting" and e.to_state == "pending"]
+    assert back and all(e.reason == "service has no free job slot; waiting" for e in back)
+    for job in done:
+        assert h.sim.submissions(str(job.id)) == 1
+        h.assert_outputs_match(job)
+    # One line: the server's own N (1) at once, not the 2 we would guess from what we hold, and not again when
+    # the limit is probed after each finished job.
+    problems = h.logs.problems()
+    assert only_events(problems) == ["service_job_limit"], h.logs.dump()
+    assert problems[0]["lowered_to"] == 1 and problems[0]["error_kind"] == "job_limit"
+    assert "Only 1 jobs per user" in problems[0]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------------- downloads
+
+
+def exporting_job(h: Harness):
+    [job] = h.submit()
+    h.start()
+    remote_id = h.wait_remote_id(job.id)
+    h.sim.wait_for_state(remote_id, [State.EXPORTING])
+    return job, remote_id
+
+
+def test_truncated_download_is_fetched_again(e2e):
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=60))
+    job, remote_id = exporting_job(h)
+    h.publish_with_fault("mis", remote_id, "chr_20.zip", "truncate", times=1)
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+
+    h.assert_outputs_match(job)
+    served = h.downloads_of(job, "chr_20.zip")
+    assert [d["complete"] for d in served] == [False, True]
+    assert next(o for o in job.outputs if o.name == "chr_20.zip").attempts == 2
+    problems = h.logs.problems()
+    assert only_events(problems) == ["step_failed_will_retry"], h.logs.dump()
+    assert problems[0]["error_kind"] == "truncated" and "chr_20.zip" in problems[0]["reason"]
+
+
+def test_always_corrupt_zip_gives_up_after_the_limit(e2e):
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=60))
+    job, remote_id = exporting_job(h)
+    h.publish_with_fault("mis", remote_id, "chr_20.zip", "corrupt", times=None)
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    bad = next(o for o in job.outputs if o.name == "chr_20.zip")
+    assert bad.state.value == "failed" and bad.attempts == 3
+    assert "gave up after 3 attempts" in bad.error
+    assert len(h.downloads_of(job, "chr_20.zip")) == 3  # three of the ten downloads spent, then stopped
+    assert all(o.state.value == "verified" for o in job.outputs if o.name != "chr_20.zip")
+    assert job.error_kind == "download_failed" and "chr_20.zip" in job.error
+    assert job.error.startswith("1 of ")
+    problems = h.logs.problems()
+    assert only_events(problems) == ["step_failed_will_retry", "download_failed", "job_state"], h.logs.dump()
+
+
+def test_download_counter_exhausted_fails_that_file_and_names_it(e2e):
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=60), sim_options={"download_limit": 1})
+    job, remote_id = exporting_job(h)
+    h.publish_with_fault("mis", remote_id, "chr_20.zip", "corrupt", times=1)
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    bad = next(o for o in job.outputs if o.name == "chr_20.zip")
+    assert bad.state.value == "failed"
+    assert "allows no more downloads" in bad.error and "number of max downloads exceeded" in bad.error
+    assert [d["status"] for d in h.downloads_of(job, "chr_20.zip")] == [200]  # the 400 is not a download
+    assert all(o.state.value == "verified" for o in job.outputs if o.name != "chr_20.zip")
+    assert "chr_20.zip" in job.error and job.error_kind == "download_failed"
+    problems = h.logs.problems()
+    assert only_events(problems) == ["step_failed_will_retry", "download_failed", "job_state"], h.logs.dump()
+    assert problems[1]["error_kind"] == "downloads_exhausted"
+
+
+# ---------------------------------------------------------------------------------------------------- cancel
+
+
+def test_cancel_from_the_cli(e2e, capsys):
+    h = e2e(service={"max_concurrent_jobs": 1})
+    running, remote_id = stalled_job(h)
+    [pending] = h.submit(name="never sent")
+    h.wait_until(lambda: h.requests["mis"].count(status_path(remote_id)) >= 3, what="a few polls")
+    assert h.job(pending.id).state is JobState.PENDING  # the one slot is taken
+
+    assert cli.main(["cancel", str(pending.id), "-c", str(h.config_path)]) == 0
+    assert "cancelled" in capsys.readouterr().out
+    assert h.job(pending.id).state is JobState.CANCELLED
+    assert h.sim.submissions(str(pending.id)) == 0 and not h.sim.stats()["rejected_submissions"]
+
+    assert cli.main(["cancel", str(running.id), "-c", str(h.config_path)]) == 0
+    job = h.wait_state(running.id, "cancelled")
+    assert h.sim.job_state(remote_id) == State.CANCELED
+    assert h.requests["mis"].count(f"/api/v2/jobs/{remote_id}/cancel") == 1
+    assert h.states_visited(job)[-2:] == ["cancel_requested", "cancelled"]
+    pending = h.job(pending.id)
+    assert h.states_visited(pending) == ["pending", "cancelled"]
+    h.stop_daemon()
+    assert h.logs.problems() == [], h.logs.dump()
