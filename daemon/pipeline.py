@@ -342,7 +342,8 @@ class Pipeline:
         if pending:
             return Outcome(next_poll_in=0, fields=fields)
         if failed:
-            names = ", ".join(r.name for r in failed[:5]) + (" …" if len(failed) > 5 else "")
+            # A server-given name may hold control characters (terminal escapes): show it escaped, as downloads does.
+            names = ", ".join(downloads._printable(r.name) for r in failed[:5]) + (" …" if len(failed) > 5 else "")
             reason = f"{len(failed)} of {len(rows)} result files could not be downloaded: {names}"
             return Outcome(state=JobState.FAILED, reason=reason,
                            fields={**fields, "error": reason, "error_kind": "download_failed"})
