@@ -88,6 +88,11 @@ class LogCapture:
     """The daemon's log output as parsed JSON lines (configure_logging with a StringIO stream)."""
 
     def __init__(self, level: str = "debug") -> None:
+        # configure_logging and Daemon() set logger levels process-wide (Daemon quiets "apscheduler"): put every
+        # level back afterwards, so tests that run later in this process see logging as they left it.
+        self._levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+                        if isinstance(logger, logging.Logger)}
+        self._root_level = logging.getLogger().level
         self.stream = io.StringIO()
         configure_logging(LoggingConfig(format="json", level=level), stream=self.stream)
 
@@ -96,7 +101,10 @@ class LogCapture:
         for handler in [h for h in root.handlers if h.get_name() == "imputationd"]:
             if getattr(handler, "stream", None) is self.stream:
                 root.removeHandler(handler)
-        root.setLevel(logging.WARNING)
+        root.setLevel(self._root_level)
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(self._levels.get(name, logging.NOTSET))
 
     def lines(self) -> list[dict[str, Any]]:
         """The daemon's lines: the in-process simulator's own request log and Alembic's chatter left out."""
