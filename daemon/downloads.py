@@ -155,14 +155,15 @@ def download(
         raise DownloadInterrupted(f"{label}: stopped before it started", kind="interrupted")
 
     result_dir = Path(result_dir)
-    _make_dirs(result_dir)
+    with _no_space_is_transient(label):
+        _make_dirs(result_dir)
     final = result_dir.joinpath(*rel.parts)
     if final.is_dir():
         raise Permanent(f"{label}: a directory of that name is in the way", kind="unsafe_name")
     if not final.parent.resolve().is_relative_to(result_dir.resolve()):
         raise Permanent(f"{label}: its folder leads out of the result directory (a symlink?)", kind="unsafe_name")
 
-    with _partial_file(result_dir) as (partial, fh):
+    with _partial_file(result_dir, label) as (partial, fh):
         digest = hashlib.sha256()
         size = 0
         content_length: int | None = None
@@ -236,11 +237,12 @@ def download(
             zip_crc_checked = _verify(partial, password, label, should_stop)
 
         os.chmod(partial, FILE_MODE)
-        created = _make_dirs(final.parent, base=result_dir)
-        os.replace(partial, final)
-        _fsync_dir(final.parent)
-        for directory in created:
-            _fsync_dir(directory.parent)
+        with _no_space_is_transient(label):
+            created = _make_dirs(final.parent, base=result_dir)
+            os.replace(partial, final)
+            _fsync_dir(final.parent)
+            for directory in created:
+                _fsync_dir(directory.parent)
 
     return Downloaded(
         path=final,
@@ -346,18 +348,37 @@ def _verify(partial: Path, password: str | None, label: str, should_stop: Callab
 
 
 @contextlib.contextmanager
-def _partial_file(result_dir: Path) -> Iterator[tuple[Path, BinaryIO]]:
+def _no_space_is_transient(label: str) -> Iterator[None]:
+    """A full disk (no blocks, no inodes, quota) met while creating folders or files is `disk_full`, like one met
+    while writing: the download is tried again later, not reported as a crash."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise Transient(f"{label}: no space left on the device ({os.strerror(exc.errno)})",
+                            kind="disk_full") from None
+        raise
+
+
+@contextlib.contextmanager
+def _partial_file(result_dir: Path, label: str) -> Iterator[tuple[Path, BinaryIO]]:
     """A new, exclusively created temp file in `result_dir/.partial/`; removed unless it was renamed away."""
     partial_dir = result_dir / PARTIAL_DIR
     partial = partial_dir / f"{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
-    for attempt in range(3):
-        _make_dirs(partial_dir, base=result_dir)
-        try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            break
-        except FileNotFoundError:
-            if attempt == 2:  # another download kept removing the (empty) folder under us
-                raise
+    try:
+        with _no_space_is_transient(label):
+            for attempt in range(3):
+                _make_dirs(partial_dir, base=result_dir)
+                try:
+                    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:  # another download kept removing the (empty) folder under us
+                        raise
+    except Transient:
+        with contextlib.suppress(OSError):
+            os.rmdir(partial_dir)  # only when empty
+        raise
     try:
         fh = open(fd, "wb")  # noqa: SIM115 - closed below on every path
     except BaseException:
