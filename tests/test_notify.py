@@ -176,8 +176,12 @@ def test_a_redirect_or_an_unreachable_receiver_is_a_failure_to_retry(store: JobS
     [row] = outbox(store)
     assert row.notified_at is None and row.notify_error == "webhook: HTTP 302"
     assert row.notify_next_at > utcnow() + dt.timedelta(seconds=20)  # backing off
-    with pytest.raises(NotifyFailed):
-        WebhookSender(WebhookConfig(url=hook.url, timeout=1)).send({"event_id": 1})  # nobody listens any more
+    sender = WebhookSender(WebhookConfig(url=hook.url, timeout=1))
+    try:
+        with pytest.raises(NotifyFailed, match="ConnectError"):
+            sender.send({"event_id": 1})  # nobody listens any more
+    finally:
+        sender.close()
 
 
 def test_headers_file_is_sent_and_its_values_are_redacted(store: JobStore, tmp_path: Path) -> None:
