@@ -171,7 +171,8 @@ def sample_vcf(directory: Path, *, samples: int = 20, variants: int = 40) -> Pat
 class DaemonConfig:
     """One daemon's YAML config, generated: a service per simulator, fast ticks, JSON logs.
 
-    `scheduler` and `services` entries override the defaults; `extra_services` adds more (name -> simulator)."""
+    `scheduler` and `service` entries override the harness's defaults (a `scheduler` value of None leaves the key out
+    of the file: imputationd's own default applies); `extra_services` adds services (name -> simulator)."""
 
     root: Path
     db_url: str
@@ -223,6 +224,7 @@ class DaemonConfig:
             "shutdown_timeout": 3,
             **self.scheduler,
         }
+        scheduler = {k: v for k, v in scheduler.items() if v is not None}  # None: leave out, use the default
         services = {SERVICE: self._service(self.sim, **self.service)}
         services.update({name: self._service(sim) for name, sim in self.extra_services.items()})
         return {

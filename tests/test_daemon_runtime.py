@@ -35,6 +35,7 @@ from daemon_harness import (
     simulator,
     wait_until,
 )
+from daemon.config import SchedulerConfig
 from daemon.downloads import PARTIAL_DIR
 
 #: systemd's TimeoutStopSec for the unit: after it, SIGKILL.
@@ -137,6 +138,7 @@ def all_released(db: JobDB, ids) -> dict:
 @pytest.mark.parametrize(
     ("sig", "db_url", "shutdown_timeout"),
     [
+        # The shipped default budget (scheduler.shutdown_timeout left out of the file: 8 s).
         pytest.param(signal.SIGTERM, "postgres", None, id="SIGTERM-postgres-default-budget",
                      marks=pytest.mark.postgres),
         pytest.param(signal.SIGINT, "sqlite", 2.0, id="SIGINT-sqlite"),
@@ -146,11 +148,8 @@ def all_released(db: JobDB, ids) -> dict:
 def test_stop_signal_with_steps_in_flight_exits_in_budget_and_restart_completes_everything(
     tmp_path: Path, db_url: str, sim, sig: int, shutdown_timeout: float | None
 ) -> None:
-    scheduler = {} if shutdown_timeout is None else {"shutdown_timeout": shutdown_timeout}
-    if shutdown_timeout is None:
-        scheduler["shutdown_timeout"] = 8.0  # the shipped default, spelled out: the budget under test
-    budget = scheduler["shutdown_timeout"]
-    cfg = DaemonConfig(tmp_path, db_url, sim, scheduler=scheduler)
+    budget = shutdown_timeout or SchedulerConfig().shutdown_timeout
+    cfg = DaemonConfig(tmp_path, db_url, sim, scheduler={"shutdown_timeout": shutdown_timeout})
     cfg.write()
     rec = RequestLog(sim)
     with JobDB(db_url) as db:
@@ -163,15 +162,18 @@ def test_stop_signal_with_steps_in_flight_exits_in_budget_and_restart_completes_
 
             code, took = first.stop(sig, timeout=TIMEOUT_STOP_SEC + 5)
         assert code == 0, first.tail()
-        # Stuck steps get the whole budget, then the process goes: well inside systemd's TimeoutStopSec.
+        # The held steps get the whole budget, then the process goes: well inside systemd's TimeoutStopSec.
         assert budget - 0.5 <= took < min(budget + 4, TIMEOUT_STOP_SEC), took
         stopping = first.events("daemon_stopping")
         assert stopping and stopping[0]["in_flight"] == len(ids)
         assert first.events("released_unfinished_steps")[0]["jobs"] == len(ids)
         assert first.events("daemon_stopped")
         assert not all_released(db, ids), "leases of unfinished steps must be released at stop"
-        assert db.states(ids) == {i: s for i, s in db.states(ids).items() if s in
-                                  ("submitting", "queued", "running", "downloading")}
+        # Released, not finished: each job waits in the step it was in.
+        states = db.states(ids)
+        assert {states[i] for i in waves["downloading"]} == {"downloading"}
+        assert {states[i] for i in waves["polling"]} <= {"queued", "running"}
+        assert {states[i] for i in waves["submitting"]} == {"submitting"}
         first.assert_clean()
 
         sim.faults.clear()
@@ -181,9 +183,6 @@ def test_stop_signal_with_steps_in_flight_exits_in_budget_and_restart_completes_
         assert_results_match(sim, db, ids)
         assert not all_released(db, ids)
         # The submits whose answers were lost were found on the server, not sent again.
-        reasons = {i: [e for e in db.events([i]) if e[3] == "queued"] for i in waves["submitting"]}
-        for job_id, rows in reasons.items():
-            assert len(rows) == 1, rows
         for job in db.jobs(waves["submitting"]):
             assert job.submit_attempts == 1
         found = [e for e in again.events("job_state") if "found the earlier submission" in (e.get("reason") or "")]
@@ -350,16 +349,15 @@ def test_sd_notify_ready_watchdog_status_stopping_from_the_daemon_process(tmp_pa
     try:
         cfg = DaemonConfig(tmp_path, sqlite_url, sim)
         cfg.write()
-        # WatchdogSec=1s: the daemon pings every 0.5 s while its ticks are healthy.
-        with DaemonProcess(cfg.path, env=notify.env(watchdog_usec=1_000_000), name="notified") as d:
+        # WatchdogSec=2s: the daemon pings every second (half of it) while its ticks are healthy.
+        with DaemonProcess(cfg.path, env=notify.env(watchdog_usec=2_000_000), name="notified") as d:
             notify.wait_for("READY=1", START)
             ready_at = next(t for t, lines in notify.messages if "READY=1" in lines)
-            # SIGTERM right after READY=1: the daemon must already handle it (systemd may stop it any time now).
             notify.wait_for("WATCHDOG=1", 10, count=3)
             pings = [t for t, lines in notify.messages if "WATCHDOG=1" in lines]
             assert all(t > ready_at for t in pings), "watchdog pings only once ready"
             gaps = [b - a for a, b in zip(pings, pings[1:])]
-            assert all(g < 1.0 for g in gaps), f"pings must come more often than WatchdogSec: {gaps}"
+            assert all(g < 2.0 for g in gaps), f"pings must come more often than WatchdogSec: {gaps}"
             notify.wait_for("STATUS=", 10, count=2)  # with READY=1, then the jobs summary
             statuses = [a for a in notify.assignments() if a.startswith("STATUS=")]
             assert statuses[0] == "STATUS=imputationd running"
