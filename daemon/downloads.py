@@ -253,6 +253,27 @@ def download(
     )
 
 
+def check_room(result_dir: Path, name: str, size_text: str | None) -> None:
+    """Before a download spends one of the server's download counts: `Transient(kind="disk_full")` when the file
+    system that will hold `result_dir` has no free space at all, or may not have room for the size the server
+    announced (`size_text`: Cloudgene's rounded-down "314 MB" means up to 315 MB; WES's "1234 bytes" is exact;
+    missing or unreadable: only the "no space at all" check).
+
+    A disk that stays full then costs retries, not downloads: each GET that fails for lack of space spends a count,
+    and a counter used up fails the file for good."""
+    needed = _size_upper_bound(size_text)
+    directory = Path(result_dir)
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    free = shutil.disk_usage(directory).free
+    if free == 0 or needed > free:
+        raise Transient(
+            f"download {_printable(name)}: no space left for it ({free} bytes free, the file may need {needed}); "
+            "not fetched, so no download is spent",
+            kind="disk_full",
+        )
+
+
 def remove_partials(result_dir: Path) -> int:
     """Delete the partial files a killed daemon left under `result_dir` (searched recursively, symlinks not
     followed) and their empty `.partial` folders; return how many files went.
@@ -319,6 +340,20 @@ def _content_length(response: httpx.Response) -> int | None:
     if not text.isdigit():
         raise Transient(f"invalid Content-Length {text[:40]!r}", kind="bad_response")
     return int(text)
+
+
+_SIZE_TEXT = re.compile(r"\s*(\d+)\s*(bytes?|[KMGTPE]B)\s*", re.IGNORECASE)
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+
+
+def _size_upper_bound(size_text: str | None) -> int:
+    """The most bytes a human size rounded down to whole units ("314 MB", 1024-based) can stand for ("418 bytes"
+    is exact); 0 when there is none to read."""
+    match = _SIZE_TEXT.fullmatch(size_text or "")
+    if match is None:
+        return 0
+    unit = _SIZE_UNITS.get(match[2][0].upper())
+    return int(match[1]) if unit is None else (int(match[1]) + 1) * unit - 1
 
 
 def _check_free_space(directory: Path, content_length: int | None, label: str) -> None:
@@ -433,4 +468,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["Downloaded", "DownloadInterrupted", "download", "remove_partials", "safe_relative_path", "sha256_file"]
+__all__ = [
+    "Downloaded",
+    "DownloadInterrupted",
+    "check_room",
+    "download",
+    "remove_partials",
+    "safe_relative_path",
+    "sha256_file",
+]

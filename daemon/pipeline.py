@@ -296,6 +296,8 @@ class Pipeline:
         """Fetch and verify one file; an Outcome means "stop here for now" (retry later)."""
         output = remote_output(row)
         try:
+            # A full disk must not spend the server's download counts, of which a file has only a few.
+            downloads.check_room(result_dir, row.name, row.size_text)
             got = downloads.download(
                 lambda: adapter.stream_output(output),
                 row.name,
