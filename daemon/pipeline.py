@@ -107,6 +107,11 @@ class Pipeline:
             except LeaseLost:
                 log.warning("lease_lost", reason="another daemon took the job over; dropping this step's result")
                 return None
+            except Exception:
+                # The database failed under us (restarted, unreachable): this step's outcome is lost, not the job;
+                # its lease runs out and the step is done again. Said here: the pool has nobody to raise to.
+                log.exception("step_result_not_saved", state=str(job.state), error_kind="database")
+                return None
             if outcome.state is not None and outcome.state != job.state:
                 self._log_transition(job, finished, outcome)
             return finished
