@@ -102,6 +102,8 @@ class Daemon:
         self._token_fingerprint: dict[str, str | None] = {}
         self._last_summary = 0.0
         self._retired_adapters: list[ServiceAdapter] = []
+        #: A tick still running when the stop budget ran out (stuck on a slow server): the process must not wait.
+        self._tick_outlived_stop = False
         self.engine = make_engine(config.database.url, pool_size=max(config.database.pool_size,
                                                                      config.scheduler.workers + 4))
         ensure_current(self.engine)
@@ -227,8 +229,15 @@ class Daemon:
         with self._lock:
             waiting = list(self._in_flight.values())
         log.info("daemon_stopping", in_flight=len(waiting))
-        self.scheduler.shutdown(wait=True)
+        # A running tick (the token check waits up to the service timeout, 30 s by default, on a server that
+        # sits on the request) gets the same budget as the steps, not an unbounded wait: systemd SIGKILLs us at
+        # TimeoutStopSec, before the leases below are released.
+        budget_ends = time.monotonic() + self.config.scheduler.shutdown_timeout
+        ticks = threading.Thread(target=self.scheduler.shutdown, name="imputationd-stop-ticks", daemon=True)
+        ticks.start()
         _, unfinished = concurrent.futures.wait(waiting, timeout=self.config.scheduler.shutdown_timeout)
+        ticks.join(max(0.0, budget_ends - time.monotonic()))
+        self._tick_outlived_stop = ticks.is_alive()
         with self._lock:
             leftover = [job_id for job_id, future in self._in_flight.items() if future in unfinished]
         for job_id in leftover:
@@ -251,7 +260,7 @@ class Daemon:
     @property
     def unfinished_threads(self) -> bool:
         with self._lock:
-            return bool(self._in_flight)
+            return bool(self._in_flight) or self._tick_outlived_stop
 
     # ------------------------------------------------------------------ handing work to the pool
 
