@@ -189,6 +189,27 @@ def test_stop_signal_with_steps_in_flight_exits_in_budget_and_restart_completes_
         assert len(found) == len(waves["submitting"])
 
 
+def test_sigterm_while_a_tick_waits_on_a_slow_service_exits_in_budget(tmp_path: Path, sqlite_url: str,
+                                                                     sim) -> None:
+    """The maintenance tick checks the token at start (POST /tokens/verify, 30 s timeout): a server that sits on
+    the request must not keep the daemon past its stop budget, or systemd SIGKILLs it at TimeoutStopSec."""
+    budget = 2.0
+    sim.faults.slow(STUCK, times=None, path="/api/v2/tokens/verify", method="POST")
+    cfg = DaemonConfig(tmp_path, sqlite_url, sim, scheduler={"shutdown_timeout": budget})
+    cfg.write()
+    rec = RequestLog(sim)
+    with JobDB(sqlite_url) as db, DaemonProcess(cfg.path, name="slow-check") as d:
+        d.wait_for_event("daemon_started", START)
+        ids = create_jobs(cfg, 1, db=db)
+        db.wait_states(ids, {"completed"}, 30, also=d.require_alive)  # steps go on while the check hangs
+        assert rec.matching("POST", "/api/v2/tokens/verify")
+        code, took = d.stop(signal.SIGTERM, timeout=60)
+    assert code == 0, d.tail()
+    assert took < budget + 4, f"stopping took {took:.1f} s with a {budget:g} s budget"
+    assert d.events("daemon_stopped")
+    d.assert_clean()
+
+
 # ---------------------------------------------------------------------------------------------- SIGKILL and restart
 
 
