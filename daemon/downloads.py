@@ -25,11 +25,13 @@ import contextlib
 import errno
 import hashlib
 import os
+import queue
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -122,7 +124,7 @@ def download(
     result_dir: Path,
     password: str | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    chunk_size: int = 1 << 20,
+    chunk_size: int | None = None,
 ) -> Downloaded:
     """Fetch one result file into `result_dir/<name>` and return what was stored.
 
@@ -131,7 +133,8 @@ def download(
     `http.raise_for_status` (adapters may raise their own before that).
 
     The body is streamed (`iter_raw` when the transfer is not content-encoded, so the bytes stored are the bytes
-    sent), hashed with SHA-256 on the way, and its byte count must equal Content-Length: short →
+    sent; in the pieces the connection delivers unless `chunk_size` asks for others), hashed with SHA-256 on the way
+    (a big body is written and hashed on a helper thread, see `_Sink`), and its byte count must equal Content-Length: short →
     `Transient(kind="truncated")`, long → `Transient(kind="length_mismatch")`. A missing Content-Length is allowed
     and shows as `Downloaded.content_length is None`.
 
@@ -176,9 +179,10 @@ def download(
                 chunks = (
                     response.iter_raw(chunk_size) if encoding in ("", "identity") else response.iter_bytes(chunk_size)
                 )
+                sink = _Sink(fh, digest, threaded=content_length is None or content_length > _THREADED_FROM)
                 # Mid-stream failures are mapped here, inside the adapter's `with`, where they are still httpx's.
                 try:
-                    with transport_errors(label):
+                    with transport_errors(label), sink:
                         try:
                             for chunk in chunks:
                                 if should_stop():
@@ -186,8 +190,7 @@ def download(
                                         f"{label}: stopped after {size} bytes; the next attempt starts from zero",
                                         kind="interrupted",
                                     )
-                                fh.write(chunk)
-                                digest.update(chunk)
+                                sink.write(chunk)
                                 size += len(chunk)
                         except httpx.RemoteProtocolError:  # the peer closed before the body was complete
                             raise Transient(
@@ -251,6 +254,70 @@ def download(
         content_length=content_length,
         zip_crc_checked=zip_crc_checked,
     )
+
+
+#: Bodies from this size on (or of unknown size) are written and hashed on a helper thread.
+_THREADED_FROM = 4 << 20
+#: Chunks a helper thread may have waiting (the connection delivers at most 64 KiB at a time: a few MiB).
+_SINK_DEPTH = 64
+
+
+class _Sink:
+    """Writes a body's chunks to the partial file and feeds them to the digest.
+
+    Threaded, both happen on a helper thread while the caller goes back to the socket: `write()` and SHA-256
+    release the GIL, so hashing (about 1-2 GB/s, CPU-bound) overlaps receiving and parsing the next chunk instead of
+    adding to it (bench/download.py measures the difference). The queue is bounded, so memory stays at a few MiB
+    whatever the file's size. An error of the helper (a full disk) is raised in the caller at its next `write()`
+    or when the `with` block ends; when the block ends by an exception, the helper is stopped and what it still
+    held is dropped (the partial file is deleted anyway)."""
+
+    def __init__(self, fh: BinaryIO, digest: Any, *, threaded: bool) -> None:
+        self._fh, self._digest = fh, digest
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[bytes | None] | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._queue = queue.Queue(_SINK_DEPTH)
+            self._thread = threading.Thread(target=self._drain, name="imputationd-download-sink", daemon=True)
+
+    def __enter__(self) -> _Sink:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def write(self, chunk: bytes) -> None:
+        if self._queue is None:
+            self._fh.write(chunk)
+            self._digest.update(chunk)
+            return
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._fh.write(chunk)
+                    self._digest.update(chunk)
+                except BaseException as exc:  # handed to the caller
+                    self._error = exc
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if self._thread is None or self._queue is None:
+            return
+        if exc_type is not None and self._error is None:
+            self._error = _Abandoned()  # the caller failed: skip whatever is still queued
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
+
+
+class _Abandoned(Exception):
+    pass
 
 
 def check_room(result_dir: Path, name: str, size_text: str | None) -> None:
