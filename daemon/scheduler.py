@@ -50,6 +50,9 @@ log = structlog.get_logger("daemon.scheduler")
 POLL_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED})
 #: How often a blocked service is probed (token verify) when its token file has not changed.
 BLOCKED_PROBE_INTERVAL = 300.0
+#: Claimed jobs that may wait in the pool's queue per worker (leased; the heartbeat renews their leases too), so a
+#: worker that finishes a step starts the next at once, and claims come in batches rather than one per free worker.
+QUEUED_PER_WORKER = 1
 TOKEN_CHECK_INTERVAL = 24 * 3600.0
 TOKEN_WARN_DAYS = 7
 SUMMARY_INTERVAL = 300.0
@@ -97,6 +100,11 @@ class Daemon:
         self._reload_requested = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: dict[uuid.UUID, concurrent.futures.Future] = {}
+        #: Ticks woken while they may be running (APScheduler drops a run while one is going): run again at once.
+        self._woken: set[str] = set()
+        #: Ticks whose last claim filled every free worker: there is probably more due work, so a worker that
+        #: finishes wakes them instead of idling until their next interval.
+        self._backlog: set[str] = set()
         self._last_tick: dict[str, float] = {}
         self._service_checked: dict[str, float] = {}
         self._token_fingerprint: dict[str, str | None] = {}
@@ -163,6 +171,17 @@ class Daemon:
 
     def _tick(self, name: str, func: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
+            # A wake that arrives while this tick runs would be dropped by APScheduler (max_instances=1), and the
+            # work it announced would wait a whole interval: run again as long as wakes keep coming.
+            while True:
+                with self._lock:
+                    self._woken.discard(name)
+                once()
+                with self._lock:
+                    if name not in self._woken or self._stop.is_set():
+                        return
+
+        def once() -> None:
             started = time.monotonic()
             try:
                 if not self._stop.is_set():
@@ -183,6 +202,8 @@ class Daemon:
         """Run a tick now instead of at its next interval (a step left work that is due at once)."""
         if self._stop.is_set():
             return
+        with self._lock:
+            self._woken.add(tick)
         try:
             self.scheduler.modify_job(tick, next_run_time=dt.datetime.now(dt.UTC))
         except Exception:  # the scheduler is shutting down
@@ -247,6 +268,9 @@ class Daemon:
         if leftover:
             log.warning("released_unfinished_steps", jobs=len(leftover))
         self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:  # steps that never started (queued, leases released above) are not unfinished threads
+            for job_id in [j for j, future in self._in_flight.items() if future.cancelled()]:
+                del self._in_flight[job_id]
         for adapter in [*self.adapters.values(), *self._retired_adapters]:
             adapter.close()
         for notifier in [self.notifier, *self._retired_notifiers]:
@@ -278,18 +302,29 @@ class Daemon:
         return usable
 
     def _free_workers(self) -> int:
+        """How many more jobs to claim: enough to keep every worker busy and one more step queued for each."""
+        workers = self.config.scheduler.workers
         with self._lock:
             busy = len(self._in_flight)
-        return min(self.config.scheduler.batch_size, self.config.scheduler.workers - busy)
+        return min(self.config.scheduler.batch_size, workers * (1 + QUEUED_PER_WORKER) - busy)
 
-    def _claim_and_run(self, states: Collection[JobState], services: list[str]) -> int:
+    def _claim_and_run(self, tick: str, states: Collection[JobState], services: list[str]) -> int:
         free = self._free_workers()
-        if free <= 0 or not services:
+        if not services:
+            return 0
+        if free <= 0:
+            with self._lock:
+                self._backlog.add(tick)
             return 0
         jobs = self.store.claim_due(
             self.owner, states=states, services=services, limit=free,
             lease_seconds=self.config.scheduler.lease_seconds,
         )
+        with self._lock:
+            if len(jobs) >= free:
+                self._backlog.add(tick)
+            else:
+                self._backlog.discard(tick)
         for job in jobs:
             self._run_on_pool(job)
         return len(jobs)
@@ -302,11 +337,21 @@ class Daemon:
             self._in_flight[job.id] = self.pool.submit(self._work, job)
 
     def _work(self, job: Job) -> None:
+        if self._stop.is_set():  # queued behind other steps when the daemon began to stop: give it back untouched
+            self.store.release(job.id, self.owner)
+            with self._lock:
+                self._in_flight.pop(job.id, None)
+            return
         try:
             finished = self.pipeline.run(job)
         finally:
             with self._lock:
                 self._in_flight.pop(job.id, None)
+                # The queue of claimed steps has run dry and due work was left behind: claim the next batch.
+                drained = len(self._in_flight) <= self.config.scheduler.workers
+                backlog = list(self._backlog) if drained else []
+            for tick in backlog:
+                self.wake(tick)
         if finished is None:
             return
         if finished.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.PENDING):
@@ -328,14 +373,14 @@ class Daemon:
         services = self._usable_services()
         for name in services:
             self.store.promote_pending(name, self.config.services[name].max_concurrent_jobs)
-        self._claim_and_run({JobState.SUBMITTING}, services)
+        self._claim_and_run("dispatch", {JobState.SUBMITTING}, services)
 
     def poll_tick(self) -> None:
-        self._claim_and_run(POLL_STATES, self._usable_services())
+        self._claim_and_run("poll", POLL_STATES, self._usable_services())
 
     def download_tick(self) -> None:
         # Downloads do not use the API token: a blocked service's finished jobs still download.
-        self._claim_and_run({JobState.DOWNLOADING}, list(self.adapters))
+        self._claim_and_run("download", {JobState.DOWNLOADING}, list(self.adapters))
 
     def heartbeat_tick(self) -> None:
         with self._lock:
