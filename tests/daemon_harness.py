@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import signal
 import socket
 import subprocess
@@ -60,7 +59,6 @@ TOKEN = "harness-token-" + "x" * 20
 SERVICE = "sim"
 #: Events that mean a bug in the daemon whatever the test does.
 BUG_EVENTS = frozenset({"tick_failed", "step_crashed"})
-REPO = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------- bounded polls
@@ -153,9 +151,6 @@ class RequestLog:
 
 
 # ---------------------------------------------------------------------------------------------- configuration
-
-
-_VCF_CACHE: dict[Path, Path] = {}
 
 
 def sample_vcf(directory: Path, *, samples: int = 20, variants: int = 40) -> Path:
@@ -667,6 +662,3 @@ def max_overlap(intervals: Iterable[tuple[float, float]]) -> int:
         best = max(best, current)
     return best
 
-
-def new_token() -> str:
-    return secrets.token_urlsafe(16)
