@@ -162,8 +162,10 @@ class Pipeline:
             if found is not None:
                 return self._submitted(job, found, "found the earlier submission on the server")
         request = self._submit_request(job, carried)
-        # Committed before the POST: after a crash from here on, the next attempt looks the job up first.
-        self.store.note_submit_attempt(job.id, self.owner)
+        # Committed before the POST: after a crash from here on, the next attempt looks the job up first — and not
+        # before the service's request timeout has passed, or the server could create this attempt's job after
+        # the lookup missed it and we sent another.
+        self.store.note_submit_attempt(job.id, self.owner, settle=self._service(job).timeout)
         remote_id = adapter.submit(request)
         return self._submitted(job, remote_id, "submitted")
 
@@ -396,6 +398,10 @@ class Pipeline:
         assert isinstance(exc, Permanent)
         if job.state is JobState.CANCEL_REQUESTED:
             return Outcome(state=JobState.CANCELLED, reason=f"cancelled; the server answered: {exc}")
+        if exc.kind == "remote_not_found" and job.state in (JobState.QUEUED, JobState.RUNNING):
+            # A job the server once accepted and no longer knows was deleted there (Cloudgene DELETED answers 404).
+            reason = f"results expired remotely: the server no longer has this job ({exc})"
+            return Outcome(state=JobState.FAILED, reason=reason, fields={"error": reason, "error_kind": "expired"})
         return Outcome(state=JobState.FAILED, reason=str(exc), fields={"error": str(exc), "error_kind": exc.kind})
 
     def _backoff(self, job: Job, exc: Transient, *, quiet: bool = False) -> Outcome:

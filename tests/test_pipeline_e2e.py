@@ -220,9 +220,9 @@ def test_deleted_before_download(e2e, visible):
         assert job.remote_state == "DELETED" and job.error_kind == "expired"
         assert "results expired remotely (DELETED)" in job.error
     else:
-        # Cloudgene answers 404 "Job X not found." for a deleted job: a definite answer, the job fails with it.
-        assert job.error_kind == "remote_not_found"
-        assert f"Job {remote_id} not found." in job.error
+        # Cloudgene answers 404 "Job X not found." for a deleted job: it expired there, and the reason says why.
+        assert job.error_kind == "expired"
+        assert "results expired remotely" in job.error and f"Job {remote_id} not found." in job.error
     h.stop_daemon()
     assert only_events(h.logs.problems()) == ["job_state"], h.logs.dump()
 
