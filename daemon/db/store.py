@@ -473,14 +473,22 @@ class JobStore:
             session.flush()
             return job
 
-    def note_submit_attempt(self, job_id: uuid.UUID, owner: str) -> int:
-        """Count a submit attempt and commit it *before* the request goes out (exactly-once submission)."""
+    def note_submit_attempt(self, job_id: uuid.UUID, owner: str, *, settle: float = 0.0) -> int:
+        """Count a submit attempt and commit it *before* the request goes out (exactly-once submission).
+
+        `settle`: should this attempt's outcome be lost (the daemon killed while the server still works on the
+        request), the job is not taken up again — looked up, and submitted anew if not found — for that many
+        seconds, so a request the server already holds has time to become a job first. A written outcome sets
+        `next_poll_at` afresh."""
+        now = utcnow()
         with self._session() as session, session.begin():
             job = self._lock(session, job_id)
             if job.lease_owner != owner:
                 raise LeaseLost(f"job {job_id} is no longer leased by this daemon")
             job.submit_attempts += 1
-            job.updated_at = utcnow()
+            job.updated_at = now
+            if settle > 0:
+                job.next_poll_at = now + dt.timedelta(seconds=settle)
             return job.submit_attempts
 
     def record_outputs(self, job_id: uuid.UUID, outputs: Sequence[RemoteOutput]) -> None:
