@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -147,6 +148,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (DatabaseUnavailable, SchemaOutdated) as exc:
         log.error("cannot_start", reason=str(exc), error_kind="database")
         raise CliError(str(exc), EXIT_DATABASE) from None
+    # Before the ticks start claiming work: a stop asked for while starting (systemd stopping a unit that is still
+    # activating) must be a clean stop, not the default action of SIGTERM killing the process with jobs leased.
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
     daemon.start()
     code = daemon.run_forever()
     if daemon.unfinished_threads:
