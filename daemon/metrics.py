@@ -29,14 +29,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from daemon.states import JobState
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+# prometheus_client (~1.5 MiB with what it pulls in) is imported only when metrics are on: `PrometheusMetrics` and
+# its collector import it; a daemon without `metrics.listen` never does.
 
 log = structlog.get_logger("daemon.metrics")
 
@@ -83,11 +86,15 @@ class _JobsCollector:
         self._cached: tuple[float, Mapping[str, Mapping[str, int]] | None] = (-float("inf"), None)
 
     def describe(self) -> Iterable[Metric]:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
         # Names only: without this the registry would call collect() (a database query) at registration.
         yield GaugeMetricFamily("imputationd_jobs", "Jobs by service and state", labels=["service", "state"])
         yield GaugeMetricFamily("imputationd_database_up", "1 when the last jobs query worked, else 0")
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
         counts = self._current()
         jobs = GaugeMetricFamily("imputationd_jobs", "Jobs by service and state", labels=["service", "state"])
         for service, by_state in sorted((counts or {}).items()):
@@ -120,6 +127,8 @@ class PrometheusMetrics(Metrics):
         *,
         cache_seconds: float = COUNTS_CACHE_SECONDS,
     ) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry()
         r = self.registry
         self._submissions = Counter("imputationd_submissions", "Jobs accepted by a service", ["service"], registry=r)
@@ -160,6 +169,8 @@ class PrometheusMetrics(Metrics):
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition body and its content type, in the format the `Accept` header asks for."""
+        from prometheus_client.exposition import choose_encoder
+
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
