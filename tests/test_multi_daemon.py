@@ -44,6 +44,7 @@ def _daemon_logs():
     print_logs_of_started()
 
 
+@pytest.mark.timeout(1800 if STRESS else 300)
 @pytest.mark.parametrize(
     ("db_url", "n_jobs"),
     [
@@ -73,7 +74,7 @@ def test_daemons_sharing_one_database_complete_every_job_once(tmp_path: Path, db
                     for d in daemons:
                         d.require_alive()
 
-                db.wait_states(ids, {"completed"}, 600 if STRESS else 150, also=all_alive)
+                db.wait_states(ids, {"completed"}, 1500 if STRESS else 150, also=all_alive)
                 took = time.monotonic() - started
                 for d in daemons:
                     d.send(signal.SIGTERM)
