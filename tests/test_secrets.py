@@ -1,0 +1,123 @@
+"""Secrets never leak: a whole run of the real daemon at debug level, with a known API token and job password, and
+faults switched on so the error paths run too — a 401 whose body echoes the token, a 507 whose body echoes the
+token and the password, 5xx, 429, HTML and cut-off JSON answers, a submit answered with 502 after the job was
+created, truncated and dropped downloads.
+
+Afterwards the token, the password and every download hash (the secret in `/share/results/<hash>/…`) must appear
+in no line the daemon wrote (stdout and stderr), in no text the database keeps about jobs, events, outputs and
+services (the columns that *must* hold them — the password, the download URL and hash — excepted), and in nothing
+`imputationd show`, `show --json`, `jobs`, `jobs --json` and `services --json` print.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+from chaos_support import report, rows, submit_jobs
+from daemon.db.models import Job, JobEvent, JobOutput, ServiceStatus
+from daemon_harness import (
+    TOKEN,
+    DaemonConfig,
+    DaemonProcess,
+    JobDB,
+    imputationd_command,
+    sample_vcf,
+    simulator,
+    wait_until,
+)
+
+PASSWORD = "Pw-" + secrets.token_hex(12)
+JOBS = 6
+#: Columns that hold a secret on purpose (stored to be used, never shown).
+SECRET_COLUMNS = {"password", "url", "remote_hash"}
+
+
+def _leaks(text: str, needles: dict[str, str]) -> list[str]:
+    return [label for label, value in needles.items() if value in text]
+
+
+def test_no_secret_in_logs_database_or_cli_output(tmp_path: Path, sqlite_url: str) -> None:
+    with simulator() as sim:
+        cfg = DaemonConfig(tmp_path, sqlite_url, sim, poll_interval=0.2, log_level="debug",
+                           scheduler={"backoff_initial": 0.2, "backoff_max": 1.0, "maintenance_interval": 0.5})
+        config_path = cfg.write()
+        vcf = sample_vcf(tmp_path / "inputs", samples=25)
+        ids = submit_jobs(config_path, [{"files": [vcf], "population": "eur", "password": PASSWORD}] * JOBS)
+
+        f = sim.faults
+        f.error(507, times=1, path="/api/v2/jobs/submit",
+                message=f"Insufficient Storage for the job with password {PASSWORD} (token {TOKEN})")
+        f.error(502, times=2, path="/api/v2/jobs/submit", when="after")  # created, answer lost
+        f.error(401, times=1, path="/api/v2/jobs/", method="GET",
+                message=f"Unauthorized: token {TOKEN} has expired")
+        f.error(500, times=2, path="/api/v2/jobs/", method="GET")
+        f.error(503, times=1, path="/api/v2/jobs/", method="GET")
+        f.rate_limit(retry_after=1, times=1, path="/api/v2/jobs/")
+        f.html_200(times=1, path="/api/v2/jobs/")
+        f.malformed_json(times=2, path="/api/v2/jobs/")
+        f.truncate(times=2)
+        f.drop(times=2, path="/share/")
+        f.error(500, times=1, path="/share/")
+
+        db = JobDB(sqlite_url)
+        try:
+            with DaemonProcess(config_path, name="secrets") as daemon:
+                # The 401 blocks the service; an operator installs the (same) token again: a new file replaces it.
+                wait_until(lambda: any(r["blocked_reason"] for r in rows(db, ServiceStatus.__table__)), 60,
+                           message="the 401 never blocked the service")
+                fresh = cfg.token_file.with_suffix(".new")
+                fresh.write_text(TOKEN + "\n", encoding="utf-8")
+                fresh.chmod(0o600)
+                os.replace(fresh, cfg.token_file)
+                db.wait_states(ids, {"completed"}, timeout=90, also=daemon.require_alive)
+                assert daemon.terminate() == 0
+            with sim.sim.lock:
+                hashes = {h for job in sim.sim.jobs.values()
+                          for h in [*(d.hash for d in job.downloads), *job.param_hashes.values()]}
+            fired = sim.faults.counts()
+
+            needles = {"token": TOKEN, "password": PASSWORD}
+            needles.update({f"download hash {h[:8]}…": h for h in hashes})
+
+            log_text = daemon.log_path.read_text(errors="replace") + daemon.err_path.read_text(errors="replace")
+            log_leaks = _leaks(log_text, needles)
+
+            db_text = []
+            for table in (Job.__table__, JobEvent.__table__, JobOutput.__table__, ServiceStatus.__table__):
+                for row in rows(db, table):
+                    db_text += [str(v) for k, v in row.items() if k not in SECRET_COLUMNS and v is not None]
+            db_leaks = _leaks("\n".join(db_text), needles)
+            stored_errors = sum(1 for r in rows(db, Job.__table__) if r["error"]) + sum(
+                1 for r in rows(db, JobEvent.__table__) if r["reason"]) + sum(
+                1 for r in rows(db, JobOutput.__table__) if r["error"])
+
+            cli = [*imputationd_command()]
+            calls = [["jobs", "--json"], ["jobs"], ["services", "--json"]]
+            calls += [["show", "--json", str(i)] for i in ids] + [["show", str(ids[0])]]
+            cli_text = ""
+            for argv in calls:
+                done = subprocess.run([*cli, *argv, "-c", str(config_path)], capture_output=True, text=True,
+                                      timeout=120, stdin=subprocess.DEVNULL)
+                assert done.returncode == 0, (argv, done.stderr)
+                cli_text += done.stdout + done.stderr
+            cli_leaks = _leaks(cli_text, needles)
+        finally:
+            db.close()
+
+    lines = log_text.splitlines()
+    loud = sum(1 for line in lines if any(f'"level": "{lv}"' in line for lv in ("warning", "error")))
+    text = report("secrets: nothing leaks", {
+        "secrets looked for": f"token, job password, {len(hashes)} download hashes",
+        "faults fired": dict(sorted(fired.items())),
+        "daemon log lines (debug) / warnings+errors": f"{len(lines)} / {loud}",
+        "redactions in the log": log_text.count("[redacted]"),
+        "error texts stored (jobs.error, job_events.reason, job_outputs.error)": stored_errors,
+        "CLI calls checked": len(calls),
+        "leaks: log / database / CLI": f"{log_leaks or 0} / {db_leaks or 0} / {cli_leaks or 0}",
+    })
+    assert fired.get("error", 0) >= 6 and fired.get("truncate", 0) and fired.get("drop", 0), text
+    assert not log_leaks and not db_leaks and not cli_leaks, text
+    assert "[redacted]" in log_text, "the echoed secrets should have been redacted somewhere: " + text
