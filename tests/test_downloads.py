@@ -19,7 +19,8 @@ import httpx
 import pyzipper
 import pytest
 
-from daemon import downloads
+from daemon import downloads, results
+from daemon.simulator import zipcrypto
 from daemon.downloads import (
     Downloaded,
     DownloadInterrupted,
@@ -448,6 +449,39 @@ def test_aes_zip_with_password_without_and_wrong(tmp_path: Path) -> None:
     assert info.value.kind == "zip_password"
     assert "wrong" not in str(info.value) and "pw-1234" not in str(info.value)
     assert leftovers(tmp_path) == ["chr_20.zip", "chr_21.zip"]
+
+
+def _zipcrypto_bytes(workdir: Path, entries: dict[str, bytes], password: str) -> bytes:
+    workdir.mkdir()
+    sources = []
+    for i, (name, data) in enumerate(entries.items()):
+        (workdir / f"src-{i}").write_bytes(data)
+        sources.append((name, workdir / f"src-{i}"))
+    # A fixed encryption header, so a wrong password fails its check the same way each run.
+    zipcrypto.write_zipcrypto(workdir / "src.zip", sources, password, random_bytes=lambda n: bytes(n))
+    return (workdir / "src.zip").read_bytes()
+
+
+def test_zipcrypto_zip_with_password_without_wrong_and_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = _zipcrypto_bytes(tmp_path / "src", ZIP_ENTRIES, "pw-1234")
+    result_dir = tmp_path / "r"
+    assert download(opener(body), "chr_20.zip", result_dir=result_dir, password="pw-1234").zip_crc_checked is True
+    assert download(opener(body), "chr_21.zip", result_dir=result_dir).zip_crc_checked is False
+    with pytest.raises(Permanent) as info:
+        download(opener(body), "chr_22.zip", result_dir=result_dir, password="wrong")
+    assert info.value.kind == "zip_password"
+    # A stop is seen while the entries are being decrypted, not only between them.
+    monkeypatch.setattr(results, "CHUNK", 16 * 1024)
+    chunks_before_verify = -(-len(body) // 4096)
+    checks = iter([False] * (1 + chunks_before_verify + 3) + [True] * 100)
+    with pytest.raises(DownloadInterrupted, match="while verifying"):
+        download(
+            opener(body), "chr_23.zip", result_dir=result_dir, password="pw-1234",
+            should_stop=lambda: next(checks), chunk_size=4096,
+        )
+    assert leftovers(result_dir) == ["chr_20.zip", "chr_21.zip"]
 
 
 def test_stop_during_zip_verification_leaves_nothing(tmp_path: Path) -> None:

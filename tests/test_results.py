@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 from pathlib import Path
 
 import pyzipper
 import pytest
+import structlog
 
+from daemon import results
 from daemon.results import CorruptResult, WrongPassword, extract_zip, is_aes, verify_zip
 
 # --- a tiny zip writer: raw names, stored or deflated, optional ZipCrypto (the stdlib cannot write it) ---------------
@@ -66,7 +70,7 @@ def make_zip(
         flags = 0x800
         if pwd is not None:
             flags |= 0x1
-            header = os.urandom(11) + bytes([crc >> 24])
+            header = bytes(range(11)) + bytes([crc >> 24])  # fixed, so a wrong password fails the same way each run
             body = _ZipCrypto(pwd.encode()).encrypt(header + body)
         offset = len(out)
         fields = (20, flags, method, 0, 0x21, crc, len(body), len(data), len(raw_name), 0)
@@ -109,6 +113,23 @@ def data_offset(path: Path, index: int = 0) -> int:
     return info.header_offset + 30 + len(info.filename.encode()) + 40
 
 
+def require_libarchive() -> None:
+    if results._load_libarchive() is None:
+        if os.environ.get("CI"):
+            pytest.fail("libarchive cannot be loaded: ZipCrypto zips would be checked in pure Python (see the log)")
+        pytest.skip("libarchive cannot be loaded here")
+
+
+@pytest.fixture(params=["libarchive", "zipfile"])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Who reads ZipCrypto entries: libarchive (the fast path) or, as where it cannot be loaded, zipfile."""
+    if request.param == "zipfile":
+        monkeypatch.setattr(results, "_load_libarchive", lambda: None)
+    else:
+        require_libarchive()
+    return request.param
+
+
 # --- the writer itself ------------------------------------------------------------------------------------------------
 
 
@@ -133,24 +154,24 @@ def test_unencrypted_zip_verifies(tmp_path: Path) -> None:
     assert is_aes(z) is False
 
 
-def test_zipcrypto_with_password_checks_every_crc(tmp_path: Path) -> None:
+def test_zipcrypto_with_password_checks_every_crc(tmp_path: Path, reader: str) -> None:
     z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret")
     assert verify_zip(z, "s3cret") is True
     assert is_aes(z) is False
 
 
-def test_zipcrypto_stored_entries(tmp_path: Path) -> None:
+def test_zipcrypto_stored_entries(tmp_path: Path, reader: str) -> None:
     z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret", deflate=False)
     assert verify_zip(z, "s3cret") is True
 
 
-def test_wrong_password(tmp_path: Path) -> None:
+def test_wrong_password(tmp_path: Path, reader: str) -> None:
     z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret")
     with pytest.raises(WrongPassword, match=r"chr_20.zip: the password does not open it"):
         verify_zip(z, "nope-but-long-enough")
 
 
-def test_without_password_only_the_structure_is_checked(tmp_path: Path) -> None:
+def test_without_password_only_the_structure_is_checked(tmp_path: Path, reader: str) -> None:
     z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret")
     assert verify_zip(z, None) is False
     flip(z, data_offset(z))  # damage inside encrypted data cannot be seen without the password…
@@ -161,7 +182,7 @@ def test_without_password_only_the_structure_is_checked(tmp_path: Path) -> None:
     assert "chr_20.zip: entry 'chr20.dose.vcf.gz'" in str(info.value)
 
 
-def test_later_entry_failing_the_password_check_is_corruption(tmp_path: Path) -> None:
+def test_later_entry_failing_the_password_check_is_corruption(tmp_path: Path, reader: str) -> None:
     z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password=["s3cret", "other"])
     with pytest.raises(CorruptResult) as info:
         verify_zip(z, "s3cret")
@@ -210,6 +231,111 @@ def test_entry_data_overlapping_the_next_record_is_found(tmp_path: Path) -> None
         verify_zip(z, None)
 
 
+@pytest.mark.parametrize("deflate", [True, False])
+def test_flipped_byte_in_zipcrypto_data_fails_the_crc(tmp_path: Path, reader: str, deflate: bool) -> None:
+    z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret", deflate=deflate)
+    with zipfile.ZipFile(z) as zf:
+        info = zf.infolist()[0]
+    flip(z, info.header_offset + 30 + len(info.filename) + info.compress_size - 5)  # near its end
+    for attempt in (lambda: verify_zip(z, "s3cret"), lambda: extract_zip(z, tmp_path / "out", "s3cret")):
+        with pytest.raises(CorruptResult) as caught:
+            attempt()
+        assert not isinstance(caught.value, WrongPassword)
+        assert "chr_20.zip: entry 'chr20.dose.vcf.gz'" in str(caught.value)
+        if not deflate:  # a stored entry decrypts fine: only its CRC tells
+            assert "CRC" in str(caught.value)
+    assert list((tmp_path / "out").rglob("*")) == []
+
+
+def test_zipcrypto_and_plain_entries_in_one_zip(tmp_path: Path, reader: str) -> None:
+    z = make_zip(tmp_path / "chr_20.zip", [("README", b"plain\n"), *ENTRIES], password=[None, "s3cret", "s3cret"])
+    assert verify_zip(z, "s3cret") is True
+    assert verify_zip(z, None) is False
+    with pytest.raises(WrongPassword):  # the first encrypted entry decides, not the first entry
+        verify_zip(z, "nope-but-long-enough")
+    paths = extract_zip(z, tmp_path / "out", "s3cret")
+    assert [p.read_bytes() for p in paths] == [b"plain\n", DOSE, INFO]
+
+
+# --- libarchive -----------------------------------------------------------------------------------------------------
+
+
+def test_libarchive_reads_the_zipcrypto_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_libarchive()
+    z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret")
+
+    def no_python_decryption(self: zipfile.ZipExtFile, n: int = -1) -> bytes:
+        raise AssertionError("zipfile read an entry's data")
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", no_python_decryption)
+    checkpoints = []
+    assert verify_zip(z, "s3cret", checkpoint=lambda: checkpoints.append(1)) is True
+    assert len(checkpoints) >= 2
+    paths = extract_zip(z, tmp_path / "out", "s3cret")
+    assert [p.read_bytes() for p in paths] == [DOSE, INFO]
+    with pytest.raises(WrongPassword):  # zipfile still checks the password, from the entry's 12-byte header
+        verify_zip(z, "nope-but-long-enough")
+
+
+def test_checkpoint_is_called_between_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_libarchive()
+    monkeypatch.setattr(results, "CHUNK", 16 * 1024)
+    z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret")
+    checkpoints = []
+    assert verify_zip(z, "s3cret", checkpoint=lambda: checkpoints.append(1)) is True
+    assert len(checkpoints) >= (len(DOSE) + len(INFO)) // (16 * 1024)
+
+
+def test_an_entry_libarchive_sees_otherwise_is_read_by_zipfile(tmp_path: Path) -> None:
+    require_libarchive()
+    z = make_zip(tmp_path / "chr_20.zip", [ENTRIES[0], (b"nul\x00byte", INFO)], password="s3cret")
+    with structlog.testing.capture_logs() as logs:
+        assert verify_zip(z, "s3cret") is True  # libarchive cuts the name at the NUL: zipfile reads that entry
+    [said] = [e for e in logs if e["event"] == "zipcrypto_native_reader_disagrees"]
+    assert said["entry"] == "nul" and "b'nul'" in said["reason"]
+    flip(z, data_offset(z, 1))
+    with pytest.raises(CorruptResult, match="entry 'nul'"):
+        verify_zip(z, "s3cret")
+
+
+def test_without_libarchive_zipcrypto_is_read_by_zipfile_and_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cannot_load() -> None:
+        raise OSError("libarchive.so.13: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(results, "_Libarchive", cannot_load)
+    monkeypatch.setattr(results, "_libarchive", None)
+    monkeypatch.setattr(results, "_libarchive_loaded", False)
+    z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret")
+    with structlog.testing.capture_logs() as logs:
+        assert verify_zip(z, "s3cret") is True
+        assert [p.name for p in extract_zip(z, tmp_path / "out", "s3cret")] == ["chr20.dose.vcf.gz", "chr20.info.gz"]
+    [said] = [e for e in logs if e["event"] == "zipcrypto_slow_fallback"]
+    assert said["log_level"] == "warning" and "cannot open shared object" in said["reason"]
+
+
+def test_a_libarchive_failing_the_self_test_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_libarchive()
+    monkeypatch.setattr(results._Libarchive, "read", lambda self, archive, buffer: 0)  # "reads" nothing, no error
+    with pytest.raises(RuntimeError, match="self-test: libarchive does not decrypt ZipCrypto"):
+        results._Libarchive()
+
+
+def test_no_libarchive_library_at_all(tmp_path: Path) -> None:
+    """The real failure: libarchive-c cannot load the shared library (here: told to load one that is not there)."""
+    z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret")
+    code = (
+        "import sys; from daemon import results\n"
+        f"assert results.verify_zip({str(z)!r}, 's3cret') is True\n"
+        "assert results._load_libarchive() is None\n"
+    )
+    env = {**os.environ, "LIBARCHIVE": str(tmp_path / "no-such-libarchive.so")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "zipcrypto_slow_fallback" in done.stdout + done.stderr
+
+
 def test_aes_zip(tmp_path: Path) -> None:
     z = make_aes_zip(tmp_path / "chr_20.zip", ENTRIES, "s3cret")
     assert is_aes(z) is True
@@ -222,7 +348,7 @@ def test_aes_zip(tmp_path: Path) -> None:
         verify_zip(z, "s3cret")
 
 
-def test_checkpoint_can_abandon_the_check(tmp_path: Path) -> None:
+def test_checkpoint_can_abandon_the_check(tmp_path: Path, reader: str) -> None:
     z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret")
 
     class Stop(Exception):
@@ -238,7 +364,7 @@ def test_checkpoint_can_abandon_the_check(tmp_path: Path) -> None:
 # --- extract_zip ----------------------------------------------------------------------------------------------------
 
 
-def test_extract_writes_files_with_modes(tmp_path: Path) -> None:
+def test_extract_writes_files_with_modes(tmp_path: Path, reader: str) -> None:
     z = make_zip(tmp_path / "chr_20.zip", [*ENTRIES, ("statistics/summary.txt", b"ok\n")], password="s3cret")
     dest = tmp_path / "out"
     paths = extract_zip(z, dest, "s3cret")
@@ -286,7 +412,7 @@ def test_extract_rolls_back_on_a_bad_entry(tmp_path: Path) -> None:
     assert list(dest.rglob("*")) == []
 
 
-def test_extract_encrypted_without_password_or_wrong_one(tmp_path: Path) -> None:
+def test_extract_encrypted_without_password_or_wrong_one(tmp_path: Path, reader: str) -> None:
     z = make_zip(tmp_path / "chr_20.zip", ENTRIES, password="s3cret")
     with pytest.raises(CorruptResult, match="no password is known"):
         extract_zip(z, tmp_path / "out", None)
