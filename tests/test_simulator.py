@@ -803,7 +803,14 @@ def test_truncated_and_corrupted_downloads(sim: SimulatedCloudgene, client: http
                 zf.read(name)
     r = download(sim, f)
     assert r.content == original
-    log = [d for d in sim.stats()["downloads"] if d["name"] == "chr_20.zip"]
+
+    def download_log() -> list[dict]:
+        return [d for d in sim.stats()["downloads"] if d["name"] == "chr_20.zip"]
+
+    # The server records a download once its last byte is written, which can be just after the client has it all.
+    deadline = time.monotonic() + 5
+    while len(log := download_log()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert [d["fault"] for d in log] == ["truncate", "corrupt", None]
     assert [d["complete"] for d in log] == [False, False, True]
     assert log[0]["bytes_sent"] == len(original) // 2
