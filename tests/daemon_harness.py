@@ -167,7 +167,8 @@ class DaemonConfig:
     """One daemon's YAML config, generated: a service per simulator, fast ticks, JSON logs.
 
     `scheduler` and `service` entries override the harness's defaults (a `scheduler` value of None leaves the key out
-    of the file: imputationd's own default applies); `extra_services` adds services (name -> simulator)."""
+    of the file: imputationd's own default applies); `extra_services` adds services: name -> simulator, or
+    name -> (simulator, {setting: value}) for settings that differ from the harness's."""
 
     root: Path
     db_url: str
@@ -176,7 +177,8 @@ class DaemonConfig:
     max_concurrent_jobs: int = 10
     scheduler: dict[str, Any] = field(default_factory=dict)
     service: dict[str, Any] = field(default_factory=dict)
-    extra_services: dict[str, SimulatedCloudgene] = field(default_factory=dict)
+    extra_services: dict[str, SimulatedCloudgene | tuple[SimulatedCloudgene, dict[str, Any]]] = field(
+        default_factory=dict)
     log_level: str = "info"
     name: str = "config.yaml"
 
@@ -221,7 +223,9 @@ class DaemonConfig:
         }
         scheduler = {k: v for k, v in scheduler.items() if v is not None}  # None: leave out, use the default
         services = {SERVICE: self._service(self.sim, **self.service)}
-        services.update({name: self._service(sim) for name, sim in self.extra_services.items()})
+        for name, extra in self.extra_services.items():
+            sim, overrides = extra if isinstance(extra, tuple) else (extra, {})
+            services[name] = self._service(sim, **overrides)
         return {
             "storage": {"state_dir": str(self.state_dir)},
             "database": {"url": self.db_url},

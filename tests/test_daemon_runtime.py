@@ -44,6 +44,10 @@ TIMEOUT_STOP_SEC = 15.0
 START = 30.0
 #: Long enough to hold a request for the whole test; the simulator wakes every sleeper when it stops.
 STUCK = 120.0
+#: The service the lost-submit jobs use: the same simulator under a short `timeout`, which is also how long a daemon
+#: waits before it looks a lost submit up (the server may still be turning the request into a job).
+LOST = "lost"
+LOST_TIMEOUT = 4.0
 SUBMIT = "/api/v2/jobs/submit/"
 SHARE = "/share/results/"
 STATUS_PREFIX = "/api/v2/jobs/job-"
@@ -105,16 +109,25 @@ def hold(sim, step: str) -> None:
         sim.faults.slow(STUCK, times=None, path=SHARE, method="GET")
 
 
+def runtime_config(root: Path, db_url: str, sim, **kwargs) -> DaemonConfig:
+    """The harness config plus the `LOST` service (same simulator, short timeout) for jobs whose submit is lost."""
+    cfg = DaemonConfig(root, db_url, sim, **kwargs)
+    cfg.extra_services[LOST] = (sim, {"timeout": LOST_TIMEOUT})
+    cfg.write()
+    return cfg
+
+
 def put_jobs_in_flight(cfg: DaemonConfig, sim, db: JobDB, rec: RequestLog, daemon: DaemonProcess
                        ) -> dict[str, list[uuid.UUID]]:
     """Two jobs held in each of downloading, polling and submitting, each with its request inside the simulator.
 
     Waves: the first pair runs with downloads held, so it stops there; then polls are held and a second pair
-    stops after its submit; then submits are held (answer only: the remote job exists) for the third pair."""
+    stops after its submit; then submits are held (answer only: the remote job exists) for the third pair, on the
+    `LOST` service."""
     waves: dict[str, list[uuid.UUID]] = {}
     for step in ("downloading", "polling", "submitting"):
         hold(sim, step)
-        waves[step] = create_jobs(cfg, 2, db=db)
+        waves[step] = create_jobs(cfg, 2, db=db, service=LOST if step == "submitting" else SERVICE)
         stuck_in(db, rec, sim, waves[step], step, daemon)
     return waves
 
@@ -149,8 +162,7 @@ def test_stop_signal_with_steps_in_flight_exits_in_budget_and_restart_completes_
     tmp_path: Path, db_url: str, sim, sig: int, shutdown_timeout: float | None
 ) -> None:
     budget = shutdown_timeout or SchedulerConfig().shutdown_timeout
-    cfg = DaemonConfig(tmp_path, db_url, sim, scheduler={"shutdown_timeout": shutdown_timeout})
-    cfg.write()
+    cfg = runtime_config(tmp_path, db_url, sim, scheduler={"shutdown_timeout": shutdown_timeout})
     rec = RequestLog(sim)
     with JobDB(db_url) as db:
         with DaemonProcess(cfg.path, name="first") as first:
@@ -218,8 +230,7 @@ def test_sigkill_in_every_step_then_restart_completes_each_job_once(tmp_path: Pa
     """Killed with a download, a poll and a submit (the POST arrived, its answer did not) in flight: the restarted
     daemon (same host: it releases the dead pid's leases at once) finishes every job, submits none twice, and
     leaves byte-identical files and no partial downloads."""
-    cfg = DaemonConfig(tmp_path, db_url, sim, scheduler={"lease_seconds": 60})
-    cfg.write()
+    cfg = runtime_config(tmp_path, db_url, sim, scheduler={"lease_seconds": 60})
     rec = RequestLog(sim)
     with JobDB(db_url) as db:
         with DaemonProcess(cfg.path, name="killed") as killed:
@@ -247,6 +258,9 @@ def test_sigkill_in_every_step_then_restart_completes_each_job_once(tmp_path: Pa
             assert job.submit_attempts == 1
         found = [e for e in again.events("job_state") if "found the earlier submission" in (e.get("reason") or "")]
         assert len(found) == 2
+        # ...and looked up only once the server had had the service's timeout to turn the request into a job.
+        lookups = [t for t, path in rec.matching("GET", "/api/v2/jobs") if path.rstrip("/") == "/api/v2/jobs"]
+        assert min(lookups) >= max(rec.submits()) + LOST_TIMEOUT - 0.2
 
 
 # ---------------------------------------------------------------------------------------------- lease expiry
@@ -257,8 +271,7 @@ def test_daemon_on_another_host_takes_over_only_after_the_leases_expire(tmp_path
     """A daemon SIGKILLed while holding leases; a daemon on another host (sharing the database) cannot tell the
     first one is dead, so it leaves the jobs alone until their leases expire, then finishes them."""
     lease_seconds = 4.0
-    cfg = DaemonConfig(tmp_path, db_url, sim, scheduler={"lease_seconds": lease_seconds})
-    cfg.write()
+    cfg = runtime_config(tmp_path, db_url, sim, scheduler={"lease_seconds": lease_seconds})
     rec = RequestLog(sim)
     with JobDB(db_url) as db:
         with DaemonProcess(cfg.path, name="node-a", hostname="node-a") as a:
@@ -268,7 +281,7 @@ def test_daemon_on_another_host_takes_over_only_after_the_leases_expire(tmp_path
             polled = create_jobs(cfg, 2, db=db)
             stuck_in(db, rec, sim, polled, "polling", a)
             hold(sim, "submitting")
-            submitting = create_jobs(cfg, 2, db=db)
+            submitting = create_jobs(cfg, 2, db=db, service=LOST)
             stuck_in(db, rec, sim, submitting, "submitting", a)
             ids = polled + submitting
             assert a.kill() == -signal.SIGKILL
