@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from daemon.db.models import Job, JobEvent, JobOutput
@@ -39,12 +40,18 @@ __all__ = ["EndState", "SimProcess", "check_end_state", "partial_files", "report
            "submit_jobs"]
 
 
-def report(title: str, figures: Mapping[str, Any]) -> str:
-    """Print a test's figures (shown with -s, and in the captured output pytest -ra shows on failure); return the
-    text for assertion messages; append it to the file named by $IMPUTATIOND_FIGURES when that is set."""
+def report(title: str, figures: Mapping[str, Any], capsys: pytest.CaptureFixture[str] | None = None) -> str:
+    """Print a test's figures and return them as text (for assertion messages, so a failure shows them too).
+
+    With the test's `capsys` they go straight to the terminal, past pytest's capture: visible in every run, with or
+    without -s. They are also appended to the file named by $IMPUTATIOND_FIGURES when that is set (CI artefact)."""
     width = max((len(k) for k in figures), default=0)
     text = "\n".join([f"== {title} =="] + [f"  {k.ljust(width)}  {v}" for k, v in figures.items()])
-    print("\n" + text, flush=True)
+    if capsys is not None:
+        with capsys.disabled():
+            print("\n" + text, flush=True)
+    else:
+        print("\n" + text, flush=True)
     sink = os.environ.get("IMPUTATIOND_FIGURES")
     if sink:
         with open(sink, "a", encoding="utf-8") as fh:

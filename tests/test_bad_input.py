@@ -112,7 +112,7 @@ CONFIGS: dict[str, tuple[str | bytes | None, tuple[str, ...]]] = {
 }
 
 
-def test_malformed_configs_exit_2_with_key_paths(tmp_path: Path) -> None:
+def test_malformed_configs_exit_2_with_key_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     calls, expect = [], []
     for name, (content, needles) in CONFIGS.items():
         path = tmp_path / f"{name}.yaml"
@@ -139,7 +139,7 @@ def test_malformed_configs_exit_2_with_key_paths(tmp_path: Path) -> None:
         "exit codes": sorted({r.code for r in runs}),
         "error lines / longest (chars)": f"{sum(len(r.err.splitlines()) for r in runs)} / {longest}",
         "tracebacks": sum("Traceback" in r.out + r.err for r in runs),
-    })
+    }, capsys)
 
 
 # ---------------------------------------------------------------------------------------------------- arguments, files
@@ -170,7 +170,7 @@ def _db_counts(site: Path) -> dict[str, int]:
         db.close()
 
 
-def test_bad_arguments_exit_2_naming_the_argument(site: Path) -> None:
+def test_bad_arguments_exit_2_naming_the_argument(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = ["-c", str(site / "config.yaml")]
     good = str(sample_vcf(site / "inputs", samples=25))
     cases = [
@@ -198,7 +198,7 @@ def test_bad_arguments_exit_2_naming_the_argument(site: Path) -> None:
     assert not any(counts.values()), counts
     report("bad input: command-line arguments", {
         "calls": len(runs), "exit codes": sorted({r.code for r in runs}), "rows stored": counts,
-    })
+    }, capsys)
 
 
 def _bad_inputs(directory: Path) -> dict[str, tuple[list[str], str, tuple[str, ...]]]:
@@ -234,7 +234,7 @@ def _bad_inputs(directory: Path) -> dict[str, tuple[list[str], str, tuple[str, .
     }
 
 
-def test_submit_refuses_bad_input_files_and_stores_nothing(site: Path) -> None:
+def test_submit_refuses_bad_input_files_and_stores_nothing(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     inputs = site / "bad-inputs"
     cases = _bad_inputs(inputs)
     calls = [["submit", "-c", str(site / "config.yaml"), "--service", "sim", "--panel", PANEL, "--build", build,
@@ -250,7 +250,7 @@ def test_submit_refuses_bad_input_files_and_stores_nothing(site: Path) -> None:
         figures[name] = f"exit {run.code}: " + line.removeprefix("imputationd: ").replace(f"{inputs}/", "")[:150]
     counts = _db_counts(site)
     figures["rows stored (jobs, inputs, events, outputs)"] = counts
-    report("bad input: submit refuses bad files", figures)
+    report("bad input: submit refuses bad files", figures, capsys)
     assert not any(counts.values()), counts
 
 
@@ -266,7 +266,8 @@ HOSTILE = {
 }
 
 
-def test_hostile_remote_file_names_are_refused(tmp_path: Path, sqlite_url: str) -> None:
+def test_hostile_remote_file_names_are_refused(tmp_path: Path, sqlite_url: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Each job's server answer lists one hostile file name beside the normal files. The adapter refuses the
     answer for `..`, absolute, NUL and backslash names (the job fails saying which name); the download step refuses
     names it cannot store safely (a control character): that file fails, the others are downloaded. Nothing is
@@ -327,4 +328,4 @@ def test_hostile_remote_file_names_are_refused(tmp_path: Path, sqlite_url: str) 
     assert Path("/etc/x").exists() == etc_x_before
     assert not partial_files(results)
     figures["hostile files written anywhere"] = len(strays)
-    report("bad input: hostile remote file names", figures)
+    report("bad input: hostile remote file names", figures, capsys)

@@ -38,6 +38,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from chaos_support import SimProcess, check_end_state, partial_files, report, submit_jobs
@@ -156,7 +157,7 @@ class Aim:
             probe.close()
 
 
-def test_sigkill_chaos(tmp_path: Path, sqlite_url: str) -> None:
+def test_sigkill_chaos(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     rng = random.Random(SEED)
     started = time.monotonic()
     sim = SimProcess.start(timings="0.2,0.2,0.2", max_jobs=1000, download_limit=10)
@@ -250,7 +251,7 @@ def test_sigkill_chaos(tmp_path: Path, sqlite_url: str) -> None:
             "time: kill rounds / final run / total (s)":
                 f"{kills_done - started:.1f} / {time.monotonic() - kills_done:.1f} / {time.monotonic() - started:.1f}",
         }
-        text = report("chaos: SIGKILL rounds", figures)
+        text = report("chaos: SIGKILL rounds", figures, capsys)
         assert not end.problems, text + "\n" + "\n".join(end.problems)
         problems = daemon.problems(allow_errors={"job_state"})
         assert not problems, text + "\nlog problems:\n" + "\n".join(problems[:10])

@@ -66,10 +66,10 @@ def _run(tmp_path: Path, db_url: str, disturb: Callable[[JobDB, list], dict], *,
     return figures
 
 
-def _check(title: str, figures: dict) -> dict:
+def _check(title: str, figures: dict, capsys: pytest.CaptureFixture[str]) -> dict:
     problems, log_problems = figures.pop("_problems"), figures.pop("_log_problems")
     counts = figures.pop("_counts")
-    text = report(title, figures)
+    text = report(title, figures, capsys)
     assert not problems, text + "\n" + "\n".join(problems)
     assert not log_problems, text + "\nlog problems:\n" + "\n".join(log_problems[:10])
     return counts
@@ -82,7 +82,8 @@ def _some_progress(db: JobDB, ids: list, done: int) -> Callable[[], bool]:
     return ready
 
 
-def test_sqlite_write_lock_held_under_the_daemon(tmp_path: Path, sqlite_url: str) -> None:
+def test_sqlite_write_lock_held_under_the_daemon(tmp_path: Path, sqlite_url: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     path = sa.make_url(sqlite_url).database
 
     def disturb(db: JobDB, ids: list) -> dict:
@@ -103,12 +104,12 @@ def test_sqlite_write_lock_held_under_the_daemon(tmp_path: Path, sqlite_url: str
         return {"write lock held (s, job states when taken)": held}
 
     counts = _check("database faults: SQLite write lock held by another connection",
-                    _run(tmp_path, sqlite_url, disturb, allow=set()))
+                    _run(tmp_path, sqlite_url, disturb, allow=set()), capsys)
     assert counts.get("slow_tick", 0) >= 1, "ticks that waited for the lock should be logged as slow"
 
 
 def test_postgres_restarted_under_the_daemon(tmp_path: Path, postgres_cluster: PostgresCluster,
-                                              fresh_postgres_db: str) -> None:
+                                              fresh_postgres_db: str, capsys: pytest.CaptureFixture[str]) -> None:
     db_url = migrate(fresh_postgres_db)
     # The throwaway cluster runs with synchronous_commit=off for speed: an immediate (crash) stop then loses the
     # last commits the daemon was told were durable. Production keeps PostgreSQL's default (on); so does this test.
@@ -128,7 +129,8 @@ def test_postgres_restarted_under_the_daemon(tmp_path: Path, postgres_cluster: P
         return {"restarts (mode, s down, job states before)": restarts}
 
     counts = _check("database faults: PostgreSQL restarted under the daemon",
-                    _run(tmp_path, db_url, disturb, allow={"tick_failed", "step_crashed", "step_result_not_saved"}))
+                    _run(tmp_path, db_url, disturb, allow={"tick_failed", "step_crashed", "step_result_not_saved"}),
+                    capsys)
     assert counts.get("tick_failed", 0) + counts.get("step_crashed", 0) >= 1, \
         "the lost connections should have been logged"
 

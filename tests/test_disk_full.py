@@ -81,8 +81,8 @@ def use_up_inodes(directory: Path) -> list[Path]:
         made.append(path)
 
 
-def test_disk_full_retries_later_and_completes(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
-                                               ) -> None:
+def test_disk_full_retries_later_and_completes(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     pace = {"on": False}
     original_chunks = sim_server._Handler._chunks
 
@@ -140,8 +140,9 @@ def test_disk_full_retries_later_and_completes(tmp_path: Path, sqlite_url: str, 
                 # 2. The disk fills up while the zip streams in.
                 pace["on"] = True
                 [job2] = submit_jobs(config_path, [{"files": [big], "population": "eur"}])
-                wait_until(lambda: any(p.is_file() and p.stat().st_size > 0 for p in partial_files(results)), 60,
-                           interval=0.005, message="the zip never started streaming")
+                # The zip's first 1 MiB is on disk (the small files never get that big): fill the rest.
+                wait_until(lambda: any(p.is_file() and p.stat().st_size >= 1 << 20 for p in partial_files(results)),
+                           60, interval=0.005, message="the zip never started streaming")
                 filler = fill(results, "filler-2")
                 wait_disk_full(job2, attempts=2)
                 row = zip_row(job2)
@@ -176,7 +177,7 @@ def test_disk_full_retries_later_and_completes(tmp_path: Path, sqlite_url: str, 
     figures.update(end.figures)
     figures["states the jobs went through"] = sorted(states_seen)
     figures["time (s)"] = round(time.monotonic() - started, 1)
-    text = report("disk full while downloading", figures)
+    text = report("disk full while downloading", figures, capsys)
     assert not end.problems, text + "\n" + "\n".join(end.problems)
     assert "failed" not in states_seen, text
     assert midstream, text

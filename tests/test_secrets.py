@@ -16,6 +16,8 @@ import secrets
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from chaos_support import report, rows, submit_jobs
 from daemon.db.models import Job, JobEvent, JobOutput, ServiceStatus
 from daemon_harness import (
@@ -39,7 +41,8 @@ def _leaks(text: str, needles: dict[str, str]) -> list[str]:
     return [label for label, value in needles.items() if value in text]
 
 
-def test_no_secret_in_logs_database_or_cli_output(tmp_path: Path, sqlite_url: str) -> None:
+def test_no_secret_in_logs_database_or_cli_output(tmp_path: Path, sqlite_url: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     with simulator() as sim:
         cfg = DaemonConfig(tmp_path, sqlite_url, sim, poll_interval=0.2, log_level="debug",
                            scheduler={"backoff_initial": 0.2, "backoff_max": 1.0, "maintenance_interval": 0.5})
@@ -117,7 +120,7 @@ def test_no_secret_in_logs_database_or_cli_output(tmp_path: Path, sqlite_url: st
         "error texts stored (jobs.error, job_events.reason, job_outputs.error)": stored_errors,
         "CLI calls checked": len(calls),
         "leaks: log / database / CLI": f"{log_leaks or 0} / {db_leaks or 0} / {cli_leaks or 0}",
-    })
+    }, capsys)
     assert fired.get("error", 0) >= 6 and fired.get("truncate", 0) and fired.get("drop", 0), text
     assert not log_leaks and not db_leaks and not cli_leaks, text
     assert "[redacted]" in log_text, "the echoed secrets should have been redacted somewhere: " + text
