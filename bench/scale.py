@@ -77,7 +77,7 @@ class Subject:
         return [n for n, s in self.store.service_statuses().items() if s.blocked_reason is None]
 
     # ---------------------------------------------------------------- one iteration
-    def tick_once(self) -> None:
+    def tick_once(self, reset: bool = True) -> None:
         clock, cpu = time.perf_counter, time.thread_time  # wall, and this thread's CPU (the client side)
         w0, c0 = clock(), cpu()
         services = self.usable()
@@ -97,7 +97,8 @@ class Subject:
             self.cpu[tick].append(used)
             self.claimed[tick].append(len(got))
         self.promoted.append(promoted)
-        self.reset()
+        if reset:
+            self.reset()
 
     def reset(self) -> None:
         """Untimed: release every lease and put promoted jobs back to pending (and drop their events)."""
@@ -130,16 +131,15 @@ class Subject:
 
         sa.event.listen(self.engine, "before_cursor_execute", record)
         try:
-            self.tick_once()
+            self.tick_once(reset=False)
         finally:
             sa.event.remove(self.engine, "before_cursor_execute", record)
+        self.reset()
         self.times_pop_last()
         out = []
         raw = self.engine.raw_connection()
         try:
             for statement, params in seen.items():
-                if "job_events" in statement and statement.lstrip().upper().startswith(("SELECT", "DELETE")):
-                    continue  # the benchmark's own reset
                 cur = raw.cursor()
                 if is_postgres(self.engine):
                     cur.execute("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING ON) " + statement, params)
