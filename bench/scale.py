@@ -38,7 +38,7 @@ import sqlalchemy as sa  # noqa: E402
 from daemon.db.engine import is_postgres, make_session_factory  # noqa: E402
 from daemon.db.models import Job, JobEvent  # noqa: E402
 from daemon.db.store import JobStore  # noqa: E402
-from daemon.states import IN_FLIGHT, JobState  # noqa: E402
+from daemon.states import JobState  # noqa: E402
 
 POLL_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED})  # as daemon.scheduler
 FREE_SLOTS = 2
