@@ -1,6 +1,10 @@
 """Chaos: the real daemon process SIGKILLed at random (and at aimed) moments, restarted each time, with 200 jobs in
 flight against a simulated Cloudgene server that lives in its own process and survives every kill.
 
+Half the jobs are stored before the first start, half halfway through the kills (as `imputationd submit` would,
+while daemons come and go), so work is in flight at every kill. Every 20th job asks for a population the remote
+panel lacks and must end failed with the server's reason; every 10th has a larger input (a ~430 KB result zip).
+
 Nothing may be lost and nothing submitted twice: at the end every job is in the terminal state it should be in,
 the server created exactly one remote job per job, every downloaded file is byte-identical to what the server
 served, no temp file is left under the results, and no job is leased after a clean stop.
@@ -21,7 +25,7 @@ Kill moments, cycled in a shuffled order (seeded; the seed is printed):
   because the daemon holds the write lock — the daemon is between BEGIN and COMMIT (or in the commit itself) — and
   sends SIGKILL at once. Random timing hits commits too; this aims at them.
 
-Defaults fit CI (about 1.5–2.5 minutes on 2 cores). Bigger runs: IMPUTATIOND_CHAOS_ROUNDS (kills, default 24),
+Defaults fit CI (about 1–2.5 minutes on 2 cores, depending on load). Bigger runs: IMPUTATIOND_CHAOS_ROUNDS (kills, default 24),
 IMPUTATIOND_CHAOS_JOBS (default 200), IMPUTATIOND_CHAOS_SEED (to replay a run's kill schedule),
 IMPUTATIOND_CHAOS_MODES (a comma-separated subset of the modes above).
 """
@@ -183,10 +187,10 @@ def test_sigkill_chaos(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFi
             fail = i % FAIL_EVERY == FAIL_EVERY // 2
             specs.append({"files": [big if i % BIG_EVERY == 3 else small], "population": "AA" if fail else "eur",
                           "name": f"chaos {i}"})
-        ids = submit_jobs(config_path, specs)
-        expected = {job_id: JobState.FAILED if spec["population"] == "AA" else JobState.COMPLETED
-                    for job_id, spec in zip(ids, specs, strict=True)}
-        reasons = {job_id: EXPECTED_FAILURE for job_id, state in expected.items() if state is JobState.FAILED}
+        # Half the jobs now, half halfway through the kills (submitted while daemons come and go), so there is
+        # work in flight at every kill.
+        first_wave = JOBS // 2
+        ids = submit_jobs(config_path, specs[:first_wave])
         # Every download answered late after the server counted it: the daemon sits inside downloads longer.
         sim.fault(kind="delay", seconds=0.05, times=None, path="/share/", when="after")
 
@@ -203,7 +207,9 @@ def test_sigkill_chaos(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFi
         orphans: set[str] = set()
         partials: set[Path] = set()
         busy_kills = started_runs = 0
-        for mode in schedule:
+        for round_no, mode in enumerate(schedule):
+            if round_no == ROUNDS // 2:
+                ids += submit_jobs(config_path, specs[first_wave:])
             daemon.start()
             if mode != "early":
                 # Starting takes a second or two (imports, schema check); aimed kills count from the daemon's start.
@@ -224,8 +230,16 @@ def test_sigkill_chaos(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFi
             partials |= {p for p in partial_files(cfg.results_dir) if p.name.endswith(".part")}
             orphans |= _orphans(db, sim)
         kills_done = time.monotonic()
+        if len(ids) < JOBS:  # fewer rounds than it takes to reach the second wave
+            ids += submit_jobs(config_path, specs[len(ids):])
+        expected = {job_id: JobState.FAILED if spec["population"] == "AA" else JobState.COMPLETED
+                    for job_id, spec in zip(ids, specs, strict=True)}
+        reasons = {job_id: EXPECTED_FAILURE for job_id, state in expected.items() if state is JobState.FAILED}
 
         daemon.start()
+        # Started before it is stopped: a SIGTERM while Python is still importing is the signal's default death.
+        wait_until(lambda: _started(daemon) > started_runs, 60, interval=0.02,
+                   message=lambda: f"the daemon did not start\n{daemon.tail()}")
         db.wait_states(ids, {"completed", "failed"}, timeout=150, also=daemon.require_alive)
         assert daemon.terminate(timeout=30) == 0, daemon.tail()
         stats = sim.stats()
