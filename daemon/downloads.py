@@ -462,6 +462,10 @@ def _no_space_is_transient(label: str) -> Iterator[None]:
         raise
 
 
+#: Tries at creating the temp file while other downloads into the same folder remove `.partial` when they finish.
+_PARTIAL_ATTEMPTS = 20
+
+
 @contextlib.contextmanager
 def _partial_file(result_dir: Path, label: str) -> Iterator[tuple[Path, BinaryIO]]:
     """A new, exclusively created temp file in `result_dir/.partial/`; removed unless it was renamed away."""
@@ -469,13 +473,15 @@ def _partial_file(result_dir: Path, label: str) -> Iterator[tuple[Path, BinaryIO
     partial = partial_dir / f"{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
     try:
         with _no_space_is_transient(label):
-            for attempt in range(3):
-                _make_dirs(partial_dir, base=result_dir)
+            for attempt in range(_PARTIAL_ATTEMPTS):
                 try:
+                    _make_dirs(partial_dir, base=result_dir)
                     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                     break
-                except FileNotFoundError:
-                    if attempt == 2:  # another download kept removing the (empty) folder under us
+                except (FileNotFoundError, NotADirectoryError):
+                    # Another download removed the (empty) folder between its creation and our use of it: again.
+                    # A file in the way stays in the way: that is raised at once.
+                    if attempt == _PARTIAL_ATTEMPTS - 1 or partial_dir.exists() and not partial_dir.is_dir():
                         raise
     except Transient:
         with contextlib.suppress(OSError):
