@@ -433,7 +433,13 @@ class Daemon:
             return
         self.store.record_token(name, expires=check.token_expires)
         if check.token_valid is False:
-            log.error("token_invalid", service=name, reason=check.message, error_kind="token_invalid")
+            # Every call with this token would answer 401: block the service now, as a 401 from a job would,
+            # and say so once whichever of the two notices first.
+            reason = f"token rejected by the server's token check: {check.message or 'invalid'}"
+            newly, parked = self.store.block_service(name, reason)
+            if newly:
+                log.error("service_blocked", service=name, reason=reason, error_kind="unauthorized",
+                          jobs_waiting=parked)
         elif check.token_expires is not None:
             days = (check.token_expires - utcnow()).total_seconds() / 86400
             self.metrics.token_days_left(name, days)
