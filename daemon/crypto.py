@@ -23,8 +23,7 @@ import os
 import secrets
 import threading
 from pathlib import Path
-
-from Cryptodome.Cipher import AES
+from typing import Any
 
 from daemon.logging import register_secret
 
@@ -34,6 +33,13 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 #: Longest password that still fits the 200-character column once sealed.
 MAX_PASSWORD_LENGTH = 100
+
+
+def _aes_gcm(key: bytes, nonce: bytes) -> Any:
+    # Imported on first use: a daemon whose jobs carry no password never loads pycryptodomex.
+    from Cryptodome.Cipher import AES
+
+    return AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
 
 
 class SecretKeyError(Exception):
@@ -112,7 +118,7 @@ class PasswordCipher:
         register_secret(password)
         key = self.key()
         nonce = secrets.token_bytes(NONCE_BYTES)
-        cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
+        cipher = _aes_gcm(key, nonce)
         body, tag = cipher.encrypt_and_digest(password.encode("utf-8"))
         token = base64.urlsafe_b64encode(nonce + body + tag).decode("ascii").rstrip("=")
         return f"{PREFIX}{key_id(key)}:{token}"
@@ -133,7 +139,7 @@ class PasswordCipher:
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             nonce, body, tag = raw[:NONCE_BYTES], raw[NONCE_BYTES:-TAG_BYTES], raw[-TAG_BYTES:]
-            cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
+            cipher = _aes_gcm(key, nonce)
             password = cipher.decrypt_and_verify(body, tag).decode("utf-8")
         except (ValueError, binascii.Error, UnicodeDecodeError):
             raise SecretKeyError("the job's stored password is damaged (it does not decrypt)") from None

@@ -21,6 +21,7 @@ import logging
 import lzma
 import os
 import struct
+import sys
 import threading
 import uuid
 import zipfile
@@ -29,7 +30,6 @@ from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
 
-import pyzipper
 import structlog
 
 log = structlog.get_logger("daemon.results")
@@ -43,7 +43,6 @@ _LOCAL_SIGNATURE = b"PK\x03\x04"
 #: Errors the zip readers raise for damaged data (bad CRC or HMAC, broken deflate stream, cut-off entry, …).
 _DATA_ERRORS = (
     zipfile.BadZipFile,
-    pyzipper.BadZipFile,
     zlib.error,
     lzma.LZMAError,
     EOFError,
@@ -51,6 +50,20 @@ _DATA_ERRORS = (
     struct.error,
     ValueError,
 )
+
+
+def _aes_zipfile() -> type:
+    """pyzipper's AESZipFile, imported on first use: only AES-encrypted zips need it (with pycryptodomex, ~1.5 MiB a
+    daemon that never meets one does not carry)."""
+    import pyzipper
+
+    return pyzipper.AESZipFile
+
+
+def _pyzipper_errors() -> tuple[type[BaseException], ...]:
+    """pyzipper's own BadZipFile, once pyzipper is in use (before that nothing can raise it)."""
+    module = sys.modules.get("pyzipper")
+    return (module.BadZipFile,) if module is not None else ()
 
 
 class CorruptResult(ValueError):
@@ -92,7 +105,7 @@ def verify_zip(
     pwd = password.encode("utf-8") if password is not None else None
     try:
         aes = is_aes(path)
-        opener = pyzipper.AESZipFile if aes else zipfile.ZipFile
+        opener = _aes_zipfile() if aes else zipfile.ZipFile
         with opener(path) as zf:
             infos = sorted(zf.infolist(), key=lambda info: info.header_offset)
             _check_structure(path, infos, zf.start_dir)
@@ -108,7 +121,7 @@ def verify_zip(
                         continue
                     _check_entry(path, zf, info, pwd if encrypted else None, first_encrypted, checkpoint, native)
                     first_encrypted = first_encrypted and not encrypted
-    except (zipfile.BadZipFile, pyzipper.BadZipFile, zlib.error, EOFError, struct.error) as exc:
+    except (zipfile.BadZipFile, *_pyzipper_errors(), zlib.error, EOFError, struct.error) as exc:
         raise CorruptResult(f"{path.name}: not a readable zip ({exc})") from None
     return all_checked
 
@@ -129,7 +142,7 @@ def extract_zip(path: Path, dest_dir: Path, password: str | None) -> list[Path]:
     dest_dir = Path(dest_dir)
     pwd = password.encode("utf-8") if password is not None else None
     aes = is_aes(path)
-    opener = pyzipper.AESZipFile if aes else zipfile.ZipFile
+    opener = _aes_zipfile() if aes else zipfile.ZipFile
     written: list[Path] = []
     try:
         with opener(path) as zf:
@@ -237,7 +250,7 @@ def _check_entry(
         if first_encrypted:
             raise WrongPassword(f"{path.name}: the password does not open it (entry {info.filename!r})") from None
         raise CorruptResult(f"{where}: fails the password check that earlier entries passed") from None
-    except (*_DATA_ERRORS, _NativeDataError) as exc:
+    except (*_DATA_ERRORS, *_pyzipper_errors(), _NativeDataError) as exc:
         raise CorruptResult(f"{where}: {_describe(exc)}") from None
     if size != info.file_size:
         raise CorruptResult(f"{where}: {size} bytes instead of {info.file_size}")
@@ -293,7 +306,7 @@ def _extract_member(
                     size += len(chunk)
             except _PasswordRefused:
                 raise WrongPassword(f"{path.name}: the password does not open {info.filename!r}") from None
-            except (*_DATA_ERRORS, _NativeDataError) as exc:
+            except (*_DATA_ERRORS, *_pyzipper_errors(), _NativeDataError) as exc:
                 raise CorruptResult(f"{path.name}: entry {info.filename!r}: {_describe(exc)}") from None
             if size != info.file_size:
                 raise CorruptResult(f"{path.name}: entry {info.filename!r}: {size} bytes instead of {info.file_size}")
