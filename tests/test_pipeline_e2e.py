@@ -445,11 +445,10 @@ def test_maintenance_window_pauses_the_service_with_one_line(e2e):
     h = e2e()
     job, remote_id = stalled_job(h)
     h.sim.set_maintenance(True)
-    t0 = time.monotonic()
     path = status_path(remote_id)
     start = h.requests["mis"].count(path)
-    h.wait_until(lambda: time.monotonic() - t0 > 1.5, what="1.5 s of maintenance")
-    assert h.requests["mis"].count(path) >= start + 3  # it kept trying, paused between tries
+    # It keeps trying, paused between tries (how many tries fit in a second depends on the machine's load).
+    h.wait_until(lambda: h.requests["mis"].count(path) >= start + 3, what="three tries during maintenance")
     assert h.job(job.id).state is JobState.QUEUED
     h.sim.set_maintenance(False)
     h.sim.release_job(remote_id)
