@@ -112,12 +112,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from daemon.db.engine import DatabaseUnavailable, describe_url, make_engine
-    from daemon.db.schema import upgrade
+    from daemon.db.engine import DatabaseUnavailable, describe_url
+    from daemon.db.schema import upgrade_url
 
     config = _load(args)
     try:
-        before, after = upgrade(make_engine(config.database.url))
+        before, after = upgrade_url(config.database.url)
     except DatabaseUnavailable as exc:
         raise CliError(str(exc), EXIT_DATABASE) from None
     where = describe_url(config.database.url)

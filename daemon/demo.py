@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 from daemon.config import LoggingConfig, load_config
-from daemon.db.engine import make_engine
-from daemon.db.schema import upgrade
+from daemon.db.schema import upgrade_url
 from daemon.logging import configure_logging
 from daemon.scheduler import Daemon
 from daemon.simulator import SimulatedCloudgene
@@ -92,7 +91,7 @@ def _run(root: Path, timeout: float) -> int:
         config = load_config(config_path)
         _say(f"simulated Cloudgene server at {server.base_url}; working in {root}")
 
-        upgrade(make_engine(config.database.url))
+        upgrade_url(config.database.url)
         vcf = root / "inputs" / "chr20.vcf.gz"
         vcf.parent.mkdir()
         write_sample_vcf(vcf, chromosome="20", build="hg19", samples=25, variants=200)

@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.db.engine import make_engine, make_session_factory
-from daemon.db.schema import upgrade
+from daemon.db.schema import upgrade_url
 
 from pg import ClusterError, PostgresCluster, find_bindir  # tests/ is no package: pytest puts it on sys.path
 
@@ -46,11 +46,7 @@ def _in_ci() -> bool:
 
 def migrate(url: str) -> str:
     """Bring the database at `url` to head; return `url`."""
-    engine = make_engine(url)
-    try:
-        upgrade(engine)
-    finally:
-        engine.dispose()
+    upgrade_url(url)
     return url
 
 

@@ -244,13 +244,9 @@ class DaemonConfig:
 
 
 def migrate(url: str) -> str:
-    from daemon.db.schema import upgrade
+    from daemon.db.schema import upgrade_url
 
-    engine = make_engine(url)
-    try:
-        upgrade(engine)
-    finally:
-        engine.dispose()
+    upgrade_url(url)
     return url
 
 

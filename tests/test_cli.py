@@ -11,8 +11,7 @@ import pytest
 
 from daemon.cli import main
 from daemon.config import load_config
-from daemon.db.engine import make_engine
-from daemon.db.schema import upgrade
+from daemon.db.schema import upgrade_url
 from daemon.simulator import SimulatedCloudgene, Timings, write_sample_vcf
 
 TOKEN = "cli-test-token-0123456789"
@@ -49,7 +48,7 @@ services:
 """
     )
     if migrate:
-        upgrade(make_engine(load_config(config).database.url))
+        upgrade_url(load_config(config).database.url)
     return config
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from daemon.db.engine import DatabaseUnavailable, connect, is_postgres, is_sqlite, read_only
+from daemon.db.engine import DatabaseUnavailable, connect, is_postgres, is_sqlite, make_engine, read_only
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -217,3 +217,12 @@ def upgrade(engine: sa.Engine) -> tuple[str | None, str]:
         after = _revision_of(connection)
     assert after is not None
     return before, after
+
+
+def upgrade_url(url: str | sa.URL) -> tuple[str | None, str]:
+    """`upgrade` the database at `url` through an engine of its own, disposed afterwards."""
+    engine = make_engine(url)
+    try:
+        return upgrade(engine)
+    finally:
+        engine.dispose()
