@@ -81,7 +81,7 @@ class Subject:
         clock, cpu = time.perf_counter, time.thread_time  # wall, and this thread's CPU (the client side)
         w0, c0 = clock(), cpu()
         services = self.usable()
-        promoted = sum(self.store.promote_pending(s, self.limits[s]) for s in services)
+        promoted = sum(self.store.promote_pending(s, self.limits[s]).promoted for s in services)
         sub = self.store.claim_due(OWNER, states={JobState.SUBMITTING}, services=services, limit=self.workers,
                                    lease_seconds=120)
         w1, c1 = clock(), cpu()

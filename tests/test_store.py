@@ -68,12 +68,17 @@ def test_group_submission_shares_group_and_records_first_event(store: JobStore) 
 def test_promote_fills_only_free_slots_in_submission_order(store: JobStore) -> None:
     store.ensure_services(["mis"])
     ids = add_jobs(store, 5)
-    assert store.promote_pending("mis", 3) == 3
+    assert store.promote_pending("mis", 3) == (3, True)  # every slot used: more may be waiting
     assert [store.get(i).state for i in ids] == [JobState.SUBMITTING] * 3 + [JobState.PENDING] * 2
-    assert store.promote_pending("mis", 3) == 0  # all three slots taken
+    assert store.promote_pending("mis", 3) == (0, True)  # all three slots taken, two jobs waiting
     force(store, ids[:1], state=JobState.COMPLETED)
-    assert store.promote_pending("mis", 3) == 1
+    assert store.promote_pending("mis", 3) == (1, True)
     assert store.get(ids[3]).state is JobState.SUBMITTING
+    force(store, ids[1:2], state=JobState.COMPLETED)
+    assert store.promote_pending("mis", 3) == (1, True)
+    assert store.promote_pending("mis", 3) == (0, False)  # full, and nobody waits for a slot
+    force(store, ids[2:3], state=JobState.COMPLETED)
+    assert store.promote_pending("mis", 3) == (0, False)  # a free slot and nothing to put in it
     assert events(store, ids[0])[1] == ("pending", "submitting")
 
 
@@ -81,11 +86,11 @@ def test_lowered_limit_applies_until_a_job_finishes(store: JobStore) -> None:
     store.ensure_services(["mis"])
     ids = add_jobs(store, 3)
     store.lower_limit("mis", 1)
-    assert store.promote_pending("mis", 3) == 1
+    assert store.promote_pending("mis", 3).promoted == 1
     claimed = store.claim_due("me", states={JobState.SUBMITTING}, services=["mis"], limit=5, lease_seconds=60)
     store.finish(claimed[0].id, "me", Outcome(state=JobState.FAILED, reason="x"))
     assert store.service_statuses()["mis"].effective_limit is None
-    assert store.promote_pending("mis", 3) == 2
+    assert store.promote_pending("mis", 3).promoted == 2
     assert {store.get(i).state for i in ids[1:]} == {JobState.SUBMITTING}
 
 
@@ -97,7 +102,21 @@ def test_claim_respects_due_time_lease_and_service(store: JobStore) -> None:
     force(store, [leased], lease_owner="other", lease_expires_at=now + dt.timedelta(minutes=5))
     claimed = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=10, lease_seconds=60)
     assert [j.id for j in claimed] == [due]
-    assert claimed[0].lease_owner == "me" and claimed[0].inputs  # loaded with its inputs, usable detached
+    assert claimed[0].lease_owner == "me"
+    with pytest.raises(sa.exc.InvalidRequestError):  # a poll reads no inputs: not loaded, and reading them says so
+        claimed[0].inputs
+
+
+def test_claim_loads_what_the_step_reads(store: JobStore) -> None:
+    submit, download = add_jobs(store, 2)
+    force(store, [submit], state=JobState.SUBMITTING, next_poll_at=utcnow())
+    force(store, [download], state=JobState.DOWNLOADING, next_poll_at=utcnow())
+    store.record_outputs(download, [RemoteOutput(name="a.txt", url="http://x/a", remote_hash="h", size_text="1 KB",
+                                                 downloads_left=10)])
+    [claimed] = store.claim_due("me", states={JobState.SUBMITTING}, services=["mis"], limit=5, lease_seconds=60)
+    assert [i.path for i in claimed.inputs] == ["/data/chr20.vcf.gz"]  # usable detached
+    [claimed] = store.claim_due("me", states={JobState.DOWNLOADING}, services=["mis"], limit=5, lease_seconds=60)
+    assert [o.name for o in claimed.outputs] == ["a.txt"]
 
 
 def test_expired_lease_is_taken_over_and_old_owner_cannot_write(store: JobStore) -> None:

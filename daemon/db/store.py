@@ -14,10 +14,10 @@ import datetime as dt
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, raiseload, selectinload
 
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, utcnow
 from daemon.services.base import RemoteOutput
@@ -56,6 +56,19 @@ class Outcome:
     reason: str | None = None  # for the event row when the state changes
     next_poll_in: float | None = None  # seconds; None leaves next_poll_at unchanged
     fields: dict[str, Any] = field(default_factory=dict)  # other job columns to set
+
+
+#: A job's columns as a statement returned them: read like a `Job` (`.state`, `.next_poll_at`), no relationships.
+JobRow = sa.Row[Any]
+
+
+class Promotion(NamedTuple):
+    """What `promote_pending` did for a service."""
+
+    promoted: int
+    #: Due pending jobs may be left without a slot (every free slot was used, or there was none): a job of this
+    #: service that ends should wake the dispatch rather than leave its slot empty until the next tick.
+    waiting: bool
 
 
 class LeaseLost(RuntimeError):
@@ -107,8 +120,21 @@ def _load_options() -> tuple:
     return (selectinload(Job.inputs), selectinload(Job.outputs))
 
 
+def _step_load_options(states: Collection[JobState]) -> tuple:
+    """What the pipeline's step for jobs in `states` reads besides the job's own columns."""
+    options = [selectinload(Job.inputs) if JobState.SUBMITTING in states else raiseload(Job.inputs),
+               selectinload(Job.outputs) if JobState.DOWNLOADING in states else raiseload(Job.outputs)]
+    return (*options, raiseload(Job.events))
+
+
 # Statements of the dispatch tick, built once (the tick runs them for every service every few seconds).
 _jobs = Job.__table__
+_DUE_PENDING = (
+    (_jobs.c.service == sa.bindparam("of_service"))
+    & (_jobs.c.state == JobState.PENDING)
+    & sa.or_(_jobs.c.next_poll_at.is_(None), _jobs.c.next_poll_at <= sa.bindparam("now"))
+)
+_PENDING_DUE = sa.select(_jobs.c.id).where(_DUE_PENDING).limit(1)
 #: The service's lowered limit, locking its status row: whoever promotes into this service waits for us.
 _SERVICE_LIMIT = (
     sa.select(ServiceStatus.effective_limit).where(ServiceStatus.name == sa.bindparam("service")).with_for_update()
@@ -125,11 +151,7 @@ _PROMOTE = (
     .where(
         _jobs.c.id.in_(
             sa.select(_jobs.c.id)
-            .where(
-                _jobs.c.service == sa.bindparam("of_service"),
-                _jobs.c.state == JobState.PENDING,
-                sa.or_(_jobs.c.next_poll_at.is_(None), _jobs.c.next_poll_at <= sa.bindparam("now")),
-            )
+            .where(_DUE_PENDING)
             .order_by(_jobs.c.created_at)
             .limit(sa.bindparam("free"))
             .with_for_update(skip_locked=True)
@@ -138,6 +160,37 @@ _PROMOTE = (
     )
     .values(state=JobState.SUBMITTING, next_poll_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
     .returning(_jobs.c.id)
+)
+
+
+# Statements every step of every job runs (`finish`, `note_submit_attempt`, the download bookkeeping), built once.
+# Where a statement takes the values to set at execution, its own parameters are named b_* so they cannot collide
+# with the column names.
+_outputs = JobOutput.__table__
+_LOCK_JOB = (
+    sa.select(_jobs.c.state, _jobs.c.lease_owner, _jobs.c.service)
+    .where(_jobs.c.id == sa.bindparam("b_job_id"))
+    .with_for_update()
+)
+_INSERT_EVENT = sa.insert(JobEvent.__table__)
+#: SET takes whatever columns the parameters name.
+_UPDATE_JOB_RETURNING = sa.update(_jobs).where(_jobs.c.id == sa.bindparam("b_job_id")).returning(*_jobs.c)
+_COUNT_SUBMIT_ATTEMPT = (
+    sa.update(_jobs)
+    .where(_jobs.c.id == sa.bindparam("b_job_id"), _jobs.c.lease_owner == sa.bindparam("b_owner"))
+    .values(submit_attempts=_jobs.c.submit_attempts + 1)
+    .returning(_jobs.c.submit_attempts)
+)
+_OUTPUT_STATES = sa.select(_outputs.c.name, _outputs.c.state).where(_outputs.c.job_id == sa.bindparam("b_job_id"))
+_REFRESH_OUTPUT = sa.update(_outputs).where(
+    _outputs.c.job_id == sa.bindparam("b_job_id"), _outputs.c.name == sa.bindparam("b_name")
+)
+_UPDATE_OUTPUT = sa.update(_outputs).where(_outputs.c.id == sa.bindparam("b_output_id"))
+_services = ServiceStatus.__table__
+_FORGET_LOWERED_LIMIT = (
+    sa.update(_services)
+    .where(_services.c.name == sa.bindparam("b_service"), _services.c.effective_limit.is_not(None))
+    .values(effective_limit=None)
 )
 
 
@@ -316,8 +369,8 @@ class JobStore:
                 .where(Job.service == service, Job.state.in_(list(IN_FLIGHT)))
             ) or 0
 
-    def promote_pending(self, service: str, max_concurrent: int, *, now: dt.datetime | None = None) -> int:
-        """Move the oldest pending jobs of a service to `submitting`, as many as the service has free slots.
+    def promote_pending(self, service: str, max_concurrent: int, *, now: dt.datetime | None = None) -> Promotion:
+        """Move the oldest due pending jobs of a service to `submitting`, as many as the service has free slots.
 
         The count of in-flight jobs and the promotion happen in one transaction that holds the service's status
         row (PostgreSQL `FOR UPDATE`; SQLite's write lock), so several daemons never overfill a service. The lock
@@ -333,7 +386,8 @@ class JobStore:
             limit = max_concurrent if effective is None else min(max_concurrent, effective)
             free = limit - (conn.execute(_IN_FLIGHT_COUNT, {"service": service}).scalar() or 0)
             if free <= 0:
-                return 0
+                waiting = conn.execute(_PENDING_DUE, {"of_service": service, "now": now}).first() is not None
+                return Promotion(0, waiting)
             ids = conn.execute(_PROMOTE, {"of_service": service, "now": now, "free": free}).scalars().all()
             if ids:
                 conn.execute(
@@ -341,7 +395,7 @@ class JobStore:
                     [{"job_id": i, "at": now, "from_state": JobState.PENDING.value,
                       "to_state": JobState.SUBMITTING.value, "reason": "slot free on service"} for i in ids],
                 )
-            return len(ids)
+            return Promotion(len(ids), waiting=len(ids) == free)
 
     def claim_due(
         self,
@@ -371,14 +425,16 @@ class JobStore:
             .with_for_update(skip_locked=True)
         )
         with self._session() as session, session.begin():
-            # One statement leases the rows and returns them whole (then one query each for inputs and outputs, so
-            # the jobs are usable detached): every tick runs this, so every round trip counts.
+            # One statement leases the rows and returns them whole, plus one query for each relationship the step
+            # will read (a submit its inputs, a download its outputs), loaded now so the jobs are usable detached;
+            # reading another one raises instead of silently finding nothing. Every tick runs this, so every round
+            # trip counts.
             jobs = session.scalars(
                 sa.update(Job)
                 .where(Job.id.in_(candidates.scalar_subquery()))
                 .values(lease_owner=owner, lease_expires_at=expires)
                 .returning(Job)
-                .options(*_load_options()),
+                .options(*_step_load_options(states)),
                 execution_options={"synchronize_session": False},
             ).all()
             return sorted(jobs, key=lambda job: job.next_poll_at)
@@ -447,31 +503,33 @@ class JobStore:
 
     # ------------------------------------------------------------------ writing a step's outcome
 
-    def finish(self, job_id: uuid.UUID, owner: str, outcome: Outcome, *, keep_lease: bool = False) -> Job:
-        """Apply a step's outcome and (unless `keep_lease`) release the lease, in one transaction.
+    def finish(self, job_id: uuid.UUID, owner: str, outcome: Outcome, *, keep_lease: bool = False) -> JobRow:
+        """Apply a step's outcome and (unless `keep_lease`) release the lease, in one transaction; return the job's
+        columns as written (a row: `.state`, `.next_poll_at`, …).
 
-        Raises `LeaseLost` when another owner holds the job now: its state is newer than ours."""
+        Raises `LeaseLost` when another owner holds the job now: its state is newer than ours.
+
+        Every step of every job ends here, so it is three prebuilt Core statements (lock, event, `UPDATE …
+        RETURNING`), not an ORM load and flush."""
         now = utcnow()
         with self._session() as session, session.begin():
-            job = self._lock(session, job_id)
-            if job.lease_owner != owner:
-                raise LeaseLost(f"job {job_id} is no longer leased by this daemon")
-            for name, value in outcome.fields.items():
-                setattr(job, name, value)
-            if outcome.state is not None and outcome.state != job.state:
-                self._transition(session, job, outcome.state, outcome.reason, now)
+            conn = session.connection()
+            current = self._lock_leased(conn, job_id, owner)
+            values: dict[str, Any] = dict(outcome.fields)
+            if outcome.state is not None and outcome.state != current.state:
+                check_transition(current.state, outcome.state)
+                conn.execute(_INSERT_EVENT, [_event(job_id, current.state, outcome.state, outcome.reason, now)])
+                values["state"] = outcome.state
                 if outcome.state in TERMINAL:
-                    job.finished_at = now
-                    job.next_poll_at = None
-                    self._job_left_service(session, job.service)
+                    values["finished_at"] = now
+                    values["next_poll_at"] = None
+                    self._job_left_service(conn, current.service)
             if outcome.next_poll_in is not None:
-                job.next_poll_at = now + dt.timedelta(seconds=outcome.next_poll_in)
+                values["next_poll_at"] = now + dt.timedelta(seconds=outcome.next_poll_in)
             if not keep_lease:
-                job.lease_owner = None
-                job.lease_expires_at = None
-            job.updated_at = now
-            session.flush()
-            return job
+                values["lease_owner"] = values["lease_expires_at"] = None
+            values["updated_at"] = now
+            return conn.execute(_UPDATE_JOB_RETURNING, {"b_job_id": job_id, **values}).one()
 
     def note_submit_attempt(self, job_id: uuid.UUID, owner: str, *, settle: float = 0.0) -> int:
         """Count a submit attempt and commit it *before* the request goes out (exactly-once submission).
@@ -481,50 +539,44 @@ class JobStore:
         seconds, so a request the server already holds has time to become a job first. A written outcome sets
         `next_poll_at` afresh."""
         now = utcnow()
+        values: dict[str, Any] = {"b_job_id": job_id, "b_owner": owner, "updated_at": now}
+        if settle > 0:
+            values["next_poll_at"] = now + dt.timedelta(seconds=settle)
         with self._session() as session, session.begin():
-            job = self._lock(session, job_id)
-            if job.lease_owner != owner:
-                raise LeaseLost(f"job {job_id} is no longer leased by this daemon")
-            job.submit_attempts += 1
-            job.updated_at = now
-            if settle > 0:
-                job.next_poll_at = now + dt.timedelta(seconds=settle)
-            return job.submit_attempts
+            conn = session.connection()
+            attempts = conn.execute(_COUNT_SUBMIT_ATTEMPT, values).scalar()
+            if attempts is None:
+                self._lock_leased(conn, job_id, owner)  # raises the reason: no such job, or not ours any more
+            return attempts
 
     def record_outputs(self, job_id: uuid.UUID, outputs: Sequence[RemoteOutput]) -> None:
         """Store the files a finished remote job offers; a file already known keeps its download state, but its
         URL and counter are refreshed (a server may re-issue them)."""
         with self._session() as session, session.begin():
-            known = {o.name: o for o in session.scalars(sa.select(JobOutput).where(JobOutput.job_id == job_id))}
+            conn = session.connection()
+            known = dict(conn.execute(_OUTPUT_STATES, {"b_job_id": job_id}).all())
+            new, refreshed = [], []
             for remote in outputs:
-                checksum = ":".join(remote.checksum) if remote.checksum else None
-                row = known.get(remote.name)
-                if row is None:
-                    session.add(
-                        JobOutput(
-                            job_id=job_id,
-                            name=remote.name,
-                            url=remote.url,
-                            remote_hash=remote.remote_hash,
-                            size_text=remote.size_text,
-                            downloads_left=remote.downloads_left,
-                            remote_checksum=checksum,
-                            state=OutputState.PENDING,
-                            attempts=0,
-                        )
-                    )
-                elif row.state is not OutputState.VERIFIED:
-                    row.url, row.remote_hash = remote.url, remote.remote_hash
-                    row.downloads_left, row.remote_checksum = remote.downloads_left, checksum
+                fields = {
+                    "url": remote.url,
+                    "remote_hash": remote.remote_hash,
+                    "downloads_left": remote.downloads_left,
+                    "remote_checksum": ":".join(remote.checksum) if remote.checksum else None,
+                }
+                state = known.get(remote.name)
+                if state is None:
+                    new.append({"job_id": job_id, "name": remote.name, "size_text": remote.size_text,
+                                "state": OutputState.PENDING, "attempts": 0, **fields})
+                elif state is not OutputState.VERIFIED:
+                    refreshed.append({"b_job_id": job_id, "b_name": remote.name, **fields})
+            if new:
+                conn.execute(sa.insert(_outputs), new)
+            if refreshed:
+                conn.execute(_REFRESH_OUTPUT, refreshed)
 
     def update_output(self, output_id: int, **fields: Any) -> None:
         with self._session() as session, session.begin():
-            session.execute(
-                sa.update(JobOutput)
-                .where(JobOutput.id == output_id)
-                .values(**fields)
-                .execution_options(synchronize_session=False)
-            )
+            session.connection().execute(_UPDATE_OUTPUT, {"b_output_id": output_id, **fields})
 
     def outputs(self, job_id: uuid.UUID) -> list[JobOutput]:
         with self._session() as session:
@@ -762,6 +814,16 @@ class JobStore:
             raise JobNotFound(f"no job {job_id}")
         return job
 
+    @staticmethod
+    def _lock_leased(conn: sa.Connection, job_id: uuid.UUID, owner: str) -> JobRow:
+        """Lock the job's row and check that `owner` holds its lease; the row's state, owner and service."""
+        current = conn.execute(_LOCK_JOB, {"b_job_id": job_id}).one_or_none()
+        if current is None:
+            raise JobNotFound(f"no job {job_id}")
+        if current.lease_owner != owner:
+            raise LeaseLost(f"job {job_id} is no longer leased by this daemon")
+        return current
+
     def _service_row(self, session: Session, service: str) -> ServiceStatus:
         status = session.scalars(
             sa.select(ServiceStatus).where(ServiceStatus.name == service).with_for_update()
@@ -771,22 +833,24 @@ class JobStore:
             session.add(status)
         return status
 
-    def _job_left_service(self, session: Session, service: str) -> None:
+    @staticmethod
+    def _job_left_service(conn: sa.Connection, service: str) -> None:
         # A finished job frees a slot: forget a limit lowered by "Only N jobs" so the next dispatch probes again.
-        session.execute(
-            sa.update(ServiceStatus)
-            .where(ServiceStatus.name == service, ServiceStatus.effective_limit.is_not(None))
-            .values(effective_limit=None)
-            .execution_options(synchronize_session=False)
-        )
+        conn.execute(_FORGET_LOWERED_LIMIT, {"b_service": service})
 
     @staticmethod
     def _transition(session: Session, job: Job, new: JobState, reason: str | None, now: dt.datetime) -> None:
         check_transition(job.state, new)
-        session.add(JobEvent(job_id=job.id, at=now, from_state=job.state, to_state=new, reason=reason,
-                             notify_next_at=now if new in NOTIFIABLE else None))
+        session.add(JobEvent(**_event(job.id, job.state, new, reason, now)))
         job.state = new
         job.updated_at = now
+
+
+def _event(job_id: uuid.UUID, old: JobState | None, new: JobState, reason: str | None, now: dt.datetime
+           ) -> dict[str, Any]:
+    """A job_events row for a state change; the ones that may be notified enter the outbox at once."""
+    return {"job_id": job_id, "at": now, "from_state": old, "to_state": new, "reason": reason,
+            "notify_next_at": now if new in NOTIFIABLE else None}
 
 
 def job_snapshot(job: Job) -> dict[str, Any]:
@@ -804,6 +868,7 @@ __all__ = [
     "NOTIFIABLE",
     "ExpiredJob",
     "JobNotFound",
+    "JobRow",
     "JobStore",
     "LeaseLost",
     "NewInput",
@@ -811,5 +876,6 @@ __all__ = [
     "Outcome",
     "PasswordSealer",
     "PendingNotification",
+    "Promotion",
     "job_snapshot",
 ]
