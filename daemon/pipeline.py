@@ -19,7 +19,7 @@ from daemon.backoff import backoff_delay, jittered
 from daemon.config import Config, ServiceConfig
 from daemon.crypto import PasswordCipher, SecretKeyError
 from daemon.db.models import Job, JobOutput, utcnow
-from daemon.db.store import JobStore, LeaseLost, Outcome
+from daemon.db.store import JobRow, JobStore, LeaseLost, Outcome
 from daemon.logging import bind_job, register_secret
 from daemon.metrics import NO_METRICS, Metrics
 from daemon.services.base import RemoteOutput, RemoteStatus, ServiceAdapter, SubmitRequest
@@ -82,10 +82,27 @@ class Pipeline:
 
     # ------------------------------------------------------------------ entry point
 
-    def run(self, job: Job) -> Job | None:
+    def run(self, job: Job) -> JobRow | None:
         """Do the step the job's state calls for and return the job as written (None when nothing was).
 
+        A poll that finds the remote job finished goes straight on to the download in this same call, keeping the
+        lease: the next step is due at once and the job is ours already, so handing it back to be claimed again
+        would only cost a tick and a round of queries.
+
         Never raises: a pool thread has nobody to raise to."""
+        while True:
+            finished, go_on = self._run_step(job)
+            if not go_on:
+                return finished
+            try:
+                job = self.store.get(job.id)  # with the outputs the poll just recorded
+            except Exception:
+                # As for a lost outcome: the lease runs out and the download is claimed again.
+                log.exception("step_result_not_saved", state=str(JobState.DOWNLOADING), error_kind="database")
+                return finished
+
+    def _run_step(self, job: Job) -> tuple[JobRow | None, bool]:
+        """One step and its outcome written; True when this worker should take the job's next step at once."""
         register_secret(job.password)  # before anything about this job can be logged
         with bind_job(job_id=str(job.id), service=job.service, remote_id=job.remote_id):
             try:
@@ -94,27 +111,33 @@ class Pipeline:
                 outcome = self._on_error(job, exc)
             except LeaseLost:
                 log.warning("lease_lost", reason="another daemon took the job over; dropping this step's result")
-                return None
+                return None, False
             except Exception as exc:  # a bug: keep the daemon alive, retry with backoff, say so loudly
                 log.exception("step_crashed", state=str(job.state), error_kind="internal")
                 self.metrics.error(job.service, "internal")
                 outcome = self._backoff(job, Transient(f"internal error: {type(exc).__name__}: {exc}",
                                                        kind="internal"))
             if outcome is None:
-                return None
+                return None, False
+            go_on = (
+                job.state in (JobState.QUEUED, JobState.RUNNING)
+                and outcome.state is JobState.DOWNLOADING
+                and outcome.next_poll_in == 0
+                and not self.stopping()
+            )
             try:
-                finished = self.store.finish(job.id, self.owner, outcome)
+                finished = self.store.finish(job.id, self.owner, outcome, keep_lease=go_on)
             except LeaseLost:
                 log.warning("lease_lost", reason="another daemon took the job over; dropping this step's result")
-                return None
+                return None, False
             except Exception:
                 # The database failed under us (restarted, unreachable): this step's outcome is lost, not the job;
                 # its lease runs out and the step is done again. Said here: the pool has nobody to raise to.
                 log.exception("step_result_not_saved", state=str(job.state), error_kind="database")
-                return None
+                return None, False
             if outcome.state is not None and outcome.state != job.state:
                 self._log_transition(job, finished, outcome)
-            return finished
+            return finished, go_on
 
     def _step(self, job: Job) -> Outcome | None:
         adapter = self._adapter(job)
@@ -286,7 +309,9 @@ class Pipeline:
     def _download(self, job: Job, adapter: ServiceAdapter) -> Outcome:
         result_dir = Path(job.result_dir) if job.result_dir else self.config.storage.results_dir / str(job.id)
         downloads.remove_partials(result_dir)
-        rows = self.store.outputs(job.id)
+        # The rows were loaded with the claim, and only the lease holder writes them: `_save_output` keeps them
+        # as they are stored, so nothing is read again.
+        rows = job.outputs
         for row in rows:
             if row.state is not OutputState.PENDING:
                 continue
@@ -295,7 +320,7 @@ class Pipeline:
             problem = self._download_one(job, adapter, row, result_dir)
             if problem is not None:
                 return problem
-        return self._downloads_done(job, result_dir)
+        return self._downloads_done(job, rows, result_dir)
 
     def _download_one(
         self, job: Job, adapter: ServiceAdapter, row: JobOutput, result_dir: Path
@@ -315,22 +340,22 @@ class Pipeline:
         except downloads.DownloadInterrupted:
             return Outcome(next_poll_in=0, fields={"result_dir": str(result_dir)})
         except Permanent as exc:
-            self.store.update_output(row.id, state=OutputState.FAILED, error=str(exc), attempts=row.attempts + 1)
+            self._save_output(row, state=OutputState.FAILED, error=str(exc), attempts=row.attempts + 1)
             log.error("download_failed", file=row.name, reason=str(exc), error_kind=exc.kind)
             return None
         except Transient as exc:
             attempts = row.attempts + 1
             if exc.kind in INTEGRITY_KINDS and attempts >= MAX_INTEGRITY_ATTEMPTS:
                 reason = f"{exc} (gave up after {attempts} attempts)"
-                self.store.update_output(row.id, state=OutputState.FAILED, error=reason, attempts=attempts)
+                self._save_output(row, state=OutputState.FAILED, error=reason, attempts=attempts)
                 log.error("download_failed", file=row.name, reason=reason, error_kind=exc.kind)
                 return None
-            self.store.update_output(row.id, error=str(exc), attempts=attempts)
+            self._save_output(row, error=str(exc), attempts=attempts)
             outcome = self._backoff(job, exc)
             outcome.fields["result_dir"] = str(result_dir)
             return outcome
-        self.store.update_output(
-            row.id,
+        self._save_output(
+            row,
             state=OutputState.VERIFIED,
             size=got.size,
             sha256=got.sha256,
@@ -343,8 +368,14 @@ class Pipeline:
         self.metrics.downloaded(job.service, got.size)
         return None
 
-    def _downloads_done(self, job: Job, result_dir: Path) -> Outcome:
-        rows = self.store.outputs(job.id)
+    def _save_output(self, row: JobOutput, **fields: object) -> None:
+        """Store what became of one file (its own transaction: a verified file is never fetched again, whatever
+        happens to the rest of the job) and keep the loaded row the same."""
+        self.store.update_output(row.id, **fields)
+        for name, value in fields.items():
+            setattr(row, name, value)
+
+    def _downloads_done(self, job: Job, rows: list[JobOutput], result_dir: Path) -> Outcome:
         failed = [r for r in rows if r.state is OutputState.FAILED]
         pending = [r for r in rows if r.state is OutputState.PENDING]
         fields = {"result_dir": str(result_dir), "failures": 0, "error": None, "error_kind": None}
@@ -422,7 +453,7 @@ class Pipeline:
         return Outcome(next_poll_in=delay,
                        fields={"failures": failures, "error": str(exc), "error_kind": exc.kind})
 
-    def _log_transition(self, before: Job, after: Job, outcome: Outcome) -> None:
+    def _log_transition(self, before: Job, after: JobRow, outcome: Outcome) -> None:
         level = log.error if outcome.state is JobState.FAILED else log.info
         level("job_state", from_state=str(before.state), to_state=str(outcome.state), reason=outcome.reason,
               remote_id=after.remote_id, error_kind=outcome.fields.get("error_kind"))
