@@ -259,9 +259,14 @@ class Notifier:
         for sender in self._senders:
             sender.close()
 
+    @property
+    def sends(self) -> bool:
+        """Whether notifications go out at all (when not, the tick only clears the outbox, which can wait)."""
+        return self.config.enabled and bool(self._senders)
+
     def tick(self) -> int:
         """One pass; returns how many notifications were completed (every channel delivered)."""
-        if not self.config.enabled or not self._senders:
+        if not self.sends:
             dropped = self.store.drop_notifications("not sent: notifications are not configured")
             if dropped:
                 log.info("notifications_dropped", events=dropped, reason="notifications are not configured")

@@ -105,6 +105,9 @@ class Daemon:
         #: Ticks whose last claim filled every free worker: there is probably more due work, so a worker that
         #: finishes wakes them instead of idling until their next interval.
         self._backlog: set[str] = set()
+        #: Services whose pending jobs wait for a free slot (last dispatch): a job of theirs that ends wakes the
+        #: dispatch. Waking it for every job that ends would run it after every step of a busy daemon.
+        self._slot_wanted: set[str] = set()
         self._last_tick: dict[str, float] = {}
         self._service_checked: dict[str, float] = {}
         self._token_fingerprint: dict[str, str | None] = {}
@@ -354,9 +357,10 @@ class Daemon:
                 self.wake(tick)
         if finished is None:
             return
-        if finished.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.PENDING):
-            self.wake("dispatch")  # a slot may be free
-        if finished.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED):
+        ended = finished.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+        if finished.state is JobState.PENDING or ended and finished.service in self._slot_wanted:
+            self.wake("dispatch")  # its slot is free and a pending job waits for one
+        if ended and self.notifier.sends:
             self.wake("notify")
         due_now = finished.next_poll_at is not None and finished.next_poll_at <= utcnow()
         if due_now:
@@ -372,7 +376,9 @@ class Daemon:
     def dispatch_tick(self) -> None:
         services = self._usable_services()
         for name in services:
-            self.store.promote_pending(name, self.config.services[name].max_concurrent_jobs)
+            promotion = self.store.promote_pending(name, self.config.services[name].max_concurrent_jobs)
+            with self._lock:
+                (self._slot_wanted.add if promotion.waiting else self._slot_wanted.discard)(name)
         self._claim_and_run("dispatch", {JobState.SUBMITTING}, services)
 
     def poll_tick(self) -> None:
