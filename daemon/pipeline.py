@@ -95,7 +95,10 @@ class Pipeline:
             if not go_on:
                 return finished
             try:
-                job = self.store.get(job.id)  # with the outputs the poll just recorded
+                # The job as `finish` wrote it, with the outputs the poll recorded: what a download claim loads.
+                outputs = self.store.outputs(job.id)
+                job = Job(**finished._mapping)
+                job.outputs = outputs
             except Exception:
                 # As for a lost outcome: the lease runs out and the download is claimed again.
                 log.exception("step_result_not_saved", state=str(JobState.DOWNLOADING), error_kind="database")
