@@ -35,7 +35,7 @@ import _common as c  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
 
-from daemon.db.engine import is_postgres, make_session_factory  # noqa: E402
+from daemon.db.engine import is_postgres  # noqa: E402
 from daemon.db.models import Job, JobEvent  # noqa: E402
 from daemon.db.store import JobStore  # noqa: E402
 from daemon.states import JobState  # noqa: E402
@@ -62,7 +62,7 @@ class Subject:
             with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.exec_driver_sql("VACUUM ANALYZE jobs")
                 conn.exec_driver_sql("VACUUM ANALYZE job_events")
-        self.store = JobStore(make_session_factory(self.engine), postgres=is_postgres(self.engine))
+        self.store = JobStore(self.engine)
         self.store.ensure_services(c.SERVICES)
         self.limits = {s: self.in_flight(s) + FREE_SLOTS for s in c.SERVICES}
         self.times: dict[str, list[float]] = {t: [] for t in TICKS}

@@ -39,11 +39,10 @@ SERVICE = "sim"
 
 
 def make_jobs(db_url: str, n: int, vcf: Path) -> None:
-    from daemon.db.engine import is_postgres, make_session_factory
     from daemon.db.store import JobStore, NewInput, NewJob
 
     engine = c.migrated_engine(db_url)
-    store = JobStore(make_session_factory(engine), postgres=is_postgres(engine))
+    store = JobStore(engine)
     data = vcf.read_bytes()
     item = NewInput(path=str(vcf), size=len(data), sha256=hashlib.sha256(data).hexdigest())
     for i in range(n):

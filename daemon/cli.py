@@ -45,7 +45,7 @@ def _load(args: argparse.Namespace):
 
 def _store(config, *, check_schema: bool = True):
     from daemon.crypto import PasswordCipher
-    from daemon.db.engine import DatabaseUnavailable, is_postgres, make_engine, make_session_factory
+    from daemon.db.engine import DatabaseUnavailable, make_engine
     from daemon.db.schema import SchemaOutdated, ensure_current
     from daemon.db.store import JobStore
 
@@ -56,8 +56,7 @@ def _store(config, *, check_schema: bool = True):
     except (DatabaseUnavailable, SchemaOutdated) as exc:
         raise CliError(str(exc), EXIT_DATABASE) from None
     # Passwords are sealed with the daemon's key (read, or created, only when a job is submitted).
-    return JobStore(make_session_factory(engine), postgres=is_postgres(engine),
-                    sealer=PasswordCipher(config.storage.secret_key_path))
+    return JobStore(engine, sealer=PasswordCipher(config.storage.secret_key_path))
 
 
 def _resolve(store, text: str) -> uuid.UUID:

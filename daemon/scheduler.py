@@ -33,7 +33,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from daemon import retention, systemd
 from daemon.config import Config, ConfigError, load_config
 from daemon.crypto import PasswordCipher
-from daemon.db.engine import is_postgres, make_engine, make_session_factory, unavailable
+from daemon.db.engine import make_engine, unavailable
 from daemon.db.models import Job, utcnow
 from daemon.db.schema import ensure_current
 from daemon.db.store import JobStore
@@ -120,8 +120,7 @@ class Daemon:
         ensure_current(self.engine)
         #: Seals job passwords at rest (key read or created on first use).
         self.passwords = PasswordCipher(config.storage.secret_key_path)
-        self.store = JobStore(make_session_factory(self.engine), postgres=is_postgres(self.engine),
-                              sealer=self.passwords)
+        self.store = JobStore(self.engine, sealer=self.passwords)
         self.metrics: Metrics = PrometheusMetrics(self.store.counts_by_service) if config.metrics.listen else NO_METRICS
         self.metrics_server: MetricsServer | None = None
         self.notifier = self._build_notifier(config)

@@ -143,14 +143,14 @@ def submit_jobs(config_path: Path, specs: Iterable[Mapping[str, Any]]) -> list[u
     """Pending jobs stored the way `imputationd submit` stores them (validation, preflight, password), one per
     spec: `files`, and optionally `build`, `population`, `name`, `password`."""
     from daemon.config import load_config
-    from daemon.db.engine import is_postgres, make_engine, make_session_factory
+    from daemon.db.engine import make_engine
     from daemon.db.store import JobStore
     from daemon.submission import Submission, submit
 
     config = load_config(config_path)
     engine = make_engine(config.database.url)
     try:
-        store = JobStore(make_session_factory(engine), postgres=is_postgres(engine))
+        store = JobStore(engine)
         ids = []
         for spec in specs:
             [job] = submit(config, store, Submission(

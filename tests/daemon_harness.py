@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 import yaml
 
-from daemon.db.engine import is_postgres, make_engine, make_session_factory
+from daemon.db.engine import make_engine
 from daemon.db.models import Job, JobEvent, JobOutput
 from daemon.db.store import JobStore, NewInput, NewJob
 from daemon.downloads import PARTIAL_DIR
@@ -255,7 +255,7 @@ class JobDB:
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url, pool_size=4)
-        self.store = JobStore(make_session_factory(self.engine), postgres=is_postgres(self.engine))
+        self.store = JobStore(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()

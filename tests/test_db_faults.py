@@ -141,7 +141,7 @@ def test_a_step_whose_outcome_the_database_refuses_is_logged_not_raised(tmp_path
     task: nobody to raise to) logs that the outcome was lost and returns; the job's lease runs out and the step is
     done again. Before the fix the exception vanished into the pool's future, unlogged."""
     from daemon.config import load_config
-    from daemon.db.engine import make_engine, make_session_factory
+    from daemon.db.engine import make_engine
     from daemon.db.store import JobStore
     from daemon.pipeline import Pipeline
     from daemon.services.errors import Transient
@@ -163,7 +163,7 @@ def test_a_step_whose_outcome_the_database_refuses_is_logged_not_raised(tmp_path
     engine = make_engine(sqlite_url)
     logs = LogCapture(level="debug")
     try:
-        store = JobStore(make_session_factory(engine), postgres=False)
+        store = JobStore(engine)
         store.promote_pending("sim", 5)
         [job] = store.claim_due("test-owner", states={JobState.SUBMITTING}, services=["sim"], limit=1,
                                 lease_seconds=30)

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from daemon.config import EmailConfig, NotificationsConfig, WebhookConfig
-from daemon.db.engine import is_postgres, make_engine, make_session_factory
+from daemon.db.engine import make_engine
 from daemon.db.models import JobEvent, utcnow
 from daemon.db.store import JobStore, NewInput, NewJob, Outcome
 from daemon.logging import scrub
@@ -30,7 +30,7 @@ FAST_BACKOFF = {"backoff_initial": 0.01, "backoff_max": 0.02}
 
 def make_store(url: str) -> tuple[JobStore, sa.Engine]:
     engine = make_engine(url)
-    return JobStore(make_session_factory(engine), postgres=is_postgres(engine)), engine
+    return JobStore(engine), engine
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import yaml
 from daemon import retention
 from daemon.cli import main
 from daemon.config import Config, load_config
-from daemon.db.engine import is_postgres, make_engine, make_session_factory
+from daemon.db.engine import make_engine
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, utcnow
 from daemon.db.store import JobNotFound, JobStore, NewInput, NewJob, Outcome
 from daemon.states import JobState
@@ -36,7 +36,7 @@ class World:
 
     def __init__(self, db_url: str, config: Config, outside: Path) -> None:
         self.engine = make_engine(db_url)
-        self.store = JobStore(make_session_factory(self.engine), postgres=is_postgres(self.engine))
+        self.store = JobStore(self.engine)
         self.config = config
         now = utcnow()
         self.old_completed = self.job(JobState.COMPLETED, now - dt.timedelta(days=40), files=True)

@@ -10,7 +10,7 @@ import pytest
 
 from daemon.cli import _group_state, main
 from daemon.config import load_config
-from daemon.db.engine import is_postgres, make_engine, make_session_factory
+from daemon.db.engine import make_engine
 from daemon.db.schema import upgrade
 from daemon.db.store import JobStore, Outcome
 from daemon.states import JobState
@@ -42,7 +42,7 @@ def test_show_group_lists_each_child_and_the_group_state(tmp_path: Path, capsys)
     )
     engine = make_engine(load_config(config).database.url)
     upgrade(engine)
-    store = JobStore(make_session_factory(engine), postgres=is_postgres(engine))
+    store = JobStore(engine)
 
     assert main(["submit", "-c", str(config), "--service", "a", "--service", "b", "--panel", PANEL,
                  "--build", "hg19", "--json", str(sample_vcf(tmp_path))]) == 0

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from daemon.db.engine import is_postgres, make_engine, make_session_factory
+from daemon.db.engine import make_engine
 from daemon.db.models import Job, JobEvent, utcnow
 from daemon.db.store import JobNotFound, JobStore, LeaseLost, NewInput, NewJob, Outcome
 from daemon.services.base import RemoteOutput
@@ -21,7 +21,7 @@ WORKABLE_POLL = {JobState.QUEUED, JobState.RUNNING}
 
 def make_store(url: str) -> JobStore:
     engine = make_engine(url, pool_size=10)
-    return JobStore(make_session_factory(engine), postgres=is_postgres(engine))
+    return JobStore(engine)
 
 
 @pytest.fixture

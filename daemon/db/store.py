@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Protocol
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, raiseload, selectinload
 
+from daemon.db.engine import is_postgres, make_session_factory
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, utcnow
 from daemon.services.base import RemoteOutput
 from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState, check_transition
@@ -195,11 +196,11 @@ _FORGET_LOWERED_LIMIT = (
 
 
 class JobStore:
-    def __init__(
-        self, session_factory: Callable[[], Session], *, postgres: bool, sealer: PasswordSealer | None = None
-    ) -> None:
-        self._session = session_factory
-        self._postgres = postgres
+    def __init__(self, engine: sa.Engine, *, sealer: PasswordSealer | None = None) -> None:
+        self._engine = engine
+        #: ORM sessions for what reads or writes whole jobs; the statements every step runs use `_engine` directly.
+        self._session = make_session_factory(engine)
+        self._postgres = is_postgres(engine)
         #: Seals job passwords before they are stored; None stores them as given.
         self._sealer = sealer
 
@@ -380,8 +381,7 @@ class JobStore:
         Runs on every dispatch tick for every service, so it is Core statements built once (no unit of work): the
         pick and the update are one `UPDATE … WHERE id IN (… FOR UPDATE SKIP LOCKED) RETURNING id`."""
         now = now or utcnow()
-        with self._session() as session, session.begin():
-            conn = session.connection()
+        with self._engine.begin() as conn:
             effective = conn.execute(_SERVICE_LIMIT, {"service": service}).scalar()
             limit = max_concurrent if effective is None else min(max_concurrent, effective)
             free = limit - (conn.execute(_IN_FLIGHT_COUNT, {"service": service}).scalar() or 0)
@@ -512,8 +512,7 @@ class JobStore:
         Every step of every job ends here, so it is three prebuilt Core statements (lock, event, `UPDATE …
         RETURNING`), not an ORM load and flush."""
         now = utcnow()
-        with self._session() as session, session.begin():
-            conn = session.connection()
+        with self._engine.begin() as conn:
             current = self._lock_leased(conn, job_id, owner)
             values: dict[str, Any] = dict(outcome.fields)
             if outcome.state is not None and outcome.state != current.state:
@@ -542,8 +541,7 @@ class JobStore:
         values: dict[str, Any] = {"b_job_id": job_id, "b_owner": owner, "updated_at": now}
         if settle > 0:
             values["next_poll_at"] = now + dt.timedelta(seconds=settle)
-        with self._session() as session, session.begin():
-            conn = session.connection()
+        with self._engine.begin() as conn:
             attempts = conn.execute(_COUNT_SUBMIT_ATTEMPT, values).scalar()
             if attempts is None:
                 self._lock_leased(conn, job_id, owner)  # raises the reason: no such job, or not ours any more
@@ -552,8 +550,7 @@ class JobStore:
     def record_outputs(self, job_id: uuid.UUID, outputs: Sequence[RemoteOutput]) -> None:
         """Store the files a finished remote job offers; a file already known keeps its download state, but its
         URL and counter are refreshed (a server may re-issue them)."""
-        with self._session() as session, session.begin():
-            conn = session.connection()
+        with self._engine.begin() as conn:
             known = dict(conn.execute(_OUTPUT_STATES, {"b_job_id": job_id}).all())
             new, refreshed = [], []
             for remote in outputs:
@@ -575,8 +572,8 @@ class JobStore:
                 conn.execute(_REFRESH_OUTPUT, refreshed)
 
     def update_output(self, output_id: int, **fields: Any) -> None:
-        with self._session() as session, session.begin():
-            session.connection().execute(_UPDATE_OUTPUT, {"b_output_id": output_id, **fields})
+        with self._engine.begin() as conn:
+            conn.execute(_UPDATE_OUTPUT, {"b_output_id": output_id, **fields})
 
     def outputs(self, job_id: uuid.UUID) -> list[JobOutput]:
         with self._session() as session:
