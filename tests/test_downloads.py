@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
@@ -186,6 +187,102 @@ def test_concurrent_downloads_into_one_folder(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == [f"f{i}.txt" for i in range(6)]
 
 
+# --- big bodies: helper thread, write-behind ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def helper_sink(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Every body goes through the helper thread, handed to the disk every 2500 bytes: the paths a GiB takes, with a
+    300 kB body. Returns the (offset, length) of each page cache advice."""
+    monkeypatch.setattr(downloads, "_THREADED_FROM", 0)
+    monkeypatch.setattr(downloads, "_WRITEBACK_WINDOW", 2500)
+    advised: list[tuple[int, int]] = []
+    real = downloads._FADVISE
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length))
+        if real is not None:
+            real(fd, offset, length, advice)
+
+    monkeypatch.setattr(downloads, "_FADVISE", record)
+    return advised
+
+
+def helper_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "imputationd-download-sink"]
+
+
+def pieces(body: bytes, sizes: list[int]) -> list[bytes]:
+    """`body` cut into pieces of these sizes, the rest as the last piece."""
+    out, at = [], 0
+    for size in sizes:
+        out.append(body[at:at + size])
+        at += size
+    return [*out, body[at:]]
+
+
+def test_write_behind_hands_each_window_to_the_disk_then_drops_it(
+    tmp_path: Path, helper_sink: list[tuple[int, int]]
+) -> None:
+    download(opener(lambda: iter(pieces(BODY, [1000] * 299)), headers={"Content-Length": str(len(BODY))}),
+             "chr_1.dose.vcf.gz", result_dir=tmp_path)
+    windows = sorted(set(helper_sink))
+    # Windows of at least 2500 bytes, back to back from the start, covering all but the last (unfinished) window.
+    assert windows[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in zip(windows, windows[1:]))
+    assert all(n >= 2500 for _, n in windows)
+    assert len(BODY) - 2 * 2500 <= sum(n for _, n in windows) <= len(BODY)
+    # Each window is advised twice: once written (starts its writeback), once more a window later (drops it).
+    assert [helper_sink.count(w) for w in windows] == [2] * (len(windows) - 1) + [1]
+    assert helper_sink[:3] == [windows[0], windows[1], windows[0]]
+
+
+def test_write_behind_advice_may_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      helper_sink: list[tuple[int, int]]) -> None:
+    def refuse(fd: int, offset: int, length: int, advice: int) -> None:
+        raise OSError(errno.EINVAL, "not here")
+
+    monkeypatch.setattr(downloads, "_FADVISE", refuse)
+    got = download(opener(), "chr_1.dose.vcf.gz", result_dir=tmp_path)
+    assert got.path.read_bytes() == BODY
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_helper_failure_reaches_the_caller_without_blocking_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, helper_sink: list[tuple[int, int]], err: int
+) -> None:
+    # The disk fills after 10 kB of a slow disk; the caller, waiting a whole queue ahead, must be let go and told.
+    monkeypatch.setattr(downloads, "open", lambda fd, mode: _FullDisk(fd, 10_000, err, delay=0.005), raising=False)
+    with pytest.raises((Transient, OSError)) as info:
+        download(opener(lambda: iter(pieces(BODY, [500] * 500)), headers={"Content-Length": str(len(BODY))}),
+                 "chr_1.dose.vcf.gz", result_dir=tmp_path)
+    if err == errno.ENOSPC:
+        assert isinstance(info.value, Transient) and info.value.kind == "disk_full"
+    else:
+        assert not isinstance(info.value, Transient) and info.value.errno == errno.EIO
+    assert helper_threads() == []
+    assert_clean(tmp_path)
+
+
+@pytest.mark.timeout(30)
+def test_big_body_stopped_or_cut_short_leaves_nothing(tmp_path: Path, helper_sink: list[tuple[int, int]]) -> None:
+    checks = iter([False] * 21 + [True])  # one check before the request, then one per piece
+    with pytest.raises(DownloadInterrupted, match="stopped after 20000 bytes"):
+        download(opener(lambda: iter(pieces(BODY, [1000] * 300))), "chr_1.dose.vcf.gz", result_dir=tmp_path,
+                 should_stop=lambda: next(checks))
+    assert helper_threads() == []
+    assert_clean(tmp_path)
+
+    short = opener(lambda: iter(pieces(BODY[:123_456], [4000] * 30)), headers={"Content-Length": str(len(BODY))})
+    with pytest.raises(Transient) as info:
+        download(short, "chr_1.dose.vcf.gz", result_dir=tmp_path)
+    assert info.value.kind == "truncated"
+    assert f"received 123456 of {len(BODY)} bytes" in str(info.value)
+    assert helper_threads() == []
+    assert_clean(tmp_path)
+
+
 # --- length and transport failures ----------------------------------------------------------------------------------
 
 
@@ -312,14 +409,16 @@ def test_real_server_closing_early_is_truncated(tmp_path: Path) -> None:
 
 
 class _FullDisk:
-    """A file object that takes `room` bytes and then fails like a full disk."""
+    """A file object that takes `room` bytes and then fails like a full disk; each write takes `delay` seconds."""
 
-    def __init__(self, fd: int, room: int, err: int) -> None:
+    def __init__(self, fd: int, room: int, err: int, delay: float = 0.0) -> None:
         self._real = open(fd, "wb")  # noqa: SIM115
         self._room = room
         self._err = err
+        self._delay = delay
 
     def write(self, data: bytes) -> int:
+        time.sleep(self._delay)
         if len(data) > self._room:
             raise OSError(self._err, os.strerror(self._err))
         self._room -= len(data)
