@@ -187,14 +187,16 @@ def test_concurrent_downloads_into_one_folder(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == [f"f{i}.txt" for i in range(6)]
 
 
-# --- big bodies: helper thread, write-behind ------------------------------------------------------------------------
+# --- big bodies: helper thread, blocks, write-behind ----------------------------------------------------------------
 
 
 @pytest.fixture
 def helper_sink(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """Every body goes through the helper thread, handed to the disk every 2500 bytes: the paths a GiB takes, with a
-    300 kB body. Returns the (offset, length) of each page cache advice."""
+    """Every body goes through the helper thread, in 1000-byte blocks from a ring of 3, handed to the disk every
+    2500 bytes: the paths a GiB takes, with a 300 kB body. Returns the (offset, length) of each page cache advice."""
     monkeypatch.setattr(downloads, "_THREADED_FROM", 0)
+    monkeypatch.setattr(downloads, "_BLOCK", 1000)
+    monkeypatch.setattr(downloads, "_RING", 3)
     monkeypatch.setattr(downloads, "_WRITEBACK_WINDOW", 2500)
     advised: list[tuple[int, int]] = []
     real = downloads._FADVISE
@@ -219,6 +221,18 @@ def pieces(body: bytes, sizes: list[int]) -> list[bytes]:
         out.append(body[at:at + size])
         at += size
     return [*out, body[at:]]
+
+
+def test_big_body_goes_through_the_helper_in_blocks(tmp_path: Path, helper_sink: list[tuple[int, int]]) -> None:
+    # Pieces smaller than a block, exactly one, empty, spanning blocks, larger than the whole ring.
+    chunks = pieces(BODY, [1, 999, 1000, 0, 2500, 7, 64 * 1024, 3, 1000])
+    got = download(opener(lambda: iter(chunks), headers={"Content-Length": str(len(BODY))}), "chr_1.dose.vcf.gz",
+                   result_dir=tmp_path)
+    assert got == Downloaded(path=tmp_path / "chr_1.dose.vcf.gz", size=len(BODY),
+                             sha256=hashlib.sha256(BODY).hexdigest(), content_length=len(BODY))
+    assert got.path.read_bytes() == BODY
+    assert helper_threads() == []
+    assert not (tmp_path / downloads.PARTIAL_DIR).exists()
 
 
 def test_write_behind_hands_each_window_to_the_disk_then_drops_it(
@@ -252,7 +266,7 @@ def test_write_behind_advice_may_fail(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_helper_failure_reaches_the_caller_without_blocking_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, helper_sink: list[tuple[int, int]], err: int
 ) -> None:
-    # The disk fills after 10 kB of a slow disk; the caller, waiting a whole queue ahead, must be let go and told.
+    # The disk fills after 10 blocks of a slow disk; the caller, waiting a whole ring ahead, must be let go and told.
     monkeypatch.setattr(downloads, "open", lambda fd, mode: _FullDisk(fd, 10_000, err, delay=0.005), raising=False)
     with pytest.raises((Transient, OSError)) as info:
         download(opener(lambda: iter(pieces(BODY, [500] * 500)), headers={"Content-Length": str(len(BODY))}),
