@@ -251,6 +251,15 @@ def test_write_behind_hands_each_window_to_the_disk_then_drops_it(
     assert helper_sink[:3] == [windows[0], windows[1], windows[0]]
 
 
+def test_big_zip_is_verified_after_write_behind(tmp_path: Path, helper_sink: list[tuple[int, int]]) -> None:
+    data = _zip_bytes(ZIP_ENTRIES)
+    got = download(opener(lambda: iter(pieces(data, [1000] * (len(data) // 1000))),
+                          headers={"Content-Length": str(len(data))}), "chr_20.zip", result_dir=tmp_path)
+    assert helper_sink  # most of it was handed to the disk and dropped from the cache before the zip was read back
+    assert got.zip_crc_checked is True
+    assert got.path.read_bytes() == data
+
+
 def test_write_behind_advice_may_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       helper_sink: list[tuple[int, int]]) -> None:
     def refuse(fd: int, offset: int, length: int, advice: int) -> None:
