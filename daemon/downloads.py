@@ -164,7 +164,9 @@ def download(
     final = result_dir.joinpath(*rel.parts)
     if final.is_dir():
         raise Permanent(f"{label}: a directory of that name is in the way", kind="unsafe_name")
-    if not final.parent.resolve().is_relative_to(result_dir.resolve()):
+    # Only a subfolder can lead elsewhere (a symlink in the result directory); checked for those alone, as
+    # resolving both paths costs two realpath walks per file.
+    if len(rel.parts) > 1 and not final.parent.resolve().is_relative_to(result_dir.resolve()):
         raise Permanent(f"{label}: its folder leads out of the result directory (a symlink?)", kind="unsafe_name")
 
     with _partial_file(result_dir, label) as (partial, fh):
