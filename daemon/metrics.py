@@ -22,13 +22,12 @@ stable `kind`: timeout, connection, http_5xx, ...), `download_bytes_total{servic
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -39,7 +38,8 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
 # prometheus_client (~1.5 MiB with what it pulls in) is imported only when metrics are on: `PrometheusMetrics` and
-# its collector import it; a daemon without `metrics.listen` never does.
+# its collector import it; a daemon without `metrics.listen` never does. Likewise the listener's http.server (with
+# socketserver and html.entities, ~0.6 MiB): `MetricsServer` imports it (`_listener_classes`).
 
 log = structlog.get_logger("daemon.metrics")
 
@@ -223,40 +223,48 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    metrics: PrometheusMetrics
-    health: Callable[[], tuple[bool, Mapping[str, Any]]]
+@functools.cache
+def _listener_classes() -> tuple[type[Any], type[Any]]:
+    """The listener's server and request handler classes, defined (and http.server imported) on first use."""
+    from http import HTTPStatus
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    class _Server(ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        metrics: PrometheusMetrics
+        health: Callable[[], tuple[bool, Mapping[str, Any]]]
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "imputationd"
-    sys_version = ""
+    class _Handler(BaseHTTPRequestHandler):
+        server: _Server
+        server_version = "imputationd"
+        sys_version = ""
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            body, content_type = self.server.metrics.render(self.headers.get("Accept"))
-            self._reply(HTTPStatus.OK, body, content_type)
-        elif path == "/healthz":
-            healthy, report = self.server.health()
-            body = json.dumps(report, default=str, sort_keys=False).encode("utf-8") + b"\n"
-            self._reply(HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json")
-        else:
-            self._reply(HTTPStatus.NOT_FOUND, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                body, content_type = self.server.metrics.render(self.headers.get("Accept"))
+                self._reply(HTTPStatus.OK, body, content_type)
+            elif path == "/healthz":
+                healthy, report = self.server.health()
+                body = json.dumps(report, default=str, sort_keys=False).encode("utf-8") + b"\n"
+                self._reply(HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json")
+            else:
+                self._reply(HTTPStatus.NOT_FOUND, b"not found: try /metrics or /healthz\n",
+                            "text/plain; charset=utf-8")
 
-    def _reply(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+        def _reply(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
-        pass  # a scrape every 15 s is not news; errors surface as failed scrapes on the Prometheus side
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+            pass  # a scrape every 15 s is not news; errors surface as failed scrapes on the Prometheus side
+
+    return _Server, _Handler
 
 
 class MetricsServer:
@@ -269,8 +277,9 @@ class MetricsServer:
         health: Callable[[], tuple[bool, Mapping[str, Any]]],
     ) -> None:
         host, port = parse_listen(listen)
-        server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6}) if ":" in host else _Server
-        self._server = server_class((host, port), _Handler, bind_and_activate=False)
+        server, handler = _listener_classes()
+        server_class = type("_Server6", (server,), {"address_family": socket.AF_INET6}) if ":" in host else server
+        self._server = server_class((host, port), handler, bind_and_activate=False)
         self._server.metrics = metrics
         self._server.health = health
         self._thread: threading.Thread | None = None
