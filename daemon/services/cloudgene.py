@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import html
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -533,7 +532,7 @@ def _parse_job_entry(entry: object, call: str) -> RemoteJob:
     state = entry.get("state")
     return RemoteJob(
         remote_id=remote_id,
-        name=html.unescape(name) if isinstance(name, str) else None,
+        name=_unescape(name) if isinstance(name, str) else None,
         raw_state=cloudgene_kind(state)[0] if _is_int(state) else "?",
     )
 
@@ -572,9 +571,19 @@ def _parse_time(value: object) -> dt.datetime | None:
     return when
 
 
+def _unescape(text: str) -> str:
+    """`html.unescape`, with the `html` module (its entity tables are ~0.3 MiB that an idle daemon does not need)
+    imported only for a text that has an entity to decode; without a "&" it is `text`, as `html.unescape` says."""
+    if "&" not in text:
+        return text
+    import html
+
+    return html.unescape(text)
+
+
 def _clean(text: str, limit: int) -> str:
     """A log line for humans: tags dropped, entities decoded, whitespace collapsed, cut to `limit`."""
-    text = " ".join(html.unescape(_TAG.sub(" ", text)).split())
+    text = " ".join(_unescape(_TAG.sub(" ", text)).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
