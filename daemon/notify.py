@@ -28,13 +28,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import smtplib
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from email.message import EmailMessage
-from email.utils import formatdate
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import structlog
@@ -46,6 +43,12 @@ from daemon.db.models import utcnow
 from daemon.db.store import JobStore, PendingNotification
 from daemon.logging import register_secret
 from daemon.metrics import NO_METRICS, Metrics
+
+if TYPE_CHECKING:
+    from email.message import EmailMessage
+
+# smtplib and email.message's EmailMessage (with email.generator and what smtplib pulls in) are imported by the
+# e-mail channel when it sends: a daemon without notifications.email never needs them.
 
 log = structlog.get_logger("daemon.notify")
 
@@ -177,6 +180,8 @@ class EmailSender:
             if not password:
                 raise NotifyFailed("the SMTP password is empty or not set")
             register_secret(password)
+        import smtplib
+
         mail = _email_message(config, message)
         try:
             with smtplib.SMTP(config.host, config.port, timeout=config.timeout) as smtp:
@@ -197,6 +202,9 @@ class EmailSender:
 
 
 def _email_message(config: EmailConfig, message: Mapping[str, Any]) -> EmailMessage:
+    from email.message import EmailMessage
+    from email.utils import formatdate
+
     label = message["name"] or message["job_id"][:8]
     mail = EmailMessage()
     mail["Subject"] = f"[imputationd] {label}: {message['state']} on {message['service']}"
