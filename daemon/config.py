@@ -6,7 +6,6 @@ from a file, and `check-config` and daemon start-up both go through it.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -374,6 +373,8 @@ def _join(where: str, key: Any) -> str:
 
 
 def _unknown_key(key: str, schema: Mapping[str, Any]) -> str:
+    import difflib  # only for a config with a mistake in it: a daemon running a good one never needs it
+
     match = difflib.get_close_matches(key, list(schema), n=1)
     if match:
         return f"unknown key (did you mean '{match[0]}'?)"
