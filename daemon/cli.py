@@ -463,7 +463,7 @@ def cmd_simulate_server(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from daemon.submission import BUILDS, MODES, PHASING, R2_FILTERS
+    from daemon.config import BUILDS, MODES, PHASING, R2_FILTERS
 
     parser = argparse.ArgumentParser(
         prog="imputationd", description="Drive genotype-imputation jobs through remote imputation servers."

@@ -640,6 +640,11 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+\.")  # Cloudgene's API 
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _PANEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 BUILDS = ("hg19", "hg38")
+#: The remaining choices of a submission (`imputationd submit`); here rather than in `daemon.submission` so that the
+#: CLI's parser gets them without importing the submission path (the VCF preflight).
+PHASING = ("eagle", "beagle", "no_phasing")
+R2_FILTERS = ("0", "0.001", "0.1", "0.2", "0.3")
+MODES = ("imputation", "qc_only")
 POPULATIONS = ("eur", "afr", "amr", "eas", "sas", "asn", "AA", "mixed", "all", "off")
 
 _TOP_LEVEL: dict[str, _Convert] = {

@@ -11,15 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.config import BUILDS, Config
+from daemon.config import BUILDS, MODES, PHASING, R2_FILTERS, Config
 from daemon.crypto import MAX_PASSWORD_LENGTH
 from daemon.db.models import Job
 from daemon.db.store import JobStore, NewInput, NewJob
 from daemon.preflight import PreflightError, preflight
-
-PHASING = ("eagle", "beagle", "no_phasing")
-R2_FILTERS = ("0", "0.001", "0.1", "0.2", "0.3")
-MODES = ("imputation", "qc_only")
 
 
 class SubmissionError(ValueError):
