@@ -928,3 +928,29 @@ def test_simulator_in_another_process(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_the_same_upload_gives_the_same_dosages_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generator is seeded from the input, so a repeated upload reuses the dosage files (bench/throughput.py
+    sends one file a thousand times); only the zip around them, with its own password, is made anew."""
+    from daemon.simulator import results
+    from daemon.simulator.vcf import inspect_vcf
+
+    vcf = write_sample_vcf(tmp_path / "chr20.vcf.gz", chromosome="20", build="hg19", samples=20, variants=30)
+    summary = inspect_vcf(vcf, "chr20.vcf.gz")
+    params = results.JobParams(refpanel="apps@1000g-phase-3-v5@2.0.0", build="hg19", r2_filter=0.3,
+                               phasing="eagle", population="eur", mode="imputation", aes=False, meta=False,
+                               password="first-password", password_generated=False)
+    built = []
+    real = results._write_chromosome
+    monkeypatch.setattr(results, "_write_chromosome", lambda *args: built.append(1) or real(*args))
+    results._MEMBERS.clear()
+    contents = []
+    for out, password in (("a", "first-password"), ("b", "second-password")):
+        job_params = params if password == params.password else results.JobParams(
+            **{**params.__dict__, "password": password})
+        results.build_results(tmp_path / out, [(vcf, summary)], job_params)
+        with zipfile.ZipFile(tmp_path / out / "chr_20.zip") as zf:
+            contents.append({name: zf.read(name, pwd=password.encode()) for name in zf.namelist()})
+    assert built == [1]
+    assert contents[0] == contents[1] and set(contents[0]) == {"chr20.dose.vcf.gz", "chr20.info.gz"}
