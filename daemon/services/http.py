@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import json
+import ssl
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +25,24 @@ USER_AGENT = f"imputationd/{__version__}"
 BODY_EXCERPT = 200
 
 
+_tls_lock = threading.Lock()
+_tls_context: ssl.SSLContext | None = None
+
+
+def tls_context() -> ssl.SSLContext:
+    """The TLS context the service clients verify servers with: httpx's default one (certifi's CA bundle, or
+    SSL_CERT_FILE / SSL_CERT_DIR when set), built once per process and shared by every client `make_client` makes.
+
+    Each context holds its own parsed copy of the ~120 CA certificates (~0.8 MiB): without sharing, every configured
+    service, and every service a reload rebuilds, carried one. A restart builds it anew (a changed CA bundle is read
+    then)."""
+    global _tls_context
+    with _tls_lock:
+        if _tls_context is None:
+            _tls_context = httpx.create_ssl_context()
+        return _tls_context
+
+
 def make_client(
     base_url: str,
     *,
@@ -33,6 +53,7 @@ def make_client(
     """A thread-safe client shared by every pool thread that talks to one service."""
     return httpx.Client(
         base_url=base_url,
+        verify=tls_context(),
         headers={"User-Agent": USER_AGENT, **(headers or {})},
         timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
@@ -134,5 +155,6 @@ __all__ = [
     "make_client",
     "parse_retry_after",
     "raise_for_status",
+    "tls_context",
     "transport_errors",
 ]
