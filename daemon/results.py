@@ -16,7 +16,6 @@ reads it as before, slowly. AES (PyCryptodome, in C) and unencrypted entries run
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import lzma
 import os
@@ -29,8 +28,15 @@ import zlib
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    import ctypes
+
+# ctypes is imported by the libarchive reader when it is loaded (the first zip to check): the daemon has no other
+# use for it, and an idle one never loads it.
 
 log = structlog.get_logger("daemon.results")
 
@@ -354,6 +360,8 @@ class _Libarchive:
     """
 
     def __init__(self) -> None:
+        import ctypes
+
         quiet = _BelowWarning()  # libarchive-c logs, at import, the optional functions this libarchive lacks
         logging.getLogger("libarchive").addFilter(quiet)
         try:
@@ -388,6 +396,8 @@ class _Libarchive:
 
     def next_entry(self, archive: int) -> int | None:
         """The next entry (a pointer valid until the next call), None past the last; raises `_NativeDataError`."""
+        import ctypes
+
         entry = ctypes.c_void_p()
         status = self._next_header(archive, ctypes.byref(entry))
         if status == _ARCHIVE_EOF:
@@ -404,6 +414,8 @@ class _Libarchive:
 
     def read(self, archive: int, buffer: ctypes.Array[ctypes.c_char]) -> int:
         """Fill `buffer` with the current entry's next bytes: their count, 0 at its end, negative on an error."""
+        import ctypes
+
         return self._read_data(archive, ctypes.addressof(buffer), len(buffer))
 
     def error(self, archive: int) -> str:
@@ -412,6 +424,8 @@ class _Libarchive:
 
     def _self_test(self) -> None:
         """Decrypt the built-in zip, and see a damaged copy of it fail; a libarchive that does not is not used."""
+        import ctypes
+
         damaged = bytearray(_SELF_TEST_ZIP)
         damaged[_SELF_TEST_DATA_END - 1] ^= 0x01  # the last plaintext byte changes: only the CRC can tell
         for data, expect in ((_SELF_TEST_ZIP, b"imputationd\n"), (bytes(damaged), None)):
@@ -500,6 +514,8 @@ class _NativeZip:
     libarchive error in a header, it stands down for the rest of the zip (logged), and zipfile reads it."""
 
     def __init__(self, lib: _Libarchive, archive: int, path: Path, infos: list[zipfile.ZipInfo]) -> None:
+        import ctypes
+
         self._lib = lib
         self._archive = archive
         self._path = path
