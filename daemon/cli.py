@@ -131,33 +131,13 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 _M_ARENA_MAX = -8
 
 
-def _is_glibc() -> bool:
-    try:
-        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    except (ValueError, OSError):
-        return False
-
-
-def _limit_malloc_arenas(arenas: int = 2, *, reexec: bool = False) -> None:
+def _limit_malloc_arenas(arenas: int = 2) -> None:
     """glibc gives every thread that allocates an arena of its own (up to 8 per core), and each keeps the memory
     it once held: with a worker pool that is several MiB of RSS for nothing (bench/memory.py: 5,000 active jobs,
     -4 %). Two arenas, unless the operator set MALLOC_ARENA_MAX; a no-op on a libc without mallopt. Called before
-    any thread starts.
-
-    `imputationd run` started from the command line (`reexec`) sets the limit where glibc reads it at start, in the
-    environment: it executes itself once more, same pid and command line, with MALLOC_ARENA_MAX set (~0.1 s). That
-    spares the daemon ctypes and libffi (~0.4 MiB), which calling mallopt() would keep loaded for good. In-process
-    callers (tests), and the case where that exec fails, get mallopt() through ctypes."""
+    any thread starts."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return
-    if reexec and sys.executable and _is_glibc():
-        os.environ["MALLOC_ARENA_MAX"] = str(arenas)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        try:
-            os.execv(sys.executable, sys.orig_argv)
-        except OSError:
-            del os.environ["MALLOC_ARENA_MAX"]
     import ctypes
 
     try:
@@ -168,7 +148,7 @@ def _limit_malloc_arenas(arenas: int = 2, *, reexec: bool = False) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _limit_malloc_arenas(reexec=getattr(args, "from_command_line", False))
+    _limit_malloc_arenas()
     import structlog
 
     from daemon.config import check_runtime
@@ -562,7 +542,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.from_command_line = argv is None  # this process's own command line: `run` may execute it again
     try:
         return args.func(args)
     except CliError as exc:
