@@ -14,7 +14,6 @@ from pathlib import Path
 
 import structlog
 
-from daemon import downloads, unpack
 from daemon.backoff import backoff_delay, jittered
 from daemon.config import Config, ServiceConfig
 from daemon.crypto import PasswordCipher, SecretKeyError
@@ -310,6 +309,9 @@ class Pipeline:
     # ------------------------------------------------------------------ download
 
     def _download(self, job: Job, adapter: ServiceAdapter) -> Outcome:
+        # The download code (and the zip checks it loads) is imported by the first download, not by an idle daemon.
+        from daemon import downloads
+
         result_dir = Path(job.result_dir) if job.result_dir else self.config.storage.results_dir / str(job.id)
         downloads.remove_partials(result_dir)
         # The rows were loaded with the claim, and only the lease holder writes them: `_save_output` keeps them
@@ -329,6 +331,8 @@ class Pipeline:
         self, job: Job, adapter: ServiceAdapter, row: JobOutput, result_dir: Path
     ) -> Outcome | None:
         """Fetch and verify one file; an Outcome means "stop here for now" (retry later)."""
+        from daemon import downloads
+
         output = remote_output(row)
         try:
             # A full disk must not spend the server's download counts, of which a file has only a few.
@@ -379,6 +383,8 @@ class Pipeline:
             setattr(row, name, value)
 
     def _downloads_done(self, job: Job, rows: list[JobOutput], result_dir: Path) -> Outcome:
+        from daemon import downloads, unpack
+
         failed = [r for r in rows if r.state is OutputState.FAILED]
         pending = [r for r in rows if r.state is OutputState.PENDING]
         fields = {"result_dir": str(result_dir), "failures": 0, "error": None, "error_kind": None}
