@@ -135,7 +135,7 @@ _DUE_PENDING = (
     & (_jobs.c.state == JobState.PENDING)
     & sa.or_(_jobs.c.next_poll_at.is_(None), _jobs.c.next_poll_at <= sa.bindparam("now"))
 )
-_PENDING_DUE = sa.select(_jobs.c.id).where(_DUE_PENDING).limit(1)
+_ANY_DUE_PENDING = sa.select(_jobs.c.id).where(_DUE_PENDING).limit(1)
 #: The service's lowered limit, locking its status row: whoever promotes into this service waits for us.
 _SERVICE_LIMIT = (
     sa.select(ServiceStatus.effective_limit).where(ServiceStatus.name == sa.bindparam("service")).with_for_update()
@@ -363,12 +363,8 @@ class JobStore:
             return {s.name: s for s in session.scalars(sa.select(ServiceStatus)).all()}
 
     def in_flight_count(self, service: str) -> int:
-        with self._session() as session:
-            return session.scalar(
-                sa.select(sa.func.count())
-                .select_from(Job)
-                .where(Job.service == service, Job.state.in_(list(IN_FLIGHT)))
-            ) or 0
+        with self._engine.connect() as conn:
+            return conn.execute(_IN_FLIGHT_COUNT, {"service": service}).scalar() or 0
 
     def promote_pending(self, service: str, max_concurrent: int, *, now: dt.datetime | None = None) -> Promotion:
         """Move the oldest due pending jobs of a service to `submitting`, as many as the service has free slots.
@@ -386,14 +382,13 @@ class JobStore:
             limit = max_concurrent if effective is None else min(max_concurrent, effective)
             free = limit - (conn.execute(_IN_FLIGHT_COUNT, {"service": service}).scalar() or 0)
             if free <= 0:
-                waiting = conn.execute(_PENDING_DUE, {"of_service": service, "now": now}).first() is not None
+                waiting = conn.execute(_ANY_DUE_PENDING, {"of_service": service, "now": now}).first() is not None
                 return Promotion(0, waiting)
             ids = conn.execute(_PROMOTE, {"of_service": service, "now": now, "free": free}).scalars().all()
             if ids:
                 conn.execute(
-                    sa.insert(JobEvent.__table__),
-                    [{"job_id": i, "at": now, "from_state": JobState.PENDING.value,
-                      "to_state": JobState.SUBMITTING.value, "reason": "slot free on service"} for i in ids],
+                    _INSERT_EVENT,
+                    [_event(i, JobState.PENDING, JobState.SUBMITTING, "slot free on service", now) for i in ids],
                 )
             return Promotion(len(ids), waiting=len(ids) == free)
 
