@@ -15,7 +15,6 @@ No fixed sleeps: every wait is the harness's `wait_until`, a bounded poll.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -32,12 +31,11 @@ import pytest
 import sqlalchemy as sa
 
 from daemon.db.models import Job, JobEvent, JobOutput
-from daemon.downloads import PARTIAL_DIR, PARTIAL_SUFFIX
+from daemon.downloads import PARTIAL_DIR, PARTIAL_SUFFIX, sha256_file
 from daemon.states import TRANSITIONS, JobState
 from daemon_harness import PANEL, SERVICE, TOKEN, JobDB, wait_until
 
-__all__ = ["EndState", "SimProcess", "check_end_state", "partial_files", "report", "rows", "sha256_of",
-           "submit_jobs"]
+__all__ = ["EndState", "SimProcess", "check_end_state", "partial_files", "report", "rows", "submit_jobs"]
 
 
 def report(title: str, figures: Mapping[str, Any], capsys: pytest.CaptureFixture[str] | None = None) -> str:
@@ -184,14 +182,6 @@ class EndState:
             self.problems.append("… more problems left out")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def partial_files(root: Path) -> list[Path]:
     """Download temp files (`.partial/` folders, `*.part` files) anywhere under `root`."""
     if not Path(root).exists():
@@ -274,7 +264,7 @@ def check_end_state(
                 continue
             if not path.resolve().is_relative_to(Path(row["result_dir"]).resolve()):
                 end.problem(f"job {job_id}: {name} stored outside its result dir: {path}")
-            actual = sha256_of(path)
+            actual = sha256_file(path)
             served_sha = served.get(name, {}).get("sha256")
             if not actual == out["sha256"] == served_sha:
                 end.problem(f"job {job_id}: {name}: file {actual[:12]}, recorded {str(out['sha256'])[:12]}, "
