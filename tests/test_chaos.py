@@ -40,6 +40,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,27 +103,24 @@ class Aim:
         return "timed"
 
     def submit(self, deadline: float = 6.0) -> str:
-        self.pause(0.1, 1.0)
-        rule = self.sim.fault(kind="delay", seconds=0.6, times=None, path="/api/v2/jobs/submit", when="after")
-        try:
-            try:
-                wait_until(lambda: self._created_not_stored(), deadline, interval=0.02)
-            except AssertionError:
-                return "missed"
-            return "hit"
-        finally:
-            self.sim.remove_fault(rule)
+        """The server has created the job but its answer is held back: the daemon has not stored it."""
+        return self._during_slow_submits(0.6, "after", self._created_not_stored, deadline)
 
     def _created_not_stored(self) -> bool:
         out = _submits_in_flight(self.db)
         return bool(out) and bool(out & set(self.sim.stats()["submissions"]))
 
     def held(self, deadline: float = 6.0) -> str:
+        """The request was sent and the server holds it before creating the job."""
+        return self._during_slow_submits(3.0, "before", self._sent_not_created, deadline)
+
+    def _during_slow_submits(self, seconds: float, when: str, moment: Callable[[], bool], deadline: float) -> str:
+        """Slow every submit down (`when` the server creates the job) and wait for `moment`: "hit" or "missed"."""
         self.pause(0.1, 1.0)
-        rule = self.sim.fault(kind="delay", seconds=3.0, times=None, path="/api/v2/jobs/submit", when="before")
+        rule = self.sim.fault(kind="delay", seconds=seconds, times=None, path="/api/v2/jobs/submit", when=when)
         try:
             try:
-                wait_until(lambda: self._sent_not_created(), deadline, interval=0.02)
+                wait_until(moment, deadline, interval=0.02)
             except AssertionError:
                 return "missed"
             return "hit"
