@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, raiseload, selectinload
 
-from daemon.db.engine import is_postgres, make_session_factory
+from daemon.db.engine import is_postgres, make_session_factory, read_only
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, utcnow
 from daemon.services.base import RemoteOutput
 from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState, check_transition
@@ -200,6 +200,10 @@ class JobStore:
         self._engine = engine
         #: ORM sessions for what reads or writes whole jobs; the statements every step runs use `_engine` directly.
         self._session = make_session_factory(engine)
+        #: Sessions that only read: on SQLite they neither take nor wait for the write lock, which the daemon's
+        #: steps take turns on (a read that queued behind them was a good part of a busy daemon's wait for it).
+        self._reading = make_session_factory(read_only(engine))
+        self._reader = read_only(engine)
         self._postgres = is_postgres(engine)
         #: Seals job passwords before they are stored; None stores them as given.
         self._sealer = sealer
@@ -244,7 +248,7 @@ class JobStore:
         options = [*_load_options()]
         if with_events:
             options.append(selectinload(Job.events))
-        with self._session() as session:
+        with self._reading() as session:
             job = session.get(Job, job_id, options=options)
             if job is None:
                 raise JobNotFound(f"no job {job_id}")
@@ -259,7 +263,7 @@ class JobStore:
             pass
         if len(text) < 4 or any(c not in "0123456789abcdef-" for c in text):
             raise JobNotFound(f"'{text}' is not a job id")
-        with self._session() as session:
+        with self._reading() as session:
             # UUIDs are stored as 32 hex digits on SQLite and natively on PostgreSQL; compare on text.
             column = sa.cast(Job.id, sa.String)
             hexed = text.replace("-", "")
@@ -284,16 +288,16 @@ class JobStore:
             query = query.where(Job.state.in_(list(states)))
         if service:
             query = query.where(Job.service == service)
-        with self._session() as session:
+        with self._reading() as session:
             return list(session.scalars(query.options(selectinload(Job.outputs))).all())
 
     def group(self, group_id: uuid.UUID) -> list[Job]:
-        with self._session() as session:
+        with self._reading() as session:
             query = sa.select(Job).where(Job.group_id == group_id).order_by(Job.created_at, Job.service)
             return list(session.scalars(query.options(*_load_options(), selectinload(Job.events))).all())
 
     def counts_by_service(self) -> dict[str, dict[str, int]]:
-        with self._session() as session:
+        with self._reading() as session:
             rows = session.execute(
                 sa.select(Job.service, Job.state, sa.func.count()).group_by(Job.service, Job.state)
             ).all()
@@ -359,11 +363,11 @@ class JobStore:
             )
 
     def service_statuses(self) -> dict[str, ServiceStatus]:
-        with self._session() as session:
+        with self._reading() as session:
             return {s.name: s for s in session.scalars(sa.select(ServiceStatus)).all()}
 
     def in_flight_count(self, service: str) -> int:
-        with self._engine.connect() as conn:
+        with self._reader.connect() as conn:
             return conn.execute(_IN_FLIGHT_COUNT, {"service": service}).scalar() or 0
 
     def promote_pending(self, service: str, max_concurrent: int, *, now: dt.datetime | None = None) -> Promotion:
@@ -571,7 +575,7 @@ class JobStore:
             conn.execute(_UPDATE_OUTPUT, {"b_output_id": output_id, **fields})
 
     def outputs(self, job_id: uuid.UUID) -> list[JobOutput]:
-        with self._session() as session:
+        with self._reading() as session:
             return list(
                 session.scalars(sa.select(JobOutput).where(JobOutput.job_id == job_id).order_by(JobOutput.id))
             )
@@ -666,7 +670,7 @@ class JobStore:
 
     def ping(self) -> None:
         """A trivial query: raises when the database does not answer."""
-        with self._session() as session:
+        with self._reading() as session:
             session.execute(sa.select(1)).one()
 
     # ------------------------------------------------------------------ notification outbox
@@ -769,7 +773,7 @@ class JobStore:
 
     def expired_jobs(self, cutoff: dt.datetime, *, limit: int = 1000) -> list[ExpiredJob]:
         """Finished jobs (completed, failed, cancelled) that finished before `cutoff`, oldest first."""
-        with self._session() as session:
+        with self._reading() as session:
             rows = session.execute(
                 sa.select(Job.id, Job.service, Job.state, Job.name, Job.finished_at, Job.result_dir)
                 .where(Job.state.in_(list(TERMINAL)), Job.finished_at < cutoff)
