@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import socket
 import struct
@@ -22,6 +23,7 @@ import pyzipper
 
 from daemon.simulator import SimulatedCloudgene, State, Timings, serve, write_sample_vcf
 from daemon.simulator.vcf import BGZF_EOF, bgzf_blocks, sample_records, write_vcf
+from daemon.simulator import zipcrypto
 from daemon.simulator.zipcrypto import write_zipcrypto
 
 PANEL = "apps@1000g-phase-3-v5@2.0.0"
@@ -133,6 +135,31 @@ def test_sample_vcf_hg38_uses_chr_prefix_and_is_deterministic(tmp_path: Path) ->
     assert a.read_bytes() == b.read_bytes()
     records = [x for x in gzip.decompress(a.read_bytes()).decode().splitlines() if not x.startswith("#")]
     assert {r.split("\t")[0] for r in records} == {"chr1"}
+
+
+@pytest.mark.parametrize("writer", ["libarchive", "python"])
+def test_zipcrypto_zip_of_either_writer_is_read_by_stdlib(tmp_path: Path, writer: str) -> None:
+    if writer == "libarchive" and not zipcrypto._libarchive_writes_zipcrypto():
+        pytest.skip("this libarchive cannot write ZipCrypto")
+    (tmp_path / "a.bin").write_bytes(bytes(range(256)) * 300)
+    (tmp_path / "b.txt").write_text("imputationd\n" * 1000)
+    # The Python writer runs when the encryption headers are given.
+    random_bytes = {"libarchive": os.urandom, "python": lambda n: bytes(n)}[writer]
+    z = write_zipcrypto(tmp_path / "x.zip", [("a.bin", tmp_path / "a.bin"), ("d/b.txt", tmp_path / "b.txt")], "pw",
+                        random_bytes=random_bytes)
+    with zipfile.ZipFile(z) as zf:
+        infos = zf.infolist()
+        assert [i.filename for i in infos] == ["a.bin", "d/b.txt"]
+        assert all(i.flag_bits & 1 and i.compress_type == zipfile.ZIP_DEFLATED for i in infos)
+        # libarchive writes a data descriptor after each entry, the Python writer none.
+        assert all(bool(i.flag_bits & 0x08) is (writer == "libarchive") for i in infos)
+        zf.setpassword(b"pw")
+        assert zf.testzip() is None
+        assert zf.read("d/b.txt") == (tmp_path / "b.txt").read_bytes()
+        zf.setpassword(b"wrong")
+        # One wrong password in 256 passes the one-byte header check and fails on the CRC instead.
+        with pytest.raises((RuntimeError, zipfile.BadZipFile), match="Bad password|Bad CRC-32"):
+            zf.read("a.bin")
 
 
 def test_zipcrypto_writer_is_read_by_stdlib(tmp_path: Path) -> None:
