@@ -428,6 +428,9 @@ def test_403_revoked_token_blocks_until_restored(e2e, monkeypatch):
     monkeypatch.setattr(daemon.scheduler, "BLOCKED_PROBE_INTERVAL", 0.3)
     h = e2e()
     job, remote_id = stalled_job(h)
+    # The daemon's token check at start-up has run: revoked after it, the token is first met by the job's poll
+    # (403). The token check would call it invalid (401), as the server's token check tells the two apart no more.
+    h.wait_until(lambda: h.store.service_statuses()[h.service.name].token_checked_at, what="the token check")
     h.sim.revoke_token(h.service.token)
     blocked = h.wait_state(job.id, "blocked")
     assert blocked.error is None  # blocked, not failed
