@@ -125,6 +125,7 @@ def download(
     password: str | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     chunk_size: int | None = None,
+    keep_partial_dir: bool = False,
 ) -> Downloaded:
     """Fetch one result file into `result_dir/<name>` and return what was stored.
 
@@ -152,6 +153,10 @@ def download(
     On success the file is fsynced (a big one was mostly written back on the way and does not stay in the page
     cache, see `_WriteBehind`), made mode 0640, renamed into place (subfolders created 0750; an existing file of
     that name is replaced) and its directory fsynced. On any failure no partial file remains.
+
+    The partial file is written in `result_dir/.partial/`, created when missing and removed once empty, unless
+    `keep_partial_dir`: a caller fetching several files into one directory keeps it for all of them and removes it
+    with `remove_partial_dir` when done (a folder made and removed per file cost two journalled metadata updates).
     """
     rel = safe_relative_path(name)
     label = f"download {_printable(name)}"
@@ -169,7 +174,7 @@ def download(
     if len(rel.parts) > 1 and not final.parent.resolve().is_relative_to(result_dir.resolve()):
         raise Permanent(f"{label}: its folder leads out of the result directory (a symlink?)", kind="unsafe_name")
 
-    with _partial_file(result_dir, label) as (partial, fh):
+    with _partial_file(result_dir, label, keep_dir=keep_partial_dir) as (partial, fh):
         digest = hashlib.sha256()
         size = 0
         content_length: int | None = None
@@ -450,6 +455,12 @@ def remove_partials(result_dir: Path) -> int:
     return removed
 
 
+def remove_partial_dir(result_dir: Path) -> None:
+    """Remove `result_dir/.partial/` if it is there and empty (another download may still be using it)."""
+    with contextlib.suppress(OSError):
+        os.rmdir(Path(result_dir) / PARTIAL_DIR)
+
+
 def sha256_file(path: Path, *, chunk_size: int = 1 << 20) -> str:
     """SHA-256 of a stored file, streamed (constant memory), to re-verify a result against the recorded hash."""
     digest = hashlib.sha256()
@@ -549,15 +560,17 @@ _PARTIAL_ATTEMPTS = 20
 
 
 @contextlib.contextmanager
-def _partial_file(result_dir: Path, label: str) -> Iterator[tuple[Path, BinaryIO]]:
-    """A new, exclusively created temp file in `result_dir/.partial/`; removed unless it was renamed away."""
+def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False) -> Iterator[tuple[Path, BinaryIO]]:
+    """A new, exclusively created temp file in `result_dir/.partial/`; removed unless it was renamed away. The
+    folder is created when missing and, unless `keep_dir`, removed afterwards when empty."""
     partial_dir = result_dir / PARTIAL_DIR
     partial = partial_dir / f"{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
     try:
         with _no_space_is_transient(label):
             for attempt in range(_PARTIAL_ATTEMPTS):
                 try:
-                    _make_dirs(partial_dir, base=result_dir)
+                    if attempt or not keep_dir:
+                        _make_dirs(partial_dir, base=result_dir)
                     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                     break
                 except (FileNotFoundError, NotADirectoryError):
@@ -582,8 +595,8 @@ def _partial_file(result_dir: Path, label: str) -> Iterator[tuple[Path, BinaryIO
             fh.close()  # a failing flush here (disk full) must not hide the original error
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)  # gone already when it was renamed into place
-        with contextlib.suppress(OSError):
-            os.rmdir(partial_dir)  # only when empty: another download may be using it
+        if not keep_dir:
+            remove_partial_dir(result_dir)
 
 
 def _make_dirs(path: Path, *, base: Path | None = None) -> list[Path]:
@@ -628,6 +641,7 @@ __all__ = [
     "DownloadInterrupted",
     "check_room",
     "download",
+    "remove_partial_dir",
     "remove_partials",
     "safe_relative_path",
     "sha256_file",

@@ -317,14 +317,17 @@ class Pipeline:
         # The rows were loaded with the claim, and only the lease holder writes them: `_save_output` keeps them
         # as they are stored, so nothing is read again.
         rows = job.outputs
-        for row in rows:
-            if row.state is not OutputState.PENDING:
-                continue
-            if self.stopping():
-                return Outcome(next_poll_in=0, fields={"result_dir": str(result_dir)})
-            problem = self._download_one(job, adapter, row, result_dir)
-            if problem is not None:
-                return problem
+        try:
+            for row in rows:
+                if row.state is not OutputState.PENDING:
+                    continue
+                if self.stopping():
+                    return Outcome(next_poll_in=0, fields={"result_dir": str(result_dir)})
+                problem = self._download_one(job, adapter, row, result_dir)
+                if problem is not None:
+                    return problem
+        finally:
+            downloads.remove_partial_dir(result_dir)  # kept for the whole step (see `downloads.download`)
         return self._downloads_done(job, rows, result_dir)
 
     def _download_one(
@@ -343,6 +346,7 @@ class Pipeline:
                 result_dir=result_dir,
                 password=self._password(job),
                 should_stop=self.stopping,
+                keep_partial_dir=True,
             )
         except downloads.DownloadInterrupted:
             return Outcome(next_poll_in=0, fields={"result_dir": str(result_dir)})

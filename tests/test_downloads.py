@@ -168,6 +168,21 @@ def test_content_encoded_body_is_decoded_and_length_checked_on_the_wire(tmp_path
     assert (got.size, got.content_length) == (len(BODY), len(wire))
 
 
+def test_a_kept_partial_folder_serves_several_downloads_until_removed(tmp_path: Path) -> None:
+    partial_dir = tmp_path / downloads.PARTIAL_DIR
+    download(opener(b"one"), "a.txt", result_dir=tmp_path, keep_partial_dir=True)
+    made = partial_dir.stat()
+    assert stat.S_IMODE(made.st_mode) == 0o750 and list(partial_dir.iterdir()) == []
+    with pytest.raises(Transient, match="truncated"):  # a failure leaves no partial file behind either
+        download(opener(b"tw", headers={"Content-Length": "3"}), "b.txt", result_dir=tmp_path, keep_partial_dir=True)
+    download(opener(b"three"), "c.txt", result_dir=tmp_path, keep_partial_dir=True)
+    assert partial_dir.stat().st_ino == made.st_ino  # the same folder, not made again
+    downloads.remove_partial_dir(tmp_path)
+    downloads.remove_partial_dir(tmp_path)  # gone already: nothing to do
+    assert leftovers(tmp_path) == ["a.txt", "c.txt"]
+    assert not partial_dir.exists()
+
+
 def test_concurrent_downloads_into_one_folder(tmp_path: Path) -> None:
     errors: list[BaseException] = []
 
