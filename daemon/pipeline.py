@@ -258,10 +258,9 @@ class Pipeline:
                 return Outcome(state=new, reason=f"remote state {status.raw_state}", next_poll_in=interval,
                                fields=fields)
             case RemoteKind.SUCCEEDED:
-                self.store.record_outputs(job.id, status.outputs)
                 return Outcome(state=JobState.DOWNLOADING,
                                reason=f"remote job finished ({status.raw_state}); {len(status.outputs)} files",
-                               next_poll_in=0, fields=fields)
+                               next_poll_in=0, fields=fields, outputs=status.outputs)
             case RemoteKind.FAILED:
                 reason = status.message or f"remote job failed ({status.raw_state})"
                 return Outcome(state=JobState.FAILED, reason=reason,

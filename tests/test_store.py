@@ -127,10 +127,14 @@ def test_expired_lease_is_taken_over_and_old_owner_cannot_write(store: JobStore)
     force(store, [job_id], lease_expires_at=utcnow() - dt.timedelta(seconds=1))
     [again] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
     assert again.id == first.id
+    files = [RemoteOutput(name="chr_20.zip", url="http://x/share/results/h1/chr_20.zip", remote_hash="h1")]
     with pytest.raises(LeaseLost):
-        store.finish(job_id, "dead", Outcome(state=JobState.FAILED, reason="stale"))
-    done = store.finish(job_id, "me", Outcome(state=JobState.DOWNLOADING, reason="done", next_poll_in=0))
+        store.finish(job_id, "dead", Outcome(state=JobState.DOWNLOADING, reason="stale", outputs=files))
+    assert store.outputs(job_id) == []  # nothing of the stale outcome lands, its files neither
+    done = store.finish(job_id, "me", Outcome(state=JobState.DOWNLOADING, reason="done", next_poll_in=0,
+                                              outputs=files))
     assert done.state is JobState.DOWNLOADING and done.lease_owner is None
+    assert [(o.name, o.state) for o in store.outputs(job_id)] == [("chr_20.zip", OutputState.PENDING)]
 
 
 def test_finish_writes_an_event_only_when_the_state_changes(store: JobStore) -> None:

@@ -57,6 +57,7 @@ class Outcome:
     reason: str | None = None  # for the event row when the state changes
     next_poll_in: float | None = None  # seconds; None leaves next_poll_at unchanged
     fields: dict[str, Any] = field(default_factory=dict)  # other job columns to set
+    outputs: Sequence[RemoteOutput] = ()  # files a finished remote job offers, recorded as `record_outputs` does
 
 
 #: A job's columns as a statement returned them: read like a `Job` (`.state`, `.next_poll_at`), no relationships.
@@ -509,10 +510,13 @@ class JobStore:
         Raises `LeaseLost` when another owner holds the job now: its state is newer than ours.
 
         Every step of every job ends here, so it is three prebuilt Core statements (lock, event, `UPDATE …
-        RETURNING`), not an ORM load and flush."""
+        RETURNING`), not an ORM load and flush; the files of a finished remote job (`outcome.outputs`) are recorded
+        in the same transaction, so a job is never `downloading` without them."""
         now = utcnow()
         with self._engine.begin() as conn:
             current = self._lock_leased(conn, job_id, owner)
+            if outcome.outputs:
+                self._record_outputs(conn, job_id, outcome.outputs)
             values: dict[str, Any] = dict(outcome.fields)
             if outcome.state is not None and outcome.state != current.state:
                 check_transition(current.state, outcome.state)
@@ -548,27 +552,32 @@ class JobStore:
 
     def record_outputs(self, job_id: uuid.UUID, outputs: Sequence[RemoteOutput]) -> None:
         """Store the files a finished remote job offers; a file already known keeps its download state, but its
-        URL and counter are refreshed (a server may re-issue them)."""
+        URL and counter are refreshed (a server may re-issue them). A step's outcome records them with `finish`
+        (`Outcome.outputs`), in the same transaction."""
         with self._engine.begin() as conn:
-            known = dict(conn.execute(_OUTPUT_STATES, {"b_job_id": job_id}).all())
-            new, refreshed = [], []
-            for remote in outputs:
-                fields = {
-                    "url": remote.url,
-                    "remote_hash": remote.remote_hash,
-                    "downloads_left": remote.downloads_left,
-                    "remote_checksum": ":".join(remote.checksum) if remote.checksum else None,
-                }
-                state = known.get(remote.name)
-                if state is None:
-                    new.append({"job_id": job_id, "name": remote.name, "size_text": remote.size_text,
-                                "state": OutputState.PENDING, "attempts": 0, **fields})
-                elif state is not OutputState.VERIFIED:
-                    refreshed.append({"b_job_id": job_id, "b_name": remote.name, **fields})
-            if new:
-                conn.execute(sa.insert(_outputs), new)
-            if refreshed:
-                conn.execute(_REFRESH_OUTPUT, refreshed)
+            self._record_outputs(conn, job_id, outputs)
+
+    @staticmethod
+    def _record_outputs(conn: sa.Connection, job_id: uuid.UUID, outputs: Sequence[RemoteOutput]) -> None:
+        known = dict(conn.execute(_OUTPUT_STATES, {"b_job_id": job_id}).all())
+        new, refreshed = [], []
+        for remote in outputs:
+            fields = {
+                "url": remote.url,
+                "remote_hash": remote.remote_hash,
+                "downloads_left": remote.downloads_left,
+                "remote_checksum": ":".join(remote.checksum) if remote.checksum else None,
+            }
+            state = known.get(remote.name)
+            if state is None:
+                new.append({"job_id": job_id, "name": remote.name, "size_text": remote.size_text,
+                            "state": OutputState.PENDING, "attempts": 0, **fields})
+            elif state is not OutputState.VERIFIED:
+                refreshed.append({"b_job_id": job_id, "b_name": remote.name, **fields})
+        if new:
+            conn.execute(sa.insert(_outputs), new)
+        if refreshed:
+            conn.execute(_REFRESH_OUTPUT, refreshed)
 
     def update_output(self, output_id: int, **fields: Any) -> None:
         with self._engine.begin() as conn:
