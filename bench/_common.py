@@ -311,7 +311,7 @@ def runtime_venv() -> Path:
 # ---------------------------------------------------------------------------------------------------- simulator
 
 SIM_SCRIPT = r"""
-import json, sys, threading, signal, tempfile
+import json, shutil, sys, threading, signal, tempfile
 from pathlib import Path
 from daemon.simulator import SimulatedCloudgene, Timings
 from daemon.simulator.model import Job
@@ -321,8 +321,9 @@ timings = Timings(**opts.pop("timings"))
 latency = opts.pop("latency")
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
+files = Path(tempfile.mkdtemp(prefix="imputationd-bench-sim-", dir=opts["files_in"]))
 with SimulatedCloudgene({opts["token"]: "bench"}, timings=timings, max_jobs_per_user=opts["max_jobs"],
-                        download_limit=-1) as sim:
+                        download_limit=-1, workdir=files) as sim:
     if latency:
         sim.faults.latency(latency, path="/")
     ids = []
@@ -332,7 +333,8 @@ with SimulatedCloudgene({opts["token"]: "bench"}, timings=timings, max_jobs_per_
         params = JobParams(refpanel="apps@1000g-phase-3-v5@2.0.0", build="hg19", r2_filter=0.3, phasing="eagle",
                            population="eur", mode="imputation", aes=False, meta=False, password="bench-password",
                            password_generated=False)
-        workdir = Path(tempfile.mkdtemp(prefix="imputationd-bench-sim-"))
+        workdir = files / "precreated"
+        workdir.mkdir()
         with sim.sim.lock:  # straight into the model: add_job re-counts every job per call (quadratic)
             for i in range(opts["precreate"]):
                 now = sim.sim.clock()
@@ -344,7 +346,14 @@ with SimulatedCloudgene({opts["token"]: "bench"}, timings=timings, max_jobs_per_
                 ids.append(job_id)
     print(json.dumps({"base_url": sim.base_url, "ids": ids}), flush=True)
     stop.wait()
+shutil.rmtree(files, ignore_errors=True)
 """
+
+#: Where the simulator keeps its uploads and results: in memory when the machine has a tmpfs for it. The server's
+#: disk work is not the daemon's, but on these VMs creating a file costs real CPU (ext4 without a journal scans
+#: for recently deleted inodes): on the simulator's files, it was half of its CPU per job in bench/throughput.py,
+#: taken from the two cores the daemon under test runs on.
+SIM_FILES_IN = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 class SimulatorProcess:
@@ -353,7 +362,7 @@ class SimulatorProcess:
     def __init__(self, *, token: str = "bench-token", latency: float = 0.0, timings: dict | None = None,
                  max_jobs: int = 1_000_000, precreate: int = 0) -> None:
         opts = {"token": token, "latency": latency, "timings": timings or {"queue": 0, "run": 0, "export": 0},
-                "max_jobs": max_jobs, "precreate": precreate}
+                "max_jobs": max_jobs, "precreate": precreate, "files_in": SIM_FILES_IN}
         self.token = token
         self.proc = subprocess.Popen([sys.executable, "-c", SIM_SCRIPT, json.dumps(opts)], cwd=REPO,
                                      stdout=subprocess.PIPE, text=True)
