@@ -28,6 +28,7 @@ import os
 import queue
 import re
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -250,7 +251,7 @@ def download(
 
         os.chmod(partial, FILE_MODE)
         with _no_space_is_transient(label):
-            created = _make_dirs(final.parent, base=result_dir)
+            created = _make_dirs(final.parent, base=result_dir) if len(rel.parts) > 1 else []
             os.replace(partial, final)
             _fsync_dir(final.parent)
             for directory in created:
@@ -606,6 +607,9 @@ def _make_dirs(path: Path, *, base: Path | None = None) -> list[Path]:
     creation and use when another download removes it empty; `_partial_file` therefore creates it right before use.
     """
     path = Path(path)
+    with contextlib.suppress(OSError):
+        if stat.S_ISDIR(os.stat(path).st_mode):  # the common case, in one system call
+            return []
     missing: list[Path] = []
     current = path
     while not current.exists():
