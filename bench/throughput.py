@@ -13,9 +13,9 @@ result file), each taking at least the latency L, and W workers make calls in pa
 no scheduler can avoid: the last job submitted waits its first poll interval before it is polled (the remote
 finishes instantly but we only look after `min(10 s, poll_interval)`), and a tick interval of lag for that poll.
 Target: wall <= 1.25 x ideal. CPU seconds of the daemon process per job are printed too (from /proc), and what the
-ideal leaves out: the simulator runs on the same cores and needs CPU time of its own (~20 ms per job, most of it
-building each job's results at submit), so the larger of its CPU time and (daemon + simulator CPU) / cores is a
-floor for the wall time that no client reaches below.
+ideal leaves out: the simulator runs on the same cores and needs CPU time of its own (~6–8 ms per job, most of it
+building each job's results at submit; its files are kept in /dev/shm when there is one), so the larger of its CPU
+time and (daemon + simulator CPU) / cores is a floor for the wall time that no client reaches below.
 """
 
 from __future__ import annotations
