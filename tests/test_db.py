@@ -21,6 +21,7 @@ from daemon.db.engine import (
     make_engine,
     make_session_factory,
     read_only,
+    single_write,
 )
 from daemon.db.models import Base, Job, JobEvent, JobInput, JobOutput, ServiceStatus
 from daemon.db.schema import SchemaNewer, SchemaOutdated
@@ -345,6 +346,43 @@ def test_sqlite_write_transactions_begin_immediate(sqlite_url: str) -> None:
             writer.commit()
             assert done.wait(10)
             thread.join(10)
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_single_write_takes_its_turn_and_commits_by_itself(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    one = single_write(engine)
+    insert = sa.insert(ServiceStatus.__table__)
+    try:
+        with engine.connect() as writer, read_only(engine).connect() as reader:
+            writer.begin()  # another thread's transaction holds the engine's write turn
+            done = threading.Event()
+
+            def single() -> None:
+                with one.begin() as conn:
+                    conn.execute(insert, {"name": "waited", "updated_at": dt.datetime.now(dt.UTC)})
+                done.set()
+
+            thread = threading.Thread(target=single)
+            thread.start()
+            assert not done.wait(0.3)  # queued behind the transaction, not failing with "database is locked"
+            writer.commit()
+            assert done.wait(10)
+            thread.join(10)
+
+            with one.connect() as conn:
+                conn.begin()
+                conn.execute(insert, {"name": "alone", "updated_at": dt.datetime.now(dt.UTC)})
+                # No transaction around it: the row is committed before the block ends...
+                names = reader.exec_driver_sql("SELECT name FROM services ORDER BY name").scalars().all()
+                assert names == ["alone", "waited"]
+                reader.rollback()
+                conn.rollback()  # ...so there is nothing to roll back
+            with pytest.raises(sa.exc.IntegrityError), one.begin() as conn:
+                conn.execute(insert, {"name": "alone", "updated_at": dt.datetime.now(dt.UTC)})
+            with engine.begin() as conn:  # a failed single write gave its turn back
+                assert conn.exec_driver_sql("SELECT count(*) FROM services").scalar() == 2
     finally:
         engine.dispose()
 

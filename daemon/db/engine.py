@@ -37,7 +37,8 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 #: Engine/connection execution option naming the SQLite BEGIN mode; `IMMEDIATE` unless set.
 SQLITE_BEGIN_OPTION = "sqlite_begin"
-_SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+#: `SINGLE_WRITE` (see `single_write`) begins no transaction: the one statement runs in SQLite's autocommit mode.
+_SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE", "SINGLE_WRITE"})
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_CONNECT_TIMEOUT_S = 10
@@ -148,6 +149,8 @@ def _sqlite_on_begin(conn: sa.Connection) -> None:
     queued = mode != "DEFERRED" and isinstance(dbapi_connection, _QueuedWriters)
     if queued:
         dbapi_connection.wait_for_writer_lock()
+    if mode == "SINGLE_WRITE":
+        return  # released by the COMMIT or ROLLBACK that ends the block, each a no-op outside a transaction
     try:
         conn.exec_driver_sql(f"BEGIN {mode}")
     except BaseException:
@@ -221,6 +224,14 @@ def read_only(engine: Engine) -> Engine:
     write lock and never waits for a writer. A write inside such a transaction may fail with "database is locked"
     instead of waiting, so write through `engine` itself. On PostgreSQL this is `engine` unchanged in effect."""
     return engine.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+
+
+def single_write(engine: Engine) -> Engine:
+    """The same engine for a block that runs exactly one writing statement: on SQLite it takes its turn at the write
+    lock (`_QueuedWriters`) but begins no transaction, so the statement commits by itself. BEGIN and COMMIT were two
+    of its three calls into SQLite, and each call lets go of the GIL, which the writer then waits to get back while
+    every other writer waits for it. More than one statement in such a block would not be atomic: use `engine`."""
+    return engine.execution_options(**{SQLITE_BEGIN_OPTION: "SINGLE_WRITE"})
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

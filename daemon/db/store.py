@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, raiseload, selectinload
 
-from daemon.db.engine import is_postgres, make_session_factory, read_only
+from daemon.db.engine import is_postgres, make_session_factory, read_only, single_write
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, utcnow
 from daemon.services.base import RemoteOutput
 from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState, check_transition
@@ -205,6 +205,8 @@ class JobStore:
         #: steps take turns on (a read that queued behind them was a good part of a busy daemon's wait for it).
         self._reading = make_session_factory(read_only(engine))
         self._reader = read_only(engine)
+        #: For blocks of one writing statement (`single_write`).
+        self._single = single_write(engine)
         self._postgres = is_postgres(engine)
         #: Seals job passwords before they are stored; None stores them as given.
         self._sealer = sealer
@@ -544,7 +546,7 @@ class JobStore:
         values: dict[str, Any] = {"b_job_id": job_id, "b_owner": owner, "updated_at": now}
         if settle > 0:
             values["next_poll_at"] = now + dt.timedelta(seconds=settle)
-        with self._engine.begin() as conn:
+        with self._single.begin() as conn:  # one write; the read below only says why it changed nothing
             attempts = conn.execute(_COUNT_SUBMIT_ATTEMPT, values).scalar()
             if attempts is None:
                 self._lock_leased(conn, job_id, owner)  # raises the reason: no such job, or not ours any more
@@ -580,7 +582,7 @@ class JobStore:
             conn.execute(_REFRESH_OUTPUT, refreshed)
 
     def update_output(self, output_id: int, **fields: Any) -> None:
-        with self._engine.begin() as conn:
+        with self._single.begin() as conn:
             conn.execute(_UPDATE_OUTPUT, {"b_output_id": output_id, **fields})
 
     def outputs(self, job_id: uuid.UUID) -> list[JobOutput]:
