@@ -128,7 +128,7 @@ class Pipeline:
                 and not self.stopping()
             )
             try:
-                finished = self.store.finish(job.id, self.owner, outcome, keep_lease=go_on)
+                finished = self.store.finish(job.id, self.owner, outcome, keep_lease=go_on, expected=job.state)
             except LeaseLost:
                 log.warning("lease_lost", reason="another daemon took the job over; dropping this step's result")
                 return None, False

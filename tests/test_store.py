@@ -151,6 +151,25 @@ def test_finish_writes_an_event_only_when_the_state_changes(store: JobStore) -> 
         store.finish(job.id, "me", Outcome(state=JobState.PENDING))
 
 
+@pytest.mark.parametrize("expected", [None, JobState.QUEUED])
+def test_finish_with_the_expected_state_or_without(store: JobStore, expected: JobState | None) -> None:
+    ours, cancelled, lost = add_jobs(store, 3)
+    force(store, [ours, cancelled, lost], state=JobState.QUEUED, next_poll_at=utcnow())
+    store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=3, lease_seconds=60)
+    finished = Outcome(state=JobState.DOWNLOADING, reason="remote done", next_poll_in=0)
+    row = store.finish(ours, "me", finished, expected=expected)
+    assert (row.state, row.lease_owner) == (JobState.DOWNLOADING, None)
+    assert events(store, ours)[-1] == ("queued", "downloading")
+    # An operator's cancel while the step ran: the event starts from the state the job is in now.
+    assert store.request_cancel(cancelled) is JobState.CANCEL_REQUESTED
+    assert store.finish(cancelled, "me", finished, expected=expected).state is JobState.DOWNLOADING
+    assert events(store, cancelled)[-2:] == [("queued", "cancel_requested"), ("cancel_requested", "downloading")]
+    force(store, [lost], lease_owner="other")
+    with pytest.raises(LeaseLost):
+        store.finish(lost, "me", finished, expected=expected)
+    assert store.get(lost).state is JobState.QUEUED and events(store, lost) == [(None, "pending")]
+
+
 def test_renew_extends_only_our_leases(store: JobStore) -> None:
     a, b = add_jobs(store, 2)
     soon = utcnow() + dt.timedelta(seconds=5)

@@ -177,6 +177,16 @@ _LOCK_JOB = (
 _INSERT_EVENT = sa.insert(JobEvent.__table__)
 #: SET takes whatever columns the parameters name.
 _UPDATE_JOB_RETURNING = sa.update(_jobs).where(_jobs.c.id == sa.bindparam("b_job_id")).returning(*_jobs.c)
+#: The same, only while `b_owner` holds the lease and the job is in `b_state`.
+_UPDATE_LEASED_JOB_RETURNING = (
+    sa.update(_jobs)
+    .where(
+        _jobs.c.id == sa.bindparam("b_job_id"),
+        _jobs.c.lease_owner == sa.bindparam("b_owner"),
+        _jobs.c.state == sa.bindparam("b_state"),
+    )
+    .returning(*_jobs.c)
+)
 _COUNT_SUBMIT_ATTEMPT = (
     sa.update(_jobs)
     .where(_jobs.c.id == sa.bindparam("b_job_id"), _jobs.c.lease_owner == sa.bindparam("b_owner"))
@@ -505,35 +515,67 @@ class JobStore:
 
     # ------------------------------------------------------------------ writing a step's outcome
 
-    def finish(self, job_id: uuid.UUID, owner: str, outcome: Outcome, *, keep_lease: bool = False) -> JobRow:
+    def finish(
+        self,
+        job_id: uuid.UUID,
+        owner: str,
+        outcome: Outcome,
+        *,
+        keep_lease: bool = False,
+        expected: JobState | None = None,
+    ) -> JobRow:
         """Apply a step's outcome and (unless `keep_lease`) release the lease, in one transaction; return the job's
         columns as written (a row: `.state`, `.next_poll_at`, …).
 
         Raises `LeaseLost` when another owner holds the job now: its state is newer than ours.
 
-        Every step of every job ends here, so it is three prebuilt Core statements (lock, event, `UPDATE …
-        RETURNING`), not an ORM load and flush; the files of a finished remote job (`outcome.outputs`) are recorded
-        in the same transaction, so a job is never `downloading` without them."""
+        Every step of every job ends here, so it is prebuilt Core statements, not an ORM load and flush. With
+        `expected` (the state the step started from) one `UPDATE … RETURNING` checks the lease and the state and
+        writes; only when that matches nothing (the lease is gone, or an operator's cancel changed the state
+        meanwhile) is the row locked and read first. An event is written when the state changes, and the files of a
+        finished remote job (`outcome.outputs`) are recorded in the same transaction, so a job is never
+        `downloading` without them."""
         now = utcnow()
         with self._engine.begin() as conn:
-            current = self._lock_leased(conn, job_id, owner)
+            row = None
+            if expected is not None:
+                values = self._finish_values(expected, outcome, now, keep_lease=keep_lease)
+                row = conn.execute(
+                    _UPDATE_LEASED_JOB_RETURNING, {"b_job_id": job_id, "b_owner": owner, "b_state": expected, **values}
+                ).one_or_none()
+                before = expected
+            if row is None:
+                current = self._lock_leased(conn, job_id, owner)
+                values = self._finish_values(current.state, outcome, now, keep_lease=keep_lease)
+                row = conn.execute(_UPDATE_JOB_RETURNING, {"b_job_id": job_id, **values}).one()
+                before = current.state
+            if outcome.state is not None and outcome.state != before:
+                conn.execute(_INSERT_EVENT, [_event(job_id, before, outcome.state, outcome.reason, now)])
+                if row.state in TERMINAL:
+                    self._job_left_service(conn, row.service)
             if outcome.outputs:
                 self._record_outputs(conn, job_id, outcome.outputs)
-            values: dict[str, Any] = dict(outcome.fields)
-            if outcome.state is not None and outcome.state != current.state:
-                check_transition(current.state, outcome.state)
-                conn.execute(_INSERT_EVENT, [_event(job_id, current.state, outcome.state, outcome.reason, now)])
-                values["state"] = outcome.state
-                if outcome.state in TERMINAL:
-                    values["finished_at"] = now
-                    values["next_poll_at"] = None
-                    self._job_left_service(conn, current.service)
-            if outcome.next_poll_in is not None:
-                values["next_poll_at"] = now + dt.timedelta(seconds=outcome.next_poll_in)
-            if not keep_lease:
-                values["lease_owner"] = values["lease_expires_at"] = None
-            values["updated_at"] = now
-            return conn.execute(_UPDATE_JOB_RETURNING, {"b_job_id": job_id, **values}).one()
+            return row
+
+    @staticmethod
+    def _finish_values(
+        current: JobState, outcome: Outcome, now: dt.datetime, *, keep_lease: bool
+    ) -> dict[str, Any]:
+        """The columns `finish` sets for `outcome` on a job in state `current` (raises on a transition the state
+        machine forbids)."""
+        values: dict[str, Any] = dict(outcome.fields)
+        if outcome.state is not None and outcome.state != current:
+            check_transition(current, outcome.state)
+            values["state"] = outcome.state
+            if outcome.state in TERMINAL:
+                values["finished_at"] = now
+                values["next_poll_at"] = None
+        if outcome.next_poll_in is not None:
+            values["next_poll_at"] = now + dt.timedelta(seconds=outcome.next_poll_in)
+        if not keep_lease:
+            values["lease_owner"] = values["lease_expires_at"] = None
+        values["updated_at"] = now
+        return values
 
     def note_submit_attempt(self, job_id: uuid.UUID, owner: str, *, settle: float = 0.0) -> int:
         """Count a submit attempt and commit it *before* the request goes out (exactly-once submission).
