@@ -157,7 +157,7 @@ def download(
 
     The partial file is written in `result_dir/.partial/`, created when missing and removed once empty, unless
     `keep_partial_dir`: a caller fetching several files into one directory keeps it for all of them and removes it
-    with `remove_partial_dir` when done (a folder made and removed per file cost two journalled metadata updates).
+    with `remove_partial_dir` when done (making and removing the folder for every file cost two metadata updates).
     """
     rel = safe_relative_path(name)
     label = f"download {_printable(name)}"

@@ -5,7 +5,7 @@ APPNOTE (section 6.1): three 32-bit keys initialised from the password, a 12-byt
 is the high byte of the entry's CRC-32, and every byte XORed with a keystream byte that depends on the plaintext so far.
 It is weak cryptography; it is here only because the servers use it. Entries are deflated, then encrypted.
 
-The cipher updates its keys byte by byte from the plaintext, so in Python it costs about 50 ns a byte: most of the
+The cipher updates its keys byte by byte from the plaintext, so in Python it costs about 50 ns a byte: half of the
 simulator's CPU time per job in bench/throughput.py, on the cores the daemon under test shares. The system's
 libarchive (through libarchive-c, as the daemon reads these zips) writes them in C and is used when it loads; the
 Python writer remains for machines without it and for a fixed encryption header (`random_bytes`).
