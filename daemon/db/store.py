@@ -436,20 +436,30 @@ class JobStore:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        with self._session() as session, session.begin():
-            # One statement leases the rows and returns them whole, plus one query for each relationship the step
-            # will read (a submit its inputs, a download its outputs), loaded now so the jobs are usable detached;
-            # reading another one raises instead of silently finding nothing. Every tick runs this, so every round
-            # trip counts.
-            jobs = session.scalars(
-                sa.update(Job)
-                .where(Job.id.in_(candidates.scalar_subquery()))
+        with self._engine.begin() as conn:
+            # One statement leases the rows; nothing else happens while this holds SQLite's write lock, which every
+            # worker's bookkeeping waits for.
+            ids = conn.execute(
+                sa.update(_jobs)
+                .where(_jobs.c.id.in_(candidates.scalar_subquery()))
                 .values(lease_owner=owner, lease_expires_at=expires)
-                .returning(Job)
-                .options(*_step_load_options(states)),
-                execution_options={"synchronize_session": False},
-            ).all()
-            return sorted(jobs, key=lambda job: job.next_poll_at)
+                .returning(_jobs.c.id)
+            ).scalars().all()
+        if not ids:
+            return []
+        with self._reading() as session:
+            # The leased jobs, with each relationship the step will read (a submit its inputs, a download its
+            # outputs) loaded so they are usable detached; reading another one raises instead of silently finding
+            # nothing. Only the lease holder writes a job, so reading after the commit finds what was leased (or
+            # an operator's cancel since, which the step then handles).
+            return list(
+                session.scalars(
+                    sa.select(Job)
+                    .where(Job.id.in_(ids))
+                    .order_by(Job.next_poll_at)
+                    .options(*_step_load_options(states))
+                )
+            )
 
     def claim_one(self, job_id: uuid.UUID, owner: str, *, lease_seconds: float) -> Job | None:
         """Lease one given job if nobody holds it (the CLI's `cancel` uses this)."""
