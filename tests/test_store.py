@@ -82,6 +82,20 @@ def test_promote_fills_only_free_slots_in_submission_order(store: JobStore) -> N
     assert events(store, ids[0])[1] == ("pending", "submitting")
 
 
+def test_promote_with_nothing_pending_does_not_wait_for_writers(sqlite_url: str) -> None:
+    store = make_store(sqlite_url)
+    store.ensure_services(["mis"])
+    [job_id] = add_jobs(store, 1)
+    force(store, [job_id], state=JobState.QUEUED)
+    with store._engine.begin():  # a writer holds the write turn for as long as this block runs
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (store.promote_pending("mis", 3), done.set()))
+        thread.start()
+        assert done.wait(5)  # nothing to promote: answered without a turn at the write lock
+        thread.join(5)
+    store._engine.dispose()
+
+
 def test_lowered_limit_applies_until_a_job_finishes(store: JobStore) -> None:
     store.ensure_services(["mis"])
     ids = add_jobs(store, 3)

@@ -394,6 +394,10 @@ class JobStore:
         Runs on every dispatch tick for every service, so it is Core statements built once (no unit of work): the
         pick and the update are one `UPDATE … WHERE id IN (… FOR UPDATE SKIP LOCKED) RETURNING id`."""
         now = now or utcnow()
+        with self._reader.connect() as conn:
+            # Mostly nothing is pending: then no write transaction (on SQLite, no turn at the write lock) is needed.
+            if conn.execute(_ANY_DUE_PENDING, {"of_service": service, "now": now}).first() is None:
+                return Promotion(0, waiting=False)
         with self._engine.begin() as conn:
             effective = conn.execute(_SERVICE_LIMIT, {"service": service}).scalar()
             limit = max_concurrent if effective is None else min(max_concurrent, effective)
