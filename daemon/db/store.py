@@ -213,8 +213,8 @@ class JobStore:
         self._session = make_session_factory(engine)
         #: Sessions that only read: on SQLite they neither take nor wait for the write lock, which the daemon's
         #: steps take turns on (a read that queued behind them was a good part of a busy daemon's wait for it).
-        self._reading = make_session_factory(read_only(engine))
         self._reader = read_only(engine)
+        self._reading = make_session_factory(self._reader)
         #: For blocks of one writing statement (`single_write`).
         self._single = single_write(engine)
         self._postgres = is_postgres(engine)
@@ -395,7 +395,8 @@ class JobStore:
         pick and the update are one `UPDATE … WHERE id IN (… FOR UPDATE SKIP LOCKED) RETURNING id`."""
         now = now or utcnow()
         with self._reader.connect() as conn:
-            # Mostly nothing is pending: then no write transaction (on SQLite, no turn at the write lock) is needed.
+            # Nothing pending (an idle daemon, or every job promoted already): no write transaction is needed (on
+            # SQLite, no turn at the write lock).
             if conn.execute(_ANY_DUE_PENDING, {"of_service": service, "now": now}).first() is None:
                 return Promotion(0, waiting=False)
         with self._engine.begin() as conn:
