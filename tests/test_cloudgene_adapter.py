@@ -204,6 +204,42 @@ def test_submit_sends_the_documented_multipart_form(mock, adapter, vcfs, opened)
     assert len(opened) == 2 and all(handle.closed for handle in opened)
 
 
+def test_submit_hands_the_body_to_the_socket_in_pieces_of_64_kib_or_more(tmp_path):
+    # httpx renders each form field as four short pieces, and each piece was a write of its own (34 per submit).
+    big = tmp_path / "chr1.vcf.gz"
+    big.write_bytes(bytes(range(256)) * 1024)  # 256 KiB: read by httpx in 64 KiB chunks
+    small = tmp_path / "chr2.vcf.gz"
+    small.write_bytes(b"small")
+    seen = {}
+
+    class Recording(httpx.BaseTransport):
+        """What the connection would be handed (respx and MockTransport read the whole body first)."""
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            seen["pieces"] = list(request.stream)
+            seen["length"] = int(request.headers["content-length"])
+            return httpx.Response(200, json={"success": True, "id": "job-1"})
+
+    with httpx.Client(transport=Recording()) as client, contextlib.closing(make(client=client)) as adapter:
+        adapter.submit(submit_request([big, small]))
+
+    pieces = seen["pieces"]
+    assert sum(map(len, pieces)) == seen["length"]
+    assert all(len(piece) >= 64 << 10 for piece in pieces[:-1])
+    # The fields and the first file chunk, three more chunks, the rest (the second file and the closing boundary).
+    assert len(pieces) == 5
+    assert big.read_bytes() in b"".join(pieces)
+
+
+def test_coalesced_body_passes_big_pieces_through_uncopied():
+    from daemon.services.http import SEND_PIECE, _Coalesced
+
+    big = b"x" * SEND_PIECE
+    stream = _Coalesced(httpx.ByteStream(big))
+    assert [piece is big for piece in stream] == [True]
+    assert list(_Coalesced(httpx.ByteStream(b""))) == [b""]
+
+
 def test_submit_sends_true_checkboxes_and_omits_unset_optionals(mock, adapter, vcfs):
     seen = {}
 

@@ -33,7 +33,7 @@ import httpx
 from daemon.config import ServiceConfig
 from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
-from daemon.services.http import error_message, json_object, make_client, raise_for_status, transport_errors
+from daemon.services.http import error_message, json_object, make_client, raise_for_status, send, transport_errors
 from daemon.states import RemoteKind, cloudgene_kind
 
 TOKEN_HEADER = "X-Auth-Token"
@@ -305,7 +305,7 @@ class CloudgeneAdapter:
         if token is not None:
             headers[TOKEN_HEADER] = token
         with transport_errors(call):
-            response = self._client.request(method, url, headers=headers, follow_redirects=False, **kwargs)
+            response = send(self._client, method, url, headers=headers, follow_redirects=False, **kwargs)
         if response.is_redirect:
             target = urlsplit(response.headers.get("location", ""))
             where = f" to {target.scheme}://{target.netloc}{target.path}" if target.netloc else ""

@@ -50,7 +50,7 @@ import httpx
 from daemon.config import ServiceConfig, WesConfig
 from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
-from daemon.services.http import json_object, make_client, raise_for_status, transport_errors
+from daemon.services.http import json_object, make_client, raise_for_status, send, transport_errors
 from daemon.states import wes_kind
 
 API_PATH = "/ga4gh/wes/v1"
@@ -574,7 +574,7 @@ class WesAdapter:
         """One API call: bearer token when there is one, transport errors and HTTP errors turned into ours."""
         token = self._read_token()
         with transport_errors(call):
-            response = self._client.request(method, url, headers=self._auth(token), **kwargs)
+            response = send(self._client, method, url, headers=self._auth(token), **kwargs)
         with _scrubbed(token):
             raise_for_status(response, call)
         return response
