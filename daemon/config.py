@@ -169,14 +169,21 @@ class ServiceConfig:
     max_samples: int = 50000
     wes: WesConfig | None = None
 
-    def read_token(self) -> str | None:
-        """The service's token from its file or environment variable, stripped; None when neither is set.
+    def token_path(self) -> Path | None:
+        """Where the token file is: a relative `token_file` is looked up under `$CREDENTIALS_DIRECTORY` (systemd
+        `LoadCredential=`) when that is set. None when the token comes from the environment or nowhere."""
+        if self.token_file is None:
+            return None
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not self.token_file.is_absolute() and credentials:
+            return Path(credentials) / self.token_file
+        return self.token_file
 
-        A relative `token_file` is looked up under `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`)."""
-        if self.token_file is not None:
-            path = self.token_file
-            if not path.is_absolute() and os.environ.get("CREDENTIALS_DIRECTORY"):
-                path = Path(os.environ["CREDENTIALS_DIRECTORY"]) / path
+    def read_token(self) -> str | None:
+        """The service's token from its file (`token_path`) or environment variable, stripped; None when neither
+        is set."""
+        path = self.token_path()
+        if path is not None:
             return path.read_text(encoding="utf-8").strip()
         if self.token_env is not None:
             value = os.environ.get(self.token_env)
@@ -959,17 +966,10 @@ def _email(raw: Any, ctx: _Context) -> EmailConfig | None:
 # --- runtime checks --------------------------------------------------------------------------------------------------
 
 
-def _credential_path(token_file: Path) -> Path:
-    """Where `ServiceConfig.read_token` will look."""
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not token_file.is_absolute() and credentials:
-        return Path(credentials) / token_file
-    return token_file
-
-
 def _check_credential(where: str, service: ServiceConfig) -> str | None:
-    if service.token_file is not None:
-        return _check_token_file(f"{where}.token_file", _credential_path(service.token_file))
+    path = service.token_path()
+    if path is not None:
+        return _check_token_file(f"{where}.token_file", path)
     if service.token_env is not None:
         value = os.environ.get(service.token_env)
         if value is None:
