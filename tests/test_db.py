@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import sqlite3
 import threading
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.db import schema
 from daemon.db.engine import (
     DatabaseUnavailable,
+    _use_wal,
     is_postgres,
     make_engine,
     make_session_factory,
@@ -83,6 +85,37 @@ def test_concurrent_upgrades_apply_the_migrations_once(empty_db_url: str) -> Non
         e.dispose()
     assert not errors, errors
     assert sorted(results, key=str) == sorted([(None, HEAD), (HEAD, HEAD), (HEAD, HEAD)], key=str)
+
+
+class _SwitchingToWal:
+    """A driver connection whose journal-mode switch meets the errors given first (SQLite returns SQLITE_BUSY at once,
+    without waiting, when two connections race to switch a new database)."""
+
+    def __init__(self, *errors: int) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def execute(self, sql: str):
+        assert sql == "PRAGMA journal_mode=WAL"
+        self.calls += 1
+        if self.errors:
+            error = sqlite3.OperationalError("database is locked" if self.errors[0] == sqlite3.SQLITE_BUSY else "no")
+            error.sqlite_errorcode = self.errors.pop(0)
+            raise error
+        return sqlite3.connect(":memory:").execute("SELECT 1")
+
+
+def test_switching_to_wal_is_tried_again_while_another_connection_switches() -> None:
+    connection = _SwitchingToWal(sqlite3.SQLITE_BUSY, sqlite3.SQLITE_BUSY)
+    _use_wal(connection)
+    assert connection.calls == 3
+
+
+def test_switching_to_wal_fails_at_once_on_other_errors() -> None:
+    connection = _SwitchingToWal(sqlite3.SQLITE_IOERR)
+    with pytest.raises(sqlite3.OperationalError):
+        _use_wal(connection)
+    assert connection.calls == 1
 
 
 def test_migrations_match_models(engine: sa.Engine) -> None:

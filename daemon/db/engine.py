@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,13 +133,28 @@ def _make_sqlite_engine(url: URL, *, pool_size: int, echo: bool) -> Engine:
 def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     # No implicit BEGIN/COMMIT from pysqlite: `_sqlite_on_begin` starts every transaction.
     dbapi_connection.isolation_level = None
+    _use_wal(dbapi_connection)
     for pragma in (
-        "journal_mode=WAL",
         "foreign_keys=ON",
         f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
         "synchronous=NORMAL",
     ):
         dbapi_connection.execute(f"PRAGMA {pragma}").close()
+
+
+def _use_wal(dbapi_connection: sqlite3.Connection) -> None:
+    """Switch the database to WAL (a no-op once it is). Switching a new database takes an exclusive lock, and when
+    two connections race to do it SQLite answers "database is locked" at once rather than wait out the busy timeout
+    (each holds the shared lock the other needs gone): tried again until that timeout has passed."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL").close()
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _sqlite_on_begin(conn: sa.Connection) -> None:
