@@ -194,6 +194,7 @@ _COUNT_SUBMIT_ATTEMPT = (
     .returning(_jobs.c.submit_attempts)
 )
 _OUTPUT_STATES = sa.select(_outputs.c.name, _outputs.c.state).where(_outputs.c.job_id == sa.bindparam("b_job_id"))
+_JOB_OUTPUTS = sa.select(_outputs).where(_outputs.c.job_id == sa.bindparam("b_job_id")).order_by(_outputs.c.id)
 _REFRESH_OUTPUT = sa.update(_outputs).where(
     _outputs.c.job_id == sa.bindparam("b_job_id"), _outputs.c.name == sa.bindparam("b_name")
 )
@@ -643,10 +644,11 @@ class JobStore:
             conn.execute(_UPDATE_OUTPUT, {"b_output_id": output_id, **fields})
 
     def outputs(self, job_id: uuid.UUID) -> list[JobOutput]:
-        with self._reading() as session:
-            return list(
-                session.scalars(sa.select(JobOutput).where(JobOutput.job_id == job_id).order_by(JobOutput.id))
-            )
+        """The job's files in the order they were recorded, as objects no session holds. A Core read: a poll that
+        finds the job finished asks for them before its download, once per job, and an ORM session and load cost
+        more than the query."""
+        with self._reader.connect() as conn:
+            return [JobOutput(**row._mapping) for row in conn.execute(_JOB_OUTPUTS, {"b_job_id": job_id})]
 
     # ------------------------------------------------------------------ service status
 
