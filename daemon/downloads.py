@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import queue
 import re
@@ -175,7 +176,8 @@ def download(
     if len(rel.parts) > 1 and not final.parent.resolve().is_relative_to(result_dir.resolve()):
         raise Permanent(f"{label}: its folder leads out of the result directory (a symlink?)", kind="unsafe_name")
 
-    with _partial_file(result_dir, label, keep_dir=keep_partial_dir) as (partial, fh):
+    with _partial_file(result_dir, label, keep_dir=keep_partial_dir) as temp:
+        partial, fh = temp.path, temp.fh
         digest = hashlib.sha256()
         size = 0
         content_length: int | None = None
@@ -252,7 +254,7 @@ def download(
         os.chmod(partial, FILE_MODE)
         with _no_space_is_transient(label):
             created = _make_dirs(final.parent, base=result_dir) if len(rel.parts) > 1 else []
-            os.replace(partial, final)
+            temp.place(final)
             _fsync_dir(final.parent)
             for directory in created:
                 _fsync_dir(directory.parent)
@@ -418,9 +420,14 @@ def check_room(result_dir: Path, name: str, size_text: str | None) -> None:
     and a counter used up fails the file for good."""
     needed = _size_upper_bound(size_text)
     directory = Path(result_dir)
-    while not directory.exists() and directory.parent != directory:
-        directory = directory.parent
-    free = shutil.disk_usage(directory).free
+    while True:  # the folder, or its nearest existing parent before its first download
+        try:
+            free = shutil.disk_usage(directory).free
+            break
+        except FileNotFoundError:
+            if directory.parent == directory:
+                raise
+            directory = directory.parent
     if free == 0 or needed > free:
         raise Transient(
             f"download {_printable(name)}: no space left for it ({free} bytes free, the file may need {needed}); "
@@ -560,10 +567,27 @@ def _no_space_is_transient(label: str) -> Iterator[None]:
 _PARTIAL_ATTEMPTS = 20
 
 
+class _Partial:
+    """A download's temp file, open for writing, until `place` renames it into place."""
+
+    def __init__(self, path: Path, fh: BinaryIO) -> None:
+        self.path, self.fh = path, fh
+        self.placed = False
+
+    def place(self, final: Path) -> None:
+        os.replace(self.path, final)
+        self.placed = True
+
+
+#: The temp file's write buffer, given explicitly: with the default, `open` asks whether the file is a terminal
+#: (one more system call per file). Big bodies bypass it anyway (written in 64 KiB pieces or 1 MiB blocks).
+_WRITE_BUFFER = io.DEFAULT_BUFFER_SIZE
+
+
 @contextlib.contextmanager
-def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False) -> Iterator[tuple[Path, BinaryIO]]:
-    """A new, exclusively created temp file in `result_dir/.partial/`; removed unless it was renamed away. The
-    folder is created when missing and, unless `keep_dir`, removed afterwards when empty."""
+def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False) -> Iterator[_Partial]:
+    """A new, exclusively created temp file in `result_dir/.partial/`; removed unless it was placed (renamed
+    away). The folder is created when missing and, unless `keep_dir`, removed afterwards when empty."""
     partial_dir = result_dir / PARTIAL_DIR
     partial = partial_dir / f"{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
     try:
@@ -584,18 +608,20 @@ def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False) -> It
             os.rmdir(partial_dir)  # only when empty
         raise
     try:
-        fh = open(fd, "wb")  # noqa: SIM115 - closed below on every path
+        fh = open(fd, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed below on every path
     except BaseException:
         os.close(fd)
         os.unlink(partial)
         raise
+    temp = _Partial(partial, fh)
     try:
-        yield partial, fh
+        yield temp
     finally:
         with contextlib.suppress(OSError):
             fh.close()  # a failing flush here (disk full) must not hide the original error
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)  # gone already when it was renamed into place
+        if not temp.placed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
         if not keep_dir:
             remove_partial_dir(result_dir)
 

@@ -291,7 +291,7 @@ def test_helper_failure_reaches_the_caller_without_blocking_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, helper_sink: list[tuple[int, int]], err: int
 ) -> None:
     # The disk fills after 10 blocks of a slow disk; the caller, waiting a whole ring ahead, must be let go and told.
-    monkeypatch.setattr(downloads, "open", lambda fd, mode: _FullDisk(fd, 10_000, err, delay=0.005), raising=False)
+    monkeypatch.setattr(downloads, "open", lambda fd, mode, **_: _FullDisk(fd, 10_000, err, delay=0.005), raising=False)
     with pytest.raises((Transient, OSError)) as info:
         download(opener(lambda: iter(pieces(BODY, [500] * 500)), headers={"Content-Length": str(len(BODY))}),
                  "chr_1.dose.vcf.gz", result_dir=tmp_path)
@@ -474,7 +474,7 @@ class _FullDisk:
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
 def test_disk_full_mid_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
-    monkeypatch.setattr(downloads, "open", lambda fd, mode: _FullDisk(fd, 10_000, err), raising=False)
+    monkeypatch.setattr(downloads, "open", lambda fd, mode, **_: _FullDisk(fd, 10_000, err), raising=False)
     with pytest.raises(Transient) as info:
         download(opener(), "chr_20.zip", result_dir=tmp_path, chunk_size=4096)
     assert info.value.kind == "disk_full"
@@ -505,7 +505,7 @@ class _Usage:
 
 
 def test_other_local_errors_propagate_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(downloads, "open", lambda fd, mode: _FullDisk(fd, 10, errno.EIO), raising=False)
+    monkeypatch.setattr(downloads, "open", lambda fd, mode, **_: _FullDisk(fd, 10, errno.EIO), raising=False)
     with pytest.raises(OSError) as info:
         download(opener(), "chr_20.zip", result_dir=tmp_path)
     assert info.value.errno == errno.EIO
@@ -667,3 +667,21 @@ def test_sha256_file_streams(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(BODY * 5)
     assert sha256_file(p, chunk_size=1000) == hashlib.sha256(BODY * 5).hexdigest()
+
+
+def test_check_room_looks_at_the_nearest_existing_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[Path] = []
+    real = downloads.shutil.disk_usage
+
+    def usage(path: Path) -> object:
+        asked.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(downloads.shutil, "disk_usage", usage)
+    downloads.check_room(tmp_path / "results" / "job", "chr_20.zip", "1 MB")  # before the job's first download
+    assert asked[-1] == tmp_path
+
+    monkeypatch.setattr(downloads.shutil, "disk_usage", lambda path: _Usage(10**6))
+    with pytest.raises(Transient) as info:
+        downloads.check_room(tmp_path, "chr_20.zip", "1 MB")  # "1 MB" may be up to 2 MB
+    assert info.value.kind == "disk_full" and "no download is spent" in info.value.message
