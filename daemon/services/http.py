@@ -61,7 +61,7 @@ def make_client(
     )
 
 
-#: A request body reaches the socket in pieces of at least this size (but see `send`).
+#: `send` hands a multipart body to the socket in pieces of at least this size.
 SEND_PIECE = 64 << 10
 
 
