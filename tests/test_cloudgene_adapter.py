@@ -1125,3 +1125,46 @@ def test_password_is_never_in_a_message(mock, adapter, vcfs):
     with pytest.raises(Permanent) as caught:
         adapter.submit(submit_request(vcfs))
     assert "correct-horse-battery" not in str(caught.value)
+
+
+def test_each_thread_gets_a_client_of_its_own_and_close_closes_them_all():
+    # One client for all pool threads made httpcore poll every idle connection, under one lock, for each request.
+    import threading
+
+    from daemon.services.http import ClientPerThread
+
+    made: list[httpx.Client] = []
+
+    def factory() -> httpx.Client:
+        made.append(httpx.Client())
+        return made[-1]
+
+    clients = ClientPerThread(factory)
+    mine = clients()
+    assert clients() is mine
+    theirs: list[httpx.Client] = []
+    thread = threading.Thread(target=lambda: theirs.append(clients()))
+    thread.start()
+    thread.join()
+    assert theirs[0] is not mine and made == [mine, theirs[0]]
+
+    # The ended thread's client is closed when the next one is made.
+    later = threading.Thread(target=clients)
+    later.start()
+    later.join()
+    assert theirs[0].is_closed and not mine.is_closed and len(made) == 3
+
+    clients.close()
+    assert clients.is_closed and all(client.is_closed for client in made)
+    errors: list[BaseException] = []
+
+    def after_close() -> None:
+        try:
+            clients()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    late = threading.Thread(target=after_close)
+    late.start()
+    late.join()
+    assert len(errors) == 1 and "closed" in str(errors[0]) and len(made) == 3

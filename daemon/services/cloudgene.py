@@ -33,7 +33,15 @@ import httpx
 from daemon.config import ServiceConfig
 from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
-from daemon.services.http import error_message, json_object, make_client, raise_for_status, send, transport_errors
+from daemon.services.http import (
+    ClientPerThread,
+    error_message,
+    json_object,
+    make_client,
+    raise_for_status,
+    send,
+    transport_errors,
+)
 from daemon.states import RemoteKind, cloudgene_kind
 
 TOKEN_HEADER = "X-Auth-Token"
@@ -77,9 +85,9 @@ class CloudgeneAdapter:
         self.config = config
         self._token = token
         self.root, self.api = _normalise_base_url(config.base_url)
-        self._owns_client = client is None
-        self._client = client or make_client(
-            self.api + "/", timeout=config.timeout, max_connections=max_connections
+        #: The calling thread's client (`ClientPerThread`), or the one given.
+        self._client: Callable[[], httpx.Client] = (lambda: client) if client is not None else ClientPerThread(
+            lambda: make_client(self.api + "/", timeout=config.timeout, max_connections=max_connections)
         )
         self._submit_timeout = httpx.Timeout(
             config.timeout, connect=min(config.timeout, 10.0), read=max(config.timeout, SUBMIT_READ_TIMEOUT)
@@ -210,7 +218,7 @@ class CloudgeneAdapter:
         # Identity encoding: the bytes we count are the bytes Content-Length announced.
         headers = {"Accept-Encoding": "identity"}
         with _redacting(output.url, output.remote_hash), _stream_errors(call):
-            with self._client.stream("GET", output.url, headers=headers, follow_redirects=True) as response:
+            with self._client().stream("GET", output.url, headers=headers, follow_redirects=True) as response:
                 _check_download(response, call)
                 yield response
 
@@ -272,7 +280,7 @@ class CloudgeneAdapter:
 
     def close(self) -> None:
         """Close the client this adapter made (a client passed in belongs to the caller)."""
-        if self._owns_client:
+        if isinstance(self._client, ClientPerThread):
             self._client.close()
 
     # -- plumbing ----------------------------------------------------------------------------------------------
@@ -305,7 +313,7 @@ class CloudgeneAdapter:
         if token is not None:
             headers[TOKEN_HEADER] = token
         with transport_errors(call):
-            response = send(self._client, method, url, headers=headers, follow_redirects=False, **kwargs)
+            response = send(self._client(), method, url, headers=headers, follow_redirects=False, **kwargs)
         if response.is_redirect:
             target = urlsplit(response.headers.get("location", ""))
             where = f" to {target.scheme}://{target.netloc}{target.path}" if target.netloc else ""

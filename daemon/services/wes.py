@@ -50,7 +50,7 @@ import httpx
 from daemon.config import ServiceConfig, WesConfig
 from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
-from daemon.services.http import json_object, make_client, raise_for_status, send, transport_errors
+from daemon.services.http import ClientPerThread, json_object, make_client, raise_for_status, send, transport_errors
 from daemon.states import wes_kind
 
 API_PATH = "/ga4gh/wes/v1"
@@ -352,9 +352,9 @@ class WesAdapter:
         self._root: str | None = None if self._origin_fallback else self._standard_root
         self._root_lock = threading.Lock()
         self._origin = self._origin_key(self._standard_root)
-        self._own_client = client is None
-        self._client = client or make_client(
-            self._standard_root, timeout=config.timeout, max_connections=max_connections
+        #: The calling thread's client (`ClientPerThread`), or the one given.
+        self._client: Callable[[], httpx.Client] = (lambda: client) if client is not None else ClientPerThread(
+            lambda: make_client(self._standard_root, timeout=config.timeout, max_connections=max_connections)
         )
 
     # ------------------------------------------------------------------ the interface
@@ -521,7 +521,7 @@ class WesAdapter:
         return ServiceCheck(reachable=True, token_valid=token_valid, token_expires=expires, message="; ".join(notes))
 
     def close(self) -> None:
-        if self._own_client:
+        if isinstance(self._client, ClientPerThread):
             self._client.close()
 
     # ------------------------------------------------------------------ HTTP
@@ -556,11 +556,11 @@ class WesAdapter:
         headers = self._auth(self._read_token())
         call = "GET /service-info"
         with transport_errors(call):
-            standard = self._client.get(f"{self._standard_root}/service-info", headers=headers)
+            standard = self._client().get(f"{self._standard_root}/service-info", headers=headers)
         if standard.status_code != 404:
             return self._standard_root
         with transport_errors(call):
-            root = self._client.get(f"{self._origin_fallback}/service-info", headers=headers)
+            root = self._client().get(f"{self._origin_fallback}/service-info", headers=headers)
         if root.status_code == 200:
             with contextlib.suppress(Transient):
                 json_object(root, call)
@@ -574,7 +574,7 @@ class WesAdapter:
         """One API call: bearer token when there is one, transport errors and HTTP errors turned into ours."""
         token = self._read_token()
         with transport_errors(call):
-            response = send(self._client, method, url, headers=self._auth(token), **kwargs)
+            response = send(self._client(), method, url, headers=self._auth(token), **kwargs)
         with _scrubbed(token):
             raise_for_status(response, call)
         return response
@@ -593,7 +593,7 @@ class WesAdapter:
                 kind="not_downloadable",
             )
         token = self._read_token() if self._origin_key(target) == self._origin else None
-        with transport_errors(call), self._client.stream("GET", target, headers=self._auth(token)) as response:
+        with transport_errors(call), self._client().stream("GET", target, headers=self._auth(token)) as response:
             if response.status_code >= 400:
                 response.read()
                 with _scrubbed(token):
