@@ -71,7 +71,7 @@ _READ = object()
 
 
 class CloudgeneAdapter:
-    """One Cloudgene server. Thread-safe: one shared `httpx.Client`, no other mutable state."""
+    """One Cloudgene server. Thread-safe: an `httpx.Client` per thread (`ClientPerThread`), no other mutable state."""
 
     def __init__(
         self,

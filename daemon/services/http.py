@@ -1,4 +1,4 @@
-"""HTTP plumbing shared by the adapters: one client per service, and remote answers turned into our errors.
+"""HTTP plumbing shared by the adapters: a service's clients, and remote answers turned into our errors.
 
 Messages built here name the call ("GET /jobs/{id}/status") but never the full URL: Cloudgene download URLs carry
 a secret, and query strings may carry anything.
@@ -50,7 +50,7 @@ def make_client(
     timeout: float = 30.0,
     max_connections: int = 10,
 ) -> httpx.Client:
-    """A thread-safe client shared by every pool thread that talks to one service."""
+    """A client for one service (thread-safe; the adapters give each thread its own, see `ClientPerThread`)."""
     return httpx.Client(
         base_url=base_url,
         verify=tls_context(),
