@@ -458,8 +458,7 @@ def remove_partials(result_dir: Path) -> int:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed += 1
-        with contextlib.suppress(OSError):
-            os.rmdir(partial_dir)
+        remove_partial_dir(Path(top))
     return removed
 
 
@@ -604,8 +603,7 @@ def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False) -> It
                     if attempt == _PARTIAL_ATTEMPTS - 1 or partial_dir.exists() and not partial_dir.is_dir():
                         raise
     except Transient:
-        with contextlib.suppress(OSError):
-            os.rmdir(partial_dir)  # only when empty
+        remove_partial_dir(result_dir)
         raise
     try:
         fh = open(fd, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed below on every path

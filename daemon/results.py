@@ -327,8 +327,7 @@ def _extract_member(
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
-        with contextlib.suppress(OSError):
-            os.rmdir(partial_dir)
+        downloads.remove_partial_dir(dest_dir)
 
 
 # --- libarchive: ZipCrypto in C ----------------------------------------------------------------------------------
