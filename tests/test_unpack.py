@@ -25,13 +25,15 @@ def output(path: Path, name: str | None = None, state: OutputState = OutputState
 
 
 def zipcrypto(path: Path, members: dict[str, bytes], password: str = PASSWORD) -> Path:
+    # A fixed encryption header: ZipCrypto checks a password against one byte of it, so with a random one a wrong
+    # password passes that check 1 time in 256 and the entry then fails as corrupt data, not as a wrong password.
     sources = path.parent / f".{path.stem}-src"
     sources.mkdir(parents=True, exist_ok=True)
     entries = []
     for name, data in members.items():
         (sources / name).write_bytes(data)
         entries.append((name, sources / name))
-    return write_zipcrypto(path, entries, password)
+    return write_zipcrypto(path, entries, password, random_bytes=lambda n: bytes(n))
 
 
 def aes(path: Path, members: dict[str, bytes], password: str = PASSWORD) -> Path:
