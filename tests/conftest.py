@@ -16,14 +16,13 @@ Database fixtures (all function-scoped unless said otherwise; every database is 
   prefer `db_url` or `fresh_postgres_db`).
 
 Only tests that ask for PostgreSQL start the server (once per session). Without PostgreSQL server binaries those
-tests are skipped, except when $CI is set: then they fail. Select either side with `-m postgres` /
-`-m "not postgres"`; `-k sqlite` / `-k postgres` pick one side of `db_url`. No pytest-xdist needed (with it, each
-worker starts its own server).
+tests are skipped, except when $CI is set: then they fail (`prerequisites.require_tool`, like every test that needs
+something from the machine). Select either side with `-m postgres` / `-m "not postgres"`; `-k sqlite` /
+`-k postgres` pick one side of `db_url`. No pytest-xdist needed (with it, each worker starts its own server).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,12 +35,9 @@ from daemon.db.engine import make_engine, make_session_factory
 from daemon.db.schema import upgrade_url
 
 from pg import ClusterError, PostgresCluster, find_bindir  # tests/ is no package: pytest puts it on sys.path
+from prerequisites import require_tool
 
 DIALECTS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def migrate(url: str) -> str:
@@ -62,11 +58,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
     """The session's throwaway PostgreSQL server (started on first use, stopped and deleted at session end)."""
-    if find_bindir() is None:
-        message = "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin): apt-get install postgresql"
-        if _in_ci():
-            pytest.fail(message + " (CI is set: PostgreSQL tests must run, not skip)", pytrace=False)
-        pytest.skip(message)
+    require_tool(find_bindir() is not None, "PostgreSQL server binaries (/usr/lib/postgresql/*/bin)",
+                 "apt-get install postgresql")
     try:
         cluster = PostgresCluster.create()
     except ClusterError as e:

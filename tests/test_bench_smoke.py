@@ -8,7 +8,6 @@ task module are exercised.
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import download  # noqa: E402
 import memory  # noqa: E402
 import scale  # noqa: E402
 import throughput  # noqa: E402
+from prerequisites import require_program  # noqa: E402
 
 
 def test_scale_sqlite_ticks_and_plans(capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,8 +50,8 @@ def test_throughput_small_run_completes_every_job() -> None:
     assert math.isfinite(result["ratio"]) and result["cpu_per_job"] > 0
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_download_against_curl(tmp_path: Path) -> None:
+    require_program("curl", "apt-get install curl")
     result = download.run(4 << 20, rounds=1, directory=tmp_path, chunk_size=None)
     assert result["ours"] > 0 and result["curl"] > 0 and result["rss_growth"] < 200
 

@@ -3,7 +3,7 @@ a result, and once space is freed the job completes with files byte-identical to
 
 How the disk fills: the results directory is a small tmpfs (`mount -t tmpfs -o size=6m,nr_inodes=64`), mounted for
 the test and unmounted after. That needs root with CAP_SYS_ADMIN (CI runs the suite as root in its container); where
-mounting is not permitted the test is skipped with the reason. (RLIMIT_FSIZE was the other candidate: it caps every
+mounting is not permitted the test is skipped with the reason (failed under CI). (RLIMIT_FSIZE was the other candidate: it caps every
 file the daemon writes — its SQLite database and log included — and gives EFBIG, not ENOSPC, so it tests something
 else; a loop-mounted image needs the same privilege as tmpfs.)
 
@@ -34,6 +34,7 @@ from daemon.simulator import server as sim_server
 from daemon.simulator.vcf import write_sample_vcf
 from daemon.states import JobState
 from daemon_harness import DaemonConfig, DaemonProcess, JobDB, simulator, wait_until
+from prerequisites import require_tool
 
 DOWNLOAD_LIMIT = 4  # each GET spends one; a retry loop that spends them fails the job
 
@@ -43,8 +44,8 @@ def tmpfs(path: Path, *, size: str, inodes: int) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},nr_inodes={inodes},mode=0750", "tmpfs",
                            str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill up (needs root with CAP_SYS_ADMIN): {done.stderr.strip()}")
+    require_tool(done.returncode == 0, f"permission to mount a tmpfs to fill up ({done.stderr.strip()})",
+                 "needs root with CAP_SYS_ADMIN")
     try:
         yield path
     finally:

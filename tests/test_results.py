@@ -17,6 +17,7 @@ import structlog
 
 from daemon import results
 from daemon.results import CorruptResult, WrongPassword, extract_zip, is_aes, verify_zip
+from prerequisites import require_tool
 
 # --- a tiny zip writer: raw names, stored or deflated, optional ZipCrypto (the stdlib cannot write it) ---------------
 
@@ -114,10 +115,8 @@ def data_offset(path: Path, index: int = 0) -> int:
 
 
 def require_libarchive() -> None:
-    if results._load_libarchive() is None:
-        if os.environ.get("CI"):
-            pytest.fail("libarchive cannot be loaded: ZipCrypto zips would be checked in pure Python (see the log)")
-        pytest.skip("libarchive cannot be loaded here")
+    require_tool(results._load_libarchive() is not None, "a loadable libarchive (the log says why it is not)",
+                 "apt-get install libarchive13")
 
 
 @pytest.fixture(params=["libarchive", "zipfile"])

@@ -25,6 +25,7 @@ from daemon.simulator import SimulatedCloudgene, State, Timings, serve, write_sa
 from daemon.simulator.vcf import BGZF_EOF, bgzf_blocks, sample_records, write_vcf
 from daemon.simulator import zipcrypto
 from daemon.simulator.zipcrypto import write_zipcrypto
+from prerequisites import require_tool
 
 PANEL = "apps@1000g-phase-3-v5@2.0.0"
 SUBMIT = "/jobs/submit/imputationserver2"
@@ -139,8 +140,9 @@ def test_sample_vcf_hg38_uses_chr_prefix_and_is_deterministic(tmp_path: Path) ->
 
 @pytest.mark.parametrize("writer", ["libarchive", "python"])
 def test_zipcrypto_zip_of_either_writer_is_read_by_stdlib(tmp_path: Path, writer: str) -> None:
-    if writer == "libarchive" and not zipcrypto._libarchive_writes_zipcrypto():
-        pytest.skip("this libarchive cannot write ZipCrypto")
+    if writer == "libarchive":
+        require_tool(zipcrypto._libarchive_writes_zipcrypto(), "a libarchive that writes ZipCrypto",
+                     "apt-get install libarchive13")
     (tmp_path / "a.bin").write_bytes(bytes(range(256)) * 300)
     (tmp_path / "b.txt").write_text("imputationd\n" * 1000)
     # The Python writer runs when the encryption headers are given.

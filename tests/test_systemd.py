@@ -22,13 +22,21 @@ import structlog
 
 from daemon import systemd
 from daemon.config import SchedulerConfig
+from prerequisites import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "imputationd.service"
 DROPIN = REPO / "systemd" / "imputationd-postgresql.conf"
 INSTALLED_EXEC = "/opt/imputationd/venv/bin/imputationd"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed")
+
+
+@pytest.fixture
+def _systemd_analyze() -> None:
+    require_tool(SYSTEMD_ANALYZE is not None, "systemd-analyze", "apt-get install systemd")
+
+
+needs_analyze = pytest.mark.usefixtures("_systemd_analyze")
 
 
 # --- sd_notify -------------------------------------------------------------------------------------------------
@@ -462,9 +470,10 @@ def _libseccomp_available() -> bool:
 
 
 @needs_analyze
-@pytest.mark.skipif(not _libseccomp_available(), reason="libseccomp.so.2 not installed")
 def test_daemon_stack_runs_under_the_units_seccomp_filters(unit, tmp_path, notify_socket):
     import ssl
+
+    require_tool(_libseccomp_available(), "libseccomp.so.2", "apt-get install libseccomp2")
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
     tls = _tls_files(tmp_path)

@@ -27,7 +27,7 @@ What is real and what is ours:
   JWT from `server.token()`, which calls POST /token.
 
 Needs `bash`, `jq` (sapporo's run.sh reads run_request.json with it), `gzip` and `awk` on PATH; `sapporo-cli`
-is found next to the running Python. `missing_tools()` says what is absent so that a test can skip.
+is found next to the running Python. `require_run_tools()` skips (fails under CI) a test when one is absent.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import httpx
 import pytest
 
 from daemon.config import ServiceConfig, WesConfig
+from prerequisites import require_tool
 
 HERE = Path(__file__).resolve().parent
 WORKFLOW = HERE / "impute.sh"
@@ -70,6 +71,13 @@ DEFAULT_PARAMS: dict[str, Any] = {"files": "{files}", "panel": "{panel}", "build
 def missing_tools() -> list[str]:
     """The programs the server's runs need that are not on PATH."""
     return [tool for tool in ("bash", "jq", "gzip", "zcat", "awk") if shutil.which(tool) is None]
+
+
+def require_run_tools() -> None:
+    """Skip (fail under CI) unless every program the server's runs need is on PATH."""
+    missing = missing_tools()
+    require_tool(not missing, f"{', '.join(missing)} on PATH, which sapporo's runs need",
+                 "apt-get install jq gzip mawk")
 
 
 def free_port() -> int:
@@ -298,9 +306,7 @@ def running_sapporo(workdir: Path, **options: Any) -> Iterator[SapporoServer]:
 
 @pytest.fixture(scope="module")
 def sapporo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SapporoServer]:
-    """A sapporo server for the module (API under /ga4gh/wes/v1, no authentication); skips without bash/jq/…"""
-    missing = missing_tools()
-    if missing:
-        pytest.skip(f"sapporo's runs need {', '.join(missing)} on PATH")
+    """A sapporo server for the module (API under /ga4gh/wes/v1, no authentication); skips (fails under CI) without bash/jq/…"""
+    require_run_tools()
     with running_sapporo(tmp_path_factory.mktemp("sapporo")) as server:
         yield server
