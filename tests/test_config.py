@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from daemon.config import (
     format_problems,
     load_config,
 )
+from prerequisites import run_unprivileged, unprivileged_dir
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "imputationd.example.yaml"
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.c2lnbmF0dXJl"
@@ -636,13 +636,18 @@ def test_runtime_token_file_problems(tmp_path: Path, setup: Any, fragment: str) 
     assert TOKEN not in problems[0]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_runtime_unreadable_token_file(tmp_path: Path) -> None:
-    token_path = tmp_path / "michigan.token"
-    token_path.write_text(TOKEN)
-    token_path.chmod(0)
-    problems = check_runtime(runtime_config(tmp_path, cloudgene(token_file="michigan.token")))
-    assert problems == [f"services.michigan.token_file: {token_path} cannot be read by this user (permission denied)"]
+def test_runtime_unreadable_token_file() -> None:
+    def problems(directory: Path) -> list[str]:
+        token_path = directory / "michigan.token"
+        token_path.write_text(TOKEN)
+        token_path.chmod(0)
+        return check_runtime(runtime_config(directory, cloudgene(token_file="michigan.token")))
+
+    with unprivileged_dir() as directory:  # root reads any file: the check runs as a user permissions apply to
+        assert run_unprivileged(problems, directory) == [
+            f"services.michigan.token_file: {directory / 'michigan.token'} cannot be read by this user "
+            "(permission denied)"
+        ]
 
 
 def test_runtime_token_file_in_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -690,11 +695,15 @@ def test_runtime_storage_not_created_yet_is_fine(tmp_path: Path) -> None:
     assert check_runtime(load_config(write(tmp_path, {"storage": storage}))) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_runtime_storage_not_writable(tmp_path: Path) -> None:
-    (tmp_path / "state").mkdir(mode=0o500)
-    problems = check_runtime(load_config(write(tmp_path, {"storage": {"state_dir": "state"}})))
-    assert f"storage.state_dir: {tmp_path / 'state'} is not writable by this user" in problems
+def test_runtime_storage_not_writable() -> None:
+    def problems(directory: Path) -> list[str]:
+        (directory / "state").mkdir(mode=0o500)
+        return check_runtime(load_config(write(directory, {"storage": {"state_dir": "state"}})))
+
+    with unprivileged_dir() as directory:  # root writes anywhere: the check runs as a user permissions apply to
+        assert f"storage.state_dir: {directory / 'state'} is not writable by this user" in run_unprivileged(
+            problems, directory
+        )
 
 
 # --- find_config_path ------------------------------------------------------------------------------------------------
