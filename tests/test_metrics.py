@@ -9,10 +9,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.metrics import NO_METRICS, MetricsServer, PrometheusMetrics, health_report
+from daemon.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics, health_report
 from daemon.simulator import SimulatedCloudgene, Timings
 from daemon.states import JobState
 from daemon.submission import Submission, submit
@@ -45,14 +46,42 @@ def value(text: str, name: str, **labels: str) -> float | None:
 # ---------------------------------------------------------------------------------------------- the listener
 
 
-def test_the_no_op_metrics_accept_every_call() -> None:
-    NO_METRICS.submitted("s")
-    NO_METRICS.polled("s")
-    NO_METRICS.error("s", "timeout")
-    NO_METRICS.downloaded("s", 10)
-    NO_METRICS.tick("poll", 0.1)
-    NO_METRICS.token_days_left("s", 3.0)
-    NO_METRICS.notification("webhook", "sent")
+# One call of each method of the `Metrics` interface.
+INTERFACE_CALLS: dict[str, tuple[object, ...]] = {
+    "submitted": ("s",),
+    "polled": ("s",),
+    "error": ("s", "timeout"),
+    "downloaded": ("s", 10),
+    "tick": ("poll", 0.1),
+    "token_days_left": ("s", 3.0),
+    "notification": ("webhook", "sent"),
+}
+
+
+def global_metric_names() -> set[str]:
+    return {family.name for family in prometheus_client.REGISTRY.collect()}
+
+
+def test_every_interface_method_is_called_here() -> None:
+    interface = {name for name, member in vars(Metrics).items() if callable(member) and not name.startswith("_")}
+    assert set(INTERFACE_CALLS) == interface
+
+
+def test_the_no_op_metrics_accept_every_call_and_record_nowhere() -> None:
+    before = global_metric_names()
+    for name, args in INTERFACE_CALLS.items():
+        assert getattr(NO_METRICS, name)(*args) is None
+    assert vars(NO_METRICS) == {}
+    assert global_metric_names() == before
+
+
+def test_prometheus_metrics_record_every_interface_call_in_their_own_registry() -> None:
+    metrics = PrometheusMetrics()
+    for name, args in INTERFACE_CALLS.items():
+        before = samples(metrics.render()[0].decode())
+        getattr(metrics, name)(*args)
+        assert samples(metrics.render()[0].decode()) != before, f"PrometheusMetrics.{name} recorded nothing"
+    assert not {name for name in global_metric_names() if name.startswith("imputationd")}
 
 
 def test_metrics_and_healthz_over_http() -> None:
