@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import multiprocessing
 import threading
+import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -22,6 +24,28 @@ WORKABLE_POLL = {JobState.QUEUED, JobState.RUNNING}
 def make_store(url: str) -> JobStore:
     engine = make_engine(url, pool_size=10)
     return JobStore(engine)
+
+
+def run_threads(target: Callable[..., None], args_per_thread: list[tuple], timeout: float = 60) -> None:
+    """`target(*args)` in a thread of its own for each args, all at once; fails the test with the first exception
+    one of them raised, or when one has not finished within `timeout` seconds."""
+    errors: list[BaseException] = []
+
+    def guarded(*args: object) -> None:
+        try:
+            target(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=args, daemon=True) for args in args_per_thread]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if errors:
+        raise errors[0]
+    assert not [t for t in threads if t.is_alive()], f"threads still running after {timeout} s"
 
 
 @pytest.fixture
@@ -246,7 +270,7 @@ def test_concurrent_claimers_never_share_a_job(db_url: str) -> None:
     ids = add_jobs(store, 120)
     force(store, ids, state=JobState.QUEUED, next_poll_at=utcnow() - dt.timedelta(seconds=1))
     claimed: list[list[uuid.UUID]] = [[] for _ in range(6)]
-    start = threading.Barrier(6)
+    start = threading.Barrier(6, timeout=30)  # a claimer that died before it would break it, not hang the rest
 
     def claimer(index: int) -> None:
         mine = make_store(db_url)
@@ -257,11 +281,7 @@ def test_concurrent_claimers_never_share_a_job(db_url: str) -> None:
                 return
             claimed[index].extend(j.id for j in jobs)
 
-    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads(claimer, [(i,) for i in range(6)])
     everything = [i for part in claimed for i in part]
     assert sorted(everything) == sorted(ids), "every job claimed exactly once"
 
@@ -297,7 +317,7 @@ def test_concurrent_promotion_never_overfills_a_service(db_url: str) -> None:
     store = make_store(db_url)
     store.ensure_services(["mis"])
     add_jobs(store, 40)
-    start = threading.Barrier(5)
+    start = threading.Barrier(5, timeout=30)
 
     def promoter() -> None:
         mine = make_store(db_url)
@@ -305,9 +325,5 @@ def test_concurrent_promotion_never_overfills_a_service(db_url: str) -> None:
         for _ in range(10):
             mine.promote_pending("mis", 3)
 
-    threads = [threading.Thread(target=promoter) for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads(promoter, [() for _ in range(5)])
     assert store.in_flight_count("mis") == 3
