@@ -22,16 +22,22 @@ Kill moments, cycled in a shuffled order (seeded; the seed is printed):
 - `download`: every download answer comes 0.05 s late after the server counted it; the kill is sent the moment a
   download temp file exists under the results (the daemon is inside a download);
 - `commit`: the test probes the SQLite database with `BEGIN IMMEDIATE` (timeout 0) until the probe is refused
-  because the daemon holds the write lock — the daemon is between BEGIN and COMMIT (or in the commit itself) — and
-  sends SIGKILL at once. Random timing hits commits too; this aims at them.
+  because the daemon holds the write lock (on PostgreSQL: until one of the daemon's sessions has a transaction id,
+  i.e. has written in a transaction not yet committed) — the daemon is between BEGIN and COMMIT (or in the commit
+  itself) — and sends SIGKILL at once. Random timing hits commits too; this aims at them.
 
-Defaults fit CI (about 1–2.5 minutes on 2 cores, depending on load). Bigger runs: IMPUTATIOND_CHAOS_ROUNDS (kills, default 24),
-IMPUTATIOND_CHAOS_JOBS (default 200), IMPUTATIOND_CHAOS_SEED (to replay a run's kill schedule),
-IMPUTATIOND_CHAOS_MODES (a comma-separated subset of the modes above).
+Two kinds of run: `test_sigkill_chaos`, on SQLite with a new seed each time (printed), and smaller replays of fixed
+seeds, one on SQLite and one on PostgreSQL, each killing once in every mode, so that every CI run also repeats
+schedules that passed before.
+
+Defaults fit CI (about 1–2.5 minutes on 2 cores for the random run, depending on load). Bigger runs:
+IMPUTATIOND_CHAOS_ROUNDS (kills, default 24), IMPUTATIOND_CHAOS_JOBS (default 200), IMPUTATIOND_CHAOS_SEED (to
+replay a run's kill schedule), IMPUTATIOND_CHAOS_MODES (a comma-separated subset of the modes above).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
@@ -40,7 +46,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +64,12 @@ MODES = tuple(os.environ.get("IMPUTATIOND_CHAOS_MODES", "random,early,submit,hel
 FAIL_EVERY = 20  # every 20th job asks for a population the remote panel lacks: it must end failed, not retried
 BIG_EVERY = 10  # every 10th job has a larger input, so larger result files
 EXPECTED_FAILURE = "Population 'AA' is not supported"
+#: Replayed on every run, each with one kill per mode: (seed, database, jobs). With the six modes, these seeds put
+#: a `submit` or `held` kill first in each wave of jobs, while their submits are still going out.
+FIXED_RUNS = [
+    pytest.param(101, "sqlite", 40, id="seed101-sqlite"),
+    pytest.param(18, "postgres", 40, id="seed18-postgres", marks=pytest.mark.postgres),
+]
 
 
 def _started(daemon: DaemonProcess) -> int:
@@ -94,7 +106,8 @@ def _orphans(db: JobDB, sim: SimProcess) -> set[str]:
 class Aim:
     """Waits for the moment a kill mode wants; returns what it found (or that it gave up at its deadline)."""
 
-    def __init__(self, rng: random.Random, db: JobDB, sim: SimProcess, sqlite_path: str, results: Path) -> None:
+    def __init__(self, rng: random.Random, db: JobDB, sim: SimProcess, sqlite_path: str | None, results: Path
+                 ) -> None:
         self.rng, self.db, self.sim, self.sqlite_path, self.results = rng, db, sim, sqlite_path, results
 
     def pause(self, low: float, high: float) -> str:
@@ -142,32 +155,65 @@ class Aim:
 
     def commit(self, deadline: float = 6.0) -> str:
         self.pause(0.1, 1.5)
-        probe = sqlite3.connect(self.sqlite_path, timeout=0, isolation_level=None)
-        try:
+        with self._sqlite_writing() if self.sqlite_path else self._postgres_writing() as writing:
             end = time.monotonic() + deadline
             while time.monotonic() < end:
-                try:
-                    probe.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as exc:
-                    if "locked" in str(exc) or "busy" in str(exc):
-                        return "hit"
-                    raise
-                probe.execute("ROLLBACK")
+                if writing():
+                    return "hit"
                 time.sleep(self.rng.uniform(0.0, 0.003))
             return "missed"
+
+    @contextlib.contextmanager
+    def _sqlite_writing(self) -> Iterator[Callable[[], bool]]:
+        """Whether another connection holds the write lock: our BEGIN IMMEDIATE is refused at once."""
+        probe = sqlite3.connect(self.sqlite_path, timeout=0, isolation_level=None)
+
+        def writing() -> bool:
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    return True
+                raise
+            probe.execute("ROLLBACK")
+            return False
+
+        try:
+            yield writing
         finally:
             probe.close()
 
+    @contextlib.contextmanager
+    def _postgres_writing(self) -> Iterator[Callable[[], bool]]:
+        """Whether another session is in a transaction that has written (a backend gets a transaction id then)."""
+        query = sa.text("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL)")
+        # Autocommit: pg_stat_activity is read once per transaction, so each probe must be a transaction of its own.
+        with self.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            yield lambda: bool(conn.execute(query).scalar())
+
 
 def test_sigkill_chaos(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    rng = random.Random(SEED)
+    run_chaos(tmp_path, sqlite_url, capsys, seed=SEED, rounds=ROUNDS, jobs=JOBS)
+
+
+@pytest.mark.parametrize(("seed", "db_url", "jobs"), FIXED_RUNS, indirect=["db_url"])
+def test_sigkill_chaos_fixed_seed(tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str], seed: int,
+                                  jobs: int) -> None:
+    run_chaos(tmp_path, db_url, capsys, seed=seed, rounds=len(MODES), jobs=jobs)
+
+
+def run_chaos(tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str], *, seed: int, rounds: int,
+              jobs: int) -> None:
+    """`rounds` SIGKILLs of the daemon at moments drawn from `seed`, `jobs` jobs; then the end state is checked."""
+    rng = random.Random(seed)
     started = time.monotonic()
     sim = SimProcess.start(timings="0.2,0.2,0.2", max_jobs=1000, download_limit=10)
-    db = JobDB(sqlite_url)
+    db = JobDB(db_url)
     daemon: DaemonProcess | None = None
     try:
         cfg = DaemonConfig(
-            tmp_path, sqlite_url, sim,  # type: ignore[arg-type]  # a SimProcess has what DaemonConfig reads
+            tmp_path, db_url, sim,  # type: ignore[arg-type]  # a SimProcess has what DaemonConfig reads
             poll_interval=0.3, max_concurrent_jobs=50,
             scheduler={"workers": 6, "dispatch_interval": 0.2, "poll_tick_interval": 0.2, "download_interval": 0.2,
                        "maintenance_interval": 1.0, "lease_seconds": 20, "backoff_initial": 0.2, "backoff_max": 1.0,
@@ -181,24 +227,25 @@ def test_sigkill_chaos(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFi
         small = write_sample_vcf(inputs / "chr20.vcf.gz", chromosome="20", samples=25, variants=200)
         big = write_sample_vcf(inputs / "chr21.vcf.gz", chromosome="21", samples=30, variants=3000)
         specs = []
-        for i in range(JOBS):
+        for i in range(jobs):
             fail = i % FAIL_EVERY == FAIL_EVERY // 2
             specs.append({"files": [big if i % BIG_EVERY == 3 else small], "population": "AA" if fail else "eur",
                           "name": f"chaos {i}"})
         # Half the jobs now, half halfway through the kills (submitted while daemons come and go), so there is
         # work in flight at every kill.
-        first_wave = JOBS // 2
+        first_wave = jobs // 2
         ids = submit_jobs(config_path, specs[:first_wave])
         # Every download answered late after the server counted it: the daemon sits inside downloads longer.
         sim.fault(kind="delay", seconds=0.05, times=None, path="/share/", when="after")
 
-        aim = Aim(rng, db, sim, sa.make_url(sqlite_url).database, cfg.results_dir)
+        url = sa.make_url(db_url)
+        aim = Aim(rng, db, sim, url.database if url.get_backend_name() == "sqlite" else None, cfg.results_dir)
         schedule: list[str] = []
-        while len(schedule) < ROUNDS:
+        while len(schedule) < rounds:
             cycle = list(MODES)
             rng.shuffle(cycle)
             schedule += cycle
-        schedule = schedule[:ROUNDS]
+        schedule = schedule[:rounds]
 
         daemon = DaemonProcess(config_path, name="chaos")
         outcome: Counter[str] = Counter()
@@ -206,7 +253,7 @@ def test_sigkill_chaos(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFi
         partials: set[Path] = set()
         busy_kills = started_runs = 0
         for round_no, mode in enumerate(schedule):
-            if round_no == ROUNDS // 2:
+            if round_no == rounds // 2:
                 ids += submit_jobs(config_path, specs[first_wave:])
             daemon.start()
             if mode != "early":
@@ -228,7 +275,7 @@ def test_sigkill_chaos(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFi
             partials |= {p for p in partial_files(cfg.results_dir) if p.name.endswith(".part")}
             orphans |= _orphans(db, sim)
         kills_done = time.monotonic()
-        if len(ids) < JOBS:  # fewer rounds than it takes to reach the second wave
+        if len(ids) < jobs:  # fewer rounds than it takes to reach the second wave
             ids += submit_jobs(config_path, specs[len(ids):])
         expected = {job_id: JobState.FAILED if spec["population"] == "AA" else JobState.COMPLETED
                     for job_id, spec in zip(ids, specs, strict=True)}
@@ -247,8 +294,9 @@ def test_sigkill_chaos(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFi
         lines = daemon.lines()
         cut_lines = sum(1 for line in lines if "_raw" in line)
         figures = {
-            "seed (IMPUTATIOND_CHAOS_SEED)": SEED,
-            "jobs": f"{JOBS} ({len(reasons)} made to fail on purpose)",
+            "seed (IMPUTATIOND_CHAOS_SEED)": seed,
+            "database": url.get_backend_name(),
+            "jobs": f"{jobs} ({len(reasons)} made to fail on purpose)",
             "SIGKILLs (each answered by exit -9)": sum(outcome.values()),
             "kills by mode:result": dict(sorted(outcome.items())),
             "kills while jobs were unfinished": busy_kills,
@@ -269,7 +317,7 @@ def test_sigkill_chaos(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFi
         assert not problems, text + "\nlog problems:\n" + "\n".join(problems[:10])
         failed_lines = daemon.events("job_state", to_state="failed")
         assert all(EXPECTED_FAILURE in (line.get("reason") or "") for line in failed_lines), failed_lines[:3]
-        assert sum(outcome.values()) >= min(ROUNDS, 20)
+        assert sum(outcome.values()) >= min(rounds, 20)
     finally:
         if daemon is not None and daemon.alive():
             daemon.kill()
