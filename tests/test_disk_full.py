@@ -3,9 +3,9 @@ a result, and once space is freed the job completes with files byte-identical to
 
 How the disk fills: the results directory is a small tmpfs (`mount -t tmpfs -o size=6m,nr_inodes=64`), mounted for
 the test and unmounted after. That needs root with CAP_SYS_ADMIN (CI runs the suite as root in its container); where
-mounting is not permitted the test is skipped with the reason (failed under CI). (RLIMIT_FSIZE was the other candidate: it caps every
-file the daemon writes — its SQLite database and log included — and gives EFBIG, not ENOSPC, so it tests something
-else; a loop-mounted image needs the same privilege as tmpfs.)
+mounting is not permitted the test is skipped with the reason (and fails under CI). (RLIMIT_FSIZE was the other
+candidate: it caps every file the daemon writes — its SQLite database and log included — and gives EFBIG, not
+ENOSPC, so it tests something else; a loop-mounted image needs the same privilege as tmpfs.)
 
 Three ways a disk is full, one job each, on the real daemon process:
 

@@ -35,7 +35,7 @@ from daemon.services.base import RemoteStatus, SubmitRequest
 from daemon.services.errors import Blocked, Permanent
 from daemon.services.wes import TAG_JOB_ID, WesAdapter
 from daemon.states import RemoteKind
-from wes.sapporo_server import SapporoServer, require_run_tools, running_sapporo, sapporo  # noqa: F401
+from wes.sapporo_server import SapporoServer, require_sapporo, running_sapporo, sapporo  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -215,7 +215,7 @@ def test_server_error_bodies(make_adapter: Any, inputs: list[Path]) -> None:
 @pytest.fixture(scope="module")
 def auth_sapporo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SapporoServer]:
     """sapporo with its own IdP enabled, mounted at the root of a bare origin (sapporo's default mount)."""
-    require_run_tools()
+    require_sapporo()
     with running_sapporo(tmp_path_factory.mktemp("sapporo-auth"), url_prefix="", auth_password="pw-0123456789") as s:
         yield s
 

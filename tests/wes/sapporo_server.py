@@ -27,12 +27,13 @@ What is real and what is ours:
   JWT from `server.token()`, which calls POST /token.
 
 Needs `bash`, `jq` (sapporo's run.sh reads run_request.json with it), `gzip` and `awk` on PATH; `sapporo-cli`
-is found next to the running Python. `require_run_tools()` skips (fails under CI) a test when one is absent.
+is found next to the running Python. `require_sapporo()` skips (fails under CI) a test when one is absent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -73,8 +74,10 @@ def missing_tools() -> list[str]:
     return [tool for tool in ("bash", "jq", "gzip", "zcat", "awk") if shutil.which(tool) is None]
 
 
-def require_run_tools() -> None:
-    """Skip (fail under CI) unless every program the server's runs need is on PATH."""
+def require_sapporo() -> None:
+    """Skip (fail under CI) unless the sapporo package is installed and every program its runs need is on PATH."""
+    require_tool(importlib.util.find_spec("sapporo") is not None, "the sapporo package (a test extra)",
+                 "pip install -e '.[test]'")
     missing = missing_tools()
     require_tool(not missing, f"{', '.join(missing)} on PATH, which sapporo's runs need",
                  "apt-get install jq gzip mawk")
@@ -306,7 +309,7 @@ def running_sapporo(workdir: Path, **options: Any) -> Iterator[SapporoServer]:
 
 @pytest.fixture(scope="module")
 def sapporo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SapporoServer]:
-    """A sapporo server for the module (API under /ga4gh/wes/v1, no authentication); skips (fails under CI) without bash/jq/…"""
-    require_run_tools()
+    """A sapporo server for the module (API under /ga4gh/wes/v1, no authentication); `require_sapporo()` first."""
+    require_sapporo()
     with running_sapporo(tmp_path_factory.mktemp("sapporo")) as server:
         yield server
