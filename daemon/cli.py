@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
+from daemon.text import printable
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -81,7 +82,8 @@ def _print_json(data: Any) -> None:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    # Cells hold server text and names given by whoever submitted: never a raw terminal escape or line break.
+    cells = [[("" if v is None else printable(str(v), None)) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
@@ -239,7 +241,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     rows = [
         (_short(j.id), _short(j.group_id) if j.group_id != j.id else "", j.service, j.state.value,
-         j.remote_state or "", (j.progress or j.error or "")[:60], _when(j.created_at), j.name or "")
+         j.remote_state or "", printable(j.progress or j.error or "", 60), _when(j.created_at), j.name or "")
         for j in jobs
     ]
     print(_table(("ID", "GROUP", "SERVICE", "STATE", "REMOTE", "PROGRESS", "CREATED", "NAME"), rows))
@@ -298,7 +300,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                   ("result dir", job.result_dir), ("created", _when(job.created_at)),
                   ("finished", _when(job.finished_at))]
         width = max(len(k) for k, _ in fields)
-        print("\n".join(f"{k.ljust(width)}  {v}" for k, v in fields if v not in (None, "")))
+        print("\n".join(f"{k.ljust(width)}  {printable(str(v), None)}" for k, v in fields if v not in (None, "")))
         print("\ninputs")
         print(_table(("PATH", "SIZE", "SHA256"), [(i["path"], i["size"], i["sha256"]) for i in data["inputs"]]))
         if data["outputs"]:

@@ -43,6 +43,7 @@ import httpx
 from daemon import results
 from daemon.services.errors import Permanent, Transient
 from daemon.services.http import raise_for_status, transport_errors
+from daemon.text import printable
 
 #: Temp files of downloads in progress, inside each result directory.
 PARTIAL_DIR = ".partial"
@@ -75,13 +76,6 @@ class DownloadInterrupted(Transient):
     kind = "interrupted"
 
 
-def _printable(name: str, limit: int = 120) -> str:
-    """The name as it can safely appear in a message and a log line: control characters escaped, length capped."""
-    out = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
-                  for ch in name[:limit])
-    return out + ("…" if len(name) > limit else "")
-
-
 def safe_relative_path(name: str) -> PurePosixPath:
     """The server-given `name` as a relative path that stays inside the result directory.
 
@@ -92,7 +86,7 @@ def safe_relative_path(name: str) -> PurePosixPath:
     """
 
     def reject(why: str) -> Permanent:
-        return Permanent(f"unsafe result file name {_printable(name)!r}: {why}", kind="unsafe_name")
+        return Permanent(f"unsafe result file name {printable(name)!r}: {why}", kind="unsafe_name")
 
     if not isinstance(name, str) or not name:
         raise reject("empty")
@@ -161,7 +155,7 @@ def download(
     with `remove_partial_dir` when done (making and removing the folder for every file cost two metadata updates).
     """
     rel = safe_relative_path(name)
-    label = f"download {_printable(name)}"
+    label = f"download {printable(name)}"
     if should_stop():
         raise DownloadInterrupted(f"{label}: stopped before it started", kind="interrupted")
 
@@ -430,7 +424,7 @@ def check_room(result_dir: Path, name: str, size_text: str | None) -> None:
             directory = directory.parent
     if free == 0 or needed > free:
         raise Transient(
-            f"download {_printable(name)}: no space left for it ({free} bytes free, the file may need {needed}); "
+            f"download {printable(name)}: no space left for it ({free} bytes free, the file may need {needed}); "
             "not fetched, so no download is spent",
             kind="disk_full",
         )

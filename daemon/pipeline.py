@@ -24,6 +24,7 @@ from daemon.metrics import NO_METRICS, Metrics
 from daemon.services.base import RemoteOutput, RemoteStatus, ServiceAdapter, SubmitRequest
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.states import JobState, OutputState, RemoteKind
+from daemon.text import printable
 
 log = structlog.get_logger("daemon.pipeline")
 
@@ -386,7 +387,7 @@ class Pipeline:
             setattr(row, name, value)
 
     def _downloads_done(self, job: Job, rows: list[JobOutput], result_dir: Path) -> Outcome:
-        from daemon import downloads, unpack
+        from daemon import unpack
 
         failed = [r for r in rows if r.state is OutputState.FAILED]
         pending = [r for r in rows if r.state is OutputState.PENDING]
@@ -394,8 +395,8 @@ class Pipeline:
         if pending:
             return Outcome(next_poll_in=0, fields=fields)
         if failed:
-            # A server-given name may hold control characters (terminal escapes): show it escaped, as downloads does.
-            names = ", ".join(downloads._printable(r.name) for r in failed[:5]) + (" …" if len(failed) > 5 else "")
+            # A server-given name may hold control characters (terminal escapes): show it escaped.
+            names = ", ".join(printable(r.name) for r in failed[:5]) + (" …" if len(failed) > 5 else "")
             reason = f"{len(failed)} of {len(rows)} result files could not be downloaded: {names}"
             return Outcome(state=JobState.FAILED, reason=reason,
                            fields={**fields, "error": reason, "error_kind": "download_failed"})

@@ -203,3 +203,37 @@ def test_console_script_usage_errors_exit_2_without_traceback() -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--build" in result.stderr
     result = subprocess.run([sys.executable, "-m", "daemon", "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("imputationd ")
+
+
+def _insert_job(config: Path, **fields) -> str:
+    """A job stored as an application inserting rows itself would (no CLI validation), with `fields` set after."""
+    import sqlalchemy as sa
+
+    from daemon.db.engine import make_engine
+    from daemon.db.models import Job
+    from daemon.db.store import JobStore, NewInput, NewJob
+
+    engine = make_engine(load_config(config).database.url)
+    try:
+        [job] = JobStore(engine).create_group([NewJob(
+            service="mis", panel="1000g", build="hg19", name=fields.pop("name", None),
+            inputs=[NewInput(path="/data/chr20.vcf.gz", size=1, sha256="0" * 64)])])
+        if fields:
+            with engine.begin() as conn:
+                conn.execute(sa.update(Job).where(Job.id == job.id).values(**fields))
+        return str(job.id)
+    finally:
+        engine.dispose()
+
+
+def test_jobs_and_show_print_no_raw_escape_sequence_from_names_or_server_text(capsys, config: Path) -> None:
+    hostile = "\x1b]0;owned\x07\x1b[2J\rline\nbreak\u202etxt.exe"
+    job_id = _insert_job(config, name=hostile, progress=hostile, remote_state="\x1b[31mRED",
+                         error="oops\x1b[0m", remote_id="\x9b6n")
+    for argv in (["jobs"], ["show", job_id]):
+        code, out, _ = run(capsys, *argv, "-c", str(config))
+        assert code == 0
+        assert not any(ch in out for ch in "\x1b\x07\r\x9b\u202e"), out
+        assert "\\x1b]0;owned\\x07" in out and "\\u202etxt.exe" in out
+    code, out, _ = run(capsys, "jobs", "-c", str(config))
+    assert len(out.splitlines()) == 2  # the header and one row: the name's line break is shown, not made
