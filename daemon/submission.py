@@ -1,7 +1,9 @@
 """Turning a user's request (CLI `submit`, the demo, any app) into validated pending jobs.
 
 Everything a server would reject late — after the upload and hours in its queue — is checked here first: the
-service and panel exist in the config, the build and population fit the panel, and the files pass the VCF preflight.
+service and panel exist in the config, the build and population fit the panel, the password is one the service can
+take, and the files pass the VCF preflight. A job name must fit its column and be one line of printable characters:
+it is shown on terminals, in e-mail subjects and in webhook bodies.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from daemon.crypto import MAX_PASSWORD_LENGTH
 from daemon.db.models import Job
 from daemon.db.store import JobStore, NewInput, NewJob
 from daemon.preflight import PreflightError, preflight
+from daemon.services.cloudgene import password_problem
+from daemon.text import printable
 
 
 class SubmissionError(ValueError):
@@ -58,6 +62,14 @@ def validate(config: Config, request: Submission) -> list[str]:
     if request.password is not None and len(request.password) > MAX_PASSWORD_LENGTH:
         # Never echoed: it is a secret.
         problems.append(f"--password: at most {MAX_PASSWORD_LENGTH} characters (it is stored encrypted)")
+    if request.password is not None and any(
+        config.services[name].type == "cloudgene" for name in request.services if name in config.services
+    ):
+        problem = password_problem(request.password)
+        if problem is not None:
+            problems.append(f"--password: {problem}")
+    if request.name is not None:
+        problems += _name_problems(request.name)
     for name in request.services:
         service = config.services.get(name)
         if service is None:
@@ -77,6 +89,19 @@ def validate(config: Config, request: Submission) -> list[str]:
                             f"{', '.join(panel.populations)}")
     if not request.files:
         problems.append("FILE: give at least one *.vcf.gz file")
+    return problems
+
+
+def _name_problems(name: str) -> list[str]:
+    problems = []
+    longest = Job.__table__.c.name.type.length
+    if len(name) > longest:
+        problems.append(f"--name: at most {longest} characters, got {len(name)}")
+    bad = next((ch for ch in name if not ch.isprintable()), None)
+    if bad is not None:
+        what = "a line break" if bad in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029" else \
+            "a terminal escape" if bad == "\x1b" else "a control character"
+        problems.append(f"--name: must be one line of printable characters; it holds {what} ({printable(bad)})")
     return problems
 
 

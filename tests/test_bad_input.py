@@ -201,6 +201,31 @@ def test_bad_arguments_exit_2_naming_the_argument(site: Path, capsys: pytest.Cap
     }, capsys)
 
 
+def test_submit_refuses_passwords_and_names_it_could_not_keep(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A password the Cloudgene adapter would refuse after the upload, a name that is not one printable line or
+    does not fit its column: exit 2 at once, the password never echoed, nothing stored."""
+    base = ["submit", "-c", str(site / "config.yaml"), "--service", "sim", "--panel", PANEL, "--build", "hg19"]
+    good = str(sample_vcf(site / "inputs", samples=25))
+    cases = {
+        "ampersand": (["--password", "fish&chips"], ("--password", "& < >"), "fish&chips"),
+        "quote": (["--password", 'say"cheese'], ("--password", "& < >"), 'say"cheese'),
+        "non-ASCII": (["--password", "pässwört"], ("--password", "ASCII"), "pässwört"),
+        "line break": (["--name", "batch 1\nrm -rf"], ("--name", "a line break"), None),
+        "terminal escape": (["--name", "\x1b]0;owned\x07"], ("--name", "a terminal escape", "\\x1b"), None),
+        "control character": (["--name", "bell\x07"], ("--name", "a control character"), None),
+        "too long": (["--name", "n" * 201], ("--name", "at most 200 characters, got 201"), None),
+    }
+    runs = cli_many([[*base, *extra, good] for extra, _, _ in cases.values()], site)
+    for run, (name, (_, needles, secret)) in zip(runs, cases.items(), strict=True):
+        assert_clear_usage_error(run, *needles)
+        assert run.out == "", f"{name}\n{run}"
+        assert "\x1b" not in run.err and "\x07" not in run.err, f"{name}\n{run}"
+        if secret is not None:
+            assert secret not in run.err, f"{name}: the password is echoed\n{run}"
+    counts = _db_counts(site)
+    assert not any(counts.values()), counts
+
+
 def _bad_inputs(directory: Path) -> dict[str, tuple[list[str], str, tuple[str, ...]]]:
     """name -> (files, build, what the message must say besides the file's name)."""
     directory.mkdir(parents=True, exist_ok=True)

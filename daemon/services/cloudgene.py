@@ -70,6 +70,15 @@ _HTML_ESCAPED = re.compile(r'[&<>"]|[^\x20-\x7e]')
 _READ = object()
 
 
+def password_problem(password: str) -> str | None:
+    """Why `password` cannot be a Cloudgene job's result password (never quoting it), or None when it can. `submit`
+    checks it up front too, so a job is refused before it is stored rather than failed after its upload."""
+    if password and not _HTML_ESCAPED.search(password):
+        return None
+    return ("the result password must be non-empty printable ASCII without & < > \" (Cloudgene HTML-escapes those, "
+            "and the zip would not open with our copy)")
+
+
 class CloudgeneAdapter:
     """One Cloudgene server. Thread-safe: an `httpx.Client` per thread (`ClientPerThread`), no other mutable state."""
 
@@ -104,12 +113,9 @@ class CloudgeneAdapter:
         call = f"POST /jobs/submit/{self.config.app}"
         if not request.files:
             raise Permanent(f"{call}: no input files to upload", kind="bad_request")
-        if request.password is not None and (not request.password or _HTML_ESCAPED.search(request.password)):
-            raise Permanent(
-                f"{call}: the result password must be non-empty printable ASCII without & < > \" "
-                "(Cloudgene HTML-escapes those, and the zip would not open with our copy)",
-                kind="bad_password",
-            )
+        problem = None if request.password is None else password_problem(request.password)
+        if problem is not None:
+            raise Permanent(f"{call}: {problem}", kind="bad_password")
         data = {"refpanel": request.panel, "build": request.build}
         optional = {
             "r2Filter": request.r2_filter,
