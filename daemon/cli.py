@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shlex
 import signal
 import sys
 import uuid
@@ -92,6 +93,12 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _when(value: dt.datetime | None) -> str:
     return "" if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _command(args: argparse.Namespace, *words: str) -> str:
+    """An `imputationd` command line to suggest, with the `-c FILE` the user typed (if any)."""
+    config = getattr(args, "config", None)
+    return shlex.join(["imputationd", *words, *(["-c", config] if config else [])])
 
 
 def _short(value: uuid.UUID | None) -> str:
@@ -275,6 +282,33 @@ def _group_state(states: Sequence[str]) -> str:
     return "in progress"
 
 
+#: The history's record of `show --password`.
+PASSWORD_SHOWN = "result password shown (imputationd show --password)"
+
+
+def _show_passwords(config, store, jobs: Sequence[Any]) -> int:
+    """Print the result password of `jobs` (one job, or a group's children): alone on its line when they share it,
+    else one `ID SERVICE: PASSWORD` line each. Each reveal is written into the job's history before it is shown."""
+    from daemon.crypto import PasswordCipher, SecretKeyError
+
+    locked = [j for j in jobs if j.password is not None]
+    if not locked:
+        raise CliError(f"{jobs[0].id}: the job has no password; its results are not encrypted")
+    cipher = PasswordCipher(config.storage.secret_key_path)
+    try:
+        passwords = [cipher.reveal(j.password) for j in locked]
+    except SecretKeyError as exc:
+        raise CliError(f"storage.secret_key_file: {exc}") from None
+    for job in locked:
+        store.note(job.id, PASSWORD_SHOWN)
+    if len(set(passwords)) == 1:
+        print(passwords[0])
+    else:
+        for job, password in zip(locked, passwords, strict=True):
+            print(f"{job.id} {job.service}: {password}")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _store(config)
@@ -282,6 +316,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     jobs = store.group(job_id)
     if len(jobs) <= 1 or all(j.id != job_id for j in jobs):
         jobs = [store.get(job_id, with_events=True)]
+    if args.password:
+        return _show_passwords(config, store, jobs)
     details = [_job_detail(j) for j in jobs]
     if args.json:
         _print_json(details[0] if len(details) == 1 else {
@@ -303,10 +339,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("\n".join(f"{k.ljust(width)}  {printable(str(v), None)}" for k, v in fields if v not in (None, "")))
         print("\ninputs")
         print(_table(("PATH", "SIZE", "SHA256"), [(i["path"], i["size"], i["sha256"]) for i in data["inputs"]]))
-        if data["outputs"]:
+        if data["outputs"] or job.password is not None:
             print("\noutputs")
+        if data["outputs"]:
             print(_table(("NAME", "STATE", "SIZE", "SHA256", "ERROR"),
                          [(o["name"], o["state"], o["size"], o["sha256"], o["error"]) for o in data["outputs"]]))
+        if job.password is not None:
+            print(f"results are encrypted; `{_command(args, 'show', str(job.id), '--password')}` prints the password")
         print("\nhistory")
         print(_table(("AT", "FROM", "TO", "REASON"),
                      [(_when(e["at"]), e["from"] or "", e["to"], e["reason"] or "") for e in data["events"]]))
@@ -518,7 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = command("show", cmd_show, "one job (or group) with its files and history")
     show.add_argument("id", metavar="ID", help="job or group id (a unique prefix is enough)")
-    show.add_argument("--json", action="store_true")
+    shown = show.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true")
+    shown.add_argument("--password", action="store_true",
+                       help="print the password of the job's result zips (the job's history records that it was shown)")
 
     cancel = command("cancel", cmd_cancel, "cancel a job (remotely too, if it was submitted)")
     cancel.add_argument("id", metavar="ID")

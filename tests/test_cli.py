@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 import sys
 from pathlib import Path
 
@@ -237,3 +238,45 @@ def test_jobs_and_show_print_no_raw_escape_sequence_from_names_or_server_text(ca
         assert "\\x1b]0;owned\\x07" in out and "\\u202etxt.exe" in out
     code, out, _ = run(capsys, "jobs", "-c", str(config))
     assert len(out.splitlines()) == 2  # the header and one row: the name's line break is shown, not made
+
+
+def test_show_password_prints_the_result_password_and_records_that_it_was_shown(
+    capsys, config: Path, vcf: Path, tmp_path: Path
+) -> None:
+    import sqlalchemy as sa
+
+    from daemon.cli import PASSWORD_SHOWN
+    from daemon.db.engine import make_engine
+    from daemon.db.models import Job
+
+    invented = submit(capsys, config, vcf)
+    code, out, _ = run(capsys, "show", "-c", str(config), invented)
+    assert code == 0
+    assert f"results are encrypted; `imputationd show {invented} --password -c {config}` prints the password" in out
+    code, out, err = run(capsys, "show", "-c", str(config), invented[:8], "--password")
+    assert code == 0, err
+    password = out.strip()
+    assert len(out.splitlines()) == 1 and len(password) >= 20
+    engine = make_engine(load_config(config).database.url)
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(sa.select(Job.password).where(Job.id == uuid.UUID(invented))).scalar_one()
+    finally:
+        engine.dispose()
+    assert stored.startswith("aesgcm1:") and password not in stored  # sealed at rest, revealed through crypto
+    code, out, _ = run(capsys, "show", "-c", str(config), invented, "--json")
+    events = json.loads(out)["events"]
+    assert [(e["from"], e["to"], e["reason"]) for e in events][-1] == ("pending", "pending", PASSWORD_SHOWN)
+    assert password not in out
+
+    chosen = tmp_path / "password.txt"
+    chosen.write_text("Chosen-pass-123\n")
+    mine = submit(capsys, config, vcf, "--password-file", str(chosen))
+    code, out, _ = run(capsys, "show", "-c", str(config), mine, "--password")
+    assert code == 0 and out == "Chosen-pass-123\n"
+
+    bare = _insert_job(config)
+    code, out, err = run(capsys, "show", "-c", str(config), bare, "--password")
+    assert code == 1 and out == "" and "has no password; its results are not encrypted" in err
+    code, out, _ = run(capsys, "show", "-c", str(config), bare)
+    assert "--password" not in out

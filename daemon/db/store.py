@@ -359,6 +359,13 @@ class JobStore:
 
     # ------------------------------------------------------------------ the scheduler's due-work queries
 
+    def note(self, job_id: uuid.UUID, reason: str) -> None:
+        """Write `reason` into the job's history without changing its state (an event from its state to the same
+        one, never notified): something done to the job that its owner should be able to see later."""
+        with self._session() as session, session.begin():
+            job = self._lock(session, job_id)
+            session.add(JobEvent(job_id=job.id, at=utcnow(), from_state=job.state, to_state=job.state, reason=reason))
+
     def ensure_services(self, names: Iterable[str]) -> None:
         """Make sure each configured service has a status row (dispatch locks it on PostgreSQL)."""
         names = list(names)
