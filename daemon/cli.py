@@ -426,25 +426,42 @@ def cmd_services(args: argparse.Namespace) -> int:
                 missing_panels=sorted(configured - set(check.remote_panels)) if check.remote_panels else [],
             )
         result.append(entry)
+    # The same answer for the table and --json: a script must not have to parse the JSON to see a failed check.
+    code = EXIT_FAILED if args.check and any(_check_failed(e) for e in result) else 0
     if args.json:
         _print_json(result)
-        return 0
+        return code
     headers = ["SERVICE", "TYPE", "STATUS", "ACTIVE", "TOKEN EXPIRES"]
     if args.check:
         headers += ["REACHABLE", "TOKEN", "MISSING PANELS"]
     rows = []
     for e in result:
         active = sum(n for s, n in e["jobs"].items() if s not in ("completed", "failed", "cancelled"))
-        state = "blocked: " + e["blocked"] if e["blocked"] else "ok"
-        row = [e["name"], e["type"], state[:60], active, _when(e["token_expires"])]
+        problems = (["blocked: " + e["blocked"]] if e["blocked"] else []) + (_check_problems(e) if args.check else [])
+        state = printable("; ".join(problems), 160) if problems else "ok"
+        row = [e["name"], e["type"], state, active, _when(e["token_expires"])]
         if args.check:
             token = {True: "valid", False: "INVALID", None: "?"}[e["token_valid"]]
             row += ["yes" if e["reachable"] else "NO", token, ", ".join(e["missing_panels"]) or "-"]
         rows.append(row)
     print(_table(headers, rows))
-    if args.check and any(not e["reachable"] or e["token_valid"] is False or e["missing_panels"] for e in result):
-        return EXIT_FAILED
-    return 0
+    return code
+
+
+def _check_failed(entry: dict[str, Any]) -> bool:
+    return not entry["reachable"] or entry["token_valid"] is False or bool(entry["missing_panels"])
+
+
+def _check_problems(entry: dict[str, Any]) -> list[str]:
+    """What a failed `services --check` found, in words; empty when the check passed."""
+    if not _check_failed(entry):
+        return []
+    found = [entry["message"]] if entry["message"] else []
+    if not entry["reachable"] and not found:
+        found.append("unreachable")
+    if entry["missing_panels"]:
+        found.append(f"panels not on the server: {', '.join(entry['missing_panels'])}")
+    return found
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

@@ -280,3 +280,18 @@ def test_show_password_prints_the_result_password_and_records_that_it_was_shown(
     assert code == 1 and out == "" and "has no password; its results are not encrypted" in err
     code, out, _ = run(capsys, "show", "-c", str(config), bare)
     assert "--password" not in out
+
+
+def test_services_check_fails_the_same_way_as_table_and_json_and_says_why(capsys, tmp_path: Path) -> None:
+    config = write_config(tmp_path, "http://127.0.0.1:9")  # the discard port: nothing listens
+    code, out, _ = run(capsys, "services", "-c", str(config), "--check", "--json")
+    entries = {e["name"]: e for e in json.loads(out)}
+    assert code == 1 and entries["mis"]["reachable"] is False and entries["mis"]["message"]
+    code, out, _ = run(capsys, "services", "-c", str(config), "--check")
+    assert code == 1
+    header, *rows = out.splitlines()
+    status = header.index("STATUS"), header.index("ACTIVE")
+    for row in rows:
+        assert row[status[0]:status[1]].strip() not in ("", "ok"), out
+        assert "NO" in row[status[1]:].split()
+    assert "127.0.0.1:9" in rows[0] or "connect" in rows[0].lower(), out
