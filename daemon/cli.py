@@ -35,14 +35,20 @@ class CliError(Exception):
 # ---------------------------------------------------------------------- shared plumbing
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, *, logs_to_stderr: bool = True):
+    """The config; and unless told otherwise, logging set up to write to stderr: stdout is for a command's result
+    (and `--json`), whatever the work it does on the way (a remote cancel, a service check) logs."""
     from daemon.config import ConfigError, find_config_path, format_problems, load_config
+    from daemon.logging import configure_logging
 
     path = find_config_path(getattr(args, "config", None))
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         raise CliError(format_problems(exc), EXIT_USAGE) from None
+    if logs_to_stderr:
+        configure_logging(config.logging, stream=sys.stderr)
+    return config
 
 
 def _store(config, *, check_schema: bool = True):
@@ -166,8 +172,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.logging import configure_logging
     from daemon.scheduler import Daemon
 
-    config = _load(args)
-    configure_logging(config.logging)
+    config = _load(args, logs_to_stderr=False)
+    configure_logging(config.logging)  # stdout: journald
     log = structlog.get_logger("daemon")
     for problem in check_runtime(config):
         # A missing token blocks its service (jobs wait) rather than keeping the whole daemon down.
@@ -362,7 +368,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _store(config)
     job_id = _resolve(store, args.id)
+    before = store.get(job_id).state
     state = store.request_cancel(job_id)
+    if state in (JobState.COMPLETED, JobState.FAILED):  # finished before the request (or while it was made)
+        raise CliError(f"{job_id}: the job is {state.value}; only an unfinished job can be cancelled")
+    if before is JobState.CANCELLED:
+        print(f"{job_id}: already cancelled")
+        return 0
     if state is JobState.CANCEL_REQUESTED:
         # Cancel on the server now if no daemon is working on the job; otherwise the daemon's next poll does it.
         owner = f"cli-{make_owner()}"
@@ -466,10 +478,8 @@ def _check_problems(entry: dict[str, Any]) -> list[str]:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from daemon import retention
-    from daemon.logging import configure_logging
 
     config = _load(args)
-    configure_logging(config.logging, stream=sys.stderr)  # stdout is for the listing (and --json)
     keep_days = args.keep_days if args.keep_days is not None else config.storage.keep_days
     if keep_days is None:
         raise CliError("storage.keep_days is not set, so nothing is ever deleted; give --keep-days N to clean up "

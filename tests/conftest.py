@@ -23,6 +23,7 @@ something from the machine). Select either side with `-m postgres` / `-m "not po
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +152,17 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
 def session_factory(engine: sa.Engine) -> sessionmaker[Session]:
     """Sessions on `engine` (`make_session_factory`)."""
     return make_session_factory(engine)
+
+
+# -- logging ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _cli_log_handler_removed() -> Iterator[None]:
+    """Every `imputationd` command run in-process (`daemon.cli.main`) points the log handler at stderr, pytest's
+    captured one in a test: take it away again after each test, before that stream is closed."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == "imputationd"]:
+        root.removeHandler(handler)
+

@@ -295,3 +295,20 @@ def test_services_check_fails_the_same_way_as_table_and_json_and_says_why(capsys
         assert row[status[0]:status[1]].strip() not in ("", "ok"), out
         assert "NO" in row[status[1]:].split()
     assert "127.0.0.1:9" in rows[0] or "connect" in rows[0].lower(), out
+
+
+def test_cancel_keeps_stdout_for_its_result_and_refuses_a_finished_job(capsys, config: Path, vcf: Path) -> None:
+    queued = _insert_job(config, state="queued", remote_id="job-20260101-000000-001")
+    code, out, err = run(capsys, "cancel", "-c", str(config), queued)
+    assert code == 0, err
+    assert out.splitlines() == [f"{queued}: cancelled"], out  # logs (the remote cancel's) go to stderr
+    assert "job-20260101-000000-001" in err
+    code, out, err = run(capsys, "cancel", "-c", str(config), queued)
+    assert code == 0 and out == f"{queued}: already cancelled\n"
+    for state in ("completed", "failed"):
+        done = _insert_job(config, state=state)
+        code, out, err = run(capsys, "cancel", "-c", str(config), done)
+        assert code == 1 and out == ""
+        assert err == f"imputationd: {done}: the job is {state}; only an unfinished job can be cancelled\n"
+        code, out, _ = run(capsys, "show", "-c", str(config), done, "--json")
+        assert json.loads(out)["state"] == state

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import uuid
 from pathlib import Path
 
@@ -95,15 +94,6 @@ def world(db_url: str, tmp_path: Path):
     made.config_path = path
     yield made
     made.engine.dispose()
-
-
-@pytest.fixture(autouse=True)
-def _logging_restored():
-    """`cleanup` points the log handler at (captured) stderr; take it away again after each test."""
-    yield
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if h.get_name() == "imputationd"]:
-        root.removeHandler(handler)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
