@@ -533,17 +533,20 @@ def cmd_simulate_server(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from daemon.config import BUILDS, MODES, PHASING, R2_FILTERS
 
+    # `-c FILE` before the command or after it: on the main parser and on each command's, with no default on
+    # either, so the command's parser does not overwrite one given before it with its own None.
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                               help="config file (default: $IMPUTATIOND_CONFIG, then /etc/imputationd/config.yaml)")
     parser = argparse.ArgumentParser(
-        prog="imputationd", description="Drive genotype-imputation jobs through remote imputation servers."
+        prog="imputationd", description="Drive genotype-imputation jobs through remote imputation servers.",
+        parents=[config_option],
     )
     parser.add_argument("--version", action="version", version=f"imputationd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str, *, config: bool = True):
-        sub = commands.add_parser(name, help=help, description=help)
-        if config:
-            sub.add_argument("-c", "--config", metavar="FILE",
-                             help="config file (default: $IMPUTATIOND_CONFIG, then /etc/imputationd/config.yaml)")
+        sub = commands.add_parser(name, help=help, description=help, parents=[config_option] if config else [])
         sub.set_defaults(func=func)
         return sub
 
@@ -554,10 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", cmd_run, "run the daemon in the foreground (systemd Type=notify)")
     command("check-config", cmd_check_config, "validate the configuration; exit 2 with every problem")
 
-    db = commands.add_parser("db", help="database schema", description="database schema")
+    db = commands.add_parser("db", help="database schema", description="database schema", parents=[config_option])
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
-    upgrade = db_commands.add_parser("upgrade", help="apply the schema migrations")
-    upgrade.add_argument("-c", "--config", metavar="FILE")
+    upgrade = db_commands.add_parser("upgrade", help="apply the schema migrations", parents=[config_option])
     upgrade.set_defaults(func=cmd_db_upgrade)
 
     submit = command("submit", cmd_submit, "validate input files and store a pending job per service")

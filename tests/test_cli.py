@@ -312,3 +312,18 @@ def test_cancel_keeps_stdout_for_its_result_and_refuses_a_finished_job(capsys, c
         assert err == f"imputationd: {done}: the job is {state}; only an unfinished job can be cancelled\n"
         code, out, _ = run(capsys, "show", "-c", str(config), done, "--json")
         assert json.loads(out)["state"] == state
+
+
+def test_the_config_option_goes_before_or_after_the_command(capsys, config: Path, vcf: Path, tmp_path: Path,
+                                                            monkeypatch) -> None:
+    monkeypatch.delenv("IMPUTATIOND_CONFIG", raising=False)
+    job_id = submit(capsys, config, vcf)
+    for argv in (["-c", str(config), "jobs", "--json"], ["jobs", "--json", "-c", str(config)],
+                 ["--config", str(tmp_path / "nowhere.yaml"), "jobs", "--json", "--config", str(config)]):
+        code, out, err = run(capsys, *argv)
+        assert code == 0, (argv, err)
+        assert [j["id"] for j in json.loads(out)] == [job_id]
+    code, out, _ = run(capsys, "-c", str(config), "db", "upgrade")
+    assert code == 0 and "already at" in out
+    code, _, err = run(capsys, "-c", str(tmp_path / "nowhere.yaml"), "jobs")
+    assert code == 2 and "nowhere.yaml" in err
