@@ -51,7 +51,7 @@ def _load(args: argparse.Namespace, *, logs_to_stderr: bool = True):
     return config
 
 
-def _store(config, *, check_schema: bool = True):
+def _store(args: argparse.Namespace, config):
     from daemon.crypto import PasswordCipher
     from daemon.db.engine import DatabaseUnavailable, make_engine
     from daemon.db.schema import SchemaOutdated, ensure_current
@@ -59,12 +59,22 @@ def _store(config, *, check_schema: bool = True):
 
     try:
         engine = make_engine(config.database.url, pool_size=config.database.pool_size)
-        if check_schema:
-            ensure_current(engine)
-    except (DatabaseUnavailable, SchemaOutdated) as exc:
+        ensure_current(engine)
+    except DatabaseUnavailable as exc:
         raise CliError(str(exc), EXIT_DATABASE) from None
+    except SchemaOutdated as exc:
+        raise CliError(_schema_problem(args, exc), EXIT_DATABASE) from None
     # Passwords are sealed with the daemon's key (read, or created, only when a job is submitted).
     return JobStore(engine, sealer=PasswordCipher(config.storage.secret_key_path))
+
+
+def _schema_problem(args: argparse.Namespace, exc: Exception) -> str:
+    """`exc`'s message, its `db upgrade` hint with the `-c FILE` the user typed."""
+    from daemon.db.schema import UPGRADE_HINT, SchemaOutdated
+
+    if isinstance(exc, SchemaOutdated) and exc.hint == UPGRADE_HINT:
+        return f"{exc.reason}: run `{_command(args, 'db', 'upgrade')}`"
+    return str(exc)
 
 
 def _resolve(store, text: str) -> uuid.UUID:
@@ -181,8 +191,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         daemon = Daemon(config)
     except (DatabaseUnavailable, SchemaOutdated) as exc:
-        log.error("cannot_start", reason=str(exc), error_kind="database")
-        raise CliError(str(exc), EXIT_DATABASE) from None
+        problem = _schema_problem(args, exc)
+        log.error("cannot_start", reason=problem, error_kind="database")
+        raise CliError(problem, EXIT_DATABASE) from None
     # Before the ticks start claiming work: a stop asked for while starting (systemd stopping a unit that is still
     # activating) must be a clean stop, not the default action of SIGTERM killing the process with jobs leased.
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
@@ -221,7 +232,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         name=args.name,
         password=password,
     )
-    store = _store(config)
+    store = _store(args, config)
     try:
         jobs = submit(config, store, request)
     except SubmissionError as exc:
@@ -240,7 +251,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from daemon.states import JobState
 
     config = _load(args)
-    store = _store(config)
+    store = _store(args, config)
     states = None
     if args.status:
         try:
@@ -317,7 +328,7 @@ def _show_passwords(config, store, jobs: Sequence[Any]) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     config = _load(args)
-    store = _store(config)
+    store = _store(args, config)
     job_id = _resolve(store, args.id)
     jobs = store.group(job_id)
     if len(jobs) <= 1 or all(j.id != job_id for j in jobs):
@@ -366,7 +377,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from daemon.states import JobState
 
     config = _load(args)
-    store = _store(config)
+    store = _store(args, config)
     job_id = _resolve(store, args.id)
     before = store.get(job_id).state
     state = store.request_cancel(job_id)
@@ -397,7 +408,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     config = _load(args)
-    store = _store(config)
+    store = _store(args, config)
     job_id = _resolve(store, args.id)
     try:
         job = store.retry(job_id)
@@ -411,7 +422,7 @@ def cmd_services(args: argparse.Namespace) -> int:
     from daemon.services import build_adapter
 
     config = _load(args)
-    store = _store(config)
+    store = _store(args, config)
     statuses = store.service_statuses()
     counts = store.counts_by_service()
     result = []
@@ -486,7 +497,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
                        "once", EXIT_USAGE)
     if keep_days < 1:
         raise CliError("--keep-days: must be at least 1", EXIT_USAGE)
-    store = _store(config)
+    store = _store(args, config)
     everything = 1_000_000
     if args.dry_run:
         candidates = retention.plan(store, config.storage, keep_days, limit=everything)

@@ -83,8 +83,9 @@ MIN_SECRET_LENGTH = 6
 MAX_SECRETS = 4096
 
 #: Loggers that say too much at INFO: httpx/httpcore log every request with its full URL (download hashes,
-#: query strings); APScheduler's executor logs every tick twice. Their warnings and errors still show.
-QUIET_LOGGERS = ("httpx", "httpcore")
+#: query strings); Alembic its set-up (plugins, "Context impl") whenever a new database is migrated;
+#: APScheduler's executor logs every tick twice. Their warnings and errors still show.
+QUIET_LOGGERS = ("httpx", "httpcore", "alembic")
 QUIET_UNLESS_DEBUG = ("apscheduler.executors.default",)
 
 _HANDLER_NAME = "imputationd"

@@ -95,14 +95,38 @@ def test_check_config_reports_a_missing_token_file(capsys, config: Path, tmp_pat
     assert code == 2 and "services.mis.token_file" in err
 
 
-def test_commands_refuse_an_unmigrated_database(capsys, tmp_path: Path, simulator) -> None:
+def test_a_new_sqlite_database_is_created_on_first_use(capsys, tmp_path: Path, simulator) -> None:
     config = write_config(tmp_path, simulator.base_url, migrate=False)
-    code, _, err = run(capsys, "jobs", "-c", str(config))
-    assert code == 3 and "imputationd db upgrade" in err
-    code, out, _ = run(capsys, "db", "upgrade", "-c", str(config))
-    assert code == 0 and "upgraded from empty" in out
+    code, out, err = run(capsys, "jobs", "-c", str(config), "--json")
+    assert code == 0 and json.loads(out) == [], err
     code, out, _ = run(capsys, "db", "upgrade", "-c", str(config))
     assert code == 0 and "already at" in out
+
+
+def test_first_use_of_a_new_sqlite_database_by_several_commands_at_once(tmp_path: Path, simulator) -> None:
+    config = write_config(tmp_path, simulator.base_url, migrate=False)
+    commands = [[sys.executable, "-m", "daemon", "jobs", "--json", "-c", str(config)] for _ in range(4)]
+    running = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    done = [(p.wait(timeout=120), *p.communicate()) for p in running]
+    for code, out, err in done:
+        assert code == 0 and json.loads(out) == [], err
+        assert "alembic" not in err.lower()
+
+
+def test_an_old_sqlite_schema_waits_for_db_upgrade_named_with_the_config(capsys, tmp_path: Path, simulator) -> None:
+    from alembic import command
+
+    from daemon.db.schema import alembic_config
+
+    config = write_config(tmp_path, simulator.base_url, migrate=False)
+    command.upgrade(alembic_config(url=load_config(config).database.url), "0001")
+    code, out, err = run(capsys, "jobs", "-c", str(config))
+    assert code == 3 and out == ""
+    assert err.endswith(f": run `imputationd db upgrade -c {config}`\n"), err
+    code, out, _ = run(capsys, "db", "upgrade", "-c", str(config))
+    assert code == 0 and "upgraded from 0001" in out
+    code, _, _ = run(capsys, "jobs", "-c", str(config))
+    assert code == 0
 
 
 def test_submit_prints_an_id_and_stores_a_pending_job(capsys, config: Path, vcf: Path) -> None:

@@ -436,15 +436,32 @@ def test_sighup_and_sigterm_the_moment_ready_arrives_are_handled(tmp_path: Path,
 # ---------------------------------------------------------------------------------------------- start-up refusals
 
 
-def test_refuses_an_unmigrated_database_and_says_db_upgrade(tmp_path: Path, empty_db_url: str, sim) -> None:
-    cfg = DaemonConfig(tmp_path, empty_db_url, sim)
+def test_creates_a_new_sqlite_database_quietly(tmp_path: Path, sim) -> None:
+    url = f"sqlite:///{tmp_path / 'state' / 'new.db'}"
+    cfg = DaemonConfig(tmp_path, url, sim)
     cfg.write()
+    with DaemonProcess(cfg.path, name="new-sqlite") as d:
+        d.wait_for_event("daemon_started", START)
+        assert d.terminate(TIMEOUT_STOP_SEC) == 0
+    with JobDB(url) as db:
+        assert db.states() == {}
+    output = d.log_path.read_text() + d.stderr()
+    assert "alembic" not in output.lower() and "Context impl" not in output, d.tail()
+    d.assert_clean()
+
+
+@pytest.mark.postgres
+def test_refuses_an_unmigrated_postgres_database_and_says_db_upgrade(tmp_path: Path, fresh_postgres_db: str,
+                                                                     sim) -> None:
+    cfg = DaemonConfig(tmp_path, fresh_postgres_db, sim)
+    cfg.write()
+    hint = f"imputationd db upgrade -c {cfg.path}"
     with DaemonProcess(cfg.path, name="unmigrated") as d:
         code = d.wait(START)
     assert code == 3, d.tail()
-    assert "imputationd db upgrade" in d.stderr()
+    assert hint in d.stderr()
     [line] = d.events("cannot_start")
-    assert "imputationd db upgrade" in line["reason"] and line["error_kind"] == "database"
+    assert hint in line["reason"] and line["error_kind"] == "database"
     assert not d.events("daemon_started")
     assert "Traceback" not in d.stderr() and "Traceback" not in d.log_path.read_text()
     d.assert_clean(allow_errors={"cannot_start"})

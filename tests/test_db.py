@@ -181,13 +181,66 @@ def test_migrated_schema_is_exactly_create_all(empty_db_url: str, request: pytes
 # -- schema version checks ----------------------------------------------------------------------------------------
 
 
-def test_ensure_current_on_an_empty_database(empty_engine: sa.Engine) -> None:
-    with pytest.raises(SchemaOutdated) as raised:
-        schema.ensure_current(empty_engine)
-    assert not isinstance(raised.value, SchemaNewer)
-    assert str(raised.value) == (
-        f"database schema is at empty, this imputationd needs {HEAD}: run `imputationd db upgrade`"
-    )
+@pytest.mark.postgres
+def test_ensure_current_on_an_empty_postgres_database(fresh_postgres_db: str) -> None:
+    engine = make_engine(fresh_postgres_db)
+    try:
+        with pytest.raises(SchemaOutdated) as raised:
+            schema.ensure_current(engine)
+        assert not isinstance(raised.value, SchemaNewer)
+        assert str(raised.value) == (
+            f"database schema is at empty, this imputationd needs {HEAD}: run `imputationd db upgrade`"
+        )
+        assert _tables(engine) == set()
+    finally:
+        engine.dispose()
+
+
+def test_ensure_current_migrates_a_new_sqlite_database_and_only_a_new_one(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
+    try:
+        assert schema.ensure_current(engine) == HEAD
+        assert _tables(engine) == {"alembic_version", *Base.metadata.tables}
+    finally:
+        engine.dispose()
+    engine = make_engine(f"sqlite:///{tmp_path / 'theirs.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE notes (text TEXT)")
+        with pytest.raises(SchemaOutdated, match=r"^database schema is at empty, .*: run `imputationd db upgrade`$"):
+            schema.ensure_current(engine)
+        assert _tables(engine) == {"notes"}
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_first_use_of_a_new_sqlite_database_migrates_it_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    engines = [make_engine(url) for _ in range(3)]
+    barrier = threading.Barrier(len(engines))
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def run(engine: sa.Engine) -> None:
+        barrier.wait(timeout=10)
+        try:
+            results.append(schema.ensure_current(engine))
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    try:
+        assert not errors, errors
+        assert results == [HEAD] * 3
+        assert schema.current_revision(engines[0]) == HEAD
+    finally:
+        for e in engines:
+            e.dispose()
 
 
 def test_ensure_current_on_a_current_database(engine: sa.Engine) -> None:

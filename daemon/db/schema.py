@@ -3,8 +3,10 @@ on a schema this code does not match.
 
 - `upgrade(engine)`: bring the schema to head; safe to repeat and to run from several daemons at once (one
   transaction, serialised by `BEGIN IMMEDIATE` on SQLite and an advisory lock on PostgreSQL).
-- `ensure_current(engine)`: what the daemon calls at start; raises `SchemaOutdated` (or `SchemaNewer`) with a
-  one-line message saying what to do.
+- `ensure_current(engine)`: what the daemon and every command call at start; raises `SchemaOutdated` (or
+  `SchemaNewer`) with a one-line message saying what to do. A new, empty SQLite database is migrated there and
+  then: it is made by the first process to open it, with nothing to back up first. PostgreSQL databases (made by
+  an administrator, shared) and older SQLite schemas are upgraded only by `imputationd db upgrade`.
 
 Writing a new revision: change `models.py`, then, against a database at head,
 `command.revision(alembic_config(url=URL), message="...", autogenerate=True)` (from `alembic import command`),
@@ -68,7 +70,13 @@ UPGRADE_HINT = "run `imputationd db upgrade`"
 
 
 class SchemaOutdated(Exception):
-    """The database schema is not the one this imputationd was written for."""
+    """The database schema is not the one this imputationd was written for. `reason` says how; the message is
+    the reason and `hint` (what to do)."""
+
+    def __init__(self, reason: str, hint: str | None = UPGRADE_HINT) -> None:
+        self.reason = reason
+        self.hint = hint
+        super().__init__(f"{reason}: {hint}" if hint else reason)
 
 
 class SchemaNewer(SchemaOutdated):
@@ -120,7 +128,8 @@ def _refuse_newer(current: str | None) -> None:
     if current is not None and not _is_known(current):
         raise SchemaNewer(
             f"database schema is at {current}, which this imputationd does not know: it was upgraded by a newer "
-            f"imputationd; run that version (this one needs {head_revision()})"
+            f"imputationd; run that version (this one needs {head_revision()})",
+            hint=None,
         )
 
 
@@ -154,19 +163,33 @@ def _version_rows(engine: sa.Engine) -> list[str] | None:
 
 
 def ensure_current(engine: sa.Engine) -> str:
-    """Return the head revision when the database is at it; raise `SchemaOutdated` (behind, or empty) or
-    `SchemaNewer` (ahead) with a one-line message, or `DatabaseUnavailable`.
+    """Return the head revision when the database is at it, migrating a new SQLite database to it first; raise
+    `SchemaOutdated` (behind, or an empty PostgreSQL database) or `SchemaNewer` (ahead) with a one-line message, or
+    `DatabaseUnavailable`.
 
     The usual answer (at head) comes without importing Alembic; anything else goes through it."""
     head = _head_from_files()
-    if head is not None and _version_rows(engine) == [head]:
+    rows = _version_rows(engine)
+    if head is not None and rows == [head]:
         return head
+    if rows is None and _is_new_sqlite(engine):
+        # Two processes meeting a new database at once migrate one after the other (`upgrade` takes the write
+        # lock first); the second finds the work done.
+        return upgrade(engine)[1]
     current = current_revision(engine)
     head = head_revision()
     if current == head:
         return head
     _refuse_newer(current)
-    raise SchemaOutdated(f"database schema is at {current or 'empty'}, this imputationd needs {head}: {UPGRADE_HINT}")
+    raise SchemaOutdated(f"database schema is at {current or 'empty'}, this imputationd needs {head}")
+
+
+def _is_new_sqlite(engine: sa.Engine) -> bool:
+    """A SQLite database with nothing in it (no table, index or view): opening a file that was not there made it."""
+    if not is_sqlite(engine):
+        return False
+    with connect(read_only(engine)) as connection:
+        return connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar_one() == 0
 
 
 def _sqlite_foreign_keys(connection: sa.Connection, on: bool) -> None:
