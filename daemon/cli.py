@@ -108,7 +108,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _when(value: dt.datetime | None) -> str:
-    return "" if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    """A time for people: in UTC, and saying so (a daemon's host and its operator's terminal rarely share a zone)."""
+    return "" if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _command(args: argparse.Namespace, *words: str) -> str:

@@ -123,7 +123,7 @@ def _run(root: Path, timeout: float) -> int:
 def _report(job, server, elapsed: float) -> int:
     _say()
     _say(f"job {job.id}: {job.state.value} after {elapsed:.1f} s (remote id {job.remote_id})")
-    _say("history:")
+    _say("history (UTC):")
     for event in job.events:
         _say(f"  {event.at:%H:%M:%S.%f}"[:-3] + f"  {event.from_state or '-':>11} -> {event.to_state:<11} "
              f"{event.reason or ''}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 import sys
@@ -351,3 +352,14 @@ def test_the_config_option_goes_before_or_after_the_command(capsys, config: Path
     assert code == 0 and "already at" in out
     code, _, err = run(capsys, "-c", str(tmp_path / "nowhere.yaml"), "jobs")
     assert code == 2 and "nowhere.yaml" in err
+
+
+def test_human_output_gives_times_with_their_zone(capsys, config: Path, vcf: Path) -> None:
+    job_id = submit(capsys, config, vcf)
+    code, out, _ = run(capsys, "jobs", "-c", str(config))
+    assert code == 0 and re.search(r"  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\b", out.splitlines()[1]), out
+    code, out, _ = run(capsys, "show", "-c", str(config), job_id)
+    created = next(line for line in out.splitlines() if line.startswith("created"))
+    assert re.fullmatch(r"created +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", created), created
+    history = out.split("\nhistory\n")[1].splitlines()[1]
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC +pending", history), history
