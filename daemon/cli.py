@@ -112,6 +112,11 @@ def _when(value: dt.datetime | None) -> str:
     return "" if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _count(n: int, noun: str) -> str:
+    """"1 service", "2 services"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _command(args: argparse.Namespace, *words: str) -> str:
     """An `imputationd` command line to suggest, with the `-c FILE` the user typed (if any)."""
     config = getattr(args, "config", None)
@@ -132,7 +137,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems = check_runtime(config)
     if problems:
         raise CliError("\n".join(f"{config.source}: {p}" for p in problems), EXIT_USAGE)
-    print(f"{config.source}: OK ({len(config.services)} services: {', '.join(sorted(config.services)) or 'none'})")
+    print(f"{config.source}: OK ({_count(len(config.services), 'service')}: "
+          f"{', '.join(sorted(config.services)) or 'none'})")
     return 0
 
 
@@ -520,7 +526,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         print(_table(("ID", "SERVICE", "STATE", "FINISHED", "BYTES", "RESULT DIR"), rows))
     verb = "would delete" if args.dry_run else "deleted"
     total = sum(c.size for c in doomed)
-    print(f"{verb} {len(doomed)} jobs finished more than {keep_days} days ago ({total} bytes of results)")
+    print(f"{verb} {_count(len(doomed), 'job')} finished more than {_count(keep_days, 'day')} ago "
+          f"({_count(total, 'byte')} of results)")
     for c in left:
         print(f"left alone: {c.job.id}: {c.problem}", file=sys.stderr)
     return 0 if not left else EXIT_FAILED

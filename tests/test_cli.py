@@ -363,3 +363,12 @@ def test_human_output_gives_times_with_their_zone(capsys, config: Path, vcf: Pat
     assert re.fullmatch(r"created +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", created), created
     history = out.split("\nhistory\n")[1].splitlines()[1]
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC +pending", history), history
+
+
+def test_counts_of_one_are_singular(capsys, tmp_path: Path, simulator) -> None:
+    config = write_config(tmp_path, simulator.base_url)
+    config.write_text(config.read_text().split("  topmed:")[0])
+    code, out, err = run(capsys, "check-config", "-c", str(config))
+    assert code == 0 and "OK (1 service: mis)" in out, err
+    code, out, err = run(capsys, "cleanup", "-c", str(config), "--dry-run", "--keep-days", "1")
+    assert code == 0 and out == "would delete 0 jobs finished more than 1 day ago (0 bytes of results)\n", err
