@@ -585,49 +585,52 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--service", action="append", required=True, metavar="S",
                         help="a configured service; repeat for several (one child job each)")
     submit.add_argument("--panel", required=True, metavar="P", help="reference panel (our name, from the config)")
-    submit.add_argument("--build", required=True, choices=BUILDS)
-    submit.add_argument("--population", metavar="POP")
-    submit.add_argument("--phasing", choices=PHASING)
-    submit.add_argument("--r2-filter", choices=R2_FILTERS)
-    submit.add_argument("--mode", choices=MODES)
+    submit.add_argument("--build", required=True, choices=BUILDS, help="genome build of the input files")
+    submit.add_argument("--population", metavar="POP",
+                        help="population for the allele-frequency check (one the panel offers in the config)")
+    submit.add_argument("--phasing", choices=PHASING, help="phasing engine (default: the server's)")
+    submit.add_argument("--r2-filter", choices=R2_FILTERS,
+                        help="drop imputed variants with an r² below this (default: the server's)")
+    submit.add_argument("--mode", choices=MODES, help="impute, or only check the input (default: the server's)")
     submit.add_argument("--name", help="a name for humans")
     secret = submit.add_mutually_exclusive_group()
-    secret.add_argument("--password", help="password for the result zips (visible to `ps`: prefer --password-file)")
+    secret.add_argument("--password", help="password for the result zips (visible to `ps`: prefer --password-file; "
+                                           "without either one is made up, and `show ID --password` prints it)")
     secret.add_argument("--password-file", metavar="FILE", help="read the result zip password from FILE")
-    submit.add_argument("--json", action="store_true")
+    submit.add_argument("--json", action="store_true", help="print the group id and its jobs as JSON")
     submit.add_argument("files", nargs="+", metavar="FILE", help="bgzip-compressed VCF (*.vcf.gz)")
 
     jobs = command("jobs", cmd_jobs, "list jobs, newest first")
     jobs.add_argument("--status", metavar="S[,S…]", help="only jobs in these states")
-    jobs.add_argument("--service", metavar="S")
-    jobs.add_argument("--limit", type=int, default=100)
-    jobs.add_argument("--json", action="store_true")
+    jobs.add_argument("--service", metavar="S", help="only jobs of this service")
+    jobs.add_argument("--limit", type=int, default=100, metavar="N", help="at most N jobs (default 100)")
+    jobs.add_argument("--json", action="store_true", help="print the jobs as JSON")
 
     show = command("show", cmd_show, "one job (or group) with its files and history")
     show.add_argument("id", metavar="ID", help="job or group id (a unique prefix is enough)")
     shown = show.add_mutually_exclusive_group()
-    shown.add_argument("--json", action="store_true")
+    shown.add_argument("--json", action="store_true", help="print the job (or group) as JSON")
     shown.add_argument("--password", action="store_true",
                        help="print the password of the job's result zips (the job's history records that it was shown)")
 
     cancel = command("cancel", cmd_cancel, "cancel a job (remotely too, if it was submitted)")
-    cancel.add_argument("id", metavar="ID")
+    cancel.add_argument("id", metavar="ID", help="job id (a unique prefix is enough)")
     retry = command("retry", cmd_retry, "put a failed job back to pending")
-    retry.add_argument("id", metavar="ID")
+    retry.add_argument("id", metavar="ID", help="job id (a unique prefix is enough)")
 
     services = command("services", cmd_services, "configured services and their status")
     services.add_argument("--check", action="store_true", help="contact each service: token, panels")
-    services.add_argument("--json", action="store_true")
+    services.add_argument("--json", action="store_true", help="print the services as JSON")
 
     cleanup = command("cleanup", cmd_cleanup,
                       "delete finished jobs (result folders and rows) older than storage.keep_days")
     cleanup.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     cleanup.add_argument("--keep-days", type=int, metavar="N", help="override storage.keep_days for this run")
-    cleanup.add_argument("--json", action="store_true")
+    cleanup.add_argument("--json", action="store_true", help="print what was (or would be) deleted as JSON")
 
     sim = command("simulate-server", cmd_simulate_server, "run the simulated Cloudgene server", config=False)
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8080)
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     sim.add_argument("--token", help="API token to accept (default: a generated one, printed)")
     return parser
 

@@ -372,3 +372,24 @@ def test_counts_of_one_are_singular(capsys, tmp_path: Path, simulator) -> None:
     assert code == 0 and "OK (1 service: mis)" in out, err
     code, out, err = run(capsys, "cleanup", "-c", str(config), "--dry-run", "--keep-days", "1")
     assert code == 0 and out == "would delete 0 jobs finished more than 1 day ago (0 bytes of results)\n", err
+
+
+def test_every_option_and_command_has_help_text() -> None:
+    import argparse
+
+    from daemon.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {choice.dest: choice.help for choice in action._choices_actions}
+                missing.extend(f"{parser.prog} {name}" for name in action.choices if not helped.get(name))
+                for sub in action.choices.values():
+                    walk(sub)
+            elif not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser())
+    assert not missing, missing
