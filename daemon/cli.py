@@ -266,6 +266,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         except ValueError:
             raise CliError(f"--status {args.status}: states are {', '.join(s.value for s in JobState)}",
                            EXIT_USAGE) from None
+    # A service taken out of the config may still have jobs in the database: those can be listed too.
+    if args.service and args.service not in config.services and args.service not in store.counts_by_service():
+        known = ", ".join(sorted(config.services)) or "none configured"
+        raise CliError(f"--service {args.service}: not a configured service (configured: {known})", EXIT_USAGE)
     jobs = store.list_jobs(states=states, service=args.service, limit=args.limit)
     if args.json:
         _print_json([job_snapshot(j) for j in jobs])

@@ -192,6 +192,14 @@ def test_jobs_table_json_and_filters(capsys, config: Path, vcf: Path) -> None:
     assert json.loads(out) == []
     code, _, err = run(capsys, "jobs", "-c", str(config), "--status", "done")
     assert code == 2 and "--status done" in err
+    code, out, err = run(capsys, "jobs", "-c", str(config), "--service", "nope")
+    assert code == 2 and out == "" and "--service nope: not a configured service (configured: mis, topmed)" in err
+    text = config.read_text()
+    config.write_text(text[:text.index("  mis:")] + text[text.index("  topmed:"):])
+    code, out, err = run(capsys, "jobs", "-c", str(config), "--service", "mis", "--json")
+    assert code == 0 and [j["id"] for j in json.loads(out)] == [first], err  # its jobs outlive its config
+    code, out, err = run(capsys, "jobs", "-c", str(config), "--service", "nope")
+    assert code == 2 and "(configured: topmed)" in err
 
 
 def test_cancel_pending_and_retry_rules(capsys, config: Path, vcf: Path) -> None:
