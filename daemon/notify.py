@@ -262,6 +262,7 @@ class Notifier:
         self._clock = clock
         timeouts = (config.webhook.timeout if config.webhook else 0) + (config.email.timeout if config.email else 0)
         self._lease = timeouts + LEASE_MARGIN
+        self._said_dropped = False
 
     def close(self) -> None:
         for sender in self._senders:
@@ -277,7 +278,10 @@ class Notifier:
         if not self.sends:
             dropped = self.store.drop_notifications("not sent: notifications are not configured")
             if dropped:
-                log.info("notifications_dropped", events=dropped, reason="notifications are not configured")
+                # Once at info: with notifications off every job's end is dropped, a line per job says nothing new.
+                say = log.debug if self._said_dropped else log.info
+                say("notifications_dropped", events=dropped, reason="notifications are not configured")
+                self._said_dropped = True
             return 0
         self.store.drop_notifications("not sent: state not in notifications.on", keep_states=self.config.on)
         batch = self.store.claim_notifications(states=self.config.on, limit=BATCH, lease_seconds=self._lease)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from daemon.config import EmailConfig, NotificationsConfig, WebhookConfig
 from daemon.db.engine import make_engine
@@ -242,6 +243,16 @@ def test_without_notifications_due_events_are_dropped_so_turning_them_on_sends_n
                                                              JobEvent.to_state == "cancelled")).one()
     assert dropped.notify_next_at is None and dropped.notified_at is None
     assert dropped.notify_error == "not sent: notifications are not configured"
+
+
+def test_without_notifications_the_drop_is_said_once_at_info(store: JobStore) -> None:
+    notifier = Notifier(store, NotificationsConfig())
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            store.request_cancel(new_job(store))
+            notifier.tick()
+    said = [(line["log_level"], line["events"]) for line in logs if line["event"] == "notifications_dropped"]
+    assert said == [("info", 1), ("debug", 1), ("debug", 1)]
 
 
 def test_states_not_listed_in_on_are_not_sent(store: JobStore) -> None:
