@@ -7,7 +7,9 @@ import shutil
 import sqlite3
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -31,6 +33,7 @@ from daemon.states import JobState, OutputState
 from pg import free_port
 
 HEAD = schema.head_revision()
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -63,16 +66,17 @@ def test_upgrade_from_empty_then_again_is_a_no_op(empty_engine: sa.Engine) -> No
     assert schema.ensure_current(empty_engine) == HEAD
 
 
-def test_concurrent_upgrades_apply_the_migrations_once(empty_db_url: str) -> None:
-    engines = [make_engine(empty_db_url) for _ in range(3)]
+def _at_once(engines: list[sa.Engine], call: Callable[[sa.Engine], T]) -> list[T]:
+    """`call(engine)` in one thread per engine, all started together; their results (in the order they finished).
+    Raises what a thread raised, or AssertionError when one is still running a minute later."""
     barrier = threading.Barrier(len(engines))
-    results: list[tuple[str | None, str]] = []
+    results: list[T] = []
     errors: list[BaseException] = []
 
     def run(engine: sa.Engine) -> None:
         barrier.wait(timeout=10)
         try:
-            results.append(schema.upgrade(engine))
+            results.append(call(engine))
         except BaseException as e:  # reported below, in the test's thread
             errors.append(e)
 
@@ -81,9 +85,19 @@ def test_concurrent_upgrades_apply_the_migrations_once(empty_db_url: str) -> Non
         t.start()
     for t in threads:
         t.join(timeout=60)
-    for e in engines:
-        e.dispose()
-    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a thread is still running"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_concurrent_upgrades_apply_the_migrations_once(empty_db_url: str) -> None:
+    engines = [make_engine(empty_db_url) for _ in range(3)]
+    try:
+        results = _at_once(engines, schema.upgrade)
+    finally:
+        for e in engines:
+            e.dispose()
     assert sorted(results, key=str) == sorted([(None, HEAD), (HEAD, HEAD), (HEAD, HEAD)], key=str)
 
 
@@ -215,28 +229,9 @@ def test_ensure_current_migrates_a_new_sqlite_database_and_only_a_new_one(tmp_pa
 
 
 def test_concurrent_first_use_of_a_new_sqlite_database_migrates_it_once(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'new.db'}"
-    engines = [make_engine(url) for _ in range(3)]
-    barrier = threading.Barrier(len(engines))
-    results: list[str] = []
-    errors: list[BaseException] = []
-
-    def run(engine: sa.Engine) -> None:
-        barrier.wait(timeout=10)
-        try:
-            results.append(schema.ensure_current(engine))
-        except BaseException as e:  # reported below, in the test's thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
+    engines = [make_engine(f"sqlite:///{tmp_path / 'new.db'}") for _ in range(3)]
     try:
-        assert not errors, errors
-        assert results == [HEAD] * 3
+        assert _at_once(engines, schema.ensure_current) == [HEAD] * 3
         assert schema.current_revision(engines[0]) == HEAD
     finally:
         for e in engines:
