@@ -109,6 +109,14 @@ CONFIGS: dict[str, tuple[str | bytes | None, tuple[str, ...]]] = {
     "duplicate_key": ("scheduler:\n  workers: 2\n  workers: 3\n", ("duplicate key 'workers'",)),
     "not_utf8": (b"scheduler: {workers: \xff}\n", ("not UTF-8",)),
     "missing_file": (None, ("cannot read", "No such file")),
+    "deep_nesting": ("scheduler: " + "[" * 5000 + "]" * 5000 + "\n", ("line 1, column 75: nested more than 64",)),
+    "alias_bomb": (
+        "services:\n  m:\n    type: wes\n    base_url: https://x.org\n    token_env: T\n    wes:\n"
+        "      {workflow_url: m, workflow_type: NFL, workflow_type_version: '1', workflow_params: {\n"
+        + "l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol],\n"
+        + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}],\n" for i in range(1, 10)) + "}}\n",
+        ("values once its aliases are expanded",),
+    ),
 }
 
 

@@ -577,6 +577,86 @@ def test_duplicate_keys_are_an_error(tmp_path: Path) -> None:
     assert problem.startswith("line 4, column 1: duplicate key 'scheduler' (first at line 1)")
 
 
+def wes_with_params(params: str) -> str:
+    """A WES service whose workflow_params (a free-form section: every value of it is walked) are `params`, YAML
+    text indented to follow the key."""
+    service = "services:\n  m:\n    type: wes\n    base_url: https://x.org\n    token_env: T\n    wes:\n"
+    service += "      workflow_url: main.nf\n      workflow_type: NFL\n      workflow_type_version: '1'\n"
+    return service + "      workflow_params: " + params + "\n"
+
+
+def laughs(levels: int) -> str:
+    """A "billion laughs" document: each anchor is a list of ten aliases of the one before (10^levels values)."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * 10)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return wes_with_params("\n" + "".join(f"        {line}\n" for line in lines))
+
+
+@pytest.mark.parametrize("flow", [True, False], ids=["flow", "block"])
+def test_deep_nesting_is_one_error_not_a_traceback(tmp_path: Path, flow: bool) -> None:
+    if flow:
+        text = "scheduler: " + "[" * 5000 + "]" * 5000 + "\n"
+    else:
+        text = "scheduler:\n" + "".join("  " * level + "- \n" for level in range(1, 5000))
+    [problem] = problems_of(write(tmp_path, text))
+    assert problem.startswith(("line 1, column ", "line 65, column ")) and problem.endswith(
+        "nested more than 64 levels deep"), problem
+
+
+def test_nesting_is_counted_through_aliases(tmp_path: Path) -> None:
+    text = "x0: &x0 [1]\n" + "".join(f"x{i}: &x{i} {'[' * 40}*x{i - 1}{']' * 40}\n" for i in range(1, 200))
+    [problem] = problems_of(write(tmp_path, text))
+    assert problem == "line 2, column 5: nested more than 64 levels deep once its aliases are expanded"
+
+
+@pytest.mark.parametrize(("brackets", "loads"), [(58, True), (59, False)])
+def test_nesting_up_to_64_levels_loads(tmp_path: Path, brackets: int, loads: bool) -> None:
+    # The file, services, m, wes and workflow_params are five levels, the lists 58 or 59, the innermost value one.
+    line = "{deep: " + "[" * brackets + "1" + "]" * brackets + "}"
+    text = wes_with_params(line)
+    if loads:
+        assert load_config(write(tmp_path, text)).services["m"].wes is not None
+    else:
+        column = len("      workflow_params: ") + line.index("1") + 1
+        assert problems_of(write(tmp_path, text)) == [f"line 10, column {column}: nested more than 64 levels deep"]
+
+
+@pytest.mark.parametrize("levels", [6, 9])
+def test_an_alias_bomb_is_refused(tmp_path: Path, levels: int) -> None:
+    # 10^6 values took a few seconds to check, 10^9 ("billion laughs") hung check-config and run.
+    [problem] = problems_of(write(tmp_path, laughs(levels)))
+    assert problem.startswith("line ")
+    assert problem.endswith("holds more than 100000 values once its aliases are expanded (a configuration needs a "
+                            "few hundred; is this a YAML alias bomb?)")
+
+
+def test_a_merge_key_bomb_is_refused(tmp_path: Path) -> None:
+    text = "a0: &a0 {k0: 1, k1: 2}\n" + "".join(
+        f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}], x{i}: 1}}\n" for i in range(1, 40)
+    )
+    [problem] = problems_of(write(tmp_path, text))
+    assert "holds more than 100000 values once its aliases are expanded" in problem
+
+
+def test_a_recursive_alias_is_refused(tmp_path: Path) -> None:
+    text = "services:\n  m: &m\n    type: wes\n    wes: {workflow_params: {again: [*m]}}\n"
+    assert problems_of(write(tmp_path, text)) == [
+        "line 2, column 6: an alias refers to a value that contains it (a recursive value)"
+    ]
+
+
+def test_small_anchors_shared_between_services_load(tmp_path: Path) -> None:
+    params = "{" + ", ".join(f"p{i}: [{', '.join(str(n) for n in range(50))}]" for i in range(20)) + "}"
+    text = wes_with_params("&params " + params)
+    for name in ("n", "o", "p"):
+        text += f"  {name}:\n    type: wes\n    base_url: https://{name}.org\n    token_env: T\n"
+        text += "    wes: {workflow_url: main.nf, workflow_type: NFL, workflow_type_version: '1', "
+        text += "workflow_params: *params}\n"
+    config = load_config(write(tmp_path, text))
+    assert {name: len(service.wes.workflow_params) for name, service in config.services.items()} == dict.fromkeys(
+        "mnop", 20)
+
+
 @pytest.mark.parametrize(("content", "got"), [("- a\n- b\n", "a list"), ("just text\n", "'just text'")])
 def test_top_level_must_be_a_mapping(tmp_path: Path, content: str, got: str) -> None:
     assert problems_of(write(tmp_path, content)) == [f"(top level): must be a mapping of sections, got {got}"]
