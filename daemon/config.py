@@ -231,7 +231,7 @@ def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Co
     scheduler = _scheduler(sections.get("scheduler"), ctx)
     logging_ = LoggingConfig(**(_walk(sections.get("logging"), "logging", _LOGGING, ctx) or {}))
     metrics = MetricsConfig(**(_walk(sections.get("metrics"), "metrics", _METRICS, ctx) or {}))
-    services = _services(sections.get("services"), scheduler.poll_interval, ctx)
+    services = _services(sections.get("services", _ABSENT), scheduler.poll_interval, ctx)
     notifications = _notifications(sections.get("notifications"), ctx)
     if ctx.problems:
         raise ConfigError(ctx.problems, source)
@@ -381,6 +381,10 @@ def _measure(node: yaml.Node, depth: int, seen: dict[int, tuple[int, int]], open
 
 
 # --- the schema walker -----------------------------------------------------------------------------------------------
+
+
+#: A section left out of the file, where that differs from one written with nothing under it.
+_ABSENT = object()
 
 
 class _Invalid(Exception):
@@ -831,10 +835,16 @@ def _scheduler(raw: Any, ctx: _Context) -> SchedulerConfig:
 
 
 def _services(raw: Any, default_poll_interval: float, ctx: _Context) -> dict[str, ServiceConfig]:
-    if raw is None:
+    if raw is _ABSENT:
         return {}
-    if not isinstance(raw, dict):
+    if raw is not None and not isinstance(raw, dict):
         ctx.report("services", f"must be a mapping of service name to its settings, got {_got(raw)}")
+        return {}
+    if not raw:
+        # Written out but empty (`services: {}`, or every service under it commented out): a daemon started on it
+        # would never run a job, and nothing would say why. Left out, it is fine: `db upgrade` and `jobs` need none.
+        ctx.report("services", "no service configured; add one (type, base_url, token_file or token_env; see "
+                               "config/imputationd.example.yaml)")
         return {}
     services = {}
     for name, body in raw.items():

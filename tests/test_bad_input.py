@@ -109,6 +109,7 @@ CONFIGS: dict[str, tuple[str | bytes | None, tuple[str, ...]]] = {
     "duplicate_key": ("scheduler:\n  workers: 2\n  workers: 3\n", ("duplicate key 'workers'",)),
     "not_utf8": (b"scheduler: {workers: \xff}\n", ("not UTF-8",)),
     "missing_file": (None, ("cannot read", "No such file")),
+    "no_service": ("services: {}\n", ("services: no service configured",)),
     "deep_nesting": ("scheduler: " + "[" * 5000 + "]" * 5000 + "\n", ("line 1, column 75: nested more than 64",)),
     "alias_bomb": (
         "services:\n  m:\n    type: wes\n    base_url: https://x.org\n    token_env: T\n    wes:\n"

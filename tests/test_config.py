@@ -254,7 +254,7 @@ def test_empty_file_gives_defaults(tmp_path: Path, content: str) -> None:
 
 
 def test_empty_sections_give_defaults(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "database:\nstorage:\nscheduler:\nlogging:\nmetrics:\nservices:\n"))
+    config = load_config(write(tmp_path, "database:\nstorage:\nscheduler:\nlogging:\nmetrics:\n"))
     assert config.scheduler == SchedulerConfig() and config.services == {}
 
 
@@ -464,6 +464,15 @@ def test_empty_service_reports_each_missing_key(tmp_path: Path) -> None:
     assert "services.michigan.type: required" in problems
     assert "services.michigan.base_url: required" in problems
     assert any(p.startswith("services.michigan: needs token_file or token_env") for p in problems)
+
+
+@pytest.mark.parametrize("content", ["services: {}\n", "services:\n  # michigan:\n  #   type: cloudgene\n"])
+def test_an_empty_services_section_is_an_error(tmp_path: Path, content: str) -> None:
+    # Left out it is not (test_empty_file_gives_defaults): commands such as `db upgrade` and `jobs` need no service.
+    assert problems_of(write(tmp_path, content)) == [
+        "services: no service configured; add one (type, base_url, token_file or token_env; see "
+        "config/imputationd.example.yaml)"
+    ]
 
 
 def test_did_you_mean_and_the_list_of_keys(tmp_path: Path) -> None:
