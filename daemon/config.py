@@ -6,6 +6,7 @@ from a file, and `check-config` and daemon start-up both go through it.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -168,6 +169,8 @@ class ServiceConfig:
     min_samples: int = 20
     max_samples: int = 50000
     wes: WesConfig | None = None
+    #: Let `base_url` be plain http:// to another machine: the token and the uploads cross the network unencrypted.
+    allow_plain_http: bool = False
 
     def token_path(self) -> Path | None:
         """Where the token file is: a relative `token_file` is looked up under `$CREDENTIALS_DIRECTORY` (systemd
@@ -864,6 +867,7 @@ def _service(name: str, raw: Any, where: str, default_poll_interval: float, ctx:
     raw = raw or {}  # `michigan:` with nothing under it
     _check_service_type(raw, values, where, ctx)
     _check_credential_keys(raw, where, ctx)
+    _check_plain_http(values, where, ctx)
     if _given_and_valid(raw, values, "min_samples", "max_samples"):
         low = values.get("min_samples", _SERVICE_DEFAULTS["min_samples"])
         high = values.get("max_samples", _SERVICE_DEFAULTS["max_samples"])
@@ -885,6 +889,28 @@ def _check_service_type(raw: dict[str, Any], values: dict[str, Any], where: str,
     elif kind == "cloudgene":
         if "wes" in raw:
             ctx.report(f"{where}.wes", "only for services of type wes; remove it")
+
+
+def _check_plain_http(values: dict[str, Any], where: str, ctx: _Context) -> None:
+    url = values.get("base_url")
+    if url is None or urlsplit(url).scheme != "http" or values.get("allow_plain_http"):
+        return
+    host = urlsplit(url).hostname or ""
+    if not _is_loopback(host):
+        ctx.report(
+            f"{where}.base_url",
+            f"plain http:// to {host} would send the token and the genotype files unencrypted; use https://, or "
+            "set allow_plain_http: true if the network to it is trusted",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always this machine
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_credential_keys(raw: dict[str, Any], where: str, ctx: _Context) -> None:
@@ -938,6 +964,7 @@ _SERVICE: dict[str, _Convert] = {
     "max_samples": _integer(1, 10_000_000),
     "panels": _panels,
     "wes": _wes,
+    "allow_plain_http": _boolean,
 }
 
 _SERVICE_DEFAULTS = {f.name: f.default for f in fields(ServiceConfig)}

@@ -382,6 +382,12 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
     ("url-credentials", michigan(base_url="https://me:pw@x.org"), "services.michigan.base_url", "credentials"),
     ("url-query", michigan(base_url="https://x.org/?a=b"), "services.michigan.base_url", "query string"),
     ("url-port", michigan(base_url="https://x.org:99999"), "services.michigan.base_url", "invalid port"),
+    ("url-plain-http", michigan(base_url="http://imputation.example.org"), "services.michigan.base_url",
+     "plain http:// to imputation.example.org would send the token and the genotype files unencrypted; use https://, "
+     "or set allow_plain_http: true if the network to it is trusted"),
+    ("url-plain-http-ip", michigan(base_url="http://10.0.0.5:8080/api/v2"), "services.michigan.base_url",
+     "plain http:// to 10.0.0.5"),
+    ("allow-http-text", michigan(allow_plain_http="yes"), "services.michigan.allow_plain_http", "true or false"),
     ("no-credential", michigan(token_file=DELETE), "services.michigan", "needs token_file or token_env"),
     ("two-credentials", michigan(token_env="MICHIGAN_TOKEN"), "services.michigan", "exactly one of"),
     ("token-env-name", michigan(token_file=DELETE, token_env="my-token"), "services.michigan.token_env",
@@ -473,6 +479,17 @@ def test_an_empty_services_section_is_an_error(tmp_path: Path, content: str) -> 
         "services: no service configured; add one (type, base_url, token_file or token_env; see "
         "config/imputationd.example.yaml)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "allow"),
+    [("http://localhost:8080", False), ("http://127.0.0.2", False), ("http://[::1]:1122", False),
+     ("http://wes.localhost", False), ("http://wes.internal:1122", True), ("https://x.org", False)],
+)
+def test_plain_http_to_this_machine_or_when_allowed_loads(tmp_path: Path, url: str, allow: bool) -> None:
+    config = load_config(write(tmp_path, merged(VALID, michigan(base_url=url, allow_plain_http=allow))))
+    assert config.services["michigan"].base_url == url
+    assert config.services["michigan"].allow_plain_http is allow
 
 
 def test_did_you_mean_and_the_list_of_keys(tmp_path: Path) -> None:
