@@ -10,6 +10,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -1103,6 +1104,21 @@ def _check_token_file(where: str, path: Path) -> str | None:
     if any(ch.isspace() for ch in token):
         # It would be sent as one header value with the line break in it; the server would answer 401.
         return f"{where}: {path} holds more than the token (several lines or words)"
+    return _check_private(where, path)
+
+
+def _check_private(where: str, path: Path) -> str | None:
+    """A secret's file that every user of the machine may read (or replace, pointing our jobs at their account).
+
+    Reported by `check-config` and logged as an error when the daemon starts, which still uses the secret: it is
+    exposed already, and refusing it would stop a daemon that works; systemd's credentials are always private."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None  # reading it worked a moment ago; whatever changed is reported when it is next read
+    can = " and ".join(word for bit, word in ((stat.S_IROTH, "read"), (stat.S_IWOTH, "changed")) if mode & bit)
+    if can:
+        return f"{where}: {path} can be {can} by every user of this machine (mode {mode:04o}); chmod o-rwx it"
     return None
 
 
@@ -1116,6 +1132,10 @@ def _check_notifications(notifications: NotificationsConfig) -> list[str]:
             read_headers_file(notifications.webhook.headers_file)
         except HeadersFileError as exc:
             problems.append(f"notifications.webhook.headers_file: {exc}")
+        else:
+            problem = _check_private("notifications.webhook.headers_file", notifications.webhook.headers_file)
+            if problem:
+                problems.append(problem)
     email = notifications.email
     if email is not None and email.password_file is not None:
         problem = _check_token_file("notifications.email.password_file", email.password_file)

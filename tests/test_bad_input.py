@@ -151,6 +151,21 @@ def test_malformed_configs_exit_2_with_key_paths(tmp_path: Path, capsys: pytest.
     }, capsys)
 
 
+def test_check_config_refuses_a_token_file_every_user_can_read(tmp_path: Path) -> None:
+    token = tmp_path / "m.token"
+    token.write_text(SECRET_IN_YAML + "\n", encoding="utf-8")
+    token.chmod(0o644)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{state_dir: {tmp_path / 'state'}}}\n"
+                      "services:\n  m:\n    type: cloudgene\n    base_url: https://x.org\n    token_file: m.token\n")
+    run = cli(["check-config", "-c", str(config)], tmp_path)
+    assert_clear_usage_error(run, f"services.m.token_file: {token} can be read by every user of this machine "
+                                  "(mode 0644); chmod o-rwx it")
+    token.chmod(0o600)
+    run = cli(["check-config", "-c", str(config)], tmp_path)
+    assert run.code == 0 and run.out.startswith(f"{config}: OK"), str(run)
+
+
 # ---------------------------------------------------------------------------------------------------- arguments, files
 
 

@@ -27,8 +27,9 @@ def simulator():
 
 
 def write_config(tmp_path: Path, base_url: str, *, migrate: bool = True) -> Path:
-    (tmp_path / "mis.token").write_text(TOKEN)
-    (tmp_path / "topmed.token").write_text(TOKEN)
+    for name in ("mis", "topmed"):
+        (tmp_path / f"{name}.token").write_text(TOKEN)
+        (tmp_path / f"{name}.token").chmod(0o600)
     config = tmp_path / "config.yaml"
     config.write_text(
         f"""

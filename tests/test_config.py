@@ -712,6 +712,7 @@ def cloudgene(**credential: Any) -> dict[str, Any]:
 
 def test_runtime_all_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "michigan.token").write_text(TOKEN + "\n")
+    (tmp_path / "michigan.token").chmod(0o640)
     assert check_runtime(runtime_config(tmp_path, cloudgene(token_file="michigan.token"))) == []
     monkeypatch.setenv("MICHIGAN_TOKEN", TOKEN)
     assert check_runtime(runtime_config(tmp_path, cloudgene(token_env="MICHIGAN_TOKEN"))) == []
@@ -738,6 +739,19 @@ def test_runtime_token_file_problems(tmp_path: Path, setup: Any, fragment: str) 
     assert TOKEN not in problems[0]
 
 
+@pytest.mark.parametrize(("mode", "can"), [(0o644, "read"), (0o604, "read"), (0o602, "changed"),
+                                           (0o666, "read and changed")])
+def test_runtime_token_file_open_to_every_user(tmp_path: Path, mode: int, can: str) -> None:
+    token_path = tmp_path / "michigan.token"
+    token_path.write_text(TOKEN)
+    token_path.chmod(mode)
+    problems = check_runtime(runtime_config(tmp_path, cloudgene(token_file="michigan.token")))
+    assert problems == [f"services.michigan.token_file: {token_path} can be {can} by every user of this machine "
+                        f"(mode {mode:04o}); chmod o-rwx it"]
+    token_path.chmod(mode & 0o770)
+    assert check_runtime(runtime_config(tmp_path, cloudgene(token_file="michigan.token"))) == []
+
+
 def test_runtime_unreadable_token_file() -> None:
     def problems(directory: Path) -> list[str]:
         token_path = directory / "michigan.token"
@@ -756,6 +770,7 @@ def test_runtime_token_file_in_credentials_directory(tmp_path: Path, monkeypatch
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / "michigan.token").write_text(TOKEN)
+    (credentials / "michigan.token").chmod(0o400)  # as systemd makes it
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
     config = runtime_config(tmp_path, cloudgene(token_file="michigan.token"))
     assert check_runtime(config) == []

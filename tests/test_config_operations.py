@@ -123,6 +123,28 @@ def test_runtime_checks_of_the_notification_credentials(tmp_path: Path, monkeypa
     assert f"notifications.email.password_file: {tmp_path / 'missing.pw'} does not exist" in check_runtime(config)
 
 
+def test_notification_secrets_open_to_every_user_are_reported(tmp_path: Path) -> None:
+    headers, password = tmp_path / "hook.headers", tmp_path / "smtp.pw"
+    headers.write_text("Authorization: Bearer abcdefgh\n")
+    password.write_text("hunter2hunter2\n")
+    headers.chmod(0o644)
+    password.chmod(0o604)
+    config = parse(tmp_path, notifications={
+        "webhook": {"url": "https://h.example.org", "headers_file": str(headers)},
+        "email": {"host": "localhost", "from": "a@b.org", "to": "c@d.org", "username": "u",
+                  "password_file": str(password)},
+    })
+    assert check_runtime(config) == [
+        f"notifications.webhook.headers_file: {headers} can be read by every user of this machine (mode 0644); "
+        "chmod o-rwx it",
+        f"notifications.email.password_file: {password} can be read by every user of this machine (mode 0604); "
+        "chmod o-rwx it",
+    ]
+    headers.chmod(0o600)
+    password.chmod(0o640)
+    assert check_runtime(config) == []
+
+
 def test_relative_credential_files_live_in_the_credentials_directory(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
     config = parse(tmp_path, notifications={
