@@ -119,8 +119,8 @@ class Daemon:
         self._retired_adapters: list[ServiceAdapter] = []
         #: A tick still running when the stop budget ran out (stuck on a slow server): the process must not wait.
         self._tick_outlived_stop = False
-        self.engine = make_engine(config.database.url, pool_size=max(config.database.pool_size,
-                                                                     config.scheduler.workers + 4))
+        self.engine = make_engine(config.database.url, echo=config.database.echo,
+                                  pool_size=max(config.database.pool_size, config.scheduler.workers + 4))
         ensure_current(self.engine)
         #: Seals job passwords at rest (key read or created on first use).
         self.passwords = PasswordCipher(config.storage.secret_key_path)

@@ -30,6 +30,7 @@ from daemon.db.engine import (
 from daemon.db.models import Base, Job, JobEvent, JobInput, JobOutput, ServiceStatus
 from daemon.db.schema import SchemaNewer, SchemaOutdated
 from daemon.states import JobState, OutputState
+from e2e_support import LogCapture
 from pg import free_port
 
 HEAD = schema.head_revision()
@@ -536,6 +537,44 @@ def test_unreachable_postgres_names_the_host_and_hides_the_password() -> None:
             assert "\n" not in message
     finally:
         engine.dispose()
+
+
+def test_echo_logs_each_statement_once_through_our_log_without_its_parameters(sqlite_url: str, capsys) -> None:
+    log = LogCapture(level="warning")  # echo is asked for explicitly: it shows whatever logging.level says
+    engine = make_engine(sqlite_url, echo=True)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT :hash AS remote_hash"), {"hash": "download-hash-5b1e7d"})
+    finally:
+        engine.dispose()
+        log.close()
+    statements = [line for line in log.lines() if line["logger"] == "sqlalchemy.engine.Engine"]
+    assert [line["event"] for line in statements if "SELECT" in line["event"]] == ["SELECT ? AS remote_hash"]
+    assert all(line["level"] == "info" for line in statements)
+    assert "download-hash-5b1e7d" not in log.stream.getvalue()
+    assert capsys.readouterr().out == ""  # SQLAlchemy's own handler would print every statement again on stdout
+
+
+@pytest.mark.parametrize("echo", [True, False])
+def test_the_daemon_engine_follows_database_echo(tmp_path: Path, sqlite_url: str, echo: bool) -> None:
+    from daemon.config import parse_config
+    from daemon.scheduler import Daemon
+
+    config = parse_config({
+        "database": {"url": sqlite_url, "echo": echo},
+        "storage": {"state_dir": str(tmp_path / "state")},
+        "services": {"m": {"type": "cloudgene", "base_url": "https://x.org", "token_env": "M_TOKEN"}},
+    }, base_dir=tmp_path)
+    log = LogCapture()  # Daemon() sets logger levels process-wide: put them back afterwards
+    daemon = Daemon(config)
+    try:
+        assert daemon.engine.echo is echo
+    finally:
+        daemon.pool.shutdown()
+        for adapter in daemon.adapters.values():
+            adapter.close()
+        daemon.engine.dispose()
+        log.close()
 
 
 def test_unopenable_sqlite_names_the_path(tmp_path: Path) -> None:

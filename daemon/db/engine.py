@@ -22,6 +22,7 @@ and `application_name=imputationd` so operators can find our sessions in `pg_sta
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -93,14 +94,26 @@ def _sqlite_path(url: URL) -> Path | None:
 def make_engine(url: str | URL, *, pool_size: int = 5, echo: bool = False) -> Engine:
     """An engine for `url` set up for the daemon's threads (see the module doc).
 
+    `echo` logs every statement (never its parameters: they hold job passwords and download URLs) through the
+    daemon's logging, as logger `sqlalchemy.engine.Engine` at INFO, whatever `logging.level` says.
     `sqlite://` (in memory) gets a single connection shared by every thread (`StaticPool`): for unit tests only.
     Raises `DatabaseUnavailable` when the directory of a SQLite file cannot be created."""
     url = make_url(url)
+    if echo:
+        _keep_statement_log_ours()
     if url.get_backend_name() == "sqlite":
         return _make_sqlite_engine(url, pool_size=pool_size, echo=echo)
     if url.get_backend_name() == "postgresql":
         return _make_postgres_engine(url, pool_size=pool_size, echo=echo)
     raise ValueError(f"unsupported database URL {describe_url(url)}: use sqlite:/// or postgresql+psycopg://")
+
+
+def _keep_statement_log_ours() -> None:
+    """SQLAlchemy gives an echoing engine's logger a handler of its own, printing to stdout, when it has none: its
+    lines would bypass our format and redaction, and show twice. A NullHandler leaves them to ours."""
+    statements = logging.getLogger("sqlalchemy.engine.Engine")
+    if not statements.handlers:
+        statements.addHandler(logging.NullHandler())
 
 
 def _make_sqlite_engine(url: URL, *, pool_size: int, echo: bool) -> Engine:
