@@ -15,17 +15,31 @@ The CLI calls run a few at a time (each is a Python start-up); figures are print
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import datetime as dt
+import http.server
+import ipaddress
 import os
+import ssl
 import subprocess
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from chaos_support import partial_files, report, rows
+from daemon.config import ServiceConfig
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput
+from daemon.services.cloudgene import CloudgeneAdapter
+from daemon.services.errors import Transient
 from daemon.simulator.results import ResultFile
 from daemon.simulator.vcf import sample_records, write_sample_vcf, write_vcf
 from daemon_harness import (
@@ -164,6 +178,88 @@ def test_check_config_refuses_a_token_file_every_user_can_read(tmp_path: Path) -
     token.chmod(0o600)
     run = cli(["check-config", "-c", str(config)], tmp_path)
     assert run.code == 0 and run.out.startswith(f"{config}: OK"), str(run)
+
+
+# ---------------------------------------------------------------------------------------------------- TLS
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key) PEM files for 127.0.0.1, signed by the key itself: no CA vouches for it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "server.pem", directory / "server.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class _Empty(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def loopback_server(certificate: tuple[Path, Path] | None) -> Iterator[int]:
+    """A server on 127.0.0.1 answering `{}` to every GET, over TLS with `certificate` when given; yields its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Empty)
+    if certificate is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*certificate)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def status_error(base_url: str) -> str:
+    adapter = CloudgeneAdapter(ServiceConfig(name="m", type="cloudgene", base_url=base_url, timeout=10.0),
+                               token=lambda: "token-abcdefgh")
+    try:
+        with pytest.raises(Transient) as raised:
+            adapter.status("job-1")
+    finally:
+        adapter.close()
+    assert raised.value.kind == "connection"
+    return raised.value.message
+
+
+def test_a_certificate_no_ca_vouches_for_is_named_a_tls_certificate_problem(tmp_path: Path) -> None:
+    certificate = self_signed_certificate(tmp_path)
+    with loopback_server(certificate) as port:
+        # The server itself works: a client that trusts this certificate gets its answer.
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(certificate[0]))) as trusting:
+            assert trusting.get(f"https://127.0.0.1:{port}/x").json() == {}
+        message = status_error(f"https://127.0.0.1:{port}")
+    assert message == ("GET /jobs/job-1/status: TLS certificate verification failed for 127.0.0.1: "
+                       "self-signed certificate")
+
+
+def test_https_to_a_plain_http_server_is_named_a_tls_problem(tmp_path: Path) -> None:
+    with loopback_server(None) as port:
+        message = status_error(f"https://127.0.0.1:{port}")
+    assert message.startswith("GET /jobs/job-1/status: TLS handshake with 127.0.0.1 failed: "), message
 
 
 # ---------------------------------------------------------------------------------------------------- arguments, files

@@ -170,7 +170,30 @@ def transport_errors(call: str) -> Iterator[None]:
     except httpx.TimeoutException as exc:
         raise Transient(f"{call}: timed out ({type(exc).__name__})", kind="timeout") from None
     except httpx.TransportError as exc:
+        tls = _tls_failure(exc)
+        if tls is not None:  # still kind "connection": nothing reached the server, as for a refused connection
+            raise Transient(f"{call}: {tls}", kind="connection") from None
         raise Transient(f"{call}: connection failed ({type(exc).__name__})", kind="connection") from None
+
+
+def _tls_failure(exc: httpx.TransportError) -> str | None:
+    """What went wrong with TLS, when that is why `exc` happened: httpx says only "ConnectError", and an operator
+    facing a server with an expired or self-signed certificate, or a proxy that intercepts TLS, must see that it is
+    the certificate, not the network."""
+    try:
+        host = exc.request.url.host
+    except RuntimeError:  # raised outside a request
+        host = "the server"
+    cause: BaseException | None = exc
+    for _ in range(10):  # httpx wraps httpcore's error, which wraps the ssl one
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS certificate verification failed for {host}: {cause.verify_message or cause.reason}"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake with {host} failed: {cause.reason or type(cause).__name__}"
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def error_message(response: httpx.Response) -> str:
