@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import sqlite3
+import stat
 import threading
 import uuid
 from collections.abc import Callable
@@ -575,6 +577,36 @@ def test_the_daemon_engine_follows_database_echo(tmp_path: Path, sqlite_url: str
             adapter.close()
         daemon.engine.dispose()
         log.close()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000, 0o277], ids=["umask-022", "umask-000", "umask-277"])
+def test_a_new_sqlite_database_and_its_wal_and_shm_are_private_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    path = tmp_path / "state" / "imputationd.db"
+    old = os.umask(umask)
+    try:
+        engine = make_engine(f"sqlite:///{path}")
+        try:
+            schema.upgrade(engine)
+            with engine.connect() as conn:  # the -wal and -shm files exist while a connection is open
+                conn.exec_driver_sql("SELECT 1").close()
+                modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()}
+        finally:
+            engine.dispose()
+    finally:
+        os.umask(old)
+    assert modes == {"imputationd.db": 0o600, "imputationd.db-wal": 0o600, "imputationd.db-shm": 0o600}
+
+
+def test_an_existing_sqlite_database_keeps_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "imputationd.db"
+    path.touch(mode=0o640)
+    path.chmod(0o640)  # an operator's choice (a backup user's group): not ours to change
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        schema.upgrade(engine)
+    finally:
+        engine.dispose()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 def test_unopenable_sqlite_names_the_path(tmp_path: Path) -> None:

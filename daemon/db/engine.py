@@ -23,6 +23,7 @@ and `application_name=imputationd` so operators can find our sessions in `pg_sta
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -124,6 +125,7 @@ def _make_sqlite_engine(url: URL, *, pool_size: int, echo: bool) -> Engine:
     else:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
         except OSError as e:
             raise unavailable(url, e) from e
         kwargs.update(poolclass=QueuePool, pool_size=pool_size)
@@ -141,6 +143,20 @@ def _make_sqlite_engine(url: URL, *, pool_size: int, echo: bool) -> Engine:
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_on_begin)
     return engine
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file empty (SQLite's start for a new database), readable and writable by its owner only
+    whatever the umask: it holds download URLs, which are secrets. SQLite would make it 0644 less the umask, and it
+    gives the -wal and -shm files it makes later the mode of the database file. An existing file is left as it is."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)  # the umask may have taken the owner's bits too
+    finally:
+        os.close(fd)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
