@@ -179,7 +179,9 @@ def transport_errors(call: str) -> Iterator[None]:
 def _tls_failure(exc: httpx.TransportError) -> str | None:
     """What went wrong with TLS, when that is why `exc` happened: httpx says only "ConnectError", and an operator
     facing a server with an expired or self-signed certificate, or a proxy that intercepts TLS, must see that it is
-    the certificate, not the network."""
+    the certificate, not the network. Only for connecting: a TLS error later is a connection cut off."""
+    if not isinstance(exc, httpx.ConnectError):
+        return None
     try:
         host = exc.request.url.host
     except RuntimeError:  # raised outside a request
