@@ -98,7 +98,7 @@ def make_engine(url: str | URL, *, pool_size: int = 5, echo: bool = False) -> En
     `echo` logs every statement (never its parameters: they hold job passwords and download URLs) through the
     daemon's logging, as logger `sqlalchemy.engine.Engine` at INFO, whatever `logging.level` says.
     `sqlite://` (in memory) gets a single connection shared by every thread (`StaticPool`): for unit tests only.
-    Raises `DatabaseUnavailable` when the directory of a SQLite file cannot be created."""
+    Raises `DatabaseUnavailable` when a new SQLite file or its directory cannot be created."""
     url = make_url(url)
     if echo:
         _keep_statement_log_ours()
