@@ -124,6 +124,9 @@ CONFIGS: dict[str, tuple[str | bytes | None, tuple[str, ...]]] = {
     "not_utf8": (b"scheduler: {workers: \xff}\n", ("not UTF-8",)),
     "missing_file": (None, ("cannot read", "No such file")),
     "no_service": ("services: {}\n", ("services: no service configured",)),
+    "plain_http": ("services:\n  m:\n    type: cloudgene\n    base_url: http://imputation.example.org\n"
+                   "    token_file: t\n", ("services.m.base_url: plain http:// to imputation.example.org",
+                                          "allow_plain_http: true")),
     "deep_nesting": ("scheduler: " + "[" * 5000 + "]" * 5000 + "\n", ("line 1, column 75: nested more than 64",)),
     "alias_bomb": (
         "services:\n  m:\n    type: wes\n    base_url: https://x.org\n    token_env: T\n    wes:\n"
