@@ -43,6 +43,7 @@ from daemon.db.models import utcnow
 from daemon.db.store import JobStore, PendingNotification
 from daemon.logging import register_secret
 from daemon.metrics import NO_METRICS, Metrics
+from daemon.text import printable
 
 if TYPE_CHECKING:
     from email.message import EmailMessage
@@ -57,6 +58,8 @@ EVENT_HEADER = "X-Imputationd-Event"
 BATCH = 50
 #: Seconds a claim outlives the sends it covers.
 LEASE_MARGIN = 60.0
+#: Most characters of a job's name in an e-mail subject.
+SUBJECT_NAME_LIMIT = 100
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: Headers a headers_file may not set: the request's own framing and our idempotency key.
 _RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding", EVENT_HEADER.lower()})
@@ -202,10 +205,15 @@ class EmailSender:
 
 
 def _email_message(config: EmailConfig, message: Mapping[str, Any]) -> EmailMessage:
+    """The e-mail of one notification. The job's name and the reason come from users and servers: they are shown
+    with every line break and control character escaped (`printable`), so no value can end a header, add one, or
+    reach a reader's terminal as an escape sequence; the `email` package folds and encodes what is left."""
     from email.message import EmailMessage
     from email.utils import formatdate
 
-    label = message["name"] or message["job_id"][:8]
+    name = printable(message["name"], limit=None) if message["name"] else None
+    reason = printable(message["reason"], limit=None) if message["reason"] else None
+    label = printable(message["name"], limit=SUBJECT_NAME_LIMIT) if message["name"] else message["job_id"][:8]
     mail = EmailMessage()
     mail["Subject"] = f"[imputationd] {label}: {message['state']} on {message['service']}"
     mail["From"] = config.sender
@@ -216,10 +224,10 @@ def _email_message(config: EmailConfig, message: Mapping[str, Any]) -> EmailMess
     mail["Message-ID"] = f"<imputationd.event-{message['event_id']}.{message['job_id']}@{domain}>"
     mail[EVENT_HEADER] = str(message["event_id"])
     lines = [
-        f"Job {message['job_id']} ({message['name'] or 'no name'}) on {message['service']} is now {message['state']}"
+        f"Job {message['job_id']} ({name or 'no name'}) on {message['service']} is now {message['state']}"
         + (f" (was {message['from_state']})." if message["from_state"] else "."),
         "",
-        f"reason:      {message['reason'] or '-'}",
+        f"reason:      {reason or '-'}",
         f"group:       {message['group_id']}",
         f"result dir:  {message['result_dir'] or '-'}",
         f"finished at: {message['finished_at'] or '-'}",

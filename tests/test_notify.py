@@ -375,3 +375,43 @@ def test_the_daemon_notifies_a_completed_job_once_across_a_restart(db_url: str, 
         assert body["job_id"] == str(job.id) and body["state"] == "completed" and body["name"] == "cohort"
         assert body["result_dir"] and body["finished_at"]
         assert [status for status, _, _ in hook.all()] == [500, 204]  # one failure, one delivery, nothing after
+
+
+# ------------------------------------------------------------------------------------------ hostile values
+
+
+def both_channels(hook: WebhookReceiver, smtp: SmtpServer) -> NotificationsConfig:
+    return NotificationsConfig(webhook=WebhookConfig(url=hook.url, timeout=5.0),
+                               email=EmailConfig(host="127.0.0.1", port=smtp.port, starttls=False,
+                                                 sender="d@example.org", to=("lab@example.org",), timeout=5.0))
+
+
+def test_a_name_with_line_breaks_reaches_no_header_raw_and_stops_nothing(store: JobStore) -> None:
+    """A name stored by another inserter (the CLI refuses it): each channel sends each event once, and the line
+    break can neither add a header nor end the headers."""
+    hostile = "cohort\r\nBcc: victim@example.org\n\nfake body\x1b[31m\u2028end"
+    first, bad, last = new_job(store, "before"), new_job(store, hostile), new_job(store, "after")
+    for job in (first, bad, last):
+        store.request_cancel(job)
+    with WebhookReceiver() as hook, SmtpServer() as smtp:
+        notifier = Notifier(store, both_channels(hook, smtp), **FAST_BACKOFF)
+        try:
+            drain(notifier, lambda: len(smtp.received()) == 3 and len(hook.delivered()) == 3)
+            for _ in range(3):
+                notifier.tick()
+        finally:
+            notifier.close()
+        bodies = hook.delivered()
+        mails = smtp.received()
+    assert Counter(body["job_id"] for body in bodies) == Counter(map(str, (first, bad, last)))
+    assert next(body for body in bodies if body["job_id"] == str(bad))["name"] == hostile  # JSON escapes it
+    assert len(mails) == 3 and all(mail["Bcc"] is None for mail in mails)
+    [mail] = [m for m in mails if str(bad) in m.get_content()]
+    subject = str(mail["Subject"])
+    assert "\n" not in subject and "\r" not in subject and "\x1b" not in subject
+    assert "cohort\\x0d\\x0aBcc: victim@example.org" in subject  # shown, escaped
+    assert "\x1b" not in mail.get_content() and "\u2028" not in mail.get_content()
+    assert "fake body" in mail.get_content()
+    rows = outbox(store)
+    assert all(r.notify_next_at is None and r.notify_error is None for r in rows)
+    assert {r.notified_via for r in rows} == {"email,webhook"}
