@@ -10,7 +10,10 @@ outbox on `job_events` (schema 0002):
   `BEGIN IMMEDIATE` write lock on SQLite), which pushes their `notify_next_at` a lease ahead and counts an attempt;
   sends; then records the outcome only if that claim is still the latest (`notify_attempts` is the fencing token).
   A failure is retried with backoff (`scheduler.backoff_initial` doubling up to `scheduler.backoff_max`); a channel
-  that delivered is not sent again when another channel is retried (`notified_via`).
+  that delivered is recorded at once (`notified_via`) and not sent again when another channel is retried.
+- Each (event, channel) delivery stands alone: a channel that raises for one event's values (a bug) fails that one
+  delivery, and a channel that fails (`NotifyFailed`: its receiver is down) is not tried again for the rest of the
+  tick, while the other channels go on with the whole batch.
 - What the outbox cannot rule out is a crash between a successful send and the write that records it: that one
   notification is sent again after the lease. The webhook carries the event id in `X-Imputationd-Event` (and the
   e-mail a Message-ID made from it) so the receiver can drop the duplicate.
@@ -293,19 +296,14 @@ class Notifier:
             return 0
         self.store.drop_notifications("not sent: state not in notifications.on", keep_states=self.config.on)
         batch = self.store.claim_notifications(states=self.config.on, limit=BATCH, lease_seconds=self._lease)
-        done = 0
-        for index, item in enumerate(batch):
-            if not self._deliver(item):
-                # A channel is failing: hand the rest back instead of waiting out its timeout once per event.
-                for rest in batch[index + 1:]:
-                    self.store.finish_notification(rest.event_id, rest.attempt, delivered=rest.notified_via,
-                                                   done=False, retry_at=self._clock())
-                break
-            done += 1
-        return done
+        failing: dict[str, str] = {}
+        return sum(self._deliver(item, failing) for item in batch)
 
-    def _deliver(self, item: PendingNotification) -> bool:
-        """Send one claimed notification on every channel that has not delivered it yet; True when all did."""
+    def _deliver(self, item: PendingNotification, failing: dict[str, str]) -> bool:
+        """Send one claimed notification on every channel that has not delivered it yet; True when all have.
+
+        `failing` maps the channels that failed earlier in this tick to why: they are not tried again until the next
+        tick (instead of waiting out their timeout once per event), and a channel that fails here is added."""
         now = self._clock()
         context = {"event_id": item.event_id, "job_id": str(item.job_id), "service": item.service,
                    "state": item.state}
@@ -319,16 +317,31 @@ class Notifier:
         message = payload(item)
         delivered = set(item.notified_via)
         errors = []
+        tried = False  # a channel failed on this event (back off); else some only went untried (due again now)
         for sender in self._senders:
             if sender.name in delivered:
+                continue
+            if sender.name in failing:
+                errors.append(f"{sender.name}: {failing[sender.name]}")
                 continue
             try:
                 sender.send(message)
             except NotifyFailed as exc:
+                tried = True
+                failing[sender.name] = str(exc)
                 errors.append(f"{sender.name}: {exc}")
                 self.metrics.notification(sender.name, "failed")
                 continue
+            except Exception as exc:
+                # A bug that this event's values trigger: it fails this one delivery, never the tick or the batch.
+                tried = True
+                log.exception("notification_crashed", channel=sender.name, attempt=item.attempt,
+                              error_kind="internal", **context)
+                errors.append(f"{sender.name}: {type(exc).__name__} (a bug in imputationd; see the log)")
+                self.metrics.notification(sender.name, "failed")
+                continue
             delivered.add(sender.name)
+            self.store.note_notification_delivered(item.event_id, item.attempt, delivered)
             self.metrics.notification(sender.name, "sent")
             log.info("notification_sent", channel=sender.name, attempt=item.attempt, **context)
         if not errors:
@@ -342,12 +355,13 @@ class Notifier:
                       **context)
             return False
         initial, maximum = self._backoff
-        delay = backoff_delay(item.attempt, initial=initial, maximum=maximum)
+        delay = backoff_delay(item.attempt, initial=initial, maximum=maximum) if tried else 0.0
         self.store.finish_notification(item.event_id, item.attempt, delivered=delivered, done=False, error=error,
                                        retry_at=now + dt.timedelta(seconds=delay))
-        level = log.warning if item.attempt == 1 else log.debug
-        level("notification_failed_will_retry", reason=error, attempt=item.attempt, retry_in=round(delay, 1),
-              error_kind="notification", **context)
+        if tried:
+            level = log.warning if item.attempt == 1 else log.debug
+            level("notification_failed_will_retry", reason=error, attempt=item.attempt, retry_in=round(delay, 1),
+                  error_kind="notification", **context)
         return False
 
 

@@ -415,3 +415,66 @@ def test_a_name_with_line_breaks_reaches_no_header_raw_and_stops_nothing(store: 
     rows = outbox(store)
     assert all(r.notify_next_at is None and r.notify_error is None for r in rows)
     assert {r.notified_via for r in rows} == {"email,webhook"}
+
+
+class ExplodingSender:
+    """A channel with a bug that only one event's values trigger (something that is not a NotifyFailed)."""
+
+    name = "exploding"
+
+    def __init__(self, store: JobStore, victim: str) -> None:
+        self.store, self.victim = store, victim
+        self.sent: list[str] = []
+        self.seen_delivered: list[str | None] = []
+
+    def send(self, message) -> None:
+        if message["name"] == self.victim:
+            # What the outbox holds while this channel runs: the webhook's delivery is recorded already.
+            [row] = [r for r in outbox(self.store) if r.id == message["event_id"]]
+            self.seen_delivered.append(row.notified_via)
+            raise KeyError("a bug in a channel")
+        self.sent.append(message["name"])
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_channel_raising_for_one_event_stops_no_other_and_sends_nothing_twice(store: JobStore) -> None:
+    jobs = [new_job(store, name) for name in ("a", "victim", "c", "d")]
+    for job in jobs:
+        store.request_cancel(job)
+    with WebhookReceiver() as hook:
+        webhook = WebhookSender(WebhookConfig(url=hook.url, timeout=5.0))
+        exploding = ExplodingSender(store, "victim")
+        notifier = Notifier(store, webhook_config(hook.url), senders=[webhook, exploding], **FAST_BACKOFF)
+        try:
+            drain(notifier, lambda: len(exploding.seen_delivered) >= 3 and len(exploding.sent) == 3)
+        finally:
+            notifier.close()
+        bodies = hook.delivered()
+    assert sorted(body["name"] for body in bodies) == ["a", "c", "d", "victim"]  # once each, over every retry
+    assert sorted(exploding.sent) == ["a", "c", "d"]
+    assert set(exploding.seen_delivered) == {"webhook"}
+    victim = next(r for r in outbox(store) if r.job_id == jobs[1])
+    assert victim.notified_via == "webhook" and victim.notify_next_at is not None  # retried later, with backoff
+    assert victim.notify_error == "exploding: KeyError (a bug in imputationd; see the log)"
+    others = [r for r in outbox(store) if r.job_id != jobs[1]]
+    assert all(r.notify_next_at is None and r.notified_via == "exploding,webhook" for r in others)
+
+
+def test_a_failing_channel_is_tried_once_per_tick_while_the_other_serves_the_whole_batch(store: JobStore) -> None:
+    jobs = [new_job(store, f"j{i}") for i in range(4)]
+    for job in jobs:
+        store.request_cancel(job)
+    with WebhookReceiver(status=503) as hook, SmtpServer() as smtp:
+        notifier = Notifier(store, both_channels(hook, smtp), backoff_initial=60, backoff_max=60)
+        try:
+            assert notifier.tick() == 0
+        finally:
+            notifier.close()
+        assert len(hook.all()) == 1  # not once per event: its timeout would be waited out each time
+        assert len(smtp.received()) == 4
+    rows = outbox(store)
+    assert all(r.notified_via == "email" and r.notify_error == "webhook: HTTP 503" for r in rows)
+    *untried, tried = sorted(rows, key=lambda r: r.notify_next_at)
+    assert all(r.notify_next_at <= tried.notify_next_at - dt.timedelta(seconds=20) for r in untried)  # due again

@@ -801,6 +801,19 @@ class JobStore:
                 for event, job in rows
             ]
 
+    def note_notification_delivered(self, event_id: int, attempt: int, delivered: Collection[str]) -> bool:
+        """Record the channels that have delivered a claimed notification while its other channels are still being
+        tried, so that nothing that happens to those (a hang past the lease, a crash) sends these again. Lands only
+        for the claim that made attempt `attempt`; returns whether it did."""
+        with self._session() as session, session.begin():
+            result = session.execute(
+                sa.update(JobEvent)
+                .where(JobEvent.id == event_id, JobEvent.notify_attempts == attempt)
+                .values(notified_via=",".join(sorted(delivered)) or None)
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount == 1
+
     def finish_notification(
         self,
         event_id: int,
