@@ -22,6 +22,11 @@ nothing (event text, exception tracebacks, third-party messages) reaches the out
 of secret-named keys, and inside every string it scrubs header values (`X-Auth-Token: ...`, `Authorization:
 Bearer ...`), `key=value` and quoted `"key": "value"` secrets, URL query strings, Cloudgene
 `/share/results/<hash>/` paths, JWT-looking strings, and every value given to `register_secret`.
+
+`scrub` is the one function that scrubs text, here and wherever text from a server is kept or shown (the service
+adapters' boundary, `daemon.services.scrubbing`): there, the secrets known to apply to the call (the service's token,
+the job's password, its download hashes and URLs) are passed in as well, and a piece of one of those cut off by a
+shortened message (next to its "…") goes too.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
 import structlog
@@ -79,6 +84,10 @@ SECRET_KEY_SUFFIXES = ("_token", "_password", "_passwd", "_secret", "_api_key")
 
 #: Registered secrets shorter than this are ignored: replacing "abc" everywhere would shred ordinary text.
 MIN_SECRET_LENGTH = 6
+#: The mark a shortened text carries where it was cut (the adapters' messages, `daemon.text.printable`).
+CUT_MARK = "…"
+#: The shortest piece of a known secret, cut off beside a `CUT_MARK`, that is scrubbed: shorter ones say nothing.
+MIN_CUT_PIECE = 4
 #: Most registered secrets kept; the least recently registered go first (the daemon re-registers what it reads).
 MAX_SECRETS = 4096
 
@@ -147,8 +156,17 @@ def register_secret(value: str | None) -> None:
         _secrets_longest_first = tuple(sorted(_secrets, key=len, reverse=True))
 
 
-def scrub(text: str) -> str:
-    """`text` with registered secrets and every secret-looking fragment replaced by `[redacted]`."""
+def scrub(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """`text` with `secrets`, the registered secrets and every secret-looking fragment replaced by `[redacted]`.
+
+    `secrets` are the ones known to apply (a job's password, its download hashes): of these, a piece cut off where a
+    shortened text ends or starts (the beginning of a secret just before a "…", its end just after one) goes too."""
+    known = sorted({s for s in secrets if isinstance(s, str) and len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+    for secret in known:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    if known and CUT_MARK in text:
+        text = _scrub_cut_pieces(text, known)
     for secret in _secrets_longest_first:
         if secret in text:
             text = text.replace(secret, REDACTED)
@@ -157,6 +175,23 @@ def scrub(text: str) -> str:
     for pattern, replacement in _SCRUBBERS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def _scrub_cut_pieces(text: str, secrets: list[str]) -> str:
+    parts = text.split(CUT_MARK)
+    for i in range(len(parts) - 1):
+        before, after = parts[i], parts[i + 1]
+        for secret in secrets:
+            longest = min(len(secret) - 1, len(before))
+            cut = next((n for n in range(longest, MIN_CUT_PIECE - 1, -1) if before.endswith(secret[:n])), 0)
+            if cut:
+                before = before[:-cut] + REDACTED
+            longest = min(len(secret) - 1, len(after))
+            cut = next((n for n in range(longest, MIN_CUT_PIECE - 1, -1) if after.startswith(secret[-n:])), 0)
+            if cut:
+                after = REDACTED + after[cut:]
+        parts[i], parts[i + 1] = before, after
+    return CUT_MARK.join(parts)
 
 
 def is_secret_key(key: object) -> bool:

@@ -240,6 +240,25 @@ def test_scrub_string_forms(text, gone, kept):
     assert kept in out
 
 
+HASH = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
+@pytest.mark.parametrize(
+    ("text", "out"),
+    [
+        (f"files {HASH} and {HASH}", "files [redacted] and [redacted]"),
+        (f"Exported {HASH[:20]}…", "Exported [redacted]…"),  # cut where a shortened text ends
+        (f"…{HASH[-30:]} done", "…[redacted] done"),  # cut where a text shortened from the front starts
+        (f"a {HASH[:30]}…; b", "a [redacted]…; b"),  # pieces joined after each was cut
+        (f"Data…", "Data…"),  # a cut beside no secret: nothing to scrub
+        (f"x {HASH[:3]}…", f"x {HASH[:3]}…"),  # three characters say nothing
+        ("no secret here", "no secret here"),
+    ],
+)
+def test_scrub_with_the_secrets_known_to_apply(text, out):
+    assert dlog.scrub(text, [HASH, None, "short"]) == out
+
+
 def test_secret_keys_are_blanked_at_any_depth(setup_logging):
     stream = setup_logging()
     structlog.get_logger("daemon.downloads").info(
