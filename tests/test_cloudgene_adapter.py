@@ -18,6 +18,7 @@ from daemon.config import ServiceConfig
 from daemon.services.base import RemoteOutput, SubmitRequest
 from daemon.services.cloudgene import CloudgeneAdapter
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
+from daemon.services.scrubbing import ScrubbingAdapter
 from daemon.states import RemoteKind
 
 ROOT = "https://imputation.example.org"
@@ -47,6 +48,14 @@ def mock():
 @pytest.fixture
 def adapter():
     a = make()
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def bounded():
+    """The adapter behind the boundary that scrubs secrets out of what the server says, as the daemon builds it."""
+    a = ScrubbingAdapter(make(), token=lambda: TOKEN)
     yield a
     a.close()
 
@@ -991,10 +1000,10 @@ def test_download_leaves_the_callers_own_errors_alone(mock, adapter):
             raise OSError("disk full")
 
 
-def test_download_error_body_echoing_the_hash_is_redacted(mock, adapter):
+def test_download_error_body_echoing_the_hash_is_redacted(mock, bounded):
     mock.get(f"{ROOT}/share/results/{FILE_HASH}/chr_1.zip").respond(
         500, text=f"Download {FILE_HASH} failed for {ROOT}/share/results/{FILE_HASH}/chr_1.zip")
-    with pytest.raises(Transient) as caught, adapter.stream_output(remote_output()):
+    with pytest.raises(Transient) as caught, bounded.stream_output(remote_output()):
         pass
     assert_no_secrets(caught.value)
     assert "[redacted]" in str(caught.value)
@@ -1097,21 +1106,21 @@ def test_check_reports_an_odd_app(mock, adapter, app):
     assert result.message.startswith("GET /server/apps/imputationserver2: ")
 
 
-def test_check_never_reveals_the_token(mock, adapter):
+def test_check_never_reveals_the_token(mock, bounded):
     mock.post(VERIFY).respond(json={"valid": False, "message": f"Token {TOKEN} is not valid."})
     mock.get(f"{API}/server/apps/imputationserver2").respond(500, text=f"error for token {TOKEN}")
-    result = adapter.check()
+    result = bounded.check()
     assert TOKEN not in result.message and TOKEN not in repr(result)
 
 
 # -- secrets -------------------------------------------------------------------------------------------------------
 
 
-def test_server_echoing_the_token_is_redacted(mock, adapter, vcfs):
+def test_server_echoing_the_token_is_redacted(mock, bounded, vcfs):
     mock.post(SUBMIT).respond(400, json={"success": False, "message": f"Parameter '{TOKEN}' not found."})
     mock.get(STATUS).respond(500, text=f"boom {TOKEN}")
     errors: list[ServiceError] = []
-    for call in (lambda: adapter.submit(submit_request(vcfs)), lambda: adapter.status("job-1")):
+    for call in (lambda: bounded.submit(submit_request(vcfs)), lambda: bounded.status("job-1")):
         with pytest.raises(ServiceError) as caught:
             call()
         errors.append(caught.value)
@@ -1120,10 +1129,10 @@ def test_server_echoing_the_token_is_redacted(mock, adapter, vcfs):
         assert "[redacted]" in str(error)
 
 
-def test_password_is_never_in_a_message(mock, adapter, vcfs):
+def test_password_is_never_in_a_message(mock, bounded, vcfs):
     mock.post(SUBMIT).respond(400, text="bad password correct-horse-battery")
     with pytest.raises(Permanent) as caught:
-        adapter.submit(submit_request(vcfs))
+        bounded.submit(submit_request(vcfs))
     assert "correct-horse-battery" not in str(caught.value)
 
 

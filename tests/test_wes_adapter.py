@@ -22,7 +22,9 @@ import respx
 from daemon.config import ServiceConfig, WesConfig
 from daemon.services.base import RemoteOutput, SubmitRequest
 from daemon.services.errors import Blocked, Permanent, Transient
+from daemon.services.scrubbing import ScrubbingAdapter
 from daemon.services.wes import (
+    STDERR_CHARS,
     TAG_JOB_ID,
     TemplateError,
     WesAdapter,
@@ -407,14 +409,14 @@ def test_transport_errors_are_transient(router: respx.MockRouter, exception: Exc
 def test_token_never_appears_in_messages(router: respx.MockRouter, vcfs: list[Path]) -> None:
     router.post(f"{API}/runs").respond(400, json={"msg": f"bad header Bearer {TOKEN}", "status_code": 400})
     router.get(f"{API}/runs/{RUN}/status").respond(401, json={"msg": f"token {TOKEN} expired", "status_code": 401})
-    adapter = WesAdapter(make_config(), token=lambda: TOKEN)
+    adapter = ScrubbingAdapter(WesAdapter(make_config(), token=lambda: TOKEN), token=lambda: TOKEN)  # the boundary
     with pytest.raises(Permanent) as submit_error:
         adapter.submit(submit_request(vcfs))
     with pytest.raises(Blocked) as status_error:
         adapter.status(RUN)
     for error in (submit_error.value, status_error.value):
         assert TOKEN not in str(error) and TOKEN not in repr(error.args)
-        assert "[token]" in str(error)
+        assert "[redacted]" in str(error)
 
 
 def test_token_is_read_per_request(router: respx.MockRouter) -> None:
@@ -602,6 +604,23 @@ def test_status_executor_error_message(router: respx.MockRouter, adapter: WesAda
     assert status.message.startswith("EXECUTOR_ERROR (exit code 3): ")
     assert status.message.endswith("ERROR: panel hrc has no chr20")
     assert "line 86" in status.message and "line 85" not in status.message  # the last 15 lines only
+
+
+def test_status_stderr_echoing_secrets_is_scrubbed_at_the_boundary(router: respx.MockRouter) -> None:
+    """A workflow that prints the token and the job's password: the failure message (stored as the job's error and
+    sent in notifications) holds neither, also where the stderr excerpt starts in the middle of one."""
+    password = "job-pass-0123456789"
+    first, last = f"{TOKEN} tail", f"auth Bearer {TOKEN} for zip password {password}"
+    # The excerpt keeps the last STDERR_CHARS characters: it starts 5 characters into the token of the first line.
+    stderr = "\n".join([first, "x" * (STDERR_CHARS - (len(first) - 5) - 2 - len(last)), last])
+    router.get(f"{API}/runs/{RUN}/status").respond(200, json={"run_id": RUN, "state": "EXECUTOR_ERROR"})
+    router.get(f"{API}/runs/{RUN}").respond(
+        200, json=sapporo_log("EXECUTOR_ERROR", run_log={"stderr": stderr, "exit_code": 2}))
+    inner = WesAdapter(make_config(), token=lambda: TOKEN)
+    message = ScrubbingAdapter(inner, token=lambda: TOKEN).for_job([password]).status(RUN).message
+    assert message is not None and message.startswith("EXECUTOR_ERROR (exit code 2): …[redacted] tail")
+    assert TOKEN[5:] not in message and password not in message
+    assert message.endswith("auth Bearer [redacted] for zip password [redacted]")
 
 
 def test_status_error_message_is_bounded(router: respx.MockRouter, adapter: WesAdapter) -> None:

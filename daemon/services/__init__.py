@@ -12,6 +12,7 @@ import structlog
 from daemon.config import ServiceConfig
 from daemon.logging import register_secret
 from daemon.services.base import ServiceAdapter
+from daemon.services.scrubbing import ScrubbingAdapter
 
 log = structlog.get_logger("daemon.services")
 
@@ -56,13 +57,18 @@ def token_reader(config: ServiceConfig) -> Callable[[], str | None]:
     return read
 
 
-def build_adapter(config: ServiceConfig, *, max_connections: int = 10) -> ServiceAdapter:
+def build_adapter(config: ServiceConfig, *, max_connections: int = 10) -> ScrubbingAdapter:
+    """The adapter of one configured service, behind the boundary that scrubs what its server says of secrets."""
+    token = token_reader(config)
+    adapter: ServiceAdapter
     if config.type == "cloudgene":
         from daemon.services.cloudgene import CloudgeneAdapter
 
-        return CloudgeneAdapter(config, token=token_reader(config), max_connections=max_connections)
-    if config.type == "wes":
+        adapter = CloudgeneAdapter(config, token=token, max_connections=max_connections)
+    elif config.type == "wes":
         from daemon.services.wes import WesAdapter
 
-        return WesAdapter(config, token=token_reader(config), max_connections=max_connections)
-    raise ValueError(f"services.{config.name}.type: unknown service type {config.type!r}")
+        adapter = WesAdapter(config, token=token, max_connections=max_connections)
+    else:
+        raise ValueError(f"services.{config.name}.type: unknown service type {config.type!r}")
+    return ScrubbingAdapter(adapter, token=token)

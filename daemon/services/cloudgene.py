@@ -8,8 +8,9 @@ Follows /reference/cloudgene-api.md. Decisions worth knowing before changing any
 - API calls never follow redirects: httpx keeps custom headers on a cross-origin redirect, so following one would
   hand the token to whatever host the redirect names. A redirect is a misconfigured `base_url` -> `Blocked`.
   Downloads do follow redirects (some deployments answer 301 to a presigned URL) since they carry no token.
-- Every error message is scrubbed of the token and of the download hash / URL before it leaves this module; messages
-  name the call ("GET /jobs/job-1/status") or the file ("download of chr_1.zip"), never a full download URL.
+- Messages name the call ("GET /jobs/job-1/status") or the file ("download of chr_1.zip"), never a full download
+  URL. What the server says is quoted as it is: the boundary every adapter sits behind (`daemon.services.scrubbing`)
+  scrubs the token, the job's password and the download hashes out of it.
 - A malformed answer (HTML where JSON was due, a list instead of an object, a missing or mistyped key) is
   `Transient(kind="bad_response")` naming the call: proxies garble answers and the next try usually gets a real one.
 - A 404 on an API call counts as Cloudgene's answer ("Job X not found.", "Application 'X' not found.") only when it
@@ -133,7 +134,7 @@ class CloudgeneAdapter:
         data["job-name"] = request.job_id
 
         token = self._require_token()
-        with _redacting(token, request.password), contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
             files = []
             for path in map(Path, request.files):
                 try:
@@ -223,7 +224,7 @@ class CloudgeneAdapter:
         call = f"download of {output.name}"
         # Identity encoding: the bytes we count are the bytes Content-Length announced.
         headers = {"Accept-Encoding": "identity"}
-        with _redacting(output.url, output.remote_hash), _stream_errors(call):
+        with _stream_errors(call):
             with self._client().stream("GET", output.url, headers=headers, follow_redirects=True) as response:
                 _check_download(response, call)
                 yield response
@@ -261,11 +262,10 @@ class CloudgeneAdapter:
 
         call = f"GET /server/apps/{self.config.app}"
         try:
-            with _redacting(token):
-                body = self._api(
-                    "GET", self._path("server", "apps", self.config.app), call,
-                    token=token if token_valid is not False else None,
-                )
+            body = self._api(
+                "GET", self._path("server", "apps", self.config.app), call,
+                token=token if token_valid is not False else None,
+            )
             reachable = True
             panels = _parse_panels(body, call)
         except Transient as exc:
@@ -274,7 +274,7 @@ class CloudgeneAdapter:
         except ServiceError as exc:
             reachable = True
             notes.append(exc.message)
-        message = "; ".join(_scrub(note, (token,)) for note in notes) or None
+        message = "; ".join(notes) or None
         return ServiceCheck(
             reachable=reachable,
             token_valid=token_valid,
@@ -338,9 +338,8 @@ class CloudgeneAdapter:
         token = self._require_token() if token is _READ else token
         if token is not None and not isinstance(token, str):
             raise TypeError("token must be a string or None")
-        with _redacting(token):
-            response = self._send(method, url, call, token=token, **kwargs)
-            return self._answer(response, call, token=token, job=job)
+        response = self._send(method, url, call, token=token, **kwargs)
+        return self._answer(response, call, token=token, job=job)
 
     def _answer(
         self, response: httpx.Response, call: str, *, token: str | None, job: bool = False
@@ -387,22 +386,21 @@ class CloudgeneAdapter:
     def _verify(self, token: str) -> dict[str, Any]:
         """`POST /tokens/verify` → {"valid", "message", "user", "expires"}; errors as ServiceError."""
         call = "POST /tokens/verify"
-        with _redacting(token):
-            # The token goes in the form; no header, so a revoked token cannot make the check itself fail.
-            response = self._send("POST", self._path("tokens", "verify"), call, token=None, data={"token": token})
-            raise_for_status(response, call)
-            body = json_object(response, call)
-            valid = body.get("valid")
-            if not isinstance(valid, bool):
-                raise Transient(f"{call}: expected a boolean 'valid' in the answer", kind="bad_response")
-            message = body.get("message")
-            user = body.get("username") or body.get("mail")
-            return {
-                "valid": valid,
-                "message": _clean(message, PROGRESS_LIMIT) if isinstance(message, str) else None,
-                "user": user if isinstance(user, str) and valid else None,
-                "expires": _parse_time(body.get("expire")) if valid else None,
-            }
+        # The token goes in the form; no header, so a revoked token cannot make the check itself fail.
+        response = self._send("POST", self._path("tokens", "verify"), call, token=None, data={"token": token})
+        raise_for_status(response, call)
+        body = json_object(response, call)
+        valid = body.get("valid")
+        if not isinstance(valid, bool):
+            raise Transient(f"{call}: expected a boolean 'valid' in the answer", kind="bad_response")
+        message = body.get("message")
+        user = body.get("username") or body.get("mail")
+        return {
+            "valid": valid,
+            "message": _clean(message, PROGRESS_LIMIT) if isinstance(message, str) else None,
+            "user": user if isinstance(user, str) and valid else None,
+            "expires": _parse_time(body.get("expire")) if valid else None,
+        }
 
     def _iter_jobs(self, max_pages: int) -> Iterator[RemoteJob]:
         for page in range(1, max_pages + 1):
@@ -659,22 +657,3 @@ def _stream_errors(call: str) -> Iterator[None]:
             yield
         except httpx.DecodingError:
             raise Transient(f"{call}: the body could not be decoded", kind="bad_response") from None
-
-
-def _scrub(text: str, secrets: tuple[str | None, ...]) -> str:
-    for secret in sorted((s for s in secrets if s and len(s) >= 8), key=len, reverse=True):
-        text = text.replace(secret, "[redacted]")
-    return text
-
-
-@contextlib.contextmanager
-def _redacting(*secrets: str | None) -> Iterator[None]:
-    """Remove secrets (token, password, download hash and URL) from any ServiceError passing through."""
-    try:
-        yield
-    except ServiceError as exc:
-        scrubbed = _scrub(exc.message, secrets)
-        if scrubbed != exc.message:
-            exc.message = scrubbed
-            exc.args = (scrubbed,)
-        raise

@@ -25,8 +25,9 @@ Outputs: the spec leaves `RunLog.outputs` free-form, so `parse_outputs` reads th
 list of `{file_name, file_url}`, a mapping of output name to URL, to `{location|url|path}` or to CWL File and
 Directory objects with `checksum: "sha1$…"`); scalar outputs are skipped, anything else is a `bad_response`.
 
-The token (`Authorization: Bearer`) is read from the callable on every request, is sent only to the API's own
-origin (httpx drops it on cross-origin redirects), and never appears in a message; neither do output URLs.
+The token (`Authorization: Bearer`) is read from the callable on every request and is sent only to the API's own
+origin (httpx drops it on cross-origin redirects). Messages never name an output URL; what the server says is
+quoted as it is, and the boundary every adapter sits behind (`daemon.services.scrubbing`) scrubs secrets out of it.
 `check()` reports a JWT's `exp` (read, not verified) as `token_expires`.
 """
 
@@ -575,8 +576,7 @@ class WesAdapter:
         token = self._read_token()
         with transport_errors(call):
             response = send(self._client(), method, url, headers=self._auth(token), **kwargs)
-        with _scrubbed(token):
-            raise_for_status(response, call)
+        raise_for_status(response, call)
         return response
 
     @contextlib.contextmanager
@@ -596,8 +596,7 @@ class WesAdapter:
         with transport_errors(call), self._client().stream("GET", target, headers=self._auth(token)) as response:
             if response.status_code >= 400:
                 response.read()
-                with _scrubbed(token):
-                    raise_for_status(response, call)
+                raise_for_status(response, call)
             yield response
 
     # ------------------------------------------------------------------ WES answers
@@ -695,18 +694,6 @@ class WesAdapter:
         if wes.engine and engines and wes.engine not in engines:
             notes.append(f"the configured engine {wes.engine} is not offered")
         return "; ".join(notes)
-
-
-@contextlib.contextmanager
-def _scrubbed(token: str | None) -> Iterator[None]:
-    """Our errors raised inside, with the token cut out of their message (should a server echo it back)."""
-    try:
-        yield
-    except ServiceError as exc:
-        if token and token in exc.message:
-            exc.message = exc.message.replace(token, "[token]")
-            exc.args = (exc.message,)
-        raise
 
 
 def _tags(value: Any) -> dict[str, Any]:
