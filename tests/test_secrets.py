@@ -11,12 +11,15 @@ services (the columns that *must* hold them — the password, the download URL a
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from chaos_support import report, rows, submit_jobs
 from daemon.db.models import Job, JobEvent, JobOutput, ServiceStatus
@@ -30,6 +33,7 @@ from daemon_harness import (
     simulator,
     wait_until,
 )
+from ops_support import SmtpServer, WebhookReceiver
 
 PASSWORD = "Pw-" + secrets.token_hex(12)
 JOBS = 6
@@ -39,6 +43,13 @@ SECRET_COLUMNS = {"password", "url", "remote_hash"}
 
 def _leaks(text: str, needles: dict[str, str]) -> list[str]:
     return [label for label, value in needles.items() if value in text]
+
+
+def _sample(db: JobDB, seen: list[str]) -> None:
+    """Add what the text columns of the database hold now (but the secret ones) to `seen`."""
+    for table in (Job.__table__, JobEvent.__table__, JobOutput.__table__, ServiceStatus.__table__):
+        for row in rows(db, table):
+            seen.extend(str(v) for k, v in row.items() if k not in SECRET_COLUMNS and v is not None)
 
 
 def test_no_secret_in_logs_database_or_cli_output(tmp_path: Path, sqlite_url: str,
@@ -124,3 +135,73 @@ def test_no_secret_in_logs_database_or_cli_output(tmp_path: Path, sqlite_url: st
     assert fired.get("error", 0) >= 6 and fired.get("truncate", 0) and fired.get("drop", 0), text
     assert not log_leaks and not db_leaks and not cli_leaks, text
     assert "[redacted]" in log_text, "the echoed secrets should have been redacted somewhere: " + text
+
+
+def test_secrets_a_server_echoes_back_are_stored_shown_and_sent_nowhere(tmp_path: Path, sqlite_url: str,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The simulator's `echo_secrets` fault: the token and the job's password in every progress line and failure
+    reason, the download hashes in the export message (longer than the progress line, so cut in the middle of a
+    hash), and a 500 quoting a file's hash on its first download. Whatever the database held while the jobs ran,
+    what the CLI prints and what the webhook and the e-mails carry must hold none of them."""
+    with simulator() as sim, WebhookReceiver() as hook, SmtpServer() as smtp:
+        cfg = DaemonConfig(tmp_path, sqlite_url, sim, poll_interval=0.2,
+                           scheduler={"backoff_initial": 0.3, "backoff_max": 1.0})
+        data = cfg.data()
+        data["notifications"] = {
+            "webhook": {"url": hook.url},
+            "email": {"host": "127.0.0.1", "port": smtp.port, "starttls": False, "from": "d@example.org",
+                      "to": ["lab@example.org"]},
+        }
+        cfg.path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        vcf = sample_vcf(tmp_path / "inputs", samples=25)
+        sim.faults.echo_secrets(times=3)
+        sim.faults.fail_validation(times=1)  # with the first job's echo: a failure reason quoting the secrets
+        ids = submit_jobs(cfg.path, [{"files": [vcf], "password": PASSWORD, "name": f"echo-{i}"} for i in range(3)])
+
+        db = JobDB(sqlite_url)
+        seen: list[str] = []  # every value the text columns held at any moment
+        try:
+            with DaemonProcess(cfg.path, name="echo") as daemon:
+                def settled() -> bool:
+                    _sample(db, seen)
+                    daemon.require_alive()
+                    return set(db.states(ids).values()) <= {"completed", "failed"} and len(hook.delivered()) == 3
+                wait_until(settled, 90, interval=0.05, message=lambda: f"states {db.states(ids)}")
+                wait_until(lambda: len(smtp.received()) == 3, 30, message="not every e-mail arrived")
+                assert daemon.terminate() == 0
+            _sample(db, seen)
+            states = Counter(db.states(ids).values())
+            with sim.sim.lock:
+                hashes = {d.hash for job in sim.sim.jobs.values() for d in job.downloads}
+            cli_text = ""
+            for argv in [["jobs", "--json"], ["jobs"], *(["show", "--json", str(i)] for i in ids)]:
+                done = subprocess.run([*imputationd_command(), *argv, "-c", str(cfg.path)], capture_output=True,
+                                      text=True, timeout=120, stdin=subprocess.DEVNULL)
+                assert done.returncode == 0, (argv, done.stderr)
+                cli_text += done.stdout + done.stderr
+        finally:
+            db.close()
+        webhook_text = json.dumps(hook.delivered())
+        mail_text = "\n".join(mail.as_string() for mail in smtp.received())
+        log_text = daemon.log_path.read_text(errors="replace")
+        fired = sim.faults.counts()
+
+    needles = {"token": TOKEN, "password": PASSWORD}
+    for h in hashes:  # a hash cut short is a leak too
+        needles[f"download hash {h[:8]}…"] = h
+        needles[f"start of download hash {h[:8]}…"] = h[:16]
+    db_text = "\n".join(seen)
+    leaks = {where: _leaks(text, needles) for where, text in
+             {"database": db_text, "CLI": cli_text, "webhook": webhook_text, "e-mail": mail_text}.items()}
+    text = report("secrets echoed by the server", {
+        "jobs": dict(states), "faults fired": dict(sorted(fired.items())),
+        "download hashes looked for": len(hashes), "database values sampled": len(seen),
+        "redacted values in the database": sum("[redacted]" in v for v in seen),
+        "leaks": {where: found or 0 for where, found in leaks.items()},
+    }, capsys)
+    assert states == {"completed": 2, "failed": 1} and fired.get("echo_secrets") == 3 and hashes, text
+    assert not any(leaks.values()), text
+    # The echoes reached everything checked, scrubbed: the failure reason, the progress lines, the download errors.
+    assert "[redacted]" in webhook_text and "[redacted]" in mail_text and "[redacted]" in cli_text, text
+    assert "Exported [redacted]" in db_text and "Could not read file [redacted]" in log_text, text
+

@@ -12,7 +12,10 @@ A rule has a `kind`, how many more times it fires (`times`, None = until removed
 - modifiers: `delay` (sleep `seconds` before or after the application acts; `times=None` gives a fixed per-call
   latency for benchmarks). Every matching delay applies.
 - job faults, consumed when a job is created (scope ignored): `fail_validation` (the job fails input validation),
-  `stall` (the job stays WAITING), `dead` (the job goes DEAD(-1) when it would start running).
+  `stall` (the job stays WAITING), `dead` (the job goes DEAD(-1) when it would start running), `echo_secrets` (the
+  job repeats its secrets in what it says: the token and the job's password in every log message, so in its progress
+  and its failure reasons; the hashes of its result files in its export message; and the first GET of each of its
+  files answers 500 with a message quoting the file's hash and the token).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 RESPONSE_KINDS = frozenset({"error", "drop", "rate_limit", "html_200", "malformed_json", "truncate", "corrupt"})
 MODIFIER_KINDS = frozenset({"delay"})
-JOB_KINDS = frozenset({"fail_validation", "stall", "dead"})
+JOB_KINDS = frozenset({"fail_validation", "stall", "dead", "echo_secrets"})
 KINDS = RESPONSE_KINDS | MODIFIER_KINDS | JOB_KINDS
 
 #: Kinds that only make sense once the application has answered.
@@ -160,6 +163,9 @@ class Faults:
 
     def dead(self, times: int | None = 1) -> FaultRule:
         return self.add("dead", times=times)
+
+    def echo_secrets(self, times: int | None = 1) -> FaultRule:
+        return self.add("echo_secrets", times=times)
 
     # -- consulting the rules
     def _fire(self, rule: FaultRule) -> None:

@@ -119,6 +119,8 @@ class Download:
     hash: str
     count: int  #: downloads left; -1 = unlimited
     served: int = 0
+    #: The job echoes its secrets and this file's hash was not yet quoted in a 500 (`echo_secrets` fault).
+    echo_pending: bool = False
 
 
 @dataclass
@@ -155,6 +157,8 @@ class Job:
     param_hashes: dict[str, str] = field(default_factory=dict)
     stalled: bool = False
     dies: bool = False
+    #: The token the job was submitted with, repeated in what the job says (`echo_secrets` fault); "" = it does not.
+    echoed_token: str = ""
     #: Nothing can happen to the job by itself before this time (`Simulation.advance`); 0: look at it now.
     wake: float = 0.0
 
@@ -197,6 +201,11 @@ def human_size(size: int) -> str:
         if size // factor > 0:
             return f"{size // factor} {unit}"
     return f"{size} bytes"
+
+
+def _echo(job: Job) -> str:
+    """What a job with the `echo_secrets` fault adds to each of its messages."""
+    return f" (token {job.echoed_token}, password {job.params.password})" if job.echoed_token else ""
 
 
 def _ms(t: float) -> int:
@@ -343,6 +352,7 @@ class Simulation:
                 app_version=self.app_version, user_agent=user_agent, params=params, workdir=workdir,
                 submitted=now, since=now, errors=errors, warnings=warnings, validation_text=validation_text,
                 qc_text=qc_text, results=results, stalled="stall" in faults, dies="dead" in faults,
+                echoed_token=account.token if "echo_secrets" in faults else "",
             )
             self.jobs[job_id] = job
             self.submissions[raw_name or ""] += 1
@@ -365,7 +375,8 @@ class Simulation:
     def _step(self, job: Job, name: str, messages: list[tuple[str, MessageType]], t: float) -> None:
         self._step_ids += 1
         job.steps.append(Step(self._step_ids, name, [
-            {"success": True, "message": text, "type": int(kind), "time": _ms(t)} for text, kind in messages
+            {"success": True, "message": text + _echo(job), "type": int(kind), "time": _ms(t)}
+            for text, kind in messages
         ]))
 
     def advance(self) -> None:
@@ -419,7 +430,7 @@ class Simulation:
                 for step in job.steps:
                     for m in step.messages:
                         if m["type"] == MessageType.RUNNING:
-                            m["type"], m["message"] = int(MessageType.OK), "Imputation finished."
+                            m["type"], m["message"] = int(MessageType.OK), "Imputation finished." + _echo(job)
                 self._step(job, "Data Compression and Encryption",
                            [("Exporting data...", MessageType.RUNNING)], due)
                 job.state, job.since = State.EXPORTING, due
@@ -430,10 +441,12 @@ class Simulation:
                 text = "Data have been exported successfully."
                 if job.params.password_generated:
                     text += " We have sent a notification email with the password to your e-mail address."
-                job.steps[-1].messages[-1].update(type=int(MessageType.OK), message=text)
                 job.state, job.since, job.end = State.SUCCESS, due, due
                 job.deleted_on = due + t.retention
                 self._publish(job)
+                if job.echoed_token:
+                    text = f"Exported {' '.join(d.hash for d in job.downloads)}. {text}{_echo(job)}"
+                job.steps[-1].messages[-1].update(type=int(MessageType.OK), message=text)
             elif s in (State.SUCCESS, State.SUCCESS_NOTIFIED):
                 if now >= job.deleted_on:
                     self._retire(job)
@@ -460,7 +473,8 @@ class Simulation:
                 job.param_hashes[file.param] = secrets.token_hex(32)
             # Cloudgene: SHA-256 of name + size + a random number. A URL secret, not a checksum.
             secret = hashlib.sha256(f"{file.name}{file.size}{secrets.randbelow(10**18)}".encode()).hexdigest()
-            download = Download(job.id, self._param_id(job, file.param), file, secret, self.download_limit)
+            download = Download(job.id, self._param_id(job, file.param), file, secret, self.download_limit,
+                                echo_pending=bool(job.echoed_token))
             job.downloads.append(download)
             self._by_hash[secret] = download
 
@@ -620,6 +634,10 @@ class Simulation:
             download = self._by_hash.get(secret)
             if download is None:
                 raise ApiError(404, "download not found.")
+            if download.echo_pending:
+                download.echo_pending = False
+                token = self.jobs[download.job_id].echoed_token
+                raise ApiError(500, f"Could not read file {secret} of the user with token {token}.")
             if download.count == 0:
                 raise ApiError(400, "number of max downloads exceeded.")
             if download.count != -1:
