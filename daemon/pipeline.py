@@ -21,6 +21,7 @@ from daemon.db.models import Job, JobOutput, utcnow
 from daemon.db.store import JobRow, JobStore, LeaseLost, Outcome
 from daemon.logging import bind_job, register_secret
 from daemon.metrics import NO_METRICS, Metrics
+from daemon.services import scrubbing
 from daemon.services.base import RemoteOutput, RemoteStatus, ServiceAdapter, SubmitRequest
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.states import JobState, OutputState, RemoteKind
@@ -158,10 +159,22 @@ class Pipeline:
         return None
 
     def _adapter(self, job: Job) -> ServiceAdapter:
+        """The job's service adapter, scrubbing what the server says of this job's secrets too."""
         adapter = self.adapters.get(job.service)
         if adapter is None:
             raise Permanent(f"service '{job.service}' is not configured", kind="unknown_service")
-        return adapter
+        return scrubbing.for_job(adapter, self._secrets(job))
+
+    def _secrets(self, job: Job) -> list[str | None]:
+        """What a server might echo back of this job: its password in clear and its download URLs and hashes
+        (loaded with the claim of a download only: a job in another state has no outputs recorded yet)."""
+        try:
+            secrets = [self._password(job)]
+        except Transient:
+            secrets = []  # the password cannot be opened: the step that needs it says so
+        if job.state is JobState.DOWNLOADING:
+            secrets += [secret for row in job.outputs for secret in (row.url, row.remote_hash)]
+        return secrets
 
     def _service(self, job: Job) -> ServiceConfig:
         return self.config.services[job.service]

@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import subprocess
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from daemon_harness import (
     DaemonConfig,
     DaemonProcess,
     JobDB,
+    fast_timings,
     imputationd_command,
     sample_vcf,
     simulator,
@@ -205,3 +207,40 @@ def test_secrets_a_server_echoes_back_are_stored_shown_and_sent_nowhere(tmp_path
     assert "[redacted]" in webhook_text and "[redacted]" in mail_text and "[redacted]" in cli_text, text
     assert "Exported [redacted]" in db_text and "Could not read file [redacted]" in log_text, text
 
+
+def test_a_restarted_daemon_knows_the_secrets_of_the_jobs_it_polls(tmp_path: Path, sqlite_url: str) -> None:
+    """The daemon that submitted a job knew its password; the one that polls it after a restart must know it too,
+    though it never opened it to submit: the pipeline hands each job's secrets to the adapters' boundary."""
+    with simulator(timings=fast_timings(queue=3.0, run=0.5)) as sim:
+        cfg = DaemonConfig(tmp_path, sqlite_url, sim, poll_interval=0.2)
+        cfg.write()
+        vcf = sample_vcf(tmp_path / "inputs", samples=25)
+        sim.faults.echo_secrets(times=2)
+        sim.faults.fail_validation(times=1)
+        ids = []
+        for _ in range(2):  # the CLI seals the password (storage.secret_key_file): the rows never hold it in clear
+            done = subprocess.run([*imputationd_command(), "submit", "--service", "sim", "--panel", "1000g-phase3",
+                                   "--build", "hg19", "--password", PASSWORD, "--json", str(vcf), "-c", str(cfg.path)],
+                                  capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+            assert done.returncode == 0, done.stderr
+            ids += [uuid.UUID(job["id"]) for job in json.loads(done.stdout)["jobs"]]
+        db = JobDB(sqlite_url)
+        seen: list[str] = []
+        try:
+            with DaemonProcess(cfg.path, name="submitter") as daemon:
+                db.wait_states(ids, {"queued"}, timeout=60, also=daemon.require_alive)
+                assert daemon.terminate() == 0
+            with DaemonProcess(cfg.path, name="poller") as daemon:
+                wait_until(lambda: (_sample(db, seen), daemon.require_alive(),
+                                    set(db.states(ids).values()) <= {"completed", "failed"})[-1],
+                           60, interval=0.05, message=lambda: f"states {db.states(ids)}")
+                assert daemon.terminate() == 0
+            _sample(db, seen)
+            states = Counter(db.states(ids).values())
+            stored = rows(db, Job.__table__)
+        finally:
+            db.close()
+    assert states == {"completed": 1, "failed": 1}
+    assert all(PASSWORD not in str(row["password"]) for row in stored)  # sealed
+    assert not _leaks("\n".join(seen), {"password": PASSWORD})
+    assert any("password [redacted]" in value for value in seen)  # the echo reached the database, scrubbed
