@@ -134,7 +134,10 @@ _MIGHT_NEED_SCRUBBING = re.compile(
 
 _secrets_lock = threading.Lock()
 _secrets: dict[str, None] = {}  # insertion-ordered: oldest first
-_secrets_longest_first: tuple[str, ...] = ()  # immutable snapshot read without the lock
+#: The registered secrets by their first MIN_SECRET_LENGTH characters, each list longest first: an immutable
+#: snapshot read without the lock. A text is looked up by its own windows of that length, one set lookup each,
+#: instead of searched for each of up to MAX_SECRETS secrets (140 µs for a progress line with 4096 registered).
+_secrets_by_start: dict[str, tuple[str, ...]] = {}
 
 
 def register_secret(value: str | None) -> None:
@@ -142,7 +145,7 @@ def register_secret(value: str | None) -> None:
 
     Values shorter than `MIN_SECRET_LENGTH` are ignored. Registering a known value again keeps it fresh, so the
     `MAX_SECRETS` bound only ever drops secrets the daemon has not read for a long time."""
-    global _secrets_longest_first
+    global _secrets_by_start
     if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH:
         return
     with _secrets_lock:
@@ -153,7 +156,10 @@ def register_secret(value: str | None) -> None:
         _secrets[value] = None
         while len(_secrets) > MAX_SECRETS:
             del _secrets[next(iter(_secrets))]
-        _secrets_longest_first = tuple(sorted(_secrets, key=len, reverse=True))
+        by_start: dict[str, list[str]] = {}
+        for secret in sorted(_secrets, key=len, reverse=True):
+            by_start.setdefault(secret[:MIN_SECRET_LENGTH], []).append(secret)
+        _secrets_by_start = {start: tuple(found) for start, found in by_start.items()}
 
 
 def scrub(text: str, secrets: Iterable[str | None] = ()) -> str:
@@ -167,9 +173,13 @@ def scrub(text: str, secrets: Iterable[str | None] = ()) -> str:
             text = text.replace(secret, REDACTED)
     if known and CUT_MARK in text:
         text = _scrub_cut_pieces(text, known)
-    for secret in _secrets_longest_first:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+    by_start = _secrets_by_start
+    if by_start and len(text) >= MIN_SECRET_LENGTH:
+        windows = {text[i:i + MIN_SECRET_LENGTH] for i in range(len(text) - MIN_SECRET_LENGTH + 1)}
+        found = [secret for start in windows if start in by_start for secret in by_start[start]]
+        for secret in sorted(found, key=len, reverse=True):
+            if secret in text:
+                text = text.replace(secret, REDACTED)
     if _MIGHT_NEED_SCRUBBING.search(text) is None:
         return text
     for pattern, replacement in _SCRUBBERS:
