@@ -34,11 +34,13 @@ import httpx
 from daemon.config import ServiceConfig
 from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
+from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.http import (
     ClientPerThread,
     error_message,
     json_object,
     make_client,
+    open_stream,
     raise_for_status,
     send,
     transport_errors,
@@ -150,6 +152,8 @@ class CloudgeneAdapter:
                 response = self._send(
                     "POST", self._path("jobs", "submit", self.config.app), call, token=token,
                     data=data, files=files, timeout=self._submit_timeout,
+                    budget=Budget.upload(answer_wait=self._submit_timeout.read or SUBMIT_READ_TIMEOUT,
+                                         answer_time=API_DEADLINE_FACTOR * self.config.timeout),
                 )
             except OSError as exc:  # reading an input file failed mid-upload
                 raise Transient(
@@ -225,7 +229,8 @@ class CloudgeneAdapter:
         # Identity encoding: the bytes we count are the bytes Content-Length announced.
         headers = {"Accept-Encoding": "identity"}
         with _stream_errors(call):
-            with self._client().stream("GET", output.url, headers=headers, follow_redirects=True) as response:
+            with open_stream(self._client(), "GET", output.url, call=call, budget=Budget.transfer(),
+                             headers=headers, follow_redirects=True) as response:
                 _check_download(response, call)
                 yield response
 
@@ -313,13 +318,16 @@ class CloudgeneAdapter:
             )
         return token
 
-    def _send(self, method: str, url: str, call: str, *, token: str | None, **kwargs: Any) -> httpx.Response:
-        """One API request with the token header; transport failures and redirects become our errors."""
+    def _send(
+        self, method: str, url: str, call: str, *, token: str | None, budget: Budget | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """One API request with the token header, within `budget` (an API call's by default); transport failures,
+        answers too large and redirects become our errors."""
         headers = {"Accept": "application/json"}
         if token is not None:
             headers[TOKEN_HEADER] = token
-        with transport_errors(call):
-            response = send(self._client(), method, url, headers=headers, follow_redirects=False, **kwargs)
+        response = send(self._client(), method, url, call=call, budget=budget or Budget.api(self.config.timeout),
+                        headers=headers, follow_redirects=False, **kwargs)
         if response.is_redirect:
             target = urlsplit(response.headers.get("location", ""))
             where = f" to {target.scheme}://{target.netloc}{target.path}" if target.netloc else ""

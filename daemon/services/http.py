@@ -2,6 +2,14 @@
 
 Messages built here name the call ("GET /jobs/{id}/status") but never the full URL: Cloudgene download URLs carry
 a secret, and query strings may carry anything.
+
+Every call goes through `send` (an API answer, read whole) or `open_stream` (a result file, read by the caller), so
+that two limits hold for every adapter:
+
+- an API answer is at most `ANSWER_LIMIT` bytes, compressed or not (redirect hops included): a 200 MB status answer
+  once took the daemon to 860 MB, an endless one until it was killed. Past it: `Transient(kind="bad_response")`.
+- every call ends: each has a `deadlines.Budget` (a deadline, or for transfers a minimum rate), enforced at the
+  socket for as long as the call runs.
 """
 
 from __future__ import annotations
@@ -12,17 +20,26 @@ import json
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 
 from daemon import __version__
+from daemon.services.deadlines import Budget, active, install
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 
 USER_AGENT = f"imputationd/{__version__}"
 #: How much of a non-JSON error body goes into a message (HTML error pages are long and say little).
 BODY_EXCERPT = 200
+#: The most bytes of one API answer (after decompression): Cloudgene's and WES's answers are a few KiB (a RunLog of
+#: a large workflow some hundred), and a parsed answer can take ~20 times its size in memory, once per worker.
+ANSWER_LIMIT = 4 << 20
+#: Redirects one call follows at most (httpx's default).
+MAX_REDIRECTS = 20
+#: Content codings an API answer may come in although we ask for none (`_decoder`).
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 _tls_lock = threading.Lock()
@@ -50,8 +67,9 @@ def make_client(
     timeout: float = 30.0,
     max_connections: int = 10,
 ) -> httpx.Client:
-    """A client for one service (thread-safe; the adapters give each thread its own, see `ClientPerThread`)."""
-    return httpx.Client(
+    """A client for one service (thread-safe; the adapters give each thread its own, see `ClientPerThread`), whose
+    connections obey the budget of the call that uses them (`deadlines`)."""
+    client = httpx.Client(
         base_url=base_url,
         verify=tls_context(),
         headers={"User-Agent": USER_AGENT, **(headers or {})},
@@ -59,6 +77,8 @@ def make_client(
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         follow_redirects=True,
     )
+    install([client._transport, *client._mounts.values()])  # noqa: SLF001 - httpx has no public way to choose
+    return client
 
 
 class ClientPerThread:
@@ -137,13 +157,111 @@ class _Coalesced(httpx.SyncByteStream):
         self._stream.close()
 
 
-def send(client: httpx.Client, method: str, url: str | httpx.URL, *,
-         follow_redirects: bool | Any = httpx.USE_CLIENT_DEFAULT, **kwargs: Any) -> httpx.Response:
-    """`client.request(...)`, with a multipart body (`files=`) sent in pieces of at least 64 KiB (`_Coalesced`)."""
-    request = client.build_request(method, url, **kwargs)
+def send(client: httpx.Client, method: str, url: str | httpx.URL, *, call: str, budget: Budget,
+         follow_redirects: bool | None = None, **kwargs: Any) -> httpx.Response:
+    """`client.request(...)` within `budget`, its answer read whole but at most `ANSWER_LIMIT` bytes; a multipart
+    body (`files=`) is sent in pieces of at least 64 KiB (`_Coalesced`). Transport failures, a call out of time
+    and an answer too large come out as `Transient`.
+
+    The answer is a copy holding the body as read (decompressed, so without Content-Encoding). Redirects are
+    followed here, not by httpx, so that no hop's body is read without the limit."""
+    follow = client.follow_redirects if follow_redirects is None else follow_redirects
+    headers = {"Accept-Encoding": "identity", **kwargs.pop("headers", {})}
+    request = client.build_request(method, url, headers=headers, **kwargs)
     if kwargs.get("files"):
         request.stream = _Coalesced(request.stream)  # type: ignore[arg-type]
-    return client.send(request, follow_redirects=follow_redirects)
+    with active(budget), transport_errors(call, budget):
+        for _hop in range(MAX_REDIRECTS + 1):
+            response = client.send(request, follow_redirects=False, stream=True)
+            try:
+                body = _read_answer(response, call)
+            finally:
+                response.close()
+            if not (follow and response.next_request is not None):
+                return _with_body(response, body)
+            request = response.next_request
+    raise Transient(f"{call}: more than {MAX_REDIRECTS} redirects", kind="bad_response")
+
+
+@contextlib.contextmanager
+def open_stream(client: httpx.Client, method: str, url: str | httpx.URL, *, call: str, budget: Budget,
+                follow_redirects: bool | None = None, **kwargs: Any) -> Iterator[httpx.Response]:
+    """A streaming `client.stream(...)` for a result file, whose body the caller reads inside the `with` block.
+
+    The budget holds, and transport failures become `Transient`, until the block ends (also for what the caller
+    does while it reads). Redirect hops are followed here, each hop's body read only up to `ANSWER_LIMIT`."""
+    follow = client.follow_redirects if follow_redirects is None else follow_redirects
+    request = client.build_request(method, url, **kwargs)
+    with active(budget), transport_errors(call, budget):
+        for _hop in range(MAX_REDIRECTS + 1):
+            response = client.send(request, follow_redirects=False, stream=True)
+            if not (follow and response.next_request is not None):
+                break
+            try:
+                _read_answer(response, call)
+            finally:
+                response.close()
+            request = response.next_request
+        else:
+            raise Transient(f"{call}: more than {MAX_REDIRECTS} redirects", kind="bad_response")
+        try:
+            yield response
+        finally:
+            response.close()
+
+
+def read_limited(response: httpx.Response, call: str, limit: int = ANSWER_LIMIT) -> bytes:
+    """The body of a streamed answer, decompressed, refused (`Transient`, "bad_response") past `limit` bytes."""
+    return _read_answer(response, call, limit)
+
+
+def _read_answer(response: httpx.Response, call: str, limit: int = ANSWER_LIMIT) -> bytes:
+    if response.is_stream_consumed:  # a transport that returns answers already read (tests' mock transports)
+        if len(response.content) > limit:
+            raise Transient(f"{call}: the answer is larger than the {_size(limit)} an answer may be; refusing it",
+                            kind="bad_response")
+        return response.content
+    coding = response.headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("", "identity") and coding not in _DECODERS:
+        raise Transient(f"{call}: the answer is in an encoding we did not ask for ({coding[:40]})",
+                        kind="bad_response")
+    decoder = zlib.decompressobj(_DECODERS[coding]) if coding in _DECODERS else None
+    chunks: list[bytes] = []
+    size = 0
+
+    def add(piece: bytes) -> None:
+        nonlocal size
+        size += len(piece)
+        if size > limit:
+            raise Transient(f"{call}: the answer is larger than the {_size(limit)} an answer may be; refusing it",
+                            kind="bad_response")
+        chunks.append(piece)
+
+    try:
+        for data in response.iter_raw():
+            if decoder is None:
+                add(data)
+                continue
+            # A bounded piece at a time: a few KiB of zeros must not become gigabytes in one call.
+            while data:
+                add(decoder.decompress(data, limit + 1 - size))
+                data = decoder.unconsumed_tail
+        if decoder is not None:
+            add(decoder.flush())
+    except zlib.error:
+        raise Transient(f"{call}: the compressed answer is corrupt", kind="bad_response") from None
+    return b"".join(chunks)
+
+
+def _size(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit} bytes"
+
+
+def _with_body(response: httpx.Response, body: bytes) -> httpx.Response:
+    """A closed streamed answer again as a plain response holding `body` (already decompressed)."""
+    dropped = ("content-encoding", "content-length", "transfer-encoding")
+    headers = [(key, value) for key, value in response.headers.multi_items() if key.lower() not in dropped]
+    return httpx.Response(response.status_code, headers=headers, content=body, request=response.request)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -163,11 +281,14 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 @contextlib.contextmanager
-def transport_errors(call: str) -> Iterator[None]:
-    """Turn httpx's transport failures (timeouts, refused or reset connections, broken framing) into `Transient`."""
+def transport_errors(call: str, budget: Budget | None = None) -> Iterator[None]:
+    """Turn httpx's transport failures (timeouts, refused or reset connections, broken framing) into `Transient`;
+    a timeout that `budget` caused says which of its rules ended the call."""
     try:
         yield
     except httpx.TimeoutException as exc:
+        if budget is not None and budget.reason:
+            raise Transient(f"{call}: {budget.reason}", kind="timeout") from None
         raise Transient(f"{call}: timed out ({type(exc).__name__})", kind="timeout") from None
     except httpx.TransportError as exc:
         tls = _tls_failure(exc)
@@ -259,12 +380,16 @@ def json_object(response: httpx.Response, call: str) -> dict[str, Any]:
 
 
 __all__ = [
+    "ANSWER_LIMIT",
+    "Budget",
     "ClientPerThread",
     "ServiceError",
     "error_message",
     "json_object",
     "make_client",
+    "open_stream",
     "parse_retry_after",
+    "read_limited",
     "raise_for_status",
     "send",
     "tls_context",

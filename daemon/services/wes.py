@@ -51,7 +51,16 @@ import httpx
 from daemon.config import ServiceConfig, WesConfig
 from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
-from daemon.services.http import ClientPerThread, json_object, make_client, raise_for_status, send, transport_errors
+from daemon.services.deadlines import Budget
+from daemon.services.http import (
+    ClientPerThread,
+    json_object,
+    make_client,
+    open_stream,
+    raise_for_status,
+    read_limited,
+    send,
+)
 from daemon.states import wes_kind
 
 API_PATH = "/ga4gh/wes/v1"
@@ -556,12 +565,12 @@ class WesAdapter:
         assert self._origin_fallback is not None
         headers = self._auth(self._read_token())
         call = "GET /service-info"
-        with transport_errors(call):
-            standard = self._client().get(f"{self._standard_root}/service-info", headers=headers)
+        standard = send(self._client(), "GET", f"{self._standard_root}/service-info", call=call,
+                        budget=Budget.api(self.config.timeout), headers=headers)
         if standard.status_code != 404:
             return self._standard_root
-        with transport_errors(call):
-            root = self._client().get(f"{self._origin_fallback}/service-info", headers=headers)
+        root = send(self._client(), "GET", f"{self._origin_fallback}/service-info", call=call,
+                    budget=Budget.api(self.config.timeout), headers=headers)
         if root.status_code == 200:
             with contextlib.suppress(Transient):
                 json_object(root, call)
@@ -572,16 +581,18 @@ class WesAdapter:
         return "/".join([self._api_root(), *(quote(s, safe="") for s in segments)])
 
     def _send(self, method: str, url: str, call: str, **kwargs: Any) -> httpx.Response:
-        """One API call: bearer token when there is one, transport errors and HTTP errors turned into ours."""
+        """One API call within an API call's budget: bearer token when there is one; transport errors, answers too
+        large and HTTP errors turned into ours."""
         token = self._read_token()
-        with transport_errors(call):
-            response = send(self._client(), method, url, headers=self._auth(token), **kwargs)
+        response = send(self._client(), method, url, call=call, budget=Budget.api(self.config.timeout),
+                        headers=self._auth(token), **kwargs)
         raise_for_status(response, call)
         return response
 
     @contextlib.contextmanager
-    def _stream(self, url: str, call: str) -> Iterator[httpx.Response]:
-        """A streaming GET; the bearer token goes only to the API's origin. Errors while the caller reads are ours."""
+    def _stream(self, url: str, call: str, budget: Budget | None = None) -> Iterator[httpx.Response]:
+        """A streaming GET within `budget` (a transfer's by default); the bearer token goes only to the API's
+        origin. Errors while the caller reads are ours."""
         try:
             target = httpx.URL(url)
         except (httpx.InvalidURL, TypeError):
@@ -593,10 +604,14 @@ class WesAdapter:
                 kind="not_downloadable",
             )
         token = self._read_token() if self._origin_key(target) == self._origin else None
-        with transport_errors(call), self._client().stream("GET", target, headers=self._auth(token)) as response:
+        with open_stream(self._client(), "GET", target, call=call, budget=budget or Budget.transfer(),
+                         headers=self._auth(token)) as response:
             if response.status_code >= 400:
-                response.read()
-                raise_for_status(response, call)
+                quoted = httpx.Response(response.status_code, headers={
+                    key: value for key, value in response.headers.items()
+                    if key.lower() in ("content-type", "retry-after")
+                }, content=read_limited(response, call))
+                raise_for_status(quoted, call)
             yield response
 
     # ------------------------------------------------------------------ WES answers
@@ -664,7 +679,7 @@ class WesAdapter:
         kept = 0
         read = 0
         try:
-            with self._stream(text, f"GET stderr of run {run_id}") as response:
+            with self._stream(text, f"GET stderr of run {run_id}", Budget.api(self.config.timeout)) as response:
                 for chunk in response.iter_bytes():
                     read += len(chunk)
                     tail.append(chunk)

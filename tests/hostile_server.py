@@ -1,0 +1,149 @@
+"""A loopback HTTP server that misbehaves on purpose: answers that drip a byte at a time or never end.
+
+    with HostileServer(lambda request: drip(b"HTTP/1.1 200 OK\r\n...", interval=0.05)) as server:
+        adapter = CloudgeneAdapter(ServiceConfig(..., base_url=server.url))
+        ...
+        assert server.unfinished  # the client hung up before the server had sent everything
+
+`answer(request)` returns an iterable of byte strings, sent in order (each `Pause` is a wait instead). The server
+reads each request's head and body (Content-Length) before answering, counts connections (also how many were open
+at once), and stops every answer when the `with` block ends. Nothing here sleeps for a thread: the pauses are the
+server's own pacing, bounded by `stop`.
+
+tests/ is not a package; import it as `from hostile_server import ...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Pause:
+    seconds: float
+
+
+def drip(data: bytes, interval: float) -> Iterable[bytes | Pause]:
+    """`data` one byte at a time, `interval` seconds apart."""
+    for index in range(len(data)):
+        yield data[index : index + 1]
+        yield Pause(interval)
+
+
+def endless(head: bytes, piece: bytes = b" " * 65536) -> Iterable[bytes]:
+    """`head`, then `piece` again and again, for as long as the client reads."""
+    yield head
+    while True:
+        yield piece
+
+
+def json_answer(body: bytes, status: str = "200 OK", extra: str = "") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}"
+            "\r\n").encode() + body
+
+
+class HostileServer:
+    def __init__(self, answer: Callable[[Request], Iterable[bytes | Pause]]) -> None:
+        self._answer = answer
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.requests: list[Request] = []
+        self.open_now = 0
+        self.most_open = 0
+        #: Answers the client stopped reading before the server had sent them whole.
+        self.unfinished = 0
+        self.finished = 0
+
+    @property
+    def url(self) -> str:
+        host, port = self._listener.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> HostileServer:
+        thread = threading.Thread(target=self._accept, name="hostile-accept", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), name="hostile-conn", daemon=True)
+            thread.start()
+            with self._lock:
+                self._threads.append(thread)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.open_now += 1
+            self.most_open = max(self.most_open, self.open_now)
+        try:
+            with conn:
+                conn.settimeout(30)
+                request = _read_request(conn)
+                if request is None:
+                    return
+                with self._lock:
+                    self.requests.append(request)
+                for item in self._answer(request):
+                    if isinstance(item, Pause):
+                        if self._stop.wait(item.seconds):
+                            return
+                        continue
+                    conn.sendall(item)
+                with self._lock:
+                    self.finished += 1
+        except OSError:  # the client hung up
+            with self._lock:
+                self.unfinished += 1
+        finally:
+            with self._lock:
+                self.open_now -= 1
+
+
+def _read_request(conn: socket.socket) -> Request | None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return Request(method, path, headers, body)
