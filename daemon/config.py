@@ -172,6 +172,8 @@ class ServiceConfig:
     wes: WesConfig | None = None
     #: Let `base_url` be plain http:// to another machine: the token and the uploads cross the network unencrypted.
     allow_plain_http: bool = False
+    #: Most of the pool's workers this service's steps may occupy at once; None: `default_worker_share`.
+    max_workers: int | None = None
 
     def token_path(self) -> Path | None:
         """Where the token file is: a relative `token_file` is looked up under `$CREDENTIALS_DIRECTORY` (systemd
@@ -206,6 +208,16 @@ class Config:
     source: Path | None = None
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
 
+    def worker_share(self, service: str) -> int:
+        """How many of the pool's workers `service`'s steps may occupy at once: its `max_workers`, else all but one
+        when other services share the pool, so that a service whose server hangs or drips can never hold every
+        worker and starve the rest. A service configured alone may use them all: there is nobody to starve."""
+        workers = self.scheduler.workers
+        configured = self.services.get(service)
+        if configured is not None and configured.max_workers is not None:
+            return min(configured.max_workers, workers)
+        return workers if len(self.services) <= 1 else max(1, workers - 1)
+
 
 def find_config_path(cli_path: str | Path | None) -> Path:
     """`-c FILE`, else `$IMPUTATIOND_CONFIG`, else /etc/imputationd/config.yaml."""
@@ -236,6 +248,10 @@ def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Co
     logging_ = LoggingConfig(**(_walk(sections.get("logging"), "logging", _LOGGING, ctx) or {}))
     metrics = MetricsConfig(**(_walk(sections.get("metrics"), "metrics", _METRICS, ctx) or {}))
     services = _services(sections.get("services", _ABSENT), scheduler.poll_interval, ctx)
+    for name, service in services.items():
+        if service.max_workers is not None and service.max_workers > scheduler.workers:
+            ctx.report(f"services.{name}.max_workers",
+                       f"must not exceed scheduler.workers ({scheduler.workers}), got {service.max_workers}")
     notifications = _notifications(sections.get("notifications"), ctx)
     if ctx.problems:
         raise ConfigError(ctx.problems, source)
@@ -963,6 +979,7 @@ _SERVICE: dict[str, _Convert] = {
     "max_upload_mb": _integer(1, 1_000_000),
     "min_samples": _integer(1, 10_000_000),
     "max_samples": _integer(1, 10_000_000),
+    "max_workers": _optional(_integer(1, 256)),
     "panels": _panels,
     "wes": _wes,
     "allow_plain_http": _boolean,

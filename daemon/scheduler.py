@@ -14,6 +14,7 @@ steps it is only a row with a `next_poll_at`. APScheduler keeps no job state: ev
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import datetime as dt
 import logging
@@ -104,6 +105,10 @@ class Daemon:
         self._reload_requested = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: dict[uuid.UUID, concurrent.futures.Future] = {}
+        #: Steps handed to the pool per service (queued there or running), and claimed steps that wait for their
+        #: service's share of the pool (`Config.worker_share`): one service never occupies more workers than that.
+        self._pooled: collections.Counter[str] = collections.Counter()
+        self._held: dict[str, collections.deque[Job]] = collections.defaultdict(collections.deque)
         #: Ticks woken while they may be running (APScheduler drops a run while one is going): run again at once.
         self._woken: set[str] = set()
         #: Ticks whose last claim filled every free worker: there is probably more due work, so a worker that
@@ -268,6 +273,10 @@ class Daemon:
         self._tick_outlived_stop = ticks.is_alive()
         with self._lock:
             leftover = [job_id for job_id, future in self._in_flight.items() if future in unfinished]
+            held = [job.id for jobs in self._held.values() for job in jobs]
+            self._held.clear()
+        for job_id in held:  # never started: given back untouched
+            self.store.release(job_id, self.owner)
         for job_id in leftover:
             # Released, not finished: the next daemon (or this one after a restart) picks the job up again; a
             # submit in flight is looked up on the server before any resubmission.
@@ -309,14 +318,26 @@ class Daemon:
         return usable
 
     def _free_workers(self) -> int:
-        """How many more jobs to claim: enough to keep every worker busy and one more step queued for each."""
+        """How many more jobs to claim: enough to keep every worker busy and one more step queued for each.
+
+        Steps held back for their service's share do not count: they wait for that service alone, and counting them
+        would let a service whose steps hang fill the claims of every other."""
         workers = self.config.scheduler.workers
         with self._lock:
             busy = len(self._in_flight)
         return min(self.config.scheduler.batch_size, workers * (1 + QUEUED_PER_WORKER) - busy)
 
+    def _with_room(self, services: list[str]) -> list[str]:
+        """The services that may have more steps claimed: fewer than their share of the pool, and one more step
+        queued for each of those workers, in hand (handed to the pool or held back)."""
+        with self._lock:
+            return [name for name in services
+                    if self._pooled[name] + len(self._held.get(name, ())) <
+                    self.config.worker_share(name) * (1 + QUEUED_PER_WORKER)]
+
     def _claim_and_run(self, tick: str, states: Collection[JobState], services: list[str]) -> int:
         free = self._free_workers()
+        services = self._with_room(services)
         if not services:
             return 0
         if free <= 0:
@@ -341,19 +362,39 @@ class Daemon:
             if self._stop.is_set():
                 self.store.release(job.id, self.owner)
                 return
-            self._in_flight[job.id] = self.pool.submit(self._work, job)
+            if self._pooled[job.service] >= self.config.worker_share(job.service):
+                self._held[job.service].append(job)  # handed on when one of its service's steps ends
+                return
+            self._pool_locked(job)
+
+    def _pool_locked(self, job: Job) -> None:
+        """Hand a step to the pool (the caller holds `_lock`)."""
+        self._pooled[job.service] += 1
+        self._in_flight[job.id] = self.pool.submit(self._work, job)
+
+    def _step_ended_locked(self, job: Job) -> None:
+        """Book a step's end, and hand its service's next held step to the pool (the caller holds `_lock`)."""
+        self._in_flight.pop(job.id, None)
+        self._pooled[job.service] -= 1
+        if self._pooled[job.service] <= 0:
+            del self._pooled[job.service]
+        held = self._held.get(job.service)
+        if held and not self._stop.is_set() and self._pooled[job.service] < self.config.worker_share(job.service):
+            self._pool_locked(held.popleft())
+        if held is not None and not held:
+            del self._held[job.service]
 
     def _work(self, job: Job) -> None:
         if self._stop.is_set():  # queued behind other steps when the daemon began to stop: give it back untouched
             self.store.release(job.id, self.owner)
             with self._lock:
-                self._in_flight.pop(job.id, None)
+                self._step_ended_locked(job)
             return
         try:
             finished = self.pipeline.run(job)
         finally:
             with self._lock:
-                self._in_flight.pop(job.id, None)
+                self._step_ended_locked(job)
                 # The queue of claimed steps has run dry and due work was left behind: claim the next batch.
                 drained = len(self._in_flight) <= self.config.scheduler.workers
                 backlog = list(self._backlog) if drained else []
@@ -394,7 +435,7 @@ class Daemon:
 
     def heartbeat_tick(self) -> None:
         with self._lock:
-            ids = list(self._in_flight)
+            ids = [*self._in_flight, *(job.id for jobs in self._held.values() for job in jobs)]
         if ids:
             self.store.renew_leases(self.owner, ids, lease_seconds=self.config.scheduler.lease_seconds)
 

@@ -15,6 +15,7 @@ tests/ is not a package; import it as `from hostile_server import ...`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import threading
@@ -64,6 +65,9 @@ class HostileServer:
         self.requests: list[Request] = []
         self.open_now = 0
         self.most_open = 0
+        #: "METHOD /path" -> answers to it in progress now, and the most there ever were at once.
+        self.answering: collections.Counter[str] = collections.Counter()
+        self.most_answering: collections.Counter[str] = collections.Counter()
         #: Answers the client stopped reading before the server had sent them whole.
         self.unfinished = 0
         self.finished = 0
@@ -108,14 +112,21 @@ class HostileServer:
                 request = _read_request(conn)
                 if request is None:
                     return
+                key = f"{request.method} {request.path.split('?')[0]}"
                 with self._lock:
                     self.requests.append(request)
-                for item in self._answer(request):
-                    if isinstance(item, Pause):
-                        if self._stop.wait(item.seconds):
-                            return
-                        continue
-                    conn.sendall(item)
+                    self.answering[key] += 1
+                    self.most_answering[key] = max(self.most_answering[key], self.answering[key])
+                try:
+                    for item in self._answer(request):
+                        if isinstance(item, Pause):
+                            if self._stop.wait(item.seconds):
+                                return
+                            continue
+                        conn.sendall(item)
+                finally:
+                    with self._lock:
+                        self.answering[key] -= 1
                 with self._lock:
                     self.finished += 1
         except OSError:  # the client hung up

@@ -396,6 +396,10 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
     ("token-file-is-token", michigan(token_file=TOKEN), "services.michigan.token_file", "holds a token"),
     ("app-bad", michigan(app="imputation server"), "services.michigan.app", "Cloudgene app id"),
     ("jobs-zero", michigan(max_concurrent_jobs=0), "services.michigan.max_concurrent_jobs", "from 1 to 1000"),
+    ("workers-share-zero", michigan(max_workers=0), "services.michigan.max_workers", "from 1 to 256"),
+    ("workers-share-text", michigan(max_workers="half"), "services.michigan.max_workers", "integer"),
+    ("workers-share-above-pool", {**michigan(max_workers=3), "scheduler": {"workers": 2}},
+     "services.michigan.max_workers", "must not exceed scheduler.workers (2), got 3"),
     ("timeout-units", michigan(timeout="30s"), "services.michigan.timeout", "number of seconds"),
     ("poll-text", michigan(poll_interval="fast"), "services.michigan.poll_interval", "number of seconds"),
     ("upload-negative", michigan(max_upload_mb=-1), "services.michigan.max_upload_mb", "integer"),
@@ -441,6 +445,26 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
 def test_malformed_config_names_the_key_path(tmp_path: Path, override: dict, key_path: str, fragment: str) -> None:
     problems = problems_of(write(tmp_path, merged(VALID, override)))
     assert any(p.startswith(f"{key_path}: ") and fragment in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("workers", "services", "max_workers", "share"),
+    [
+        (2, 1, None, 2),  # alone: nobody to starve
+        (2, 2, None, 1),  # with workers: 2, one service never takes both
+        (8, 3, None, 7),
+        (1, 3, None, 1),
+        (8, 3, 2, 2),
+        (8, 1, 3, 3),
+    ],
+)
+def test_a_services_share_of_the_workers(tmp_path: Path, workers: int, services: int, max_workers: int | None,
+                                         share: int) -> None:
+    michigan_settings = VALID["services"]["michigan"] | ({"max_workers": max_workers} if max_workers else {})
+    content = {"scheduler": {"workers": workers},
+               "services": {f"s{n}" if n else "michigan": michigan_settings for n in range(services)}}
+    config = load_config(write(tmp_path, content))
+    assert config.worker_share("michigan") == share
 
 
 def test_every_problem_is_reported_not_just_the_first(tmp_path: Path) -> None:
