@@ -7,7 +7,10 @@ on. `PrometheusMetrics` records into its own `CollectorRegistry` (never the proc
 daemons in one process do not clash), plus a collector that asks the database for jobs by service and state when
 scraped, cached for a few seconds so a scrape storm costs one query.
 
-`MetricsServer` is a stdlib `ThreadingHTTPServer` bound to `metrics.listen` (default off) with two pages:
+`MetricsServer` is a stdlib `HTTPServer` bound to `metrics.listen` (default off) with two pages, served by a few
+threads: a connection's request is read in a selector, costing no thread, until it is complete (at most
+`MAX_WAITING` connections at once, the oldest closed first, each given `IDLE_TIMEOUT` to send its request), then
+one of `MAX_HANDLERS` threads answers it. One thread per connection made 406 threads of 400 idle connections.
 
 - `GET /metrics`: the registry in Prometheus text format (OpenMetrics when the scraper asks for it);
 - `GET /healthz`: 200 and `{"status": "ok", "database": "ok", "scheduler": "ok", ...}` when the database answers a
@@ -22,8 +25,11 @@ stable `kind`: timeout, connection, http_5xx, ...), `download_bytes_total{servic
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import io
 import json
+import selectors
 import socket
 import threading
 import time
@@ -217,6 +223,34 @@ def health_report(
 # --- the listener ------------------------------------------------------------------------------------------------
 
 
+#: Threads answering requests: a scrape or health check takes milliseconds, and Prometheus scrapes one at a time.
+MAX_HANDLERS = 4
+#: Connections handed to those threads and not yet answered, beyond which a new one is closed unanswered.
+MAX_QUEUED = 4 * MAX_HANDLERS
+#: Connections open without a request yet; past this the oldest is closed.
+MAX_WAITING = 64
+#: Seconds a connection may take to send its request, and then to read the answer.
+IDLE_TIMEOUT = 10.0
+#: Most bytes of a request's head.
+MAX_HEAD = 8192
+
+
+class _ReadAhead:
+    """A connection whose request head was already read: the handler reads it from memory and writes to the
+    socket. Nothing follows the head: the listener speaks HTTP/1.0 (one request per connection) and takes GETs."""
+
+    def __init__(self, conn: socket.socket, head: bytes) -> None:
+        self._conn = conn
+        self._head = head
+
+    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> Any:
+        return io.BytesIO(self._head) if "r" in mode else self._conn.makefile(mode, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """"127.0.0.1:9478" -> ("127.0.0.1", 9478); "[::1]:9478" -> ("::1", 9478)."""
     host, _, port = listen.strip().rpartition(":")
@@ -227,11 +261,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
 def _listener_classes() -> tuple[type[Any], type[Any]]:
     """The listener's server and request handler classes, defined (and http.server imported) on first use."""
     from http import HTTPStatus
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    class _Server(ThreadingHTTPServer):
-        daemon_threads = True
+    class _Server(HTTPServer):
         allow_reuse_address = True
+        request_queue_size = MAX_WAITING  # one thread accepts: let a burst of connections wait for it
         metrics: PrometheusMetrics
         health: Callable[[], tuple[bool, Mapping[str, Any]]]
 
@@ -268,7 +302,7 @@ def _listener_classes() -> tuple[type[Any], type[Any]]:
 
 
 class MetricsServer:
-    """The HTTP listener: `start()` binds and serves on a thread of its own, `close()` stops and unbinds."""
+    """The HTTP listener: `start()` binds and serves on threads of its own, `close()` stops and unbinds."""
 
     def __init__(
         self,
@@ -283,6 +317,10 @@ class MetricsServer:
         self._server.metrics = metrics
         self._server.health = health
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._handlers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._queued = 0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -298,16 +336,106 @@ class MetricsServer:
         except OSError:
             self._server.server_close()
             raise
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="imputationd-metrics", daemon=True)
+        self._handlers = concurrent.futures.ThreadPoolExecutor(MAX_HANDLERS, thread_name_prefix="imputationd-metrics")
+        self._thread = threading.Thread(target=self._serve, name="imputationd-metrics", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         if self._thread is not None:
-            self._server.shutdown()
+            self._stopping.set()
             self._thread.join(timeout=5)
             self._thread = None
+        if self._handlers is not None:
+            self._handlers.shutdown(wait=False, cancel_futures=True)
         self._server.server_close()
+
+    def _serve(self) -> None:
+        """Accept connections and read their requests' heads in a selector; hand each complete one to a handler."""
+        waiting: dict[socket.socket, tuple[float, bytearray]] = {}  # oldest first
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server.socket, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                try:
+                    self._serve_round(selector, waiting)
+                except Exception:  # a bug here must not silently end the listener
+                    log.exception("metrics_listener_failed", error_kind="metrics")
+            for conn in list(waiting):
+                self._drop(selector, waiting, conn)
+
+    def _serve_round(self, selector: selectors.BaseSelector,
+                     waiting: dict[socket.socket, tuple[float, bytearray]]) -> None:
+        """One wait for events: accept, read what arrived, hand on complete requests, drop expired connections."""
+        for key, _ in selector.select(timeout=0.5):
+            if key.fileobj is self._server.socket:
+                self._accept(selector, waiting)
+                continue
+            conn = key.fileobj
+            assert isinstance(conn, socket.socket)
+            if conn not in waiting:  # dropped for a newer one while handling this round's events
+                continue
+            try:
+                data = conn.recv(MAX_HEAD)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(selector, waiting, conn)
+                continue
+            head = waiting[conn][1]
+            head += data
+            if b"\r\n\r\n" in head or len(head) >= MAX_HEAD:  # a GET has no body; too long: the handler says so
+                selector.unregister(conn)
+                del waiting[conn]
+                self._hand_on(conn, key.data, bytes(head))
+        expired = time.monotonic() - IDLE_TIMEOUT
+        for conn in [conn for conn, (since, _) in waiting.items() if since < expired]:
+            self._drop(selector, waiting, conn)
+
+    def _accept(self, selector: selectors.BaseSelector, waiting: dict[socket.socket, tuple[float, bytearray]]) -> None:
+        try:
+            conn, peer = self._server.socket.accept()
+        except OSError:  # the peer gave up already, or out of file descriptors: the next one may work
+            return
+        conn.setblocking(False)
+        if len(waiting) >= MAX_WAITING:
+            self._drop(selector, waiting, next(iter(waiting)))
+        selector.register(conn, selectors.EVENT_READ, peer)
+        waiting[conn] = (time.monotonic(), bytearray())
+
+    @staticmethod
+    def _drop(selector: selectors.BaseSelector, waiting: dict[socket.socket, tuple[float, bytearray]],
+              conn: socket.socket) -> None:
+        selector.unregister(conn)
+        del waiting[conn]
+        conn.close()
+
+    def _hand_on(self, conn: socket.socket, peer: Any, head: bytes) -> None:
+        with self._lock:
+            full = self._queued >= MAX_QUEUED
+            if not full:
+                self._queued += 1
+        if full:  # every handler busy with slow clients and more waiting: this one is not answered
+            conn.close()
+            return
+        assert self._handlers is not None
+        try:
+            self._handlers.submit(self._answer, conn, peer, head)
+        except RuntimeError:  # closing
+            conn.close()
+
+    def _answer(self, conn: socket.socket, peer: Any, head: bytes) -> None:
+        try:
+            conn.settimeout(IDLE_TIMEOUT)  # to read the answer
+            self._server.finish_request(_ReadAhead(conn, head), peer)
+        except OSError:  # a client that hung up: nothing to tell anyone
+            pass
+        except Exception:
+            log.exception("metrics_request_failed", error_kind="metrics")
+        finally:
+            self._server.shutdown_request(conn)
+            with self._lock:
+                self._queued -= 1
 
 
 __all__ = ["NO_METRICS", "Metrics", "MetricsServer", "PrometheusMetrics", "health_report", "parse_listen"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -13,6 +14,7 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon import metrics as metrics_module
 from daemon.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics, health_report
 from daemon.simulator import SimulatedCloudgene, Timings
 from daemon.states import JobState
@@ -168,6 +170,41 @@ def test_a_taken_port_is_an_oserror_at_start() -> None:
                                lambda: (True, {}))
         with pytest.raises(OSError):
             server.start()
+        server.close()
+
+
+def test_many_idle_connections_hold_no_threads_and_the_listener_still_answers() -> None:
+    # 400 idle connections once made 406 threads: each connection had a thread of its own, blocked reading.
+    server = MetricsServer("127.0.0.1:0", PrometheusMetrics(), lambda: (True, {"status": "ok"}))
+    server.start()
+    before = threading.active_count()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(400):
+            idle.append(socket.create_connection(server.address, timeout=5))
+        # Half of them start a request and never finish it: they hold a handler until their time runs out.
+        for conn in idle[::2]:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+        status, _, body = get("http://%s:%d/healthz" % server.address)
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+        assert threading.active_count() - before <= metrics_module.MAX_HANDLERS + 1
+    finally:
+        for conn in idle:
+            conn.close()
+        server.close()
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(monkeypatch) -> None:
+    monkeypatch.setattr(metrics_module, "IDLE_TIMEOUT", 0.5)
+    server = MetricsServer("127.0.0.1:0", PrometheusMetrics(), lambda: (True, {}))
+    server.start()
+    try:
+        with socket.create_connection(server.address, timeout=10) as silent, \
+                socket.create_connection(server.address, timeout=10) as slow:
+            slow.sendall(b"GET /metrics HTTP/1.1\r\n")  # and nothing more
+            assert silent.recv(1) == b""  # closed by the listener, well before our own 10 s
+            assert slow.recv(1) == b""  # an unfinished request gets no answer, only the end of the connection
+    finally:
         server.close()
 
 
