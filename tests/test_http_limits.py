@@ -56,7 +56,7 @@ def test_an_endless_status_answer_is_refused_at_the_cap():
             a.status("job-1")
     assert caught.value.kind == "bad_response"
     assert str(caught.value) == (
-        "GET /jobs/job-1/status: the answer is larger than the 4 MiB an answer may be; refusing it"
+        "GET /jobs/job-1/status: the answer is larger than the 2 MiB an answer may be; refusing it"
     )
 
 
@@ -68,7 +68,7 @@ def test_a_large_answer_is_refused_by_both_adapters(adapter):
         with contextlib.closing(make(server.url)) as a, pytest.raises(Transient) as caught:
             a.status("job-1")
     assert caught.value.kind == "bad_response"
-    assert "larger than the 4 MiB" in str(caught.value)
+    assert "larger than the 2 MiB" in str(caught.value)
     assert str(caught.value).startswith(("GET /jobs/job-1/status:", "GET /runs/job-1/status:"))
 
 
@@ -88,7 +88,7 @@ def test_a_compressed_answer_is_capped_after_decompression():
         with pytest.raises(Transient) as caught:
             a.status("job-1")
         assert server.requests[0].headers["accept-encoding"] == "identity"
-    assert caught.value.kind == "bad_response" and "larger than the 4 MiB" in str(caught.value)
+    assert caught.value.kind == "bad_response" and "larger than the 2 MiB" in str(caught.value)
 
 
 def test_a_compressed_answer_under_the_cap_is_decoded():
@@ -107,7 +107,7 @@ def test_a_redirect_hop_is_read_with_the_cap_too():
     with HostileServer(answer) as server, contextlib.closing(wes(server.url)) as a:
         with pytest.raises(Transient) as caught:
             a.status("run-1")
-    assert caught.value.kind == "bad_response" and "larger than the 4 MiB" in str(caught.value)
+    assert caught.value.kind == "bad_response" and "larger than the 2 MiB" in str(caught.value)
 
 
 # --- answers that drip -------------------------------------------------------------------------------------------

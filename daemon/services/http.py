@@ -6,7 +6,7 @@ a secret, and query strings may carry anything.
 Every call goes through `send` (an API answer, read whole) or `open_stream` (a result file, read by the caller), so
 that two limits hold for every adapter:
 
-- an API answer is at most `ANSWER_LIMIT` bytes, compressed or not (redirect hops included): a 200 MB status answer
+- an API answer is at most `ANSWER_LIMIT` (2 MiB), compressed or not (redirect hops included): a 200 MB status answer
   once took the daemon to 860 MB, an endless one until it was killed. Past it: `Transient(kind="bad_response")`.
 - every call ends: each has a `deadlines.Budget` (a deadline, or for transfers a minimum rate), enforced at the
   socket for as long as the call runs.
@@ -33,9 +33,10 @@ from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 USER_AGENT = f"imputationd/{__version__}"
 #: How much of a non-JSON error body goes into a message (HTML error pages are long and say little).
 BODY_EXCERPT = 200
-#: The most bytes of one API answer (after decompression): Cloudgene's and WES's answers are a few KiB (a RunLog of
-#: a large workflow some hundred), and a parsed answer can take ~20 times its size in memory, once per worker.
-ANSWER_LIMIT = 4 << 20
+#: The most bytes of one API answer (after decompression). Cloudgene's and WES's answers are a few KiB (a RunLog of a
+#: large workflow some hundred), while a hostile one parses to up to 25 times its size (2 MiB of "[{},{},…]" is
+#: ~50 MiB of objects), once per worker: the unit's MemoryHigh= counts on this.
+ANSWER_LIMIT = 2 << 20
 #: Redirects one call follows at most (httpx's default).
 MAX_REDIRECTS = 20
 #: Content codings an API answer may come in although we ask for none (`_decoder`).
