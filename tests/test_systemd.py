@@ -22,6 +22,7 @@ import structlog
 
 from daemon import systemd
 from daemon.config import SchedulerConfig
+from daemon.services.http import ANSWER_LIMIT
 from prerequisites import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,6 +220,22 @@ def test_unit_restart_limits_watchdog_and_credentials(unit):
     assert "LogsDirectory" not in unit["Service"]  # logs go to the journal
     assert "IPAddressAllow" not in unit["Service"]  # public servers behind CDNs: no allow list can name them
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def size(value: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMG]?)", value)
+    assert match, value
+    return int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2]]
+
+
+def test_unit_bounds_memory_with_a_margin_over_the_measured_figures(unit):
+    # bench/README.md: 5,000 active jobs stay under 120 MB. Each worker may also parse one hostile API answer of at
+    # most ANSWER_LIMIT bytes, which can take ~25 times that in memory.
+    active_target = 120_000_000
+    high, peak = size(unit["Service"]["MemoryHigh"][0]), size(unit["Service"]["MemoryMax"][0])
+    assert high >= 2 * active_target  # normal operation, with its download page cache, is never throttled
+    assert peak > high
+    assert peak >= active_target + SchedulerConfig().workers * 25 * ANSWER_LIMIT
 
 
 def test_unit_does_not_restart_on_an_invalid_configuration(unit):
