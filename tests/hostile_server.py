@@ -56,8 +56,11 @@ def json_answer(body: bytes, status: str = "200 OK", extra: str = "") -> bytes:
 
 
 class HostileServer:
-    def __init__(self, answer: Callable[[Request], Iterable[bytes | Pause]]) -> None:
+    def __init__(self, answer: Callable[[Request], Iterable[bytes | Pause]], *,
+                 read_pace: tuple[int, float] | None = None) -> None:
+        """`read_pace` = (bytes, seconds): read request bodies that many bytes at a time, pausing between reads."""
         self._answer = answer
+        self._read_pace = read_pace
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -109,7 +112,7 @@ class HostileServer:
         try:
             with conn:
                 conn.settimeout(30)
-                request = _read_request(conn)
+                request = _read_request(conn, self._read_pace, self._stop)
                 if request is None:
                     return
                 key = f"{request.method} {request.path.split('?')[0]}"
@@ -137,7 +140,7 @@ class HostileServer:
                 self.open_now -= 1
 
 
-def _read_request(conn: socket.socket) -> Request | None:
+def _read_request(conn: socket.socket, pace: tuple[int, float] | None, stop: threading.Event) -> Request | None:
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
@@ -152,9 +155,18 @@ def _read_request(conn: socket.socket) -> Request | None:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = conn.recv(65536)
+    parts, got = [body], len(body)
+    while got < length:
+        if pace is not None:
+            wanted = min(pace[0], length - got)
+            chunk = conn.recv(wanted, socket.MSG_WAITALL)
+            if stop.wait(pace[1]):
+                return None
+        else:
+            chunk = conn.recv(65536)
         if not chunk:
             return None
-        body += chunk
+        parts.append(chunk)
+        got += len(chunk)
+    body = b"".join(parts)
     return Request(method, path, headers, body)

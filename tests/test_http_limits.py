@@ -32,9 +32,9 @@ def cloudgene(url: str, timeout: float = TIMEOUT) -> CloudgeneAdapter:
     return CloudgeneAdapter(config, token=lambda: TOKEN)
 
 
-def wes(url: str) -> WesAdapter:
+def wes(url: str, timeout: float = TIMEOUT) -> WesAdapter:
     config = ServiceConfig(
-        name="wes", type="wes", base_url=url + "/ga4gh/wes/v1", timeout=TIMEOUT,
+        name="wes", type="wes", base_url=url + "/ga4gh/wes/v1", timeout=timeout,
         wes=WesConfig(workflow_url="https://example.org/x.cwl", workflow_type="CWL", workflow_type_version="v1.2"),
     )
     return WesAdapter(config, token=lambda: TOKEN)
@@ -170,6 +170,22 @@ def test_a_submit_may_wait_long_for_its_answer_to_begin(tmp_path):
             a._submit_timeout = a._submit_timeout.__class__(TIMEOUT, read=10 * TIMEOUT)  # instead of 1,800 s
             assert a.submit(submit_request(tmp_path)) == "job-9"
         assert len(server.requests[0].body) > 100_000
+
+
+@pytest.mark.parametrize("adapter", ["cloudgene", "wes"])
+def test_an_upload_may_outlast_the_api_deadline(tmp_path, adapter):
+    # 64 MiB taken 4 MiB every 0.5 s: the upload lasts about twice the API deadline (2 x 2 s), each write well within
+    # the per-write timeout and far above the minimum rate. (What the socket buffers hold, ~10 MB on loopback, is
+    # read after our last write: within the 2 s that WES gives its answer to begin.)
+    vcf = tmp_path / "chr1.vcf.gz"
+    vcf.write_bytes(b"v" * (64 << 20))
+    request = SubmitRequest(job_id="job-ours", files=[vcf], panel="p", build="hg19")
+    answer = json_answer(b'{"success": true, "id": "job-9", "run_id": "run-9"}')
+    with HostileServer(lambda request: [answer], read_pace=(4 << 20, 0.5)) as server:
+        make = cloudgene if adapter == "cloudgene" else wes
+        with contextlib.closing(make(server.url, timeout=2.0)) as a:
+            assert a.submit(request) in ("job-9", "run-9")
+        assert len(server.requests[0].body) > 64 << 20
 
 
 def test_a_submit_whose_answer_drips_ends(tmp_path):

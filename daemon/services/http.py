@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from daemon import __version__
-from daemon.services.deadlines import Budget, active, install
+from daemon.services.deadlines import Budget, active, current, install
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 
 USER_AGENT = f"imputationd/{__version__}"
@@ -284,10 +284,12 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 @contextlib.contextmanager
 def transport_errors(call: str, budget: Budget | None = None) -> Iterator[None]:
     """Turn httpx's transport failures (timeouts, refused or reset connections, broken framing) into `Transient`;
-    a timeout that `budget` caused says which of its rules ended the call."""
+    a timeout that `budget` (by default the calling thread's, see `open_stream`) caused says which of its rules
+    ended the call."""
     try:
         yield
     except httpx.TimeoutException as exc:
+        budget = budget or current()
         if budget is not None and budget.reason:
             raise Transient(f"{call}: {budget.reason}", kind="timeout") from None
         raise Transient(f"{call}: timed out ({type(exc).__name__})", kind="timeout") from None

@@ -51,7 +51,7 @@ import httpx
 from daemon.config import ServiceConfig, WesConfig
 from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
-from daemon.services.deadlines import Budget
+from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.http import (
     ClientPerThread,
     json_object,
@@ -430,7 +430,9 @@ class WesAdapter:
                             kind="input_unreadable",
                         ) from None
                     parts.append(("workflow_attachment", (name, handle, "application/octet-stream")))
-            response = self._send("POST", self._url("runs"), call, files=parts)
+            # The attachments go under the transfer rule; the server then answers within the usual timeouts.
+            response = self._send("POST", self._url("runs"), call, files=parts, budget=Budget.upload(
+                answer_wait=self.config.timeout, answer_time=API_DEADLINE_FACTOR * self.config.timeout))
         body = json_object(response, call)
         return self._run_id(body.get("run_id"), call)
 
@@ -580,11 +582,12 @@ class WesAdapter:
     def _url(self, *segments: str) -> str:
         return "/".join([self._api_root(), *(quote(s, safe="") for s in segments)])
 
-    def _send(self, method: str, url: str, call: str, **kwargs: Any) -> httpx.Response:
-        """One API call within an API call's budget: bearer token when there is one; transport errors, answers too
-        large and HTTP errors turned into ours."""
+    def _send(self, method: str, url: str, call: str, *, budget: Budget | None = None, **kwargs: Any
+              ) -> httpx.Response:
+        """One API call within `budget` (an API call's by default): bearer token when there is one; transport
+        errors, answers too large and HTTP errors turned into ours."""
         token = self._read_token()
-        response = send(self._client(), method, url, call=call, budget=Budget.api(self.config.timeout),
+        response = send(self._client(), method, url, call=call, budget=budget or Budget.api(self.config.timeout),
                         headers=self._auth(token), **kwargs)
         raise_for_status(response, call)
         return response
