@@ -180,7 +180,8 @@ class _Stream(httpcore.NetworkStream):
                   timeout: float | None = None) -> httpcore.NetworkStream:
         budget = _current.get()
         if budget is not None:
-            timeout = budget.before(timeout, reading=True)
+            # Part of connecting, before the request is sent: not the read that starts an upload's answer.
+            timeout = budget.before(timeout, reading=False)
         return _Stream(self._inner.start_tls(ssl_context, server_hostname, timeout))
 
     def get_extra_info(self, info: str) -> Any:
