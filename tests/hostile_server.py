@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -57,10 +58,12 @@ def json_answer(body: bytes, status: str = "200 OK", extra: str = "") -> bytes:
 
 class HostileServer:
     def __init__(self, answer: Callable[[Request], Iterable[bytes | Pause]], *,
-                 read_pace: tuple[int, float] | None = None) -> None:
-        """`read_pace` = (bytes, seconds): read request bodies that many bytes at a time, pausing between reads."""
+                 read_pace: tuple[int, float] | None = None, tls: ssl.SSLContext | None = None) -> None:
+        """`read_pace` = (bytes, seconds): read request bodies that many bytes at a time, pausing between reads.
+        `tls`: a server context to speak HTTPS with."""
         self._answer = answer
         self._read_pace = read_pace
+        self._tls = tls
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -78,7 +81,7 @@ class HostileServer:
     @property
     def url(self) -> str:
         host, port = self._listener.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self._tls else 'http'}://{host}:{port}"
 
     def __enter__(self) -> HostileServer:
         thread = threading.Thread(target=self._accept, name="hostile-accept", daemon=True)
@@ -110,6 +113,9 @@ class HostileServer:
             self.open_now += 1
             self.most_open = max(self.most_open, self.open_now)
         try:
+            if self._tls is not None:
+                conn.settimeout(30)
+                conn = self._tls.wrap_socket(conn, server_side=True)
             with conn:
                 conn.settimeout(30)
                 request = _read_request(conn, self._read_pace, self._stop)
@@ -158,8 +164,11 @@ def _read_request(conn: socket.socket, pace: tuple[int, float] | None, stop: thr
     parts, got = [body], len(body)
     while got < length:
         if pace is not None:
-            wanted = min(pace[0], length - got)
-            chunk = conn.recv(wanted, socket.MSG_WAITALL)
+            wanted, pieces = min(pace[0], length - got), []
+            while wanted > 0 and (piece := conn.recv(min(wanted, 1 << 20))):
+                pieces.append(piece)
+                wanted -= len(piece)
+            chunk = b"".join(pieces)
             if stop.wait(pace[1]):
                 return None
         else:

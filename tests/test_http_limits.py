@@ -7,18 +7,22 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import ssl
 from pathlib import Path
 
+import httpx
 import pytest
 
 from daemon.config import ServiceConfig, WesConfig
 from daemon.services import deadlines
+from daemon.services import http as http_module
 from daemon.services.base import RemoteOutput, SubmitRequest
 from daemon.services.cloudgene import CloudgeneAdapter
 from daemon.services.errors import Transient
 from daemon.services.http import ANSWER_LIMIT
 from daemon.services.wes import WesAdapter
 from hostile_server import HostileServer, Pause, Request, drip, endless, json_answer
+from test_systemd import _tls_files
 
 TOKEN = "limits-token-" + "x" * 20
 #: The per-read timeout of the services here: every drip below sends a byte well within it.
@@ -186,6 +190,25 @@ def test_an_upload_may_outlast_the_api_deadline(tmp_path, adapter):
         with contextlib.closing(make(server.url, timeout=2.0)) as a:
             assert a.submit(request) in ("job-9", "run-9")
         assert len(server.requests[0].body) > 64 << 20
+
+
+def test_an_upload_over_tls_is_under_the_transfer_rule_until_its_end(tmp_path, monkeypatch):
+    # The TLS handshake reads from the server before the request is sent: it must not count as the start of the
+    # wait for the answer, or the upload would get only that wait (here 3 s) instead of the transfer rule.
+    tls_files = _tls_files(tmp_path)
+    if tls_files is None:
+        pytest.skip("cryptography is not installed")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(*tls_files)
+    monkeypatch.setattr(http_module, "_tls_context", ssl.create_default_context(cafile=str(tls_files[0])))
+    vcf = tmp_path / "chr1.vcf.gz"
+    vcf.write_bytes(b"v" * (64 << 20))
+    request = SubmitRequest(job_id="job-ours", files=[vcf], panel="p", build="hg19")
+    answer = json_answer(b'{"success": true, "id": "job-9"}')
+    with HostileServer(lambda request: [answer], read_pace=(4 << 20, 0.5), tls=server_context) as server:
+        with contextlib.closing(cloudgene(server.url, timeout=2.0)) as a:
+            a._submit_timeout = httpx.Timeout(2.0, read=3.0)  # the wait for the answer, instead of 1,800 s
+            assert a.submit(request) == "job-9"
 
 
 def test_a_submit_whose_answer_drips_ends(tmp_path):
