@@ -175,7 +175,7 @@ def send(client: httpx.Client, method: str, url: str | httpx.URL, *, call: str, 
         for _hop in range(MAX_REDIRECTS + 1):
             response = client.send(request, follow_redirects=False, stream=True)
             try:
-                body = _read_answer(response, call)
+                body = read_limited(response, call)
             finally:
                 response.close()
             if not (follow and response.next_request is not None):
@@ -199,7 +199,7 @@ def open_stream(client: httpx.Client, method: str, url: str | httpx.URL, *, call
             if not (follow and response.next_request is not None):
                 break
             try:
-                _read_answer(response, call)
+                read_limited(response, call)
             finally:
                 response.close()
             request = response.next_request
@@ -213,14 +213,9 @@ def open_stream(client: httpx.Client, method: str, url: str | httpx.URL, *, call
 
 def read_limited(response: httpx.Response, call: str, limit: int = ANSWER_LIMIT) -> bytes:
     """The body of a streamed answer, decompressed, refused (`Transient`, "bad_response") past `limit` bytes."""
-    return _read_answer(response, call, limit)
-
-
-def _read_answer(response: httpx.Response, call: str, limit: int = ANSWER_LIMIT) -> bytes:
     if response.is_stream_consumed:  # a transport that returns answers already read (tests' mock transports)
         if len(response.content) > limit:
-            raise Transient(f"{call}: the answer is larger than the {_size(limit)} an answer may be; refusing it",
-                            kind="bad_response")
+            raise _too_large(call, limit)
         return response.content
     coding = response.headers.get("content-encoding", "identity").strip().lower()
     if coding not in ("", "identity") and coding not in _DECODERS:
@@ -234,8 +229,7 @@ def _read_answer(response: httpx.Response, call: str, limit: int = ANSWER_LIMIT)
         nonlocal size
         size += len(piece)
         if size > limit:
-            raise Transient(f"{call}: the answer is larger than the {_size(limit)} an answer may be; refusing it",
-                            kind="bad_response")
+            raise _too_large(call, limit)
         chunks.append(piece)
 
     try:
@@ -254,8 +248,9 @@ def _read_answer(response: httpx.Response, call: str, limit: int = ANSWER_LIMIT)
     return b"".join(chunks)
 
 
-def _size(limit: int) -> str:
-    return f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit} bytes"
+def _too_large(call: str, limit: int) -> Transient:
+    size = f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit} bytes"
+    return Transient(f"{call}: the answer is larger than the {size} an answer may be; refusing it", kind="bad_response")
 
 
 def _with_body(response: httpx.Response, body: bytes) -> httpx.Response:
