@@ -24,6 +24,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
+#: The last bytes of a paced body are read at full speed: more than loopback's socket buffers hold (~10 MB), so the
+#: client's last write is soon followed by the answer, whatever the pace.
+UNPACED_TAIL = 16 << 20
+
+
 @dataclass(frozen=True)
 class Request:
     method: str
@@ -163,7 +168,7 @@ def _read_request(conn: socket.socket, pace: tuple[int, float] | None, stop: thr
     length = int(headers.get("content-length", "0"))
     parts, got = [body], len(body)
     while got < length:
-        if pace is not None:
+        if pace is not None and length - got > UNPACED_TAIL:
             wanted, pieces = min(pace[0], length - got), []
             while wanted > 0 and (piece := conn.recv(min(wanted, 1 << 20))):
                 pieces.append(piece)
