@@ -49,10 +49,11 @@ def drip(data: bytes, interval: float) -> Iterable[bytes | Pause]:
         yield Pause(interval)
 
 
-def endless(head: bytes, piece: bytes = b" " * 65536) -> Iterable[bytes]:
-    """`head`, then `piece` again and again, for as long as the client reads."""
+def endless(head: bytes, piece: bytes = b" " * 65536, most: int = 64 << 20) -> Iterable[bytes]:
+    """`head`, then `piece` again and again for as long as the client reads, up to `most` bytes (16 times the answer
+    cap: a client without the cap gets to the end, so that its test fails rather than hangs)."""
     yield head
-    while True:
+    for _ in range(most // len(piece)):
         yield piece
 
 

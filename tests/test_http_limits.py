@@ -114,6 +114,31 @@ def test_a_redirect_hop_is_read_with_the_cap_too():
     assert caught.value.kind == "bad_response" and "larger than the 2 MiB" in str(caught.value)
 
 
+def test_a_download_redirect_hop_is_read_with_the_cap():
+    output_path = "/share/results/abc/chr1.zip"
+
+    def answer(request: Request):
+        if request.path == output_path:
+            return endless(b"HTTP/1.1 302 Found\r\nLocation: /presigned/chr1.zip\r\n\r\n")
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nzip"]
+
+    with HostileServer(answer) as server:
+        output = RemoteOutput(name="chr1.zip", url=server.url + output_path, remote_hash="abc")
+        with contextlib.closing(cloudgene(server.url)) as a, pytest.raises(Transient) as caught:
+            with a.stream_output(output):
+                pass
+    assert caught.value.kind == "bad_response" and "larger than the 2 MiB" in str(caught.value)
+
+
+def test_a_wes_download_error_answer_is_read_with_the_cap():
+    with HostileServer(lambda request: endless(b"HTTP/1.1 500 Oops\r\nContent-Type: text/plain\r\n\r\n")) as server:
+        output = RemoteOutput(name="out.vcf.gz", url=server.url + "/files/out.vcf.gz")
+        with contextlib.closing(wes(server.url)) as a, pytest.raises(Transient) as caught:
+            with a.stream_output(output):
+                pass
+    assert caught.value.kind == "bad_response" and "larger than the 2 MiB" in str(caught.value)
+
+
 # --- answers that drip -------------------------------------------------------------------------------------------
 
 
