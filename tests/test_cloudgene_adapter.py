@@ -397,6 +397,70 @@ def test_submit_timeout_is_transient_and_closes_files(mock, adapter, vcfs, opene
     assert all(handle.closed for handle in opened)
 
 
+GATEWAY_TIMEOUT_PAGE = "<html><head><title>504 Gateway Time-out</title></head><body>nginx</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("answer", "may_have_created"),
+    [
+        # Refusals in the server's own words: no job was made, nothing to look up.
+        (httpx.Response(400, json={"success": False, "message": "Only 3 jobs per user can be executed simultaneously."}),
+         False),
+        (httpx.Response(400, text="Only 3 jobs per user can be executed simultaneously."), False),
+        (httpx.Response(400, json={"success": False, "message": "Parameter 'X' not found."}), False),
+        (httpx.Response(400, text="java.lang.IllegalArgumentException: bad refpanel"), False),
+        (httpx.Response(404, json={"success": False, "message": "Application 'imputationserver2' not found."}), False),
+        (httpx.Response(401, text="The request requires user authentication."), False),
+        (httpx.Response(401), False),
+        (httpx.Response(403, json={"success": False, "message": "Access denied."}), False),
+        (httpx.Response(503, json={"success": False, "message": "This functionality is currently under maintenance."}),
+         False),
+        (httpx.Response(301, headers={"location": "https://elsewhere.example.org/"}), False),
+        (httpx.ConnectError("connection refused"), False),
+        (httpx.ConnectTimeout("connect timed out"), False),
+        # Outcomes unknown: the upload may be, or become, a job.
+        (httpx.Response(504, html=GATEWAY_TIMEOUT_PAGE), True),
+        (httpx.Response(502, html=HTML_PAGE), True),
+        (httpx.Response(503, html="<html><body>503 Service Temporarily Unavailable</body></html>"), True),
+        (httpx.Response(500, json={"message": "Internal Server Error"}), True),
+        (httpx.Response(413, html="<html><body>413 Request Entity Too Large</body></html>"), True),
+        (httpx.Response(200, json={"success": True, "message": "Your job was successfully added to the job queue."}),
+         True),
+        (httpx.Response(200, text='{"success": true, "id": "job-'), True),
+        (httpx.ReadTimeout("timed out"), True),
+        (httpx.RemoteProtocolError("Server disconnected without sending a response."), True),
+        (httpx.ReadError("connection reset by peer"), True),
+    ],
+    ids=[
+        "job-limit", "job-limit-text", "unknown-parameter", "plain-text-400", "unknown-app", "401-text", "401-empty",
+        "403", "maintenance", "redirect", "connect-refused", "connect-timeout",
+        "proxy-504", "proxy-502", "proxy-503", "500", "proxy-413", "success-without-id", "cut-off-answer",
+        "read-timeout", "disconnected", "reset",
+    ],
+)
+def test_submit_errors_say_whether_the_job_may_exist(mock, adapter, vcfs, answer, may_have_created):
+    if isinstance(answer, httpx.Response):
+        mock.post(SUBMIT).mock(return_value=answer)
+    else:
+        mock.post(SUBMIT).mock(side_effect=answer)
+    with pytest.raises(ServiceError) as caught:
+        adapter.submit(submit_request(vcfs))
+    assert caught.value.may_have_created is may_have_created
+
+
+def test_submit_errors_before_the_upload_say_no_job_can_exist(mock, vcfs, tmp_path):
+    route = mock.post(SUBMIT).respond(json={"success": True, "id": "job-1"})
+    for a, request in [
+        (make(token=None), submit_request(vcfs)),
+        (make(), submit_request([tmp_path / "missing.vcf.gz"])),
+        (make(), submit_request(vcfs, password="a&b-secret-pw")),
+    ]:
+        with pytest.raises(ServiceError) as caught:
+            a.submit(request)
+        assert caught.value.may_have_created is False, caught.value
+    assert not route.called
+
+
 # -- token ---------------------------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ import respx
 
 from daemon.config import ServiceConfig, WesConfig
 from daemon.services.base import RemoteOutput, SubmitRequest
-from daemon.services.errors import Blocked, Permanent, Transient
+from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 from daemon.services.scrubbing import ScrubbingAdapter
 from daemon.services.wes import (
     STDERR_CHARS,
@@ -363,6 +363,50 @@ def test_submit_garbled_answer_is_transient(router: respx.MockRouter, vcfs: list
     with pytest.raises(Transient, match=r"^POST /runs: ") as caught:
         WesAdapter(make_config(), token=lambda: None).submit(submit_request(vcfs))
     assert caught.value.kind == "bad_response"
+
+
+@pytest.mark.parametrize(
+    ("answer", "may_have_created"),
+    [
+        # Refused in the server's own words (WES's error object) or by its authentication: no run was made.
+        (httpx.Response(400, json={"msg": "Invalid workflow_type: XYZ", "status_code": 400}), False),
+        (httpx.Response(422, text="workflow_url is required"), False),
+        (httpx.Response(401), False),
+        (httpx.Response(403, json={"msg": "Forbidden", "status_code": 403}), False),
+        (httpx.ConnectError("connection refused"), False),
+        # Outcomes unknown: the run may exist, or appear later.
+        (httpx.Response(500, json={"msg": "Internal Server Error", "status_code": 500}), True),
+        (httpx.Response(504, text="<html>504 Gateway Time-out</html>", headers={"content-type": "text/html"}), True),
+        (httpx.Response(413, text="<html>413 Request Entity Too Large</html>", headers={"content-type": "text/html"}),
+         True),
+        (httpx.Response(200, json={"run_id": ""}), True),
+        (httpx.ReadTimeout("timed out"), True),
+        (httpx.RemoteProtocolError("Server disconnected without sending a response."), True),
+    ],
+    ids=["400-msg", "422-text", "401", "403", "connect-refused", "500", "proxy-504", "proxy-413", "no-run-id",
+         "read-timeout", "disconnected"],
+)
+def test_submit_errors_say_whether_the_run_may_exist(
+    router: respx.MockRouter, vcfs: list[Path], answer: Any, may_have_created: bool
+) -> None:
+    route = router.post(f"{API}/runs")
+    route.mock(return_value=answer) if isinstance(answer, httpx.Response) else route.mock(side_effect=answer)
+    with pytest.raises(ServiceError) as caught:
+        WesAdapter(make_config(), token=lambda: TOKEN).submit(submit_request(vcfs))
+    assert caught.value.may_have_created is may_have_created
+
+
+def test_submit_errors_before_the_request_say_no_run_can_exist(router: respx.MockRouter, vcfs: list[Path],
+                                                                tmp_path: Path) -> None:
+    route = router.post(f"{API}/runs").respond(json={"run_id": RUN})
+    bad_template = WesAdapter(make_config(workflow_params={"args": "--vcf {files}"}), token=lambda: None)
+    for submit in (lambda: bad_template.submit(submit_request(vcfs)),
+                   lambda: WesAdapter(make_config(), token=lambda: None).submit(
+                       submit_request([tmp_path / "gone.vcf.gz"]))):
+        with pytest.raises(ServiceError) as caught:
+            submit()
+        assert caught.value.may_have_created is False, caught.value
+    assert not route.called
 
 
 # ------------------------------------------------------------------------------------------ errors

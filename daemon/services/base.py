@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +34,22 @@ class SubmitRequest:
     name: str | None = None
     aes_encryption: bool = False
     meta: bool = False
+
+
+@dataclass
+class SubmitProgress:
+    """How far a submit got, to tell a refusal from an unknown outcome: whether its request went out, and the
+    answer, if one came."""
+
+    sent: bool = False
+    answer: httpx.Response | None = None
+
+    def may_have_created(self, error: BaseException, refused: Callable[[httpx.Response], bool]) -> bool:
+        """False when nothing was sent (no connection could be made), or when the answer is a refusal by the
+        adapter's rule `refused`; True otherwise. `error`: what the submit raised (its context, the httpx error)."""
+        if not self.sent or isinstance(error.__context__, httpx.ConnectError | httpx.ConnectTimeout):
+            return False
+        return self.answer is None or not refused(self.answer)
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,20 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from daemon.config import ServiceConfig
-from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.services.base import (
+    RemoteJob,
+    RemoteOutput,
+    RemoteStatus,
+    ServiceCheck,
+    SubmitProgress,
+    SubmitRequest,
+)
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.http import (
     ClientPerThread,
     error_message,
+    in_own_words,
     json_object,
     make_client,
     open_stream,
@@ -110,9 +118,17 @@ class CloudgeneAdapter:
     def submit(self, request: SubmitRequest) -> str:
         """Upload the files and start a job named after `request.job_id`; return Cloudgene's job id.
 
-        Any error but `Permanent` may come after the server created the job (a timeout waiting for the answer, a
-        garbled answer): look the job up with `find_submitted` before submitting again.
+        An error's `may_have_created` says whether the job may exist on the server (a timeout waiting for the
+        answer, a proxy's 504, a garbled answer): then look it up with `find_submitted` before submitting again.
         """
+        progress = SubmitProgress()
+        try:
+            return self._submit(request, progress)
+        except ServiceError as exc:
+            exc.may_have_created = exc.may_have_created and progress.may_have_created(exc, _refused)
+            raise
+
+    def _submit(self, request: SubmitRequest, progress: SubmitProgress) -> str:
         call = f"POST /jobs/submit/{self.config.app}"
         if not request.files:
             raise Permanent(f"{call}: no input files to upload", kind="bad_request")
@@ -148,10 +164,11 @@ class CloudgeneAdapter:
                     ) from None
                 # httpx streams a file object in 64 KiB chunks and sends its length from fstat: never whole in memory.
                 files.append(("files", (path.name, handle, "application/octet-stream")))
+            url = self._path("jobs", "submit", self.config.app)
+            progress.sent = True
             try:
-                response = self._send(
-                    "POST", self._path("jobs", "submit", self.config.app), call, token=token,
-                    data=data, files=files, timeout=self._submit_timeout,
+                response = progress.answer = self._send(
+                    "POST", url, call, token=token, data=data, files=files, timeout=self._submit_timeout,
                     budget=Budget.upload(answer_wait=self._submit_timeout.read or SUBMIT_READ_TIMEOUT,
                                          answer_time=API_DEADLINE_FACTOR * self.config.timeout),
                 )
@@ -331,11 +348,13 @@ class CloudgeneAdapter:
         if response.is_redirect:
             target = urlsplit(response.headers.get("location", ""))
             where = f" to {target.scheme}://{target.netloc}{target.path}" if target.netloc else ""
-            raise Blocked(
+            refused = Blocked(
                 f"{call}: HTTP {response.status_code} redirect{where}; the token is not sent after a redirect, "
                 "set base_url to the address the server answers on",
                 kind="redirect",
             )
+            refused.may_have_created = False  # what answered with a redirect did nothing else with the request
+            raise refused
         return response
 
     def _api(
@@ -618,6 +637,24 @@ def _is_error_page(response: httpx.Response) -> bool:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(body, dict) and ("_links" in body or "_embedded" in body)
+
+
+def _refused(response: httpx.Response) -> bool:
+    """True when the answer to a submit proves Cloudgene made no job of it: the authentication layer turned it away
+    (401/403: before any handler runs), or the server refused it in its own words: a 4xx with a message ("Only N
+    jobs…", "Parameter 'X' not found.", plain text), or `"success": false` with a message (maintenance). A 5xx, a
+    proxy's page or a timeout proves nothing: the upload may still become a job."""
+    status = response.status_code
+    if status in (401, 403):
+        return True
+    if not in_own_words(response):
+        return False
+    if 400 <= status < 500:
+        return True
+    try:
+        return response.json().get("success") is False
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
 
 
 def _raise_job_limit(call: str, message: str) -> None:

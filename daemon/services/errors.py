@@ -5,7 +5,8 @@
 - `Permanent`: a definite answer that fails the job (or, for downloads, that one file) with this reason.
 
 Every error carries a stable `kind` for logs and metrics, and a message that never contains a token, password,
-download hash or query string.
+download hash or query string. An error from a submit also says whether the remote job may exist
+(`may_have_created`): exactly-once submission rests on it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from __future__ import annotations
 
 class ServiceError(Exception):
     kind: str = "service_error"
+    #: For a request that creates a remote job (a submit): False only when nothing can have been made — the request
+    #: never left, or the server refused it in its own words ("Only N jobs…", a 4xx with its message, a 401).
+    #: True, the safe side, whenever the server may have acted or may still be acting on it: a timeout, a lost
+    #: connection, a 5xx, a proxy's page, a garbled answer. Only the submitting adapter sets it.
+    may_have_created: bool = True
 
     def __init__(self, message: str, *, kind: str | None = None) -> None:
         super().__init__(message)
@@ -46,6 +52,7 @@ class JobLimitReached(Transient):
     """Cloudgene's "Only N jobs per user can be executed simultaneously": wait for a slot."""
 
     kind = "job_limit"
+    may_have_created = False
 
     def __init__(self, message: str, *, limit: int | None = None) -> None:
         super().__init__(message)

@@ -333,6 +333,21 @@ def error_message(response: httpx.Response) -> str:
     return text[:BODY_EXCERPT] or f"HTTP {response.status_code}"
 
 
+def in_own_words(response: httpx.Response) -> bool:
+    """True when an answer's body is the server's own words: a JSON object with a message (`message`, `msg`,
+    `error`), or plain text. False for an empty body, an HTML page (a proxy's, most likely) or other JSON."""
+    text = response.text.strip()
+    if not text or text.startswith("<") or response.headers.get("content-type", "").startswith("text/html"):
+        return False
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return True
+    return isinstance(body, dict) and any(
+        isinstance(body.get(key), str) and body[key].strip() for key in ("message", "msg", "error")
+    )
+
+
 def raise_for_status(response: httpx.Response, call: str) -> None:
     """Raise the error our rules give a non-2xx answer; return quietly on success.
 
@@ -383,6 +398,7 @@ __all__ = [
     "ClientPerThread",
     "ServiceError",
     "error_message",
+    "in_own_words",
     "json_object",
     "make_client",
     "open_stream",

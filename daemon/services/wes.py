@@ -49,11 +49,19 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import httpx
 
 from daemon.config import ServiceConfig, WesConfig
-from daemon.services.base import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.services.base import (
+    RemoteJob,
+    RemoteOutput,
+    RemoteStatus,
+    ServiceCheck,
+    SubmitProgress,
+    SubmitRequest,
+)
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.http import (
     ClientPerThread,
+    in_own_words,
     json_object,
     make_client,
     open_stream,
@@ -370,7 +378,16 @@ class WesAdapter:
     # ------------------------------------------------------------------ the interface
 
     def submit(self, request: SubmitRequest) -> str:
-        """POST /runs. A timeout or garbled answer is `Transient`: look the run up with `find_submitted` first."""
+        """POST /runs; return the run id. An error's `may_have_created` says whether the run may exist (a timeout,
+        a 5xx, a garbled answer): then look it up with `find_submitted` before submitting again."""
+        progress = SubmitProgress()
+        try:
+            return self._submit(request, progress)
+        except ServiceError as exc:
+            exc.may_have_created = progress.may_have_created(exc, _refused)
+            raise
+
+    def _submit(self, request: SubmitRequest, progress: SubmitProgress) -> str:
         call = "POST /runs"
         wes = self._wes
         paths = [Path(p) for p in request.files]
@@ -431,7 +448,9 @@ class WesAdapter:
                         ) from None
                     parts.append(("workflow_attachment", (name, handle, "application/octet-stream")))
             # The attachments go under the transfer rule; the server then answers within the usual timeouts.
-            response = self._send("POST", self._url("runs"), call, files=parts, budget=Budget.upload(
+            url = self._url("runs")
+            progress.sent = True
+            response = self._send("POST", url, call, progress=progress, files=parts, budget=Budget.upload(
                 answer_wait=self.config.timeout, answer_time=API_DEADLINE_FACTOR * self.config.timeout))
         body = json_object(response, call)
         return self._run_id(body.get("run_id"), call)
@@ -582,13 +601,18 @@ class WesAdapter:
     def _url(self, *segments: str) -> str:
         return "/".join([self._api_root(), *(quote(s, safe="") for s in segments)])
 
-    def _send(self, method: str, url: str, call: str, *, budget: Budget | None = None, **kwargs: Any
-              ) -> httpx.Response:
+    def _send(
+        self, method: str, url: str, call: str, *, budget: Budget | None = None,
+        progress: SubmitProgress | None = None, **kwargs: Any
+    ) -> httpx.Response:
         """One API call within `budget` (an API call's by default): bearer token when there is one; transport
-        errors, answers too large and HTTP errors turned into ours."""
+        errors, answers too large and HTTP errors turned into ours. A submit's answer is kept in `progress`, to tell
+        a refusal from an unknown outcome."""
         token = self._read_token()
         response = send(self._client(), method, url, call=call, budget=budget or Budget.api(self.config.timeout),
                         headers=self._auth(token), **kwargs)
+        if progress is not None:
+            progress.answer = response
         raise_for_status(response, call)
         return response
 
@@ -712,6 +736,14 @@ class WesAdapter:
         if wes.engine and engines and wes.engine not in engines:
             notes.append(f"the configured engine {wes.engine} is not offered")
         return "; ".join(notes)
+
+
+def _refused(response: httpx.Response) -> bool:
+    """True when the answer to `POST /runs` proves no run was made: the server turned the request away before
+    anything ran (401/403), or refused it in its own words (a 4xx with WES's error object `{"msg": …}` or plain
+    text). A 5xx, a proxy's page or a timeout proves nothing: the run may exist, or appear later."""
+    status = response.status_code
+    return status in (401, 403) or (400 <= status < 500 and in_own_words(response))
 
 
 def _tags(value: Any) -> dict[str, Any]:
