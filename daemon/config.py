@@ -21,6 +21,10 @@ import yaml
 
 DEFAULT_CONFIG_PATH = Path("/etc/imputationd/config.yaml")
 CONFIG_ENV = "IMPUTATIOND_CONFIG"
+#: Seconds an adapter waits for the answer to a submit: Cloudgene copies the whole upload into its workspace
+#: (possibly S3) before it says a word, so a healthy submit of a few GB can take many minutes. It is also how long
+#: a server may still be turning a submit into a job after we stopped waiting: the default `submit_settle`.
+SUBMIT_ANSWER_TIMEOUT = 1800.0
 
 
 class ConfigError(Exception):
@@ -174,6 +178,15 @@ class ServiceConfig:
     allow_plain_http: bool = False
     #: Most of the pool's workers this service's steps may occupy at once; None: `default_worker_share`.
     max_workers: int | None = None
+    #: Seconds during which a submit whose outcome is unknown (answer lost, a proxy's 504, the daemon killed
+    #: mid-request) may still become a remote job, counted from when we stopped waiting for it: until they pass, the
+    #: job is looked up on the server and never sent again. None: `settle_seconds`' default.
+    submit_settle: float | None = None
+
+    @property
+    def settle_seconds(self) -> float:
+        """`submit_settle`, by default the longest the adapter waits for a submit's answer."""
+        return self.submit_settle if self.submit_settle is not None else max(self.timeout, SUBMIT_ANSWER_TIMEOUT)
 
     def token_path(self) -> Path | None:
         """Where the token file is: a relative `token_file` is looked up under `$CREDENTIALS_DIRECTORY` (systemd
@@ -890,6 +903,11 @@ def _service(name: str, raw: Any, where: str, default_poll_interval: float, ctx:
         high = values.get("max_samples", _SERVICE_DEFAULTS["max_samples"])
         if low > high:
             ctx.report(f"{where}.min_samples", f"must not exceed max_samples ({high}), got {low}")
+    if "submit_settle" in values and _given_and_valid(raw, values, "timeout"):
+        timeout = values.get("timeout", _SERVICE_DEFAULTS["timeout"])
+        if values["submit_settle"] < timeout:
+            ctx.report(f"{where}.submit_settle", f"must be at least the service's timeout ({timeout:g} s): the "
+                       f"server may still be answering the first submit, got {values['submit_settle']:g}")
     if "type" not in values or "base_url" not in values:
         return None
     values.setdefault("poll_interval", default_poll_interval)
@@ -976,6 +994,7 @@ _SERVICE: dict[str, _Convert] = {
     "max_concurrent_jobs": _integer(1, 1000),
     "poll_interval": _seconds(86400),
     "timeout": _seconds(3600),
+    "submit_settle": _seconds(7 * 86400),
     "max_upload_mb": _integer(1, 1_000_000),
     "min_samples": _integer(1, 10_000_000),
     "max_samples": _integer(1, 10_000_000),

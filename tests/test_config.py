@@ -13,6 +13,7 @@ import yaml
 
 from daemon.config import (
     DEFAULT_CONFIG_PATH,
+    SUBMIT_ANSWER_TIMEOUT,
     Config,
     ConfigError,
     EmailConfig,
@@ -307,6 +308,17 @@ def test_service_poll_interval_defaults_to_the_scheduler(tmp_path: Path) -> None
     assert config.services["other"].poll_interval == 7.0
 
 
+def test_submit_settle_defaults_to_the_longest_wait_for_a_submit_answer(tmp_path: Path) -> None:
+    content = merged(VALID, {})
+    content["services"]["short"] = {**VALID["services"]["michigan"], "submit_settle": 45, "timeout": 45}
+    content["services"]["slow"] = {**VALID["services"]["michigan"], "timeout": 3600}
+    config = load_config(write(tmp_path, content))
+    assert config.services["michigan"].submit_settle is None
+    assert config.services["michigan"].settle_seconds == SUBMIT_ANSWER_TIMEOUT == 1800.0
+    assert config.services["short"].settle_seconds == 45.0
+    assert config.services["slow"].settle_seconds == 3600.0
+
+
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(SchedulerConfig)])
 def test_every_scheduler_field_is_a_key(tmp_path: Path, name: str) -> None:
     default = getattr(SchedulerConfig(), name)
@@ -408,6 +420,10 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
     ("samples-order-default", michigan(min_samples=60000), "services.michigan.min_samples", "max_samples (50000)"),
     ("service-typo", michigan(max_concurent_jobs=2), "services.michigan.max_concurent_jobs",
      "did you mean 'max_concurrent_jobs'?"),
+    ("settle-zero", michigan(submit_settle=0), "services.michigan.submit_settle", "greater than 0"),
+    ("settle-text", michigan(submit_settle="30m"), "services.michigan.submit_settle", "got '30m'"),
+    ("settle-below-timeout", michigan(submit_settle=20, timeout=30), "services.michigan.submit_settle",
+     "at least the service's timeout (30 s)"),
     ("panels-text", michigan(panels="hrc"), "services.michigan.panels", "must be a mapping of panel name"),
     ("panel-name", michigan(panels={"hrc panel!": {"id": "x"}}), "services.michigan.panels.hrc panel!",
      "panel names must be"),

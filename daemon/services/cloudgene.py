@@ -31,7 +31,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from daemon.config import ServiceConfig
+from daemon.config import SUBMIT_ANSWER_TIMEOUT, ServiceConfig
 from daemon.services.base import (
     RemoteJob,
     RemoteOutput,
@@ -58,9 +58,9 @@ from daemon.states import RemoteKind, cloudgene_kind
 TOKEN_HEADER = "X-Auth-Token"
 #: Cloudgene's fixed page size for `GET /jobs?page=N`.
 PAGE_SIZE = 15
-#: Read timeout for the submit answer: Cloudgene copies the whole upload into its workspace (possibly S3) before it
-#: says a word, so the configured per-call timeout would cut off a healthy submit of a few GB.
-SUBMIT_READ_TIMEOUT = 1800.0
+#: Read timeout for the submit answer (see `SUBMIT_ANSWER_TIMEOUT`): the configured per-call timeout would cut off a
+#: healthy submit of a few GB.
+SUBMIT_READ_TIMEOUT = SUBMIT_ANSWER_TIMEOUT
 #: Most characters of a progress line and of a failure reason.
 PROGRESS_LIMIT = 200
 MESSAGE_LIMIT = 2000
