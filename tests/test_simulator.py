@@ -799,6 +799,39 @@ def test_slow_answers_and_latency(sim: SimulatedCloudgene, client: httpx.Client)
         client.get("/jobs", timeout=0.2)
 
 
+def test_slow_submit_creates_the_job_after_the_client_gave_up(sim: SimulatedCloudgene, client: httpx.Client,
+                                                               vcf: Path) -> None:
+    """Cloudgene copies the upload before the job exists: a client that stops waiting (its timeout, a kill) does
+    not stop it, and the job appears in the list later all the same."""
+    sim.faults.slow_submit(1.0)
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/jobs/submit/imputationserver2", timeout=0.2, data={"refpanel": PANEL, "build": "hg19",
+                    "job-name": "gave-up"}, files=[("files", (vcf.name, vcf.read_bytes(), "application/gzip"))])
+    assert sim.submissions("gave-up") == 0
+    assert client.get("/jobs").json()["data"] == []
+    deadline = time.monotonic() + 10
+    while sim.submissions("gave-up") == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [j["name"] for j in client.get("/jobs").json()["data"]] == ["gave-up"]
+    submit_ok(client, [vcf])  # the fault fired once: the next submit is quick
+
+
+def test_slow_submit_behind_a_proxy_answers_504_then_creates_the_job(sim: SimulatedCloudgene, client: httpx.Client,
+                                                                     vcf: Path) -> None:
+    sim.faults.slow_submit(1.0, proxy_status=504)
+    start = time.monotonic()
+    r = submit(client, [vcf], **{"job-name": "behind-proxy"})
+    assert r.status_code == 504 and "504 Gateway Time-out" in r.text
+    assert r.headers["content-type"].startswith("text/html")
+    assert time.monotonic() - start < 1.0 and sim.submissions("behind-proxy") == 0
+    deadline = time.monotonic() + 10
+    while sim.submissions("behind-proxy") == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [j["name"] for j in client.get("/jobs").json()["data"]] == ["behind-proxy"]
+    with pytest.raises(ValueError, match="proxy_status"):
+        sim.faults.slow_submit(1.0, proxy_status=404)
+
+
 def test_malformed_json_html_200_and_rate_limit(sim: SimulatedCloudgene, client: httpx.Client) -> None:
     sim.faults.malformed_json()
     r = client.get("/jobs")

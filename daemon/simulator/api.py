@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import uuid
 from urllib.parse import parse_qs
 from collections.abc import Callable
@@ -52,6 +53,9 @@ class Request:
     query: dict[str, list[str]]
     headers: Any  # email.message.Message-like
     body: BodyReader
+    #: Sends an answer at once, before the route has finished (a proxy in front that stops waiting); the route's
+    #: own answer is then dropped.
+    answer_early: Callable[[Response], None] | None = None
 
     @property
     def token(self) -> str | None:
@@ -86,6 +90,18 @@ def text_response(text: str, status: int, content_type: str = "text/plain; chars
     return Response(status, text.encode(), content_type=content_type)
 
 
+NGINX_REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+                 503: "Service Temporarily Unavailable", 504: "Gateway Time-out"}
+
+
+def proxy_error_response(status: int) -> Response:
+    """The error page of the nginx in front of Cloudgene."""
+    title = f"{status} {NGINX_REASONS.get(status, 'Error')}"
+    page = (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n"
+            f"<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+    return Response(status, page.encode(), content_type="text/html")
+
+
 def error_response(exc: ApiError) -> Response:
     if exc.json_body:
         return json_response({"success": False, "message": exc.message}, exc.status)
@@ -107,9 +123,11 @@ class CloudgeneApi:
         strict: bool,
         max_upload_bytes: int,
         server_name: str,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.sim = sim
         self.faults = faults
+        self.sleep = sleep
         self.workdir = workdir
         self.strict = strict
         self.max_upload_bytes = max_upload_bytes
@@ -325,6 +343,7 @@ class CloudgeneApi:
                 results, qc = build_results(staging / "outputs", [(p, s) for (p, _), s in zip(uploads, summaries)],
                                             params)
                 validation = input_summary_text(summaries, params)
+            self._copy_to_workspace(request)
             job = self.sim.add_job(
                 account=account, raw_name=raw_name, app_id=app, user_agent=request.headers.get("User-Agent") or "",
                 params=params, workdir=staging, errors=errors, warnings=warnings, validation_text=validation,
@@ -336,6 +355,16 @@ class CloudgeneApi:
         finally:
             if not keep:
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _copy_to_workspace(self, request: Request) -> None:
+        """Cloudgene copies the upload into the job's workspace before the job exists: instant here, unless a
+        `slow_submit` fault makes it take a while (and a proxy's error page maybe reach the client first)."""
+        slow = self.faults.take_submit_fault()
+        if slow is None:
+            return
+        if slow.proxy_status is not None and request.answer_early is not None:
+            request.answer_early(proxy_error_response(slow.proxy_status))
+        self.sleep(slow.seconds)
 
     def _parse_form(self, form) -> tuple[JobParams, list[str]]:
         """Cloudgene's parseAndUpdateInputParams: unknown names are a 400, values are HTML-escaped, the first

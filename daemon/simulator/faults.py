@@ -16,6 +16,11 @@ A rule has a `kind`, how many more times it fires (`times`, None = until removed
   job repeats its secrets in what it says: the token and the job's password in every log message, so in its progress
   and its failure reasons; the hashes of its result files in its export message; and the first GET of each of its
   files answers 500 with a message quoting the file's hash and the token).
+- submit faults, consumed by a submit that passed every check (scope ignored): `slow_submit` — Cloudgene copies
+  the whole upload into its workspace before the job exists, here for `seconds`; a client that stops waiting
+  meanwhile (timed out, killed) does not stop it: the job is created all the same, the answer goes nowhere. With
+  `proxy_status` (e.g. 504) a proxy in front gives up first: the client gets its error page as soon as the upload
+  is in, and the job appears `seconds` later.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 RESPONSE_KINDS = frozenset({"error", "drop", "rate_limit", "html_200", "malformed_json", "truncate", "corrupt"})
 MODIFIER_KINDS = frozenset({"delay"})
 JOB_KINDS = frozenset({"fail_validation", "stall", "dead", "echo_secrets"})
-KINDS = RESPONSE_KINDS | MODIFIER_KINDS | JOB_KINDS
+SUBMIT_KINDS = frozenset({"slow_submit"})
+KINDS = RESPONSE_KINDS | MODIFIER_KINDS | JOB_KINDS | SUBMIT_KINDS
 
 #: Kinds that only make sense once the application has answered.
 _AFTER_ONLY = frozenset({"malformed_json", "truncate", "corrupt"})
@@ -51,6 +57,7 @@ class FaultRule:
     fraction: float = 0.5
     nbytes: int = 4
     message: str | None = None
+    proxy_status: int | None = None
     id: int = field(default_factory=lambda: next(_ids))
     fired: int = 0
 
@@ -71,6 +78,8 @@ class FaultRule:
             raise ValueError("an error fault needs an HTTP error status")
         if not 0.0 <= self.fraction < 1.0:
             raise ValueError("fraction must be in [0, 1)")
+        if self.proxy_status is not None and (self.kind != "slow_submit" or not 500 <= self.proxy_status <= 599):
+            raise ValueError("proxy_status is a 5xx status, for slow_submit only")
         if self.seconds < 0 or self.retry_after < 0 or self.nbytes < 1:
             raise ValueError("seconds/retry_after must be >= 0 and nbytes >= 1")
 
@@ -167,6 +176,9 @@ class Faults:
     def echo_secrets(self, times: int | None = 1) -> FaultRule:
         return self.add("echo_secrets", times=times)
 
+    def slow_submit(self, seconds: float, times: int | None = 1, proxy_status: int | None = None) -> FaultRule:
+        return self.add("slow_submit", seconds=seconds, times=times, proxy_status=proxy_status)
+
     # -- consulting the rules
     def _fire(self, rule: FaultRule) -> None:
         rule.fired += 1
@@ -181,7 +193,7 @@ class Faults:
         plan = Plan()
         with self._lock:
             for rule in list(self._rules):
-                if rule.kind in JOB_KINDS or not rule.matches(method, path):
+                if rule.kind in JOB_KINDS | SUBMIT_KINDS or not rule.matches(method, path):
                     continue
                 if rule.kind == "delay":
                     if rule.when == "before":
@@ -203,6 +215,15 @@ class Faults:
                     taken[rule.kind] = rule.message
                     self._fire(rule)
         return taken
+
+    def take_submit_fault(self) -> FaultRule | None:
+        """The `slow_submit` rule a submit that passed every check gets, if any (it fires once per submit)."""
+        with self._lock:
+            for rule in list(self._rules):
+                if rule.kind in SUBMIT_KINDS:
+                    self._fire(rule)
+                    return rule
+        return None
 
     def counts(self) -> dict[str, int]:
         with self._lock:

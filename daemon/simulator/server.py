@@ -33,7 +33,16 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from daemon.simulator.api import CloudgeneApi, Request, Response, error_response, json_response, text_response
+from daemon.simulator.api import (
+    NGINX_REASONS,
+    CloudgeneApi,
+    Request,
+    Response,
+    error_response,
+    json_response,
+    proxy_error_response,
+    text_response,
+)
 from daemon.simulator.faults import Faults, FaultRule
 from daemon.simulator.model import (
     DEFAULT_APP_VERSION,
@@ -55,8 +64,6 @@ _SECRET_IN_PATH = re.compile(r"(/share/results/)[^/\s]+")
 _DRAIN_LIMIT = 64 << 20
 _STREAM_CHUNK = 1 << 16
 
-_NGINX_REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
-                  503: "Service Temporarily Unavailable", 504: "Gateway Time-out"}
 
 
 def redact(text: str) -> str:
@@ -64,16 +71,11 @@ def redact(text: str) -> str:
     return _SECRET_IN_PATH.sub(r"\1<redacted>", text)
 
 
-def _nginx_page(status: int) -> bytes:
-    title = f"{status} {_NGINX_REASONS.get(status, 'Error')}"
-    return (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n"
-            f"<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n").encode()
-
-
 def _fault_response(rule: FaultRule, path: str) -> Response:
     if rule.kind == "rate_limit":
-        return Response(429, _nginx_page(429), content_type="text/html",
-                        headers=[("Retry-After", str(rule.retry_after))])
+        page = proxy_error_response(429)
+        page.headers.append(("Retry-After", str(rule.retry_after)))
+        return page
     if rule.kind == "html_200":
         page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Imputation Server</title></head>"
                 "<body><h1>We&rsquo;ll be back soon!</h1><p>The service is temporarily unavailable. "
@@ -84,8 +86,8 @@ def _fault_response(rule: FaultRule, path: str) -> Response:
         return json_response({"message": "Internal Server Error",
                               "_links": {"self": {"href": path, "templated": False}},
                               "_embedded": {"errors": [{"message": "Internal Server Error: simulated fault"}]}}, 500)
-    if status in _NGINX_REASONS:  # the proxy in front of it
-        return Response(status, _nginx_page(status), content_type="text/html")
+    if status in NGINX_REASONS:  # the proxy in front of it
+        return proxy_error_response(status)
     return text_response(rule.message or "simulated error", status)
 
 
@@ -180,6 +182,8 @@ class _Handler(BaseHTTPRequestHandler):
         if action is not None and action.when == "before":
             self._apply_fault(request, action, None)
             return
+        answered: list[Response] = []
+        request.answer_early = lambda early: (answered.append(early), self._finish(request, early, close=True))
         if handler is None:
             response = app.api.not_routed(request, route)
         else:
@@ -190,6 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
             except Exception:  # a bug in the simulator: answer like a server would, and say so in the log
                 log.exception("simulator route %s failed", route)
                 response = json_response({"message": "Internal Server Error"}, 500)
+        if answered:  # the "proxy" answered already and closed the connection: this answer reaches nobody
+            return
         if plan.delay_after:
             app._sleep(plan.delay_after)
         if action is not None:
@@ -365,7 +371,7 @@ class SimulatedCloudgene:
         else:
             self._workdir.mkdir(parents=True, exist_ok=True)
         self.api = CloudgeneApi(self.sim, self.faults, workdir=self._workdir, strict=self._strict,
-                                max_upload_bytes=self._max_upload, server_name=self._server_name)
+                                max_upload_bytes=self._max_upload, server_name=self._server_name, sleep=self._sleep)
         self._stopping.clear()
         self._server = _Server((self.host, self._requested_port), self)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
