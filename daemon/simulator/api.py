@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import time
 import uuid
 from urllib.parse import parse_qs
@@ -56,6 +57,8 @@ class Request:
     #: Sends an answer at once, before the route has finished (a proxy in front that stops waiting); the route's
     #: own answer is then dropped.
     answer_early: Callable[[Response], None] | None = None
+    #: A submit whose upload is being copied (`CloudgeneApi.copying`).
+    copying: bool = False
 
     @property
     def token(self) -> str | None:
@@ -128,6 +131,9 @@ class CloudgeneApi:
         self.sim = sim
         self.faults = faults
         self.sleep = sleep
+        #: Submits whose upload is being copied (`slow_submit`): each may still become a job.
+        self.copying = 0
+        self._copying_lock = threading.Lock()
         self.workdir = workdir
         self.strict = strict
         self.max_upload_bytes = max_upload_bytes
@@ -353,6 +359,9 @@ class CloudgeneApi:
             return json_response({"success": True, "message": "Your job was successfully added to the job queue.",
                                   "id": job.id})
         finally:
+            if request.copying:
+                with self._copying_lock:
+                    self.copying -= 1
             if not keep:
                 shutil.rmtree(staging, ignore_errors=True)
 
@@ -362,6 +371,9 @@ class CloudgeneApi:
         slow = self.faults.take_submit_fault()
         if slow is None:
             return
+        with self._copying_lock:
+            self.copying += 1
+        request.copying = True  # until the job exists or the submit is refused (`submit`'s finally)
         if slow.proxy_status is not None and request.answer_early is not None:
             request.answer_early(proxy_error_response(slow.proxy_status))
         self.sleep(slow.seconds)

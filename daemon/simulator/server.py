@@ -461,6 +461,10 @@ class SimulatedCloudgene:
         data["faults_fired"] = self.faults.counts()
         return data
 
+    def submits_being_copied(self) -> int:
+        """Submits a `slow_submit` fault holds: received, not yet a job (nor refused)."""
+        return self.api.copying if self.api is not None else 0
+
     def submissions(self, job_name: str) -> int:
         """How many jobs were created with this job-name (the exactly-once check)."""
         with self.sim.lock:
