@@ -194,19 +194,60 @@ class Pipeline:
     # ------------------------------------------------------------------ submit
 
     def _submit(self, job: Job, adapter: ServiceAdapter) -> Outcome:
+        """Send the job, unless an earlier submit of it may still exist (or become) a job on the server.
+
+        `submit_attempts` > 0 says an earlier submit may exist remotely (a refused one resets it to 0); while the job
+        has no remote id, `submitted_at` says since when that submit's outcome is unknown (when we stopped
+        waiting for its answer), or is None when its daemon died with the request in flight. The server may turn
+        such a request into a job long after we gave up on it (Cloudgene copies the whole upload first), so it is
+        looked up until `submit_settle` has passed, and only then sent again."""
         carried = remote_job_name(job)
         if job.submit_attempts > 0:
-            # An earlier attempt may have reached the server and lost its answer (timeout, crash, SIGKILL).
             found = adapter.find_submitted(carried)
             if found is not None:
                 return self._submitted(job, found, "found the earlier submission on the server")
+            settling = self._settling(job)
+            if settling is not None:
+                return settling
         request = self._submit_request(job, carried)
-        # Committed before the POST: after a crash from here on, the next attempt looks the job up first — and not
-        # before the service's request timeout has passed, or the server could create this attempt's job after
-        # the lookup missed it and we sent another.
+        # Committed before the POST: after a crash from here on, the next attempt looks the job up first, not
+        # before the service's request timeout has passed (the lookup would only find nothing yet).
         self.store.note_submit_attempt(job.id, self.owner, settle=self._service(job).timeout)
-        remote_id = adapter.submit(request)
+        try:
+            remote_id = adapter.submit(request)
+        except ServiceError as exc:
+            return self._submit_failed(job, exc)
         return self._submitted(job, remote_id, "submitted")
+
+    def _settling(self, job: Job) -> Outcome | None:
+        """After a lookup that found nothing: an Outcome that looks again later while the earlier submit may still
+        become a job (sooner at first, backing off, the last look when the window closes); None once it cannot."""
+        now = utcnow()
+        # None: the daemon died while it waited for the answer; when exactly is unknown, so the window starts now.
+        since = job.submitted_at or now
+        settle = self._service(job).settle_seconds
+        left = (since + dt.timedelta(seconds=settle) - now).total_seconds()
+        if left <= 0:
+            log.warning("lost_submit_not_found", reason=f"not on the server {settle:g} s after the attempt; "
+                        "submitting again", attempts=job.submit_attempts)
+            return None
+        failures = job.failures + 1
+        scheduler = self.config.scheduler
+        wait = min(left, backoff_delay(failures, initial=scheduler.backoff_initial, maximum=scheduler.backoff_max))
+        if job.submitted_at is None:
+            log.info("submit_outcome_unknown", reason="the daemon stopped while the server had the submit; looking "
+                     "the job up until the server can no longer create it", settle=settle)
+        return Outcome(next_poll_in=wait, fields={"failures": failures, "submitted_at": since})
+
+    def _submit_failed(self, job: Job, exc: ServiceError) -> Outcome | None:
+        if not exc.may_have_created:
+            # A refusal: no remote job exists, so the next attempt needs no lookup.
+            return self._on_error(job, exc, fields={"submit_attempts": 0, "submitted_at": None})
+        # The server may still make a job of this request (a lost answer, a proxy's 504): from now on it is looked
+        # up, and nothing is sent again before `submit_settle` has passed since this moment.
+        log.info("submit_outcome_unknown", reason="looking the job up until the server can no longer create it",
+                 error_kind=exc.kind, settle=self._service(job).settle_seconds)
+        return self._on_error(job, exc, fields={"submitted_at": utcnow()})
 
     def _submitted(self, job: Job, remote_id: str, how: str) -> Outcome:
         structlog.contextvars.bind_contextvars(remote_id=remote_id)
@@ -422,7 +463,16 @@ class Pipeline:
 
     # ------------------------------------------------------------------ errors, in one place
 
-    def _on_error(self, job: Job, exc: ServiceError) -> Outcome | None:
+    def _on_error(self, job: Job, exc: ServiceError, *, fields: dict[str, object] | None = None) -> Outcome | None:
+        """The outcome of a step that raised `exc`; `fields`: more columns to write with it (a submit's
+        bookkeeping)."""
+        fields = fields or {}
+        outcome = self._error_outcome(job, exc, fields=fields)
+        if outcome is not None:
+            outcome.fields.update(fields)
+        return outcome
+
+    def _error_outcome(self, job: Job, exc: ServiceError, *, fields: dict[str, object]) -> Outcome | None:
         self.metrics.error(job.service, exc.kind)
         if isinstance(exc, JobLimitReached) and job.state is JobState.SUBMITTING:
             # What we hold besides this job, and never more than the server's own "Only N": each wrong guess
@@ -450,7 +500,7 @@ class Pipeline:
                 # Keep what these jobs are doing (a finished remote job, an operator's cancel) and retry it when
                 # the service is usable again, instead of parking them where that would be forgotten.
                 return self._backoff(job, Transient(str(exc), kind=exc.kind), quiet=True)
-            self.store.park_blocked(job.id, self.owner, str(exc))
+            self.store.park_blocked(job.id, self.owner, str(exc), fields=fields)
             return None
         assert isinstance(exc, Permanent)
         if job.state is JobState.CANCEL_REQUESTED:

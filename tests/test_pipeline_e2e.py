@@ -505,6 +505,22 @@ def test_only_n_jobs_sends_jobs_back_to_pending_until_a_slot_frees(e2e):
     assert "Only 1 jobs per user" in problems[0]["reason"]
 
 
+def test_a_refused_submit_is_sent_again_without_looking_it_up(e2e):
+    """"Only N jobs" proves that no job was made: the next attempt sends at once instead of paging through the
+    account's job list first."""
+    h = e2e(sim_options={"max_jobs_per_user": 1}, service={"max_concurrent_jobs": 3},
+            timings=Timings(queue=0.1, run=0.2, export=0.1))
+    jobs = [h.submit(name=f"j{i}")[0] for i in range(3)]
+    h.start()
+    done = [h.wait_state(j.id, "completed", timeout=30) for j in jobs]
+    h.stop_daemon()
+    assert sum(h.sim.stats()["rejected_submissions"].values()) >= 1
+    assert all(h.sim.submissions(str(job.id)) == 1 for job in done)
+    job_list = [r for r in h.requests["mis"].matching("/api/v2/jobs", "GET") if r.path.rstrip("/") == "/api/v2/jobs"]
+    assert job_list == [], f"{len(job_list)} lookups of the job list after refusals"
+    assert all(job.submit_attempts == 1 for job in done)  # a refused attempt is not one that may exist remotely
+
+
 # ---------------------------------------------------------------------------------------------------- downloads
 
 

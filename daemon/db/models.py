@@ -89,6 +89,7 @@ class Job(Base):
     progress: Mapped[str | None] = mapped_column(sa.Text)
     queue_position: Mapped[int | None] = mapped_column(sa.Integer)
 
+    #: Submits sent that may have made a remote job; a refusal in the server's words sets it back to 0.
     submit_attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
     restart_attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
     #: How often `imputationd retry` restarted this job; part of the name the remote job carries, so a lookup after
@@ -106,6 +107,8 @@ class Job(Base):
 
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+    #: When the server accepted the job. Before that (no `remote_id`): since when the latest submit's outcome is
+    #: unknown, from which its `submit_settle` window runs; None while it is in flight (see `Pipeline._submit`).
     submitted_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
 

@@ -601,14 +601,15 @@ class JobStore:
         return values
 
     def note_submit_attempt(self, job_id: uuid.UUID, owner: str, *, settle: float = 0.0) -> int:
-        """Count a submit attempt and commit it *before* the request goes out (exactly-once submission).
+        """Count a submit attempt and commit it *before* the request goes out (exactly-once submission); its
+        `submitted_at` is None while it is in flight (see `Pipeline._submit`).
 
         `settle`: should this attempt's outcome be lost (the daemon killed while the server still works on the
-        request), the job is not taken up again — looked up, and submitted anew if not found — for that many
-        seconds, so a request the server already holds has time to become a job first. A written outcome sets
-        `next_poll_at` afresh."""
+        request), the job is not taken up again — looked up — for that many seconds, so a request the server
+        already holds has had time to become a job before the first look. A written outcome sets `next_poll_at`
+        afresh."""
         now = utcnow()
-        values: dict[str, Any] = {"b_job_id": job_id, "b_owner": owner, "updated_at": now}
+        values: dict[str, Any] = {"b_job_id": job_id, "b_owner": owner, "updated_at": now, "submitted_at": None}
         if settle > 0:
             values["next_poll_at"] = now + dt.timedelta(seconds=settle)
         with self._single.begin() as conn:  # one write; the read below only says why it changed nothing
@@ -682,8 +683,9 @@ class JobStore:
                 self._transition(session, job, JobState.BLOCKED, reason, now)
             return newly, len(jobs)
 
-    def park_blocked(self, job_id: uuid.UUID, owner: str, reason: str) -> None:
-        self.finish(job_id, owner, Outcome(state=JobState.BLOCKED, reason=reason))
+    def park_blocked(self, job_id: uuid.UUID, owner: str, reason: str, *, fields: dict[str, Any] | None = None
+                     ) -> None:
+        self.finish(job_id, owner, Outcome(state=JobState.BLOCKED, reason=reason, fields=dict(fields or {})))
 
     def unblock_service(self, service: str, reason: str) -> int:
         """The service works again: blocked jobs return to where they can go on (pending, or polled again)."""
