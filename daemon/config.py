@@ -76,6 +76,10 @@ class SchedulerConfig:
     shutdown_timeout: float = 8.0
     #: Most jobs one tick hands to the pool.
     batch_size: int = 200
+    #: A service blocked by its token (401/403) is probed (token verify) this long after it was blocked; each probe
+    #: that finds it still unusable doubles the wait, up to `blocked_probe_max`. A changed token file is probed at once.
+    blocked_probe_initial: float = 15.0
+    blocked_probe_max: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -793,6 +797,8 @@ _SCHEDULER: dict[str, _Convert] = {
     "backoff_initial": _seconds(86400),
     "backoff_max": _seconds(7 * 86400),
     "shutdown_timeout": _seconds(3600),
+    "blocked_probe_initial": _seconds(86400),
+    "blocked_probe_max": _seconds(86400),
     "batch_size": _integer(1, 10000),
 }
 
@@ -859,6 +865,10 @@ def _scheduler(raw: Any, ctx: _Context) -> SchedulerConfig:
                 f"must be longer than every tick interval ({longest} is {getattr(config, longest):g}), "
                 f"got {config.lease_seconds:g}",
             )
+    if (_given_and_valid(raw, values, "blocked_probe_initial", "blocked_probe_max")
+            and config.blocked_probe_max < config.blocked_probe_initial):
+        ctx.report("scheduler.blocked_probe_max", f"must be at least blocked_probe_initial "
+                   f"({config.blocked_probe_initial:g}), got {config.blocked_probe_max:g}")
     if _given_and_valid(raw, values, "backoff_initial", "backoff_max") and config.backoff_max < config.backoff_initial:
         ctx.report(
             "scheduler.backoff_max",

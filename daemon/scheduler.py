@@ -6,7 +6,8 @@ Ticks (APScheduler `BackgroundScheduler`, in-memory job store, one instance of e
 - poll: claim `queued`/`running`/`cancel_requested` jobs whose `next_poll_at` is due;
 - download: claim `downloading` jobs;
 - heartbeat: renew the leases of the jobs this daemon is working on;
-- maintenance: expired leases, blocked and paused services, token expiry, the periodic summary line.
+- maintenance: expired leases, paused services, token expiry, the periodic summary line;
+- probe: services blocked by their token, probed sooner at first, then backing off.
 
 Each claimed job becomes one task on the worker pool; no job holds a thread while it waits remotely — between two
 steps it is only a row with a `next_poll_at`. APScheduler keeps no job state: everything lives in the database.
@@ -49,8 +50,6 @@ from daemon.states import JobState
 log = structlog.get_logger("daemon.scheduler")
 
 POLL_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED})
-#: How often a blocked service is probed (token verify) when its token file has not changed.
-BLOCKED_PROBE_INTERVAL = 300.0
 #: Claimed jobs that may wait in the pool's queue per worker (leased; the heartbeat renews their leases too), so a
 #: worker that finishes a step starts the next at once, and claims come in batches rather than one per free worker.
 QUEUED_PER_WORKER = 1
@@ -119,6 +118,10 @@ class Daemon:
         self._slot_wanted: set[str] = set()
         self._last_tick: dict[str, float] = {}
         self._service_checked: dict[str, float] = {}
+        #: Blocked services as the last dispatch or poll tick saw them: name -> when the block began.
+        self._blocked: dict[str, dt.datetime] = {}
+        #: Per blocked service: (when its block began, the wait before the next probe) once it was probed.
+        self._probe_wait: dict[str, tuple[dt.datetime, float]] = {}
         self._token_fingerprint: dict[str, str | None] = {}
         self._last_summary = 0.0
         self._retired_adapters: list[ServiceAdapter] = []
@@ -173,6 +176,7 @@ class Daemon:
             ("heartbeat", self.heartbeat_tick, max(1.0, s.lease_seconds / 3)),
             ("maintenance", self.maintenance_tick, s.maintenance_interval),
             ("notify", self.notify_tick, NOTIFY_INTERVAL),
+            ("probe", self.probe_tick, min(s.dispatch_interval, s.blocked_probe_initial)),
         ]
         for index, (name, func, seconds) in enumerate(ticks):
             start = now + dt.timedelta(seconds=TICK_SPACING * index)
@@ -306,15 +310,20 @@ class Daemon:
 
     def _usable_services(self) -> list[str]:
         usable = []
+        blocked = {}
         now = utcnow()
         for name, status in self.store.service_statuses().items():
-            if name not in self.adapters or status.blocked_reason is not None:
+            if name not in self.adapters:
+                continue
+            if status.blocked_reason is not None:
+                blocked[name] = status.blocked_at or now
                 continue
             if status.paused_until is not None and status.paused_until > now:
                 continue
             # An expired pause is not cleared here: the pipeline clears it (and says so) when a call works again,
             # so a maintenance window retried with backoff stays one outage in the logs, not one per retry.
             usable.append(name)
+        self._blocked = blocked  # for the probe tick, which so needs no query of its own
         return usable
 
     def _free_workers(self) -> int:
@@ -449,17 +458,32 @@ class Daemon:
         statuses = self.store.service_statuses()
         for name, adapter in list(self.adapters.items()):
             status = statuses.get(name)
-            if status is not None and status.blocked_reason is not None:
-                self._probe_blocked(name, adapter)
-            else:
+            if status is None or status.blocked_reason is None:  # a blocked one is the probe tick's
                 self._check_token(name, adapter)
         self._retention()
         self._summary()
 
-    def _probe_blocked(self, name: str, adapter: ServiceAdapter) -> None:
+    def probe_tick(self) -> None:
+        for name, since in list(self._blocked.items()):
+            adapter = self.adapters.get(name)
+            if adapter is not None:
+                self._probe_blocked(name, adapter, since)
+
+    def _probe_blocked(self, name: str, adapter: ServiceAdapter, since: dt.datetime) -> None:
+        """Verify a blocked service's token when a probe is due: `blocked_probe_initial` after the block began,
+        then at doubling waits up to `blocked_probe_max` (a token rejected for a moment, a server that was briefly
+        wrong, is back in seconds; one that stays bad is not asked every few seconds), and at once when the token
+        file changed."""
+        s = self.config.scheduler
         fingerprint = self._fingerprint(name)
         changed = fingerprint != self._token_fingerprint.get(name)
-        due = time.monotonic() - self._service_checked.get(name, 0.0) >= BLOCKED_PROBE_INTERVAL
+        probed = self._probe_wait.get(name)
+        if probed is None or probed[0] != since:  # not probed since this block began
+            wait = None
+            due = utcnow() >= since + dt.timedelta(seconds=s.blocked_probe_initial)
+        else:
+            wait = probed[1]
+            due = time.monotonic() - self._service_checked.get(name, 0.0) >= wait
         if not (changed or due):
             return
         self._token_fingerprint[name] = fingerprint
@@ -467,10 +491,14 @@ class Daemon:
         check = adapter.check()
         if check.reachable and check.token_valid is not False:
             returned = self.store.unblock_service(name, "service usable again")
+            self._probe_wait.pop(name, None)
+            self._blocked.pop(name, None)
             log.info("service_unblocked", service=name, jobs_returned=returned,
                      why="token changed" if changed else "token verified")
             self.wake("dispatch")
             self.wake("poll")
+        else:
+            self._probe_wait[name] = (since, min(s.blocked_probe_max, 2 * (wait or s.blocked_probe_initial)))
 
     def _check_token(self, name: str, adapter: ServiceAdapter) -> None:
         if time.monotonic() - self._service_checked.get(name, -TOKEN_CHECK_INTERVAL) < TOKEN_CHECK_INTERVAL:
@@ -480,7 +508,7 @@ class Daemon:
         check = adapter.check()
         if not check.reachable:
             log.warning("service_unreachable", service=name, reason=check.message)
-            self._service_checked[name] -= TOKEN_CHECK_INTERVAL - BLOCKED_PROBE_INTERVAL  # try again sooner
+            self._service_checked[name] -= TOKEN_CHECK_INTERVAL - self.config.scheduler.blocked_probe_max  # sooner
             return
         self.store.record_token(name, expires=check.token_expires)
         if check.token_valid is False:
@@ -572,6 +600,7 @@ class Daemon:
             log.warning("config_reload_partial", reason="metrics.listen changes need a restart")
         self._reschedule(new)
         self._service_checked.clear()  # verify tokens again: the reload may have been for a new token
+        self._probe_wait.clear()
         log.info("config_reloaded", path=str(path), services=sorted(new.services))
         return True
 
@@ -636,7 +665,8 @@ class Daemon:
         for index, (name, seconds) in enumerate((("dispatch", s.dispatch_interval), ("poll", s.poll_tick_interval),
                                                  ("download", s.download_interval),
                                                  ("heartbeat", max(1.0, s.lease_seconds / 3)),
-                                                 ("maintenance", s.maintenance_interval))):
+                                                 ("maintenance", s.maintenance_interval),
+                                                 ("probe", min(s.dispatch_interval, s.blocked_probe_initial)))):
             start = now + dt.timedelta(seconds=TICK_SPACING * index)
             self.scheduler.reschedule_job(name, trigger="interval", seconds=seconds, start_date=start)
 

@@ -13,7 +13,6 @@ import time
 import httpx
 import pytest
 
-import daemon.scheduler
 from daemon import cli
 from daemon.simulator import State, Timings
 from daemon.states import JobState
@@ -381,11 +380,10 @@ def test_lost_submit_answer_finds_the_job_instead_of_submitting_twice(e2e):
 
 
 @pytest.mark.parametrize("fix", ["token-restored", "token-file-replaced"])
-def test_401_mid_job_blocks_the_service_until_the_token_is_fixed(e2e, monkeypatch, fix):
-    if fix == "token-restored":
-        # Nothing changes locally: the daemon finds out by verifying the token again (every 300 s in production).
-        monkeypatch.setattr(daemon.scheduler, "BLOCKED_PROBE_INTERVAL", 0.3)
-    h = e2e()
+def test_401_mid_job_blocks_the_service_until_the_token_is_fixed(e2e, fix):
+    # Nothing changes locally when the token is restored: the daemon finds out by verifying the token again.
+    probes = {"blocked_probe_initial": 0.3, "blocked_probe_max": 0.3} if fix == "token-restored" else {}
+    h = e2e(scheduler=probes)
     svc = h.service
     job, remote_id = stalled_job(h)
     h.sim.expire_token(svc.token)
@@ -424,9 +422,40 @@ def test_401_mid_job_blocks_the_service_until_the_token_is_fixed(e2e, monkeypatc
     assert unblocked[0]["why"] == ("token verified" if fix == "token-restored" else "token changed")
 
 
-def test_403_revoked_token_blocks_until_restored(e2e, monkeypatch):
-    monkeypatch.setattr(daemon.scheduler, "BLOCKED_PROBE_INTERVAL", 0.3)
-    h = e2e()
+def test_a_blocked_service_is_probed_soon_then_less_often_and_unblocks_when_the_token_works(e2e):
+    """A token rejected for a moment must not keep the service blocked for long: the first probe comes
+    blocked_probe_initial after the block, each further one after twice the wait before, up to blocked_probe_max."""
+    initial, most = 0.4, 1.6
+    h = e2e(scheduler={"blocked_probe_initial": initial, "blocked_probe_max": most})
+    svc = h.service
+    job, remote_id = stalled_job(h)
+    h.wait_until(lambda: h.store.service_statuses()[svc.name].token_checked_at, what="the token check at start")
+
+    def verifies() -> list[float]:
+        return [r.at for r in h.requests["mis"].matching("/api/v2/tokens/verify", "POST")]
+
+    checked = len(verifies())
+    h.sim.expire_token(svc.token)
+    h.wait_state(job.id, "blocked")
+    refused = max(r.at for r in h.requests["mis"].matching(f"/api/v2/jobs/{remote_id}", "GET"))
+    h.wait_until(lambda: len(verifies()) >= checked + 5, timeout=30, what="five probes")
+    probes = verifies()[checked:checked + 5]
+    # Never earlier than the schedule (a loaded machine may make each later, which is no failure).
+    slack = 0.15
+    assert probes[0] - refused >= initial - slack, probes[0] - refused
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    for gap, least in zip(gaps, [2 * initial, most, most, most], strict=True):
+        assert gap >= least - slack, gaps
+    h.sim.restore_token(svc.token)
+    h.sim.release_job(remote_id)
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    assert h.states_visited(job)[:5] == ["pending", "submitting", "queued", "blocked", "queued"]
+    assert [e["why"] for e in h.logs.select(event="service_unblocked")] == ["token verified"]
+
+
+def test_403_revoked_token_blocks_until_restored(e2e):
+    h = e2e(scheduler={"blocked_probe_initial": 0.3, "blocked_probe_max": 0.3})
     job, remote_id = stalled_job(h)
     # The daemon's token check at start-up has run: revoked after it, the token is first met by the job's poll
     # (403). The token check would call it invalid (401), as the server's token check tells the two apart no more.
