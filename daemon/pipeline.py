@@ -206,7 +206,7 @@ class Pipeline:
             found = adapter.find_submitted(carried)
             if found is not None:
                 return self._submitted(job, found, "found the earlier submission on the server")
-            settling = self._settling(job)
+            settling = self._settling(job, then="submitting again")
             if settling is not None:
                 return settling
         request = self._submit_request(job, carried)
@@ -219,17 +219,18 @@ class Pipeline:
             return self._submit_failed(job, exc)
         return self._submitted(job, remote_id, "submitted")
 
-    def _settling(self, job: Job) -> Outcome | None:
+    def _settling(self, job: Job, *, then: str) -> Outcome | None:
         """After a lookup that found nothing: an Outcome that looks again later while the earlier submit may still
-        become a job (sooner at first, backing off, the last look when the window closes); None once it cannot."""
+        become a job (sooner at first, backing off, the last look when the window closes); None once it cannot
+        (`then`: what the caller does next, for the log)."""
         now = utcnow()
         # None: the daemon died while it waited for the answer; when exactly is unknown, so the window starts now.
         since = job.submitted_at or now
         settle = self._service(job).settle_seconds
         left = (since + dt.timedelta(seconds=settle) - now).total_seconds()
         if left <= 0:
-            log.warning("lost_submit_not_found", reason=f"not on the server {settle:g} s after the attempt; "
-                        "submitting again", attempts=job.submit_attempts)
+            log.warning("lost_submit_not_found", reason=f"not on the server {settle:g} s after the attempt; {then}",
+                        attempts=job.submit_attempts)
             return None
         failures = job.failures + 1
         scheduler = self.config.scheduler
@@ -351,6 +352,10 @@ class Pipeline:
         remote_id = job.remote_id
         if remote_id is None and job.submit_attempts > 0:
             remote_id = adapter.find_submitted(remote_job_name(job))
+            # A submit the server may still turn into a job: wait for it, or it would run on, never cancelled.
+            settling = None if remote_id is not None else self._settling(job, then="nothing to cancel there")
+            if settling is not None:
+                return settling
         if remote_id is not None:
             try:
                 adapter.cancel(remote_id)

@@ -616,6 +616,22 @@ def test_download_counter_exhausted_fails_that_file_and_names_it(e2e):
 # ---------------------------------------------------------------------------------------------------- cancel
 
 
+def test_cancel_of_a_submit_whose_answer_was_lost_waits_for_the_job_and_cancels_it(e2e):
+    """The server makes the job after a proxy's 504: a cancel meanwhile must not end with that job left running."""
+    h = e2e(service={"timeout": 2, "submit_settle": 30})
+    h.sim.faults.slow_submit(3, proxy_status=504)
+    h.sim.faults.stall()  # the remote job waits to be cancelled instead of finishing first
+    [job] = h.submit()
+    h.start()
+    h.wait_until(lambda: h.sim.submits_being_copied() == 1, what="the upload (answered with a 504)")
+    h.store.request_cancel(job.id)
+    job = h.wait_state(job.id, "cancelled", timeout=30)
+    h.stop_daemon()
+    assert h.sim.submissions(str(job.id)) == 1
+    assert job.remote_id is not None and h.sim.job_state(job.remote_id) == State.CANCELED
+    assert h.requests["mis"].count(f"/api/v2/jobs/{job.remote_id}/cancel") == 1
+
+
 def test_cancel_from_the_cli(e2e, capsys):
     h = e2e(service={"max_concurrent_jobs": 1})
     running, remote_id = stalled_job(h)
