@@ -5,6 +5,7 @@ A real sapporo WES server on loopback (tests/wes/sapporo_server.py), a real SQLi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -14,9 +15,11 @@ import pytest
 
 from daemon.config import Config, DatabaseConfig, PanelConfig, SchedulerConfig, StorageConfig
 from daemon.scheduler import Daemon
+from daemon.services.wes import TAG_JOB_ID
 from daemon.simulator import write_sample_vcf
 from daemon.states import TERMINAL, JobState, OutputState
 from daemon.submission import Submission, submit
+from wes.late_proxy import LateProxy
 from wes.sapporo_server import DEFAULT_PARAMS, SapporoServer, sapporo  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,3 +123,27 @@ def test_wes_cancel_reaches_the_server(tmp_path, sqlite_url, sapporo: SapporoSer
     assert state == "CANCELED"
     run_log = httpx.get(f"{sapporo.api_root}/runs/{job.remote_id}", timeout=5).json()["run_log"]
     assert run_log["end_time"], run_log  # the run's process really ended
+
+
+
+def test_wes_run_the_server_records_after_a_504_is_found_not_submitted_again(tmp_path, sqlite_url,
+                                                                            sapporo: SapporoServer, vcf) -> None:
+    """A proxy answers the submit with 504 and hands it to the server 15 s later: the daemon looks the run up until
+    it appears (within submit_settle) instead of submitting a second one."""
+    with LateProxy(sapporo.origin, delay=15) as proxy:
+        config = make_config(tmp_path, sqlite_url, sapporo)
+        service = dataclasses.replace(config.services["wes"], base_url=proxy.origin, submit_settle=60.0)
+        daemon, job = start(dataclasses.replace(config, services={"wes": service}), vcf)
+        try:
+            job = run_until(daemon, job.id, lambda j: j.state in TERMINAL, timeout=90)
+        finally:
+            daemon.request_stop()
+            daemon.stop()
+        proxy.wait_for_late_submit(30)
+        forwarded = proxy.forwarded_submits
+    assert forwarded == 1, f"{forwarded} runs submitted"
+    runs = httpx.get(f"{sapporo.api_root}/runs", params={"page_size": 1000}, timeout=10).json()["runs"]
+    ours = [r["run_id"] for r in runs if (r.get("tags") or {}).get(TAG_JOB_ID) == str(job.id)]
+    assert ours == [job.remote_id]
+    assert job.state is JobState.COMPLETED, job.error
+    assert any("found the earlier submission" in (e.reason or "") for e in job.events)

@@ -1,0 +1,117 @@
+"""A reverse proxy for tests that gives up on the first `POST …/runs` before the server has it.
+
+In front of a real WES server (sapporo): the first run submission is answered at once with the proxy's 504 page,
+and reaches the server only `delay` seconds later (a proxy whose upstream is slow to accept the upload; the run
+then appears on the server long after the client was told it failed). Every other request is relayed as it is.
+
+    with LateProxy(sapporo.origin, delay=15) as proxy:
+        config = sapporo.service_config(base_url=proxy.origin)
+        ...
+        proxy.wait_for_late_submit(30)  # the held-back submission has reached the server
+        proxy.forwarded_submits  # how many POST …/runs reached the server
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+GATEWAY_TIMEOUT = (b"<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway Time-out"
+                   b"</h1></center><hr><center>nginx</center></body></html>")
+#: Hop-by-hop and length headers the proxy sets itself.
+_NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host",
+                          "content-encoding"})
+
+
+class LateProxy:
+    def __init__(self, upstream: str, *, delay: float) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.delay = delay
+        self.forwarded_submits = 0
+        self._held_back = False
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._late: list[threading.Thread] = []
+        self._late_done = threading.Event()
+        self._client = httpx.Client(timeout=60)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+            def do_GET(self) -> None:
+                proxy._handle(self)
+
+            def do_POST(self) -> None:
+                proxy._handle(self)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> LateProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        for late in self._late:
+            late.join(timeout=30)
+        self._server.shutdown()
+        self._server.server_close()
+        self._client.close()
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in _NOT_RELAYED}
+        request = (handler.command, self.upstream + handler.path, headers, body)
+        submit = handler.command == "POST" and handler.path.rstrip("/").endswith("/runs")
+        with self._lock:
+            hold = submit and not self._held_back
+            self._held_back = self._held_back or hold
+            if submit and not hold:
+                self.forwarded_submits += 1
+        if hold:
+            late = threading.Thread(target=self._forward_late, args=(request,), daemon=True)
+            self._late.append(late)
+            late.start()
+            self._answer(handler, 504, [("Content-Type", "text/html")], GATEWAY_TIMEOUT)
+            return
+        method, url, headers, body = request
+        answer = self._client.request(method, url, headers=headers, content=body)
+        relayed = [(k, v) for k, v in answer.headers.items() if k.lower() not in _NOT_RELAYED]
+        self._answer(handler, answer.status_code, relayed, answer.content)
+
+    def wait_for_late_submit(self, timeout: float) -> None:
+        """Until the held-back submission has been answered by the server (AssertionError after `timeout`)."""
+        assert self._late_done.wait(timeout), f"the held-back submit did not reach the server in {timeout:g} s"
+
+    def _forward_late(self, request: tuple[str, str, dict[str, str], bytes]) -> None:
+        if self._stopping.wait(self.delay):
+            return
+        method, url, headers, body = request
+        with self._lock:
+            self.forwarded_submits += 1
+        try:
+            self._client.request(method, url, headers=headers, content=body)
+        finally:
+            self._late_done.set()
+
+    @staticmethod
+    def _answer(handler: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        handler.send_response(status)
+        for key, value in headers:
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
