@@ -376,6 +376,25 @@ def test_lost_submit_answer_finds_the_job_instead_of_submitting_twice(e2e):
     assert only_events(problems) == ["step_failed_will_retry"] and problems[0]["error_kind"] == "connection"
 
 
+def test_a_submit_lost_before_the_server_had_it_is_sent_again_once_the_settle_window_passed(e2e):
+    """A proxy's 504 that never reached the server: no job appears, so after submit_settle the job is sent again
+    (once), having been looked up meanwhile."""
+    settle = 2.0
+    h = e2e(service={"timeout": 1, "submit_settle": settle})
+    h.sim.faults.error(504, path="/api/v2/jobs/submit", method="POST")  # the proxy answers; nothing reaches the app
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    assert h.sim.submissions(str(job.id)) == 1
+    first, second = [r.at for r in h.requests["mis"].matching("/api/v2/jobs/submit", "POST")]
+    lookups = [r.at for r in h.requests["mis"].matching("/api/v2/jobs", "GET") if r.path.rstrip("/") == "/api/v2/jobs"]
+    assert second - first >= settle, second - first
+    assert len([t for t in lookups if first < t < second]) >= 2  # looked up while it could still appear
+    assert job.submit_attempts == 2
+    assert [e["event"] for e in h.logs.problems()] == ["step_failed_will_retry", "lost_submit_not_found"]
+
+
 # ---------------------------------------------------------------------------------------------------- service-wide
 
 
