@@ -398,15 +398,15 @@ def test_submit_timeout_is_transient_and_closes_files(mock, adapter, vcfs, opene
 
 
 GATEWAY_TIMEOUT_PAGE = "<html><head><title>504 Gateway Time-out</title></head><body>nginx</body></html>"
+JOB_LIMIT = "Only 3 jobs per user can be executed simultaneously."
 
 
 @pytest.mark.parametrize(
     ("answer", "may_have_created"),
     [
         # Refusals in the server's own words: no job was made, nothing to look up.
-        (httpx.Response(400, json={"success": False, "message": "Only 3 jobs per user can be executed simultaneously."}),
-         False),
-        (httpx.Response(400, text="Only 3 jobs per user can be executed simultaneously."), False),
+        (httpx.Response(400, json={"success": False, "message": JOB_LIMIT}), False),
+        (httpx.Response(400, text=JOB_LIMIT), False),
         (httpx.Response(400, json={"success": False, "message": "Parameter 'X' not found."}), False),
         (httpx.Response(400, text="java.lang.IllegalArgumentException: bad refpanel"), False),
         (httpx.Response(404, json={"success": False, "message": "Application 'imputationserver2' not found."}), False),
