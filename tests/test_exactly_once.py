@@ -32,8 +32,9 @@ from daemon_harness import (
     wait_until,
 )
 
-#: The server makes the job this long after the upload arrived (the issue: 15–60 s after the client gave up).
-CREATE_DELAY = 18.0
+#: The server makes the job this long after the upload arrived: at least 15 s after the client gave up (the issue
+#: asks for 15–60 s), whether it was killed at once or stopped within the harness's 3 s shutdown budget.
+CREATE_DELAY = 20.0
 #: The service's per-request timeout: the old rule's single lookup came this long after the attempt.
 TIMEOUT = 3.0
 #: How long a submit with an unknown outcome may still become a job: covers CREATE_DELAY with room to spare.
