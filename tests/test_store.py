@@ -255,6 +255,14 @@ def test_cancel_and_retry(store: JobStore) -> None:
         store.retry(pending)
 
 
+def test_cancel_of_a_blocked_job_whose_submit_may_exist_remotely_is_left_to_the_daemon(store: JobStore) -> None:
+    refused, lost = add_jobs(store, 2)
+    force(store, [refused], state=JobState.BLOCKED, submit_attempts=0)
+    force(store, [lost], state=JobState.BLOCKED, submit_attempts=1)
+    assert store.request_cancel(refused) is JobState.CANCELLED
+    assert store.request_cancel(lost) is JobState.CANCEL_REQUESTED
+
+
 def test_resolve_id_accepts_unique_prefixes(store: JobStore) -> None:
     [job_id] = add_jobs(store, 1)
     assert store.resolve_id(str(job_id)[:8]) == job_id
