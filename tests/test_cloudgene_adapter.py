@@ -416,6 +416,8 @@ JOB_LIMIT = "Only 3 jobs per user can be executed simultaneously."
         (httpx.Response(503, json={"success": False, "message": "This functionality is currently under maintenance."}),
          False),
         (httpx.Response(301, headers={"location": "https://elsewhere.example.org/"}), False),
+        (httpx.Response(429, html="<html><body>429 Too Many Requests</body></html>", headers={"Retry-After": "5"}),
+         False),
         (httpx.ConnectError("connection refused"), False),
         (httpx.ConnectTimeout("connect timed out"), False),
         # Outcomes unknown: the upload may be, or become, a job.
@@ -433,7 +435,7 @@ JOB_LIMIT = "Only 3 jobs per user can be executed simultaneously."
     ],
     ids=[
         "job-limit", "job-limit-text", "unknown-parameter", "plain-text-400", "unknown-app", "401-text", "401-empty",
-        "403", "maintenance", "redirect", "connect-refused", "connect-timeout",
+        "403", "maintenance", "redirect", "rate-limited", "connect-refused", "connect-timeout",
         "proxy-504", "proxy-502", "proxy-503", "500", "proxy-413", "success-without-id", "cut-off-answer",
         "read-timeout", "disconnected", "reset",
     ],

@@ -373,6 +373,7 @@ def test_submit_garbled_answer_is_transient(router: respx.MockRouter, vcfs: list
         (httpx.Response(422, text="workflow_url is required"), False),
         (httpx.Response(401), False),
         (httpx.Response(403, json={"msg": "Forbidden", "status_code": 403}), False),
+        (httpx.Response(429, text="<html>429 Too Many Requests</html>", headers={"content-type": "text/html"}), False),
         (httpx.ConnectError("connection refused"), False),
         # Outcomes unknown: the run may exist, or appear later.
         (httpx.Response(500, json={"msg": "Internal Server Error", "status_code": 500}), True),
@@ -383,7 +384,7 @@ def test_submit_garbled_answer_is_transient(router: respx.MockRouter, vcfs: list
         (httpx.ReadTimeout("timed out"), True),
         (httpx.RemoteProtocolError("Server disconnected without sending a response."), True),
     ],
-    ids=["400-msg", "422-text", "401", "403", "connect-refused", "500", "proxy-504", "proxy-413", "no-run-id",
+    ids=["400-msg", "422-text", "401", "403", "429", "connect-refused", "500", "proxy-504", "proxy-413", "no-run-id",
          "read-timeout", "disconnected"],
 )
 def test_submit_errors_say_whether_the_run_may_exist(

@@ -641,11 +641,12 @@ def _is_error_page(response: httpx.Response) -> bool:
 
 def _refused(response: httpx.Response) -> bool:
     """True when the answer to a submit proves Cloudgene made no job of it: the authentication layer turned it away
-    (401/403: before any handler runs), or the server refused it in its own words: a 4xx with a message ("Only N
-    jobs…", "Parameter 'X' not found.", plain text), or `"success": false` with a message (maintenance). A 5xx, a
-    proxy's page or a timeout proves nothing: the upload may still become a job."""
+    (401/403: before any handler runs), a rate limiter did (429: it answers instead of passing the request on), or
+    the server refused it in its own words: a 4xx with a message ("Only N jobs…", "Parameter 'X' not found.", plain
+    text), or `"success": false` with a message (maintenance). A 5xx, a proxy's page or a timeout proves nothing:
+    the upload may still become a job."""
     status = response.status_code
-    if status in (401, 403):
+    if status in (401, 403, 429):
         return True
     if not in_own_words(response):
         return False

@@ -739,11 +739,12 @@ class WesAdapter:
 
 
 def _refused(response: httpx.Response) -> bool:
-    """True when the answer to `POST /runs` proves no run was made: the server turned the request away before
-    anything ran (401/403), or refused it in its own words (a 4xx with WES's error object `{"msg": …}` or plain
-    text). A 5xx, a proxy's page or a timeout proves nothing: the run may exist, or appear later."""
+    """True when the answer to `POST /runs` proves no run was made: the request was turned away before anything ran
+    (401/403, a rate limiter's 429), or refused in the server's own words (a 4xx with WES's error object
+    `{"msg": …}` or plain text). A 5xx, a proxy's page or a timeout proves nothing: the run may exist, or appear
+    later."""
     status = response.status_code
-    return status in (401, 403) or (400 <= status < 500 and in_own_words(response))
+    return status in (401, 403, 429) or (400 <= status < 500 and in_own_words(response))
 
 
 def _tags(value: Any) -> dict[str, Any]:
