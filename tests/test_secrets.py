@@ -57,8 +57,10 @@ def _sample(db: JobDB, seen: list[str]) -> None:
 def test_no_secret_in_logs_database_or_cli_output(tmp_path: Path, sqlite_url: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     with simulator() as sim:
+        # A submit answered 5xx may have made a job: it is looked up for submit_settle before it is sent again.
         cfg = DaemonConfig(tmp_path, sqlite_url, sim, poll_interval=0.2, log_level="debug",
-                           scheduler={"backoff_initial": 0.2, "backoff_max": 1.0, "maintenance_interval": 0.5})
+                           scheduler={"backoff_initial": 0.2, "backoff_max": 1.0, "maintenance_interval": 0.5},
+                           service={"timeout": 5, "submit_settle": 5})
         config_path = cfg.write()
         vcf = sample_vcf(tmp_path / "inputs", samples=25)
         ids = submit_jobs(config_path, [{"files": [vcf], "population": "eur", "password": PASSWORD}] * JOBS)
