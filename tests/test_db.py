@@ -294,6 +294,62 @@ def test_an_old_database_is_refused_until_upgraded(
     assert "ix_services_updated_at" in {i["name"] for i in sa.inspect(engine).get_indexes("services")}
 
 
+def _migrate(engine: sa.Engine, command: str, revision: str) -> None:
+    from alembic import command as alembic_command
+
+    with engine.connect() as connection, schema.migration_transaction(connection):
+        getattr(alembic_command, command)(schema.alembic_config(connection=connection), revision)
+
+
+def test_0003_keeps_every_row_and_stores_server_values_of_any_length(empty_engine: sa.Engine) -> None:
+    """Revision 0003 on a database holding a job and its files: nothing is lost, old files count 0 bad downloads,
+    and a 300-character job id, a 320-character hash and a 116-character state fit afterwards (PostgreSQL refused
+    them before). A downgrade gives the old columns back, and refuses while a longer value is stored."""
+    _migrate(empty_engine, "upgrade", "0002")
+    job_id = uuid.uuid4()
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO jobs (id, group_id, service, panel, build, state, remote_id, remote_state, submit_attempts,"
+            " restart_attempts, retries, failures, created_at, updated_at) VALUES (:id, :id, 'michigan', 'p',"
+            " 'hg19', 'downloading', 'job-1', 'SUCCESS', 1, 0, 0, 0, :now, :now)"
+        ), {"id": job_id.hex if empty_engine.dialect.name == "sqlite" else job_id, "now": dt.datetime.now(dt.UTC)})
+        job_key = conn.execute(sa.text("SELECT id FROM jobs")).scalar_one()
+        conn.execute(sa.text(
+            "INSERT INTO job_outputs (job_id, name, url, remote_hash, size_text, state, attempts)"
+            " VALUES (:job, 'chr_1.zip', 'http://x/share/results/h/chr_1.zip', 'h', '3 MB', 'pending', 2)"
+        ), {"job": job_key})
+
+    _migrate(empty_engine, "upgrade", "0003")
+    assert schema.current_revision(empty_engine) == HEAD == "0003"
+    factory = make_session_factory(empty_engine)
+    with factory.begin() as session:
+        job = session.get(Job, job_id)
+        assert (job.remote_id, job.remote_state, job.state) == ("job-1", "SUCCESS", JobState.DOWNLOADING)
+        [output] = job.outputs
+        assert (output.name, output.remote_hash, output.size_text, output.attempts, output.bad_downloads) == (
+            "chr_1.zip", "h", "3 MB", 2, 0
+        )
+        job.remote_id, job.remote_state = "j" * 300, "S" * 116
+        output.remote_hash, output.size_text, output.remote_checksum = "h" * 320, "9" * 100, "md5:" + "0" * 300
+        session.add(JobOutput(job_id=job_id, name="qc_report.txt", url="u", remote_hash="k" * 320))
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert (len(job.remote_id), len(job.remote_state)) == (300, 116)
+        assert [(len(o.remote_hash or ""), o.bad_downloads) for o in job.outputs] == [(320, 0), (320, 0)]
+
+    with pytest.raises(RuntimeError, match=r"jobs\.remote_state are longer than 64 characters"):
+        _migrate(empty_engine, "downgrade", "0002")
+    assert schema.current_revision(empty_engine) == "0003"
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET remote_id = 'job-1', remote_state = 'SUCCESS'"))
+        conn.execute(sa.text("UPDATE job_outputs SET remote_hash = 'h', size_text = NULL, remote_checksum = NULL"))
+    _migrate(empty_engine, "downgrade", "0002")
+    columns = {c["name"]: c for c in sa.inspect(empty_engine).get_columns("job_outputs")}
+    assert "bad_downloads" not in columns and columns["remote_hash"]["type"].length == 200
+    with empty_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM job_outputs")).scalar() == 2
+
+
 # -- models -------------------------------------------------------------------------------------------------------
 
 

@@ -84,8 +84,9 @@ class Job(Base):
     password: Mapped[str | None] = mapped_column(sa.String(200))
 
     state: Mapped[JobState] = mapped_column(_state_enum(JobState, "job_state"), default=JobState.PENDING)
-    remote_state: Mapped[str | None] = mapped_column(sa.String(64))
-    remote_id: Mapped[str | None] = mapped_column(sa.String(200))
+    # What the server sends is stored as sent, however long (revision 0003): a bound would lose every step.
+    remote_state: Mapped[str | None] = mapped_column(sa.Text)
+    remote_id: Mapped[str | None] = mapped_column(sa.Text)
     progress: Mapped[str | None] = mapped_column(sa.Text)
     queue_position: Mapped[int | None] = mapped_column(sa.Integer)
 
@@ -177,10 +178,10 @@ class JobOutput(Base):
     name: Mapped[str] = mapped_column(sa.Text)
     #: Download URL and Cloudgene file hash: URL secrets, stored to download, never logged or shown.
     url: Mapped[str] = mapped_column(sa.Text)
-    remote_hash: Mapped[str | None] = mapped_column(sa.String(200))
-    size_text: Mapped[str | None] = mapped_column(sa.String(64))
+    remote_hash: Mapped[str | None] = mapped_column(sa.Text)
+    size_text: Mapped[str | None] = mapped_column(sa.Text)
     downloads_left: Mapped[int | None] = mapped_column(sa.Integer)
-    remote_checksum: Mapped[str | None] = mapped_column(sa.String(200))  # "algo:hex" when the server publishes one
+    remote_checksum: Mapped[str | None] = mapped_column(sa.Text)  # "algo:hex" when the server publishes one
     state: Mapped[OutputState] = mapped_column(
         _state_enum(OutputState, "output_state"), default=OutputState.PENDING
     )
@@ -190,6 +191,9 @@ class JobOutput(Base):
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
     error: Mapped[str | None] = mapped_column(sa.Text)
     verified_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    #: Downloads the server served (each spent one of its download counts) that came out unusable: cut off, short,
+    #: long or a corrupt zip. The file is given up after `pipeline.MAX_INTEGRITY_ATTEMPTS` of them.
+    bad_downloads: Mapped[int] = mapped_column(sa.Integer, default=0)
 
     job: Mapped[Job] = relationship(back_populates="outputs")
 

@@ -642,7 +642,7 @@ class JobStore:
             state = known.get(remote.name)
             if state is None:
                 new.append({"job_id": job_id, "name": remote.name, "size_text": remote.size_text,
-                            "state": OutputState.PENDING, "attempts": 0, **fields})
+                            "state": OutputState.PENDING, "attempts": 0, "bad_downloads": 0, **fields})
             elif state is not OutputState.VERIFIED:
                 refreshed.append({"b_job_id": job_id, "b_name": remote.name, **fields})
         if new:
