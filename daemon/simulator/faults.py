@@ -7,7 +7,9 @@ A rule has a `kind`, how many more times it fires (`times`, None = until removed
   `error` (status 500/502/503/504/…: 5xx from the app or an nginx-style HTML page from the "proxy"),
   `drop` (close the connection without an answer), `rate_limit` (429 + Retry-After), `html_200` (an HTML page with
   status 200), `malformed_json` (the real answer cut in half), `truncate` (full Content-Length, fewer bytes, close),
-  `corrupt` (flip bytes in the body; for downloads). `when="before"` answers instead of the application (nothing
+  `reset` (like truncate, but the connection is reset: a TCP RST, as a crashed proxy sends), `corrupt` (flip bytes
+  in the body; for downloads), `no_outputs` (a JSON answer's jobs list no result files, as a server that has not
+  published them yet). `when="before"` answers instead of the application (nothing
   happened), `when="after"` lets the application act first (e.g. the job *was* created) and then spoils the answer.
 - modifiers: `delay` (sleep `seconds` before or after the application acts; `times=None` gives a fixed per-call
   latency for benchmarks). Every matching delay applies.
@@ -30,16 +32,19 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-RESPONSE_KINDS = frozenset({"error", "drop", "rate_limit", "html_200", "malformed_json", "truncate", "corrupt"})
+RESPONSE_KINDS = frozenset(
+    {"error", "drop", "rate_limit", "html_200", "malformed_json", "truncate", "reset", "corrupt", "no_outputs"}
+)
 MODIFIER_KINDS = frozenset({"delay"})
 JOB_KINDS = frozenset({"fail_validation", "stall", "dead", "echo_secrets"})
 SUBMIT_KINDS = frozenset({"slow_submit"})
 KINDS = RESPONSE_KINDS | MODIFIER_KINDS | JOB_KINDS | SUBMIT_KINDS
 
 #: Kinds that only make sense once the application has answered.
-_AFTER_ONLY = frozenset({"malformed_json", "truncate", "corrupt"})
+_AFTER_ONLY = frozenset({"malformed_json", "truncate", "reset", "corrupt", "no_outputs"})
 #: Default scopes: spoiling bodies is meant for downloads, garbling JSON for the API.
-_DEFAULT_PATH = {"truncate": "/share/", "corrupt": "/share/", "malformed_json": "/api/"}
+_DEFAULT_PATH = {"truncate": "/share/", "reset": "/share/", "corrupt": "/share/", "malformed_json": "/api/",
+                 "no_outputs": "/api/"}
 
 _ids = itertools.count(1)
 
@@ -160,6 +165,12 @@ class Faults:
 
     def truncate(self, times: int | None = 1, fraction: float = 0.5, **scope: Any) -> FaultRule:
         return self.add("truncate", times=times, fraction=fraction, **scope)
+
+    def reset(self, times: int | None = 1, fraction: float = 0.5, **scope: Any) -> FaultRule:
+        return self.add("reset", times=times, fraction=fraction, **scope)
+
+    def no_outputs(self, times: int | None = 1, **scope: Any) -> FaultRule:
+        return self.add("no_outputs", times=times, **scope)
 
     def corrupt(self, times: int | None = 1, nbytes: int = 4, **scope: Any) -> FaultRule:
         return self.add("corrupt", times=times, nbytes=nbytes, **scope)

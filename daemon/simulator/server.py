@@ -23,6 +23,7 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -89,6 +90,21 @@ def _fault_response(rule: FaultRule, path: str) -> Response:
     if status in NGINX_REASONS:  # the proxy in front of it
         return proxy_error_response(status)
     return text_response(rule.message or "simulated error", status)
+
+
+def _without_outputs(body: bytes) -> bytes:
+    """A job (status) or job list answer whose jobs list no result files."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return body
+    jobs = answer.get("data") if isinstance(answer, dict) and isinstance(answer.get("data"), list) else [answer]
+    for job in jobs:
+        params = job.get("outputParams") if isinstance(job, dict) else None
+        for param in params if isinstance(params, list) else []:
+            if isinstance(param, dict):
+                param["files"] = []
+    return json.dumps(answer).encode()
 
 
 class _Server(ThreadingHTTPServer):
@@ -227,6 +243,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._finish(request, response)
         elif kind == "truncate":
             self._finish(request, response, truncate=rule.fraction, fault="truncate")
+        elif kind == "reset":
+            self._finish(request, response, truncate=rule.fraction, fault="reset")
+        elif kind == "no_outputs":
+            if response.is_json and response.file is None:
+                response.body = _without_outputs(response.body)
+                response.length = len(response.body)
+            self._finish(request, response)
         elif kind == "corrupt":
             self._finish(request, response, corrupt=rule.nbytes, fault="corrupt")
         else:
@@ -237,6 +260,17 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _reset(self) -> None:
+        """Close the connection abortively (RST, no FIN first): the client's read fails with "connection reset"."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.rfile.close()  # the last other holder of the socket: closing it now really closes it
+            self.connection.close()
         except OSError:
             pass
 
@@ -284,7 +318,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
             self.close_connection = True
-        if truncate is not None:
+        if fault == "reset":
+            self._reset()
+        elif truncate is not None:
             self._drop()
         if response.download is not None:
             self.server.app.sim.log_download(response.download, status=response.status, sent=sent,
