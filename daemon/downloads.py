@@ -11,9 +11,10 @@ Rules this module keeps:
 - Each GET may spend one of the server's download counts (Cloudgene: 10 per file), so nothing here retries: the
   caller decides, counting attempts.
 
-Errors: `Permanent(kind="unsafe_name")` for a hostile name; `Transient` with kinds `truncated`, `length_mismatch`,
-`timeout`/`connection` (mid-stream), `bad_response` (garbled Content-Length or Content-Encoding), `disk_full`,
-`corrupt_zip`, `interrupted` (`DownloadInterrupted`);
+Errors: `Permanent(kind="unsafe_name")` for a hostile name; `BadDownload` (a `Transient`: the server served the
+file, spending a download count, and what arrived is unusable) with kinds `truncated`, `length_mismatch`,
+`timeout`/`connection` (mid-body), `bad_response` (garbled Content-Length or Content-Encoding), `corrupt_zip`;
+`Transient` with kinds `timeout`/`connection` (before an answer), `disk_full`, `interrupted` (`DownloadInterrupted`);
 `Permanent(kind="zip_password")` when the job's password does not open the zip; the adapter's own errors (HTTP
 status) pass through. Other local `OSError`s (permissions, a read-only file system) propagate unchanged: they need
 an operator, not another download.
@@ -68,6 +69,15 @@ class Downloaded:
     #: For zips: True when every entry's CRC was checked, False when encrypted entries could only be checked for
     #: structure (no password known). None for other files.
     zip_crc_checked: bool | None = None
+
+
+class BadDownload(Transient):
+    """The server answered 2xx, so this GET spent one of the file's download counts, and the body that came is
+    unusable: cut off (by a close, a reset or a timeout), shorter or longer than announced, undecodable, or a
+    corrupt zip. The caller counts these against the file (`JobOutput.bad_downloads`) and gives it up after a few.
+
+    A failure before the answer (refused, reset or timed out while waiting for it) is a plain `Transient`: it cannot
+    be told apart from an outage, which must never fail a job."""
 
 
 class DownloadInterrupted(Transient):
@@ -199,17 +209,17 @@ def download(
                                 sink.write(chunk)
                                 size += len(chunk)
                         except httpx.RemoteProtocolError:  # the peer closed before the body was complete
-                            raise Transient(
+                            raise BadDownload(
                                 f"{label}: truncated: the connection closed after {size}{_of(content_length)} bytes",
                                 kind="truncated",
                             ) from None
                         except httpx.DecodingError:  # a broken Content-Encoding stream
-                            raise Transient(
+                            raise BadDownload(
                                 f"{label}: the body could not be decoded after {size} bytes", kind="bad_response"
                             ) from None
                 except Transient as exc:
-                    if exc.kind in ("timeout", "connection"):
-                        raise Transient(
+                    if exc.kind in ("timeout", "connection"):  # a reset or a stall in the middle of the body
+                        raise BadDownload(
                             f"{exc.message} after {size}{_of(content_length)} bytes", kind=exc.kind
                         ) from None
                     raise
@@ -224,10 +234,10 @@ def download(
 
         if content_length is not None and received != content_length:
             if received < content_length:
-                raise Transient(
+                raise BadDownload(
                     f"{label}: truncated: received {received} of {content_length} bytes", kind="truncated"
                 )
-            raise Transient(
+            raise BadDownload(
                 f"{label}: received {received} bytes but Content-Length said {content_length}",
                 kind="length_mismatch",
             )
@@ -496,10 +506,10 @@ def _content_length(response: httpx.Response) -> int | None:
         return None
     values = {v.strip() for v in value.split(",")}  # a repeated header arrives joined with commas
     if len(values) != 1:
-        raise Transient("conflicting Content-Length headers", kind="bad_response")
+        raise BadDownload("conflicting Content-Length headers", kind="bad_response")
     (text,) = values
     if not text.isdigit():
-        raise Transient(f"invalid Content-Length {text[:40]!r}", kind="bad_response")
+        raise BadDownload(f"invalid Content-Length {text[:40]!r}", kind="bad_response")
     return int(text)
 
 
@@ -540,7 +550,7 @@ def _verify(partial: Path, password: str | None, label: str, should_stop: Callab
     except results.WrongPassword as exc:
         raise Permanent(f"{label}: {exc}", kind="zip_password") from None
     except results.CorruptResult as exc:
-        raise Transient(f"{label}: {exc}", kind="corrupt_zip") from None
+        raise BadDownload(f"{label}: {exc}", kind="corrupt_zip") from None
 
 
 @contextlib.contextmanager
@@ -659,6 +669,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 __all__ = [
+    "BadDownload",
     "Downloaded",
     "DownloadInterrupted",
     "check_room",

@@ -29,11 +29,10 @@ from daemon.text import printable
 
 log = structlog.get_logger("daemon.pipeline")
 
-#: Integrity failures of one file (short body, bad zip) tolerated before that file is given up: each try spends
-#: one of the server's limited download counts.
+#: Served downloads of one file that came out unusable (`downloads.BadDownload`: cut off, short, corrupt) tolerated
+#: before that file is given up: each spent one of the server's limited download counts (Cloudgene: 10 per file).
+#: Failures before the server answered spend none that we can know of, and never give a file up.
 MAX_INTEGRITY_ATTEMPTS = 3
-#: Kinds of download failure that count against MAX_INTEGRITY_ATTEMPTS.
-INTEGRITY_KINDS = frozenset({"truncated", "corrupt_zip", "length_mismatch"})
 #: Error kinds that pause the whole service (`Transient.service_wide`); a job recovering from one ends the pause.
 SERVICE_WIDE_KINDS = frozenset({"unavailable", "rate_limited"})
 
@@ -413,14 +412,20 @@ class Pipeline:
             self._save_output(row, state=OutputState.FAILED, error=str(exc), attempts=row.attempts + 1)
             log.error("download_failed", file=row.name, reason=str(exc), error_kind=exc.kind)
             return None
-        except Transient as exc:
-            attempts = row.attempts + 1
-            if exc.kind in INTEGRITY_KINDS and attempts >= MAX_INTEGRITY_ATTEMPTS:
-                reason = f"{exc} (gave up after {attempts} attempts)"
-                self._save_output(row, state=OutputState.FAILED, error=reason, attempts=attempts)
+        except downloads.BadDownload as exc:
+            bad = row.bad_downloads + 1
+            if bad >= MAX_INTEGRITY_ATTEMPTS:
+                reason = f"{exc} (gave up after {bad} attempts, each spending one of the downloads the server allows)"
+                self._save_output(row, state=OutputState.FAILED, error=reason, attempts=row.attempts + 1,
+                                  bad_downloads=bad)
                 log.error("download_failed", file=row.name, reason=reason, error_kind=exc.kind)
                 return None
-            self._save_output(row, error=str(exc), attempts=attempts)
+            self._save_output(row, error=str(exc), attempts=row.attempts + 1, bad_downloads=bad)
+            outcome = self._backoff(job, exc)
+            outcome.fields["result_dir"] = str(result_dir)
+            return outcome
+        except Transient as exc:
+            self._save_output(row, error=str(exc), attempts=row.attempts + 1)
             outcome = self._backoff(job, exc)
             outcome.fields["result_dir"] = str(result_dir)
             return outcome

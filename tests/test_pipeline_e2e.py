@@ -9,11 +9,13 @@ never one per tick or per retry. Harness: tests/e2e_support.py.
 from __future__ import annotations
 
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from daemon import cli
+from daemon.pipeline import MAX_INTEGRITY_ATTEMPTS
 from daemon.simulator import State, Timings
 from daemon.states import JobState
 
@@ -612,6 +614,48 @@ def test_always_corrupt_zip_gives_up_after_the_limit(e2e):
     assert job.error.startswith("1 of ")
     problems = h.logs.problems()
     assert only_events(problems) == ["step_failed_will_retry", "download_failed", "job_state"], h.logs.dump()
+
+
+def test_every_get_of_a_file_reset_mid_body_spends_at_most_the_limit(e2e):
+    """Each GET of chr_20.zip is answered 200 and reset halfway through the body: each spent one of the server's
+    ten downloads, so the file is given up after MAX_INTEGRITY_ATTEMPTS of them, saying why."""
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=60))
+    job, remote_id = exporting_job(h)
+    h.publish_with_fault("mis", remote_id, "chr_20.zip", "reset", times=None)
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    served = h.downloads_of(job, "chr_20.zip")
+    assert [(d["status"], d["fault"], d["complete"]) for d in served] == [(200, "reset", False)] * 3
+    assert MAX_INTEGRITY_ATTEMPTS == 3
+    left = h.sim.stats()["jobs"][remote_id]["files"]["chr_20.zip"]["downloads_left"]
+    assert left == 10 - 3
+    bad = next(o for o in job.outputs if o.name == "chr_20.zip")
+    assert bad.state.value == "failed" and bad.bad_downloads == 3
+    assert "connection failed (ReadError) after" in bad.error and "gave up after 3 attempts" in bad.error
+    assert all(o.state.value == "verified" and o.bad_downloads == 0 for o in job.outputs if o.name != "chr_20.zip")
+    assert job.error_kind == "download_failed" and job.error.startswith("1 of ") and "chr_20.zip" in job.error
+    problems = h.logs.problems()
+    assert only_events(problems) == ["step_failed_will_retry", "download_failed", "job_state"], h.logs.dump()
+    assert problems[0]["error_kind"] == "connection"
+
+
+def test_failures_before_the_answer_never_give_a_file_up(e2e):
+    """Three GETs dropped before any answer (nothing served, no download spent), then two bodies cut off: only the
+    two cut-off bodies count against the file, which is fetched on the next try."""
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=60))
+    job, remote_id = exporting_job(h)
+    sim = h.services["mis"].sim
+    with sim.sim.lock:  # both rules armed before any poll sees the job finished
+        h.publish_with_fault("mis", remote_id, "chr_20.zip", "drop", times=3)
+        sim.faults.truncate(times=2, path=urlsplit(sim.download_url(remote_id, "chr_20.zip")).path)
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+
+    h.assert_outputs_match(job)
+    assert [d["complete"] for d in h.downloads_of(job, "chr_20.zip")] == [False, False, True]
+    fetched = next(o for o in job.outputs if o.name == "chr_20.zip")
+    assert (fetched.attempts, fetched.bad_downloads) == (6, 2)
 
 
 def test_download_counter_exhausted_fails_that_file_and_names_it(e2e):
