@@ -33,6 +33,11 @@ log = structlog.get_logger("daemon.pipeline")
 #: before that file is given up: each spent one of the server's limited download counts (Cloudgene: 10 per file).
 #: Failures before the server answered spend none that we can know of, and never give a file up.
 MAX_INTEGRITY_ATTEMPTS = 3
+#: Polls in a row that may find the remote job finished without any result file listed before our job fails: a
+#: server may publish the files a moment after it says SUCCESS, but a job completed without them would never
+#: fetch them.
+MAX_EMPTY_SUCCESS_POLLS = 5
+NO_OUTPUTS = "no_outputs"
 #: Error kinds that pause the whole service (`Transient.service_wide`); a job recovering from one ends the pause.
 SERVICE_WIDE_KINDS = frozenset({"unavailable", "rate_limited"})
 
@@ -302,7 +307,8 @@ class Pipeline:
             "error": None,
             "error_kind": None,
         }
-        if job.failures:
+        empty_success = status.kind is RemoteKind.SUCCEEDED and not status.outputs
+        if job.failures and not (empty_success and job.error_kind == NO_OUTPUTS):
             log.info("recovered", after_failures=job.failures)
             if job.error_kind in SERVICE_WIDE_KINDS and self.store.resume_service(job.service):
                 log.info("service_resumed", service=job.service)
@@ -312,6 +318,8 @@ class Pipeline:
                 new = JobState.QUEUED if status.kind is RemoteKind.QUEUED else JobState.RUNNING
                 return Outcome(state=new, reason=f"remote state {status.raw_state}", next_poll_in=interval,
                                fields=fields)
+            case RemoteKind.SUCCEEDED if empty_success:
+                return self._success_without_outputs(job, status, fields, interval)
             case RemoteKind.SUCCEEDED:
                 return Outcome(state=JobState.DOWNLOADING,
                                reason=f"remote job finished ({status.raw_state}); {len(status.outputs)} files",
@@ -333,6 +341,21 @@ class Pipeline:
                     log.warning("unknown_remote_state", remote_state=status.raw_state,
                                 reason="keeping the job and polling again")
                 return Outcome(next_poll_in=interval, fields=fields)
+
+    def _success_without_outputs(self, job: Job, status: RemoteStatus, fields: dict, interval: float) -> Outcome:
+        """A finished remote job that lists no result file: polled again, and failed after a few such answers."""
+        polls = job.failures + 1 if job.error_kind == NO_OUTPUTS else 1
+        if polls >= MAX_EMPTY_SUCCESS_POLLS:
+            reason = (f"the server says the remote job finished ({status.raw_state}) but listed no result files "
+                      f"in {polls} polls in a row; nothing was downloaded")
+            return Outcome(state=JobState.FAILED, reason=reason,
+                           fields={**fields, "error": reason, "error_kind": NO_OUTPUTS})
+        reason = f"remote job finished ({status.raw_state}) but lists no result files yet"
+        if polls == 1:
+            log.warning("remote_success_without_outputs", remote_state=status.raw_state,
+                        reason=f"polling again, up to {MAX_EMPTY_SUCCESS_POLLS} times, before failing the job")
+        return Outcome(next_poll_in=interval,
+                       fields={**fields, "failures": polls, "error": reason, "error_kind": NO_OUTPUTS})
 
     def _dead(self, job: Job, adapter: ServiceAdapter, status: RemoteStatus, fields: dict) -> Outcome:
         assert job.remote_id is not None

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from daemon import cli
-from daemon.pipeline import MAX_INTEGRITY_ATTEMPTS
+from daemon.pipeline import MAX_EMPTY_SUCCESS_POLLS, MAX_INTEGRITY_ATTEMPTS
 from daemon.simulator import State, Timings
 from daemon.states import JobState
 
@@ -614,6 +614,47 @@ def test_always_corrupt_zip_gives_up_after_the_limit(e2e):
     assert job.error.startswith("1 of ")
     problems = h.logs.problems()
     assert only_events(problems) == ["step_failed_will_retry", "download_failed", "job_state"], h.logs.dump()
+
+
+def finish_listing_no_outputs(h: Harness, remote_id: str, times: int | None) -> None:
+    """Finish the EXPORTING remote job now, its status answers listing no result files `times` times."""
+    sim = h.services["mis"].sim
+    with sim.sim.lock:  # before any poll can see the job finished
+        sim.set_timings(export=0.0)
+        sim.faults.no_outputs(times=times, path=status_path(remote_id))
+
+
+def test_a_success_listing_no_files_is_polled_again_until_it_does(e2e):
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=60))
+    job, remote_id = exporting_job(h)
+    finish_listing_no_outputs(h, remote_id, times=2)
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+
+    assert_normal_history(h, job)
+    assert h.requests["mis"].count(status_path(remote_id)) >= 3
+    h.assert_outputs_match(job)
+    assert len(job.outputs) == len(h.sim.file_names(remote_id)) > 0
+    assert (job.failures, job.error, job.error_kind) == (0, None, None)
+    problems = h.logs.problems()
+    assert only_events(problems) == ["remote_success_without_outputs"], h.logs.dump()
+
+
+def test_a_success_that_never_lists_files_fails_the_job_saying_so(e2e):
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=60))
+    job, remote_id = exporting_job(h)
+    finish_listing_no_outputs(h, remote_id, times=None)
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    assert "completed" not in h.states_visited(job) and "downloading" not in h.states_visited(job)
+    assert job.outputs == [] and h.sim.stats()["downloads"] == []
+    assert job.error_kind == "no_outputs"
+    assert job.error == (f"the server says the remote job finished (SUCCESS) but listed no result files in "
+                         f"{MAX_EMPTY_SUCCESS_POLLS} polls in a row; nothing was downloaded")
+    assert h.requests["mis"].count(status_path(remote_id)) >= MAX_EMPTY_SUCCESS_POLLS
+    problems = h.logs.problems()
+    assert only_events(problems) == ["remote_success_without_outputs", "job_state"], h.logs.dump()
 
 
 def test_every_get_of_a_file_reset_mid_body_spends_at_most_the_limit(e2e):
