@@ -53,6 +53,8 @@ FILE_MODE = 0o640
 DIR_MODE = 0o750
 #: Longest file-name component most file systems accept (bytes).
 NAME_MAX = 255
+#: Longest path Linux takes in a system call (bytes, the terminating NUL included).
+PATH_MAX = 4096
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
@@ -173,8 +175,9 @@ def download(
     with _no_space_is_transient(label):
         _make_dirs(result_dir)
     final = result_dir.joinpath(*rel.parts)
-    if final.is_dir():
-        raise Permanent(f"{label}: a directory of that name is in the way", kind="unsafe_name")
+    # Checked before the GET, which spends one of the server's download counts: a file that cannot be stored
+    # would spend them all, one retry after another.
+    _check_storable(result_dir, rel, final, label)
     # Only a subfolder can lead elsewhere (a symlink in the result directory); checked for those alone, as
     # resolving both paths costs two realpath walks per file.
     if len(rel.parts) > 1 and not final.parent.resolve().is_relative_to(result_dir.resolve()):
@@ -488,6 +491,25 @@ def sha256_file(path: Path, *, chunk_size: int = 1 << 20) -> str:
 
 def _of(content_length: int | None) -> str:
     return f" of {content_length}" if content_length is not None else ""
+
+
+def _check_storable(result_dir: Path, rel: PurePosixPath, final: Path, label: str) -> None:
+    """`Permanent(kind="unsafe_name")` when `final` cannot be stored: a path too long for the file system, a
+    folder where the file goes, or a file (another result, say "data.txt" beside "data.txt/inner.txt") where one
+    of its folders goes."""
+    length = len(os.fsencode(final))
+    if length >= PATH_MAX:
+        raise Permanent(
+            f"{label}: its path in the result directory is {length} bytes, longer than the file system allows "
+            f"({PATH_MAX - 1})", kind="unsafe_name",
+        )
+    if final.is_dir():
+        raise Permanent(f"{label}: a directory of that name is in the way", kind="unsafe_name")
+    for depth in range(1, len(rel.parts)):
+        folder = result_dir.joinpath(*rel.parts[:depth])
+        if os.path.lexists(folder) and not folder.is_dir():
+            shown = _printable("/".join(rel.parts[:depth]))
+            raise Permanent(f"{label}: {shown!r} is a file, so it cannot be a folder too", kind="unsafe_name")
 
 
 def _check_status(response: httpx.Response, label: str) -> None:

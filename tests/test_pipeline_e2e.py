@@ -8,6 +8,7 @@ never one per tick or per retry. Harness: tests/e2e_support.py.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from urllib.parse import urlsplit
 
@@ -17,6 +18,7 @@ import pytest
 from daemon import cli
 from daemon.pipeline import MAX_EMPTY_SUCCESS_POLLS, MAX_INTEGRITY_ATTEMPTS
 from daemon.simulator import State, Timings
+from daemon.simulator.results import ResultFile
 from daemon.states import JobState
 
 from e2e_support import Harness, e2e  # noqa: F401  (e2e is a fixture)
@@ -715,6 +717,51 @@ def test_download_counter_exhausted_fails_that_file_and_names_it(e2e):
     problems = h.logs.problems()
     assert only_events(problems) == ["step_failed_will_retry", "download_failed", "job_state"], h.logs.dump()
     assert problems[1]["error_kind"] == "downloads_exhausted"
+
+
+def finish_with_extra_files(h: Harness, remote_id: str, tmp_path, names: list[str]) -> None:
+    """Finish the EXPORTING remote job now, with a small extra result file for each of `names` beside its own."""
+    sim = h.services["mis"].sim
+    with sim.sim.lock:  # before any poll can see the job finished (the files are published at SUCCESS)
+        job = sim.sim.jobs[remote_id]
+        for i, name in enumerate(names):
+            path = tmp_path / f"extra-{i}.txt"
+            path.write_bytes(f"extra file {i}\n".encode())
+            job.results.append(ResultFile("statistics", name, path, path.stat().st_size,
+                                          hashlib.sha256(path.read_bytes()).hexdigest()))
+        sim.set_timings(export=0.0)
+
+
+LONG_NAME = "/".join(["d" * 200] * 21)  # every component fits; the whole path is longer than PATH_MAX
+
+UNSTORABLE = {
+    # case: (extra files, the file refused, what its error says, GETs of the extra files)
+    "one name twice": (["dup.txt", "dup.txt"], "dup.txt", "the server lists 2 result files of this name", 0),
+    "a file and a folder": (["data.txt", "data.txt/inner.txt"], "data.txt/inner.txt",
+                            "'data.txt' is a file, so it cannot be a folder too", 1),
+    "a path over PATH_MAX": ([LONG_NAME], LONG_NAME, "longer than the file system allows (4095)", 0),
+}
+
+
+@pytest.mark.parametrize("case", UNSTORABLE)
+def test_a_result_file_that_cannot_be_stored_fails_the_job_without_spending_downloads(e2e, tmp_path, case):
+    """Such a file once left the job stuck (every poll lost to a UNIQUE violation; a traceback per tick) or
+    burnt every download of it (fetched, then not storable, fetched again): now it is refused before its GET,
+    the job's other files are downloaded, and the job fails naming it."""
+    extra, refused, why, gets = UNSTORABLE[case]
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=60))
+    job, remote_id = exporting_job(h)
+    finish_with_extra_files(h, remote_id, tmp_path, extra)
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    assert sum(len(h.downloads_of(job, name)) for name in set(extra)) == gets
+    bad = next(o for o in job.outputs if o.name == refused)
+    assert bad.state.value == "failed" and why in bad.error
+    others = [o for o in job.outputs if o.name not in extra]
+    assert others and all(o.state.value == "verified" for o in others)
+    assert job.error_kind == "download_failed" and job.error.startswith("1 of ")
+    assert not h.logs.select(event="step_result_not_saved") and not h.logs.select(event="step_crashed")
 
 
 # ---------------------------------------------------------------------------------------------------- cancel

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -632,7 +633,18 @@ class JobStore:
     def _record_outputs(conn: sa.Connection, job_id: uuid.UUID, outputs: Sequence[RemoteOutput]) -> None:
         known = dict(conn.execute(_OUTPUT_STATES, {"b_job_id": job_id}).all())
         new, refreshed = [], []
+        # Two files of one name cannot both be stored (nor told apart): the name is recorded once, failed, and
+        # neither is fetched. The job's other files are.
+        listed = Counter(remote.name for remote in outputs)
+        ambiguous = {name for name, count in listed.items() if count > 1}
+        for name in ambiguous - known.keys():
+            new.append({"job_id": job_id, "name": name, "url": "", "remote_hash": None, "size_text": None,
+                        "downloads_left": None, "remote_checksum": None, "state": OutputState.FAILED, "attempts": 0,
+                        "bad_downloads": 0, "error": f"the server lists {listed[name]} result files of this name; "
+                        "they cannot be told apart, so neither was downloaded"})
         for remote in outputs:
+            if remote.name in ambiguous:
+                continue
             fields = {
                 "url": remote.url,
                 "remote_hash": remote.remote_hash,
@@ -642,7 +654,8 @@ class JobStore:
             state = known.get(remote.name)
             if state is None:
                 new.append({"job_id": job_id, "name": remote.name, "size_text": remote.size_text,
-                            "state": OutputState.PENDING, "attempts": 0, "bad_downloads": 0, **fields})
+                            "state": OutputState.PENDING, "attempts": 0, "bad_downloads": 0, "error": None,
+                            **fields})
             elif state is not OutputState.VERIFIED:
                 refreshed.append({"b_job_id": job_id, "b_name": remote.name, **fields})
         if new:
