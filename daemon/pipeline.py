@@ -9,15 +9,18 @@ the job with the server's reason.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import sqlalchemy as sa
 import structlog
 
 from daemon.backoff import backoff_delay, jittered
 from daemon.config import Config, ServiceConfig
 from daemon.crypto import PasswordCipher, SecretKeyError
-from daemon.db.models import Job, JobOutput, utcnow
+from daemon.db.engine import DatabaseUnavailable
+from daemon.db.models import Job, JobOutput, integer_or_none, utcnow
 from daemon.db.store import JobRow, JobStore, LeaseLost, Outcome
 from daemon.logging import bind_job, register_secret
 from daemon.metrics import NO_METRICS, Metrics
@@ -38,6 +41,15 @@ MAX_INTEGRITY_ATTEMPTS = 3
 #: fetch them.
 MAX_EMPTY_SUCCESS_POLLS = 5
 NO_OUTPUTS = "no_outputs"
+#: Steps in a row that may fail with the same unexpected error (a bug, or something in the job's own data that
+#: nothing here handles) before that fails the job: retrying a deterministic failure only repeats it, forever.
+MAX_STEP_CRASHES = 5
+#: Local failures that need an operator, not another job: retried with backoff however long they last, like an
+#: outage of the server (a database that cannot be reached is one too).
+ENVIRONMENT_ERRNOS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE,
+    errno.ENOMEM, errno.ESTALE,
+})
 #: Error kinds that pause the whole service (`Transient.service_wide`); a job recovering from one ends the pause.
 SERVICE_WIDE_KINDS = frozenset({"unavailable", "rate_limited"})
 
@@ -120,11 +132,8 @@ class Pipeline:
             except LeaseLost:
                 log.warning("lease_lost", reason="another daemon took the job over; dropping this step's result")
                 return None, False
-            except Exception as exc:  # a bug: keep the daemon alive, retry with backoff, say so loudly
-                log.exception("step_crashed", state=str(job.state), error_kind="internal")
-                self.metrics.error(job.service, "internal")
-                outcome = self._backoff(job, Transient(f"internal error: {type(exc).__name__}: {exc}",
-                                                       kind="internal"))
+            except Exception as exc:  # keep the daemon alive; see `_crashed`
+                outcome = self._crashed(job, exc)
             if outcome is None:
                 return None, False
             go_on = (
@@ -138,11 +147,20 @@ class Pipeline:
             except LeaseLost:
                 log.warning("lease_lost", reason="another daemon took the job over; dropping this step's result")
                 return None, False
-            except Exception:
-                # The database failed under us (restarted, unreachable): this step's outcome is lost, not the job;
-                # its lease runs out and the step is done again. Said here: the pool has nobody to raise to.
-                log.exception("step_result_not_saved", state=str(job.state), error_kind="database")
-                return None, False
+            except Exception as exc:
+                if _unreachable_database(exc):
+                    # The database failed under us (restarted, unreachable): this step's outcome is lost, not the
+                    # job; its lease runs out and the step is done again. Said here: the pool has nobody to raise to.
+                    log.exception("step_result_not_saved", state=str(job.state), error_kind="database")
+                    return None, False
+                # The database refused this outcome (a value it cannot hold, a constraint): writing it again would
+                # fail again, so the failure is written instead, counted like any other unexpected error.
+                outcome, go_on = self._crashed(job, exc, what="its outcome could not be saved"), False
+                try:
+                    finished = self.store.finish(job.id, self.owner, outcome, expected=job.state)
+                except Exception:
+                    log.exception("step_result_not_saved", state=str(job.state), error_kind="database")
+                    return None, False
             if outcome.state is not None and outcome.state != job.state:
                 self._log_transition(job, finished, outcome)
             return finished, go_on
@@ -301,7 +319,7 @@ class Pipeline:
         self.metrics.polled(job.service)
         fields = {
             "remote_state": status.raw_state,
-            "queue_position": status.queue_position,
+            "queue_position": integer_or_none(status.queue_position),
             "progress": status.progress,
             "failures": 0,
             "error": None,
@@ -544,6 +562,36 @@ class Pipeline:
             return Outcome(state=JobState.FAILED, reason=reason, fields={"error": reason, "error_kind": "expired"})
         return Outcome(state=JobState.FAILED, reason=str(exc), fields={"error": str(exc), "error_kind": exc.kind})
 
+    def _crashed(self, job: Job, exc: Exception, *, what: str = "internal error") -> Outcome:
+        """The outcome of a step that raised something other than a service error.
+
+        A database that cannot be reached, or a local file system that needs an operator (permissions, read-only,
+        I/O errors), is waited out with backoff however long it lasts, as a server outage is. Anything else (a bug,
+        or the job's own data meeting a case nothing handles) is retried with backoff too, but the job fails once
+        the same step has failed with the same exception type MAX_STEP_CRASHES times in a row. The first of a
+        series is logged with its traceback, the repeats at debug level."""
+        text = f"{type(exc).__name__}: {exc}"
+        if _unreachable_database(exc):
+            return self._backoff(job, Transient(f"database: {text}", kind="database"))
+        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            return self._backoff(job, Transient(f"local file system: {text}", kind="local_io"))
+        self.metrics.error(job.service, "internal")
+        signature = f"{what}: {type(exc).__name__}:"
+        same = job.error_kind == "internal" and (job.error or "").startswith(signature)
+        crashes = job.failures + 1 if same else 1
+        if crashes == 1:
+            log.error("step_crashed", state=str(job.state), error_kind="internal", exc_info=exc,
+                      reason=f"retrying with backoff; the job fails if this happens {MAX_STEP_CRASHES} times in a row")
+        else:
+            log.debug("step_crashed", state=str(job.state), error_kind="internal", reason=text, crashes=crashes)
+        message = f"{signature} {exc}"
+        if crashes >= MAX_STEP_CRASHES:
+            reason = f"the {job.state} step failed {crashes} times in a row ({message})"
+            return Outcome(state=JobState.FAILED, reason=reason, fields={"error": reason, "error_kind": "internal"})
+        outcome = self._backoff(job, Transient(message, kind="internal"), quiet=True)
+        outcome.fields["failures"] = crashes
+        return outcome
+
     def _backoff(self, job: Job, exc: Transient, *, quiet: bool = False) -> Outcome:
         failures = job.failures + 1
         scheduler = self.config.scheduler
@@ -567,3 +615,8 @@ class Pipeline:
         level("job_state", from_state=str(before.state), to_state=str(outcome.state), reason=outcome.reason,
               remote_id=after.remote_id, error_kind=outcome.fields.get("error_kind"))
 
+
+def _unreachable_database(exc: BaseException) -> bool:
+    """The database could not be reached or went away (as opposed to refusing what was written)."""
+    return isinstance(exc, (DatabaseUnavailable, sa.exc.OperationalError, sa.exc.InterfaceError,
+                            sa.exc.TimeoutError))

@@ -8,6 +8,7 @@ never one per tick or per retry. Harness: tests/e2e_support.py.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import time
 from urllib.parse import urlsplit
@@ -15,8 +16,13 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+import daemon.downloads
+import daemon.pipeline
+import daemon.scheduler
 from daemon import cli
-from daemon.pipeline import MAX_EMPTY_SUCCESS_POLLS, MAX_INTEGRITY_ATTEMPTS
+from daemon.db.schema import upgrade_url
+from daemon.db.store import Outcome
+from daemon.pipeline import MAX_EMPTY_SUCCESS_POLLS, MAX_INTEGRITY_ATTEMPTS, MAX_STEP_CRASHES
 from daemon.simulator import State, Timings
 from daemon.simulator.results import ResultFile
 from daemon.states import JobState
@@ -762,6 +768,84 @@ def test_a_result_file_that_cannot_be_stored_fails_the_job_without_spending_down
     assert others and all(o.state.value == "verified" for o in others)
     assert job.error_kind == "download_failed" and job.error.startswith("1 of ")
     assert not h.logs.select(event="step_result_not_saved") and not h.logs.select(event="step_crashed")
+
+
+# ---------------------------------------------------------------------------------------------------- unexpected errors
+
+
+def test_a_step_failing_the_same_way_again_and_again_fails_the_job_saying_so_once(e2e, monkeypatch):
+    """An unexpected error that every poll meets (a bug, or the job's data meeting a case nothing handles) no
+    longer loops forever, a traceback a tick: after MAX_STEP_CRASHES in a row the job fails with it."""
+    h = e2e()
+    job, _remote_id = stalled_job(h)
+
+    def broken_poll(self, job, adapter):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the poll met something it does not handle")
+
+    monkeypatch.setattr(daemon.pipeline.Pipeline, "_poll", broken_poll)
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    assert job.error_kind == "internal"
+    assert job.error == (f"the queued step failed {MAX_STEP_CRASHES} times in a row (internal error: RuntimeError: "
+                         "the poll met something it does not handle)")
+    assert h.states_visited(job)[-2:] == ["queued", "failed"]
+    problems = h.logs.problems()
+    assert only_events(problems) == ["step_crashed", "job_state"], h.logs.dump()
+    assert len(h.logs.select(event="step_crashed")) == MAX_STEP_CRASHES
+
+
+def test_a_local_file_system_needing_an_operator_is_waited_out_like_an_outage(e2e, monkeypatch):
+    """Permission denied on the result folder is the operator's to fix, not the job's fault: however many times
+    it happens, the download is tried again (with backoff) and the job completes once it is fixed."""
+    h = e2e()
+    real_check_room = daemon.downloads.check_room
+    denied = []
+
+    def check_room(result_dir, name, size_text):  # type: ignore[no-untyped-def]
+        if len(denied) < MAX_STEP_CRASHES + 3:
+            denied.append(name)
+            raise PermissionError(errno.EACCES, "Permission denied", str(result_dir))
+        return real_check_room(result_dir, name, size_text)
+
+    monkeypatch.setattr(daemon.downloads, "check_room", check_room)
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+
+    assert len(denied) == MAX_STEP_CRASHES + 3
+    assert_normal_history(h, job)
+    h.assert_outputs_match(job)
+    problems = h.logs.problems()
+    assert only_events(problems) == ["step_failed_will_retry"], h.logs.dump()
+    assert problems[0]["error_kind"] == "local_io" and "Permission denied" in problems[0]["reason"]
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_an_outcome_the_database_refuses_ends_the_job_instead_of_losing_every_step(e2e, request, monkeypatch, db):
+    """A poll whose outcome the database cannot store (here a number too big for its column; before revision
+    0003 a 300-character job id did this on PostgreSQL) was lost on every poll, the job stuck for good: now the
+    refusal is recorded as the step's failure, and the job fails once it has happened MAX_STEP_CRASHES times."""
+    db_url = None  # the harness's own SQLite database
+    if db == "postgres":
+        db_url = request.getfixturevalue("postgres_cluster").create_database()
+        upgrade_url(db_url)
+    h = e2e(db_url=db_url)
+    job, _remote_id = stalled_job(h)
+
+    def unstorable_poll(self, job, adapter):  # type: ignore[no-untyped-def]
+        return Outcome(next_poll_in=0.1, fields={"queue_position": 2**70})
+
+    monkeypatch.setattr(daemon.pipeline.Pipeline, "_poll", unstorable_poll)
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    assert job.error_kind == "internal" and job.queue_position != 2**70
+    assert job.error.startswith(f"the queued step failed {MAX_STEP_CRASHES} times in a row (its outcome could not "
+                                "be saved: ")
+    assert not h.logs.select(event="step_result_not_saved")
+    assert only_events(h.logs.problems()) == ["step_crashed", "job_state"], h.logs.dump()
 
 
 # ---------------------------------------------------------------------------------------------------- cancel

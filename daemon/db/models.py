@@ -39,6 +39,16 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
+#: The largest value an `sa.Integer` column holds on every database (PostgreSQL's INTEGER is 32 bits).
+INTEGER_MAX = 2**31 - 1
+
+
+def integer_or_none(value: int | None) -> int | None:
+    """A server's number as an `sa.Integer` column can hold it: None when it is out of range (a queue position or
+    download count beyond 2**31 is no real answer, and would make PostgreSQL refuse the whole write)."""
+    return value if value is None or -INTEGER_MAX - 1 <= value <= INTEGER_MAX else None
+
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",

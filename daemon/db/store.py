@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, raiseload, selectinload
 
 from daemon.db.engine import is_postgres, make_session_factory, read_only, single_write
-from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, utcnow
+from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, integer_or_none, utcnow
 from daemon.services.base import RemoteOutput
 from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState, check_transition
 
@@ -648,7 +648,7 @@ class JobStore:
             fields = {
                 "url": remote.url,
                 "remote_hash": remote.remote_hash,
-                "downloads_left": remote.downloads_left,
+                "downloads_left": integer_or_none(remote.downloads_left),
                 "remote_checksum": ":".join(remote.checksum) if remote.checksum else None,
             }
             state = known.get(remote.name)
