@@ -54,6 +54,10 @@ class StorageConfig:
     extract: bool = False
     #: Key that encrypts job passwords in the database; None means `state_dir/secret.key` (made when missing).
     secret_key_file: Path | None = None
+    #: The most one zip may unpack to, in GiB and in multiples of its own size: imputed results are compressed
+    #: already (about 1x), a zip bomb expands a thousandfold.
+    extract_max_gib: int = 1024
+    extract_max_ratio: int = 100
 
     @property
     def secret_key_path(self) -> Path:
@@ -780,6 +784,8 @@ _STORAGE: dict[str, _Convert] = {
     "temp_dir": _path,
     "keep_days": _optional(_integer(1, 36500)),
     "extract": _boolean,
+    "extract_max_gib": _integer(1, 1 << 20),
+    "extract_max_ratio": _integer(1, 1 << 20),
     "secret_key_file": _optional(_path),
 }
 
@@ -838,8 +844,9 @@ def _storage(raw: Any, ctx: _Context) -> StorageConfig:
     temp_dir = values.get("temp_dir") or _systemd_dir("CACHE_DIRECTORY") or state_dir / "tmp"
     if results_dir == temp_dir:
         ctx.report("storage.temp_dir", "must differ from results_dir (scratch files would sit among the results)")
+    limits = {key: values[key] for key in ("extract_max_gib", "extract_max_ratio") if key in values}
     return StorageConfig(state_dir, results_dir, temp_dir, values.get("keep_days"), values.get("extract", False),
-                         values.get("secret_key_file"))
+                         values.get("secret_key_file"), **limits)
 
 
 def _systemd_dir(variable: str) -> Path | None:

@@ -509,7 +509,11 @@ class Pipeline:
         reason = f"{len(rows)} files downloaded and verified ({total} bytes)"
         if self.config.storage.extract:
             # Never fails the job: what went wrong is logged and told in the reason of the completed event.
-            reason += "; " + unpack.unpack_outputs(rows, result_dir, self._password(job)).summary()
+            storage = self.config.storage
+            reason += "; " + unpack.unpack_outputs(
+                rows, result_dir, self._password(job), max_bytes=storage.extract_max_gib << 30,
+                max_ratio=storage.extract_max_ratio,
+            ).summary()
         return Outcome(state=JobState.COMPLETED, reason=reason, fields=fields)
 
     # ------------------------------------------------------------------ errors, in one place

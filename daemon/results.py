@@ -19,13 +19,15 @@ import contextlib
 import logging
 import lzma
 import os
+import shutil
+import stat
 import struct
 import sys
 import threading
 import uuid
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -132,14 +134,26 @@ def verify_zip(
     return all_checked
 
 
-def extract_zip(path: Path, dest_dir: Path, password: str | None) -> list[Path]:
+def extract_zip(
+    path: Path,
+    dest_dir: Path,
+    password: str | None,
+    *,
+    max_bytes: int | None = None,
+    max_ratio: float | None = None,
+    keep: Collection[Path] = (),
+) -> list[Path]:
     """Extract every file of a result zip into `dest_dir` and return the paths written, in the order they are stored.
 
-    Member names go through `downloads.safe_relative_path`: an absolute name, `..`, a backslash or a control
-    character makes the whole zip refused (`CorruptResult`) before anything is written, as do duplicate names.
+    Refused as a whole (`CorruptResult`) before anything is written: member names that `downloads.safe_relative_path`
+    refuses (absolute, `..`, a backslash, a control character) or that appear twice; an entry that would replace
+    one of the files in `keep` (the job's verified downloads); entries adding up to more than `max_bytes`, or to
+    more than `max_ratio` times the zip's own size (a zip bomb), or to more than the free space of `dest_dir`.
+    The sizes are the ones the zip declares, and no entry is written past its declared size.
+
     Each file is streamed into a temp file in `dest_dir/.partial/`, its CRC checked by the reader, fsynced, made
     0640 and renamed into place (folders 0750). On any failure the files this call wrote are removed again.
-    Directory entries only create folders; symlink entries are written as plain files holding the link text.
+    Directory entries only create folders; symlink entries are not written at all.
     """
     from daemon import downloads  # downloads imports this module
     from daemon.services.errors import Permanent
@@ -155,6 +169,7 @@ def extract_zip(path: Path, dest_dir: Path, password: str | None) -> list[Path]:
             infos = sorted(zf.infolist(), key=lambda info: info.header_offset)
             members = []
             seen: set[str] = set()
+            kept = {Path(p).resolve() for p in keep}
             for info in infos:
                 name = info.orig_filename  # `filename` is silently cut at a NUL byte; the original is what we judge
                 try:
@@ -165,8 +180,16 @@ def extract_zip(path: Path, dest_dir: Path, password: str | None) -> list[Path]:
                 if key in seen:
                     raise CorruptResult(f"{path.name}: refusing to extract: {key!r} appears twice")
                 seen.add(key)
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    continue  # a link could lead anywhere; its text is no result
+                if dest_dir.joinpath(*rel.parts).resolve() in kept:
+                    raise CorruptResult(
+                        f"{path.name}: refusing to extract: entry {key!r} would replace the downloaded result file "
+                        "of that name"
+                    )
                 members.append((info, rel))
             downloads._make_dirs(dest_dir)
+            _check_expansion(path, [info for info, _ in members], dest_dir, max_bytes, max_ratio)
             with _native_reader(path, infos, pwd, aes) as native:
                 for info, rel in members:
                     target = dest_dir.joinpath(*rel.parts)
@@ -191,6 +214,24 @@ def extract_zip(path: Path, dest_dir: Path, password: str | None) -> list[Path]:
 
 
 # --- internals ----------------------------------------------------------------------------------------------------
+
+
+def _check_expansion(
+    path: Path, infos: list[zipfile.ZipInfo], dest_dir: Path, max_bytes: int | None, max_ratio: float | None
+) -> None:
+    """Refuse a zip whose entries would take more room than allowed or than there is."""
+    total = sum(info.file_size for info in infos if not info.is_dir())
+    size = path.stat().st_size
+    where = f"{path.name}: refusing to extract"
+    if max_bytes is not None and total > max_bytes:
+        raise CorruptResult(f"{where}: its entries add up to {total} bytes, more than the {max_bytes} allowed "
+                            "(storage.extract_max_gib)")
+    if max_ratio is not None and total > max_ratio * size:
+        raise CorruptResult(f"{where}: its {size} bytes would expand to {total} ({total / max(size, 1):.0f} times), "
+                            f"more than the {max_ratio:g} times allowed (storage.extract_max_ratio)")
+    free = shutil.disk_usage(dest_dir).free
+    if total > free:
+        raise CorruptResult(f"{where}: its entries need {total} bytes and only {free} are free")
 
 
 def _entry_is_aes(info: zipfile.ZipInfo) -> bool:
@@ -308,8 +349,12 @@ def _extract_member(
             size = 0
             try:
                 for chunk in _member_chunks(zf, info, pwd, native):
-                    out.write(chunk)
                     size += len(chunk)
+                    if size > info.file_size:  # what the size checks before extraction counted on
+                        raise CorruptResult(
+                            f"{path.name}: entry {info.filename!r}: more than the {info.file_size} bytes it declares"
+                        )
+                    out.write(chunk)
             except _PasswordRefused:
                 raise WrongPassword(f"{path.name}: the password does not open {info.filename!r}") from None
             except (*_DATA_ERRORS, *_pyzipper_errors(), _NativeDataError) as exc:

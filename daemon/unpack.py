@@ -1,7 +1,8 @@
 """`storage.extract`: unpack a completed job's verified chr_*.zip files into its result directory.
 
 Each zip goes through `results.extract_zip` (member names checked, every entry's CRC — and for AES its HMAC —
-checked while streaming, files 0640 and folders 0750, each renamed into place only when complete). Unpacking is a
+checked while streaming, files 0640 and folders 0750, each renamed into place only when complete; a zip bomb, a zip
+too big for the disk or one that would replace a downloaded file refused; symlinks not written). Unpacking is a
 convenience on top of a job whose files are already downloaded and verified: a failure is logged and noted in the
 reason of the job's `completed` event, and never fails the job. Running it again (the step was interrupted) rewrites
 the same files.
@@ -50,13 +51,25 @@ def zips_to_unpack(outputs: Sequence[JobOutput]) -> list[JobOutput]:
     ]
 
 
-def unpack_outputs(outputs: Sequence[JobOutput], result_dir: Path, password: str | None) -> Unpacked:
-    """Extract every verified chr_*.zip among `outputs` into `result_dir`; problems are collected, never raised."""
+def unpack_outputs(
+    outputs: Sequence[JobOutput],
+    result_dir: Path,
+    password: str | None,
+    *,
+    max_bytes: int | None = None,
+    max_ratio: float | None = None,
+) -> Unpacked:
+    """Extract every verified chr_*.zip among `outputs` into `result_dir`; problems are collected, never raised.
+
+    No zip may replace a verified download, nor unpack to more than `max_bytes` or `max_ratio` times its size
+    (`storage.extract_max_gib`, `storage.extract_max_ratio`; see `results.extract_zip`)."""
     report = Unpacked()
+    verified = [Path(o.local_path) for o in outputs if o.state is OutputState.VERIFIED and o.local_path]
     for output in zips_to_unpack(outputs):
         path = Path(output.local_path or "")
         try:
-            written = results.extract_zip(path, result_dir, password)
+            written = results.extract_zip(path, result_dir, password, max_bytes=max_bytes, max_ratio=max_ratio,
+                                          keep=verified)
         except results.CorruptResult as exc:
             problem = str(exc)
         except OSError as exc:

@@ -259,6 +259,12 @@ def test_empty_sections_give_defaults(tmp_path: Path) -> None:
     assert config.scheduler == SchedulerConfig() and config.services == {}
 
 
+def test_extraction_limits(tmp_path: Path) -> None:
+    assert (StorageConfig.extract_max_gib, StorageConfig.extract_max_ratio) == (1024, 100)
+    config = load_config(write(tmp_path, {"storage": {"extract_max_gib": 3, "extract_max_ratio": 20}}))
+    assert (config.storage.extract_max_gib, config.storage.extract_max_ratio) == (3, 20)
+
+
 def test_systemd_directories_are_the_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/imputationd-a:/var/lib/other")  # several: the first one
     monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/imputationd")
@@ -379,6 +385,8 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
     ("db-echo-text", {"database": {"echo": "yes"}}, "database.echo", "must be true or false"),
     ("db-typo", {"database": {"uri": "sqlite:///x.db"}}, "database.uri", "did you mean 'url'?"),
     ("keep-days", {"storage": {"keep_days": 0}}, "storage.keep_days", "from 1 to 36500"),
+    ("extract-ratio", {"storage": {"extract_max_ratio": 0}}, "storage.extract_max_ratio", "from 1 to 1048576"),
+    ("extract-gib", {"storage": {"extract_max_gib": "1T"}}, "storage.extract_max_gib", "from 1 to 1048576"),
     ("state-dir-number", {"storage": {"state_dir": 5}}, "storage.state_dir", "must be text"),
     ("state-dir-empty", {"storage": {"state_dir": ""}}, "storage.state_dir", "non-empty"),
     ("temp-is-results", {"storage": {"results_dir": "/x", "temp_dir": "/x"}}, "storage.temp_dir", "must differ"),

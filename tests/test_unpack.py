@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import stat
+import zipfile
 from pathlib import Path
 
 import pyzipper
 import pytest
 
+from daemon import results
+from daemon.config import StorageConfig
 from daemon.db.models import JobOutput
 from daemon.simulator import SimulatedCloudgene, Timings
 from daemon.simulator.zipcrypto import write_zipcrypto
@@ -94,6 +97,61 @@ def test_a_wrong_password_is_reported_not_raised(tmp_path: Path, make) -> None:
 def test_a_missing_zip_is_reported(tmp_path: Path) -> None:
     report = unpack_outputs([output(tmp_path / "chr_1.zip")], tmp_path / "out", PASSWORD)
     assert report.zips == 0 and "chr_1.zip" in report.problems[0]
+
+
+# ------------------------------------------------------------------------------------------- limits
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """20 MiB of zeros deflate to about 20 KB: a thousandfold expansion, refused at the default ratio (100)."""
+    bomb = aes(tmp_path / "chr_1.zip", {"chr1.dose.vcf.gz": bytes(20 << 20), "chr1.info.gz": b"info"})
+    out = tmp_path / "out"
+    report = unpack_outputs([output(bomb)], out, PASSWORD, max_bytes=StorageConfig.extract_max_gib << 30,
+                            max_ratio=StorageConfig.extract_max_ratio)
+    assert report.zips == 0 and len(report.problems) == 1
+    assert "would expand to 20971524" in report.problems[0] and "storage.extract_max_ratio" in report.problems[0]
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_zip_bigger_than_allowed_or_than_the_free_space_is_refused(tmp_path: Path, monkeypatch) -> None:
+    archive = zipcrypto(tmp_path / "chr_1.zip", {"chr1.dose.vcf.gz": b"d" * 600, "chr1.info.gz": b"i" * 600})
+    report = unpack_outputs([output(archive)], tmp_path / "out", PASSWORD, max_bytes=1000)
+    assert "its entries add up to 1200 bytes, more than the 1000 allowed (storage.extract_max_gib)" in \
+        report.problems[0]
+
+    real = results.shutil.disk_usage
+    monkeypatch.setattr(results.shutil, "disk_usage", lambda p: real(p)._replace(free=1100))
+    report = unpack_outputs([output(archive)], tmp_path / "out", PASSWORD)
+    assert "its entries need 1200 bytes and only 1100 are free" in report.problems[0]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_no_entry_replaces_a_downloaded_result_file(tmp_path: Path) -> None:
+    result_dir = tmp_path / "results"
+    result_dir.mkdir()
+    (result_dir / "qc_report.txt").write_bytes(b"the verified download")
+    archive = zipcrypto(result_dir / "chr_1.zip", {"chr1.info.gz": b"info", "qc_report.txt": b"from the zip"})
+    outputs = [output(result_dir / "qc_report.txt"), output(archive)]
+    report = unpack_outputs(outputs, result_dir, PASSWORD)
+    assert report.problems == [
+        "chr_1.zip: refusing to extract: entry 'qc_report.txt' would replace the downloaded result file of that name"
+    ]
+    assert (result_dir / "qc_report.txt").read_bytes() == b"the verified download"
+    assert not (result_dir / "chr1.info.gz").exists()
+
+
+def test_symlink_entries_are_not_written(tmp_path: Path) -> None:
+    archive = tmp_path / "chr_1.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        link = zipfile.ZipInfo("passwd")
+        link.create_system = 3
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+        zf.writestr("chr1.info.gz", b"info")
+    out = tmp_path / "out"
+    report = unpack_outputs([output(archive)], out, None)
+    assert report.problems == [] and [p.name for p in report.files] == ["chr1.info.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["chr1.info.gz"]
 
 
 # ------------------------------------------------------------------------------------------- in the daemon
