@@ -770,6 +770,38 @@ def test_a_result_file_that_cannot_be_stored_fails_the_job_without_spending_down
     assert not h.logs.select(event="step_result_not_saved") and not h.logs.select(event="step_crashed")
 
 
+@pytest.mark.postgres
+def test_remote_values_longer_than_the_old_columns_on_postgres(e2e, postgres_cluster, monkeypatch):
+    """A 300-character Cloudgene job id and 320-character download hashes: PostgreSQL refused every step's write
+    (VARCHAR(200)) and the job never moved; since revision 0003 they are stored as sent and the job completes."""
+    db_url = postgres_cluster.create_database()
+    upgrade_url(db_url)
+    h = e2e(db_url=db_url)
+    sim = h.services["mis"].sim.sim
+    long_id = "job-" + "7" * 296
+    monkeypatch.setattr(sim, "_new_id", lambda now: long_id if long_id not in sim.jobs else long_id + "-2")
+    publish = sim._publish
+
+    def publish_long_hashes(job):  # type: ignore[no-untyped-def]
+        publish(job)
+        for download in job.downloads:
+            del sim._by_hash[download.hash]
+            download.hash *= 5
+            sim._by_hash[download.hash] = download
+
+    monkeypatch.setattr(sim, "_publish", publish_long_hashes)
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+
+    assert job.remote_id == long_id and len(job.remote_id) == 300
+    assert job.outputs and all(len(o.remote_hash) == 320 for o in job.outputs)
+    assert_normal_history(h, job)
+    h.assert_outputs_match(job)
+    assert h.logs.problems() == [], h.logs.dump()
+
+
 # ---------------------------------------------------------------------------------------------------- unexpected errors
 
 
