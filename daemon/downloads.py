@@ -159,8 +159,9 @@ def download(
     fetches from zero.
 
     On success the file is fsynced (a big one was mostly written back on the way and does not stay in the page
-    cache, see `_WriteBehind`), made mode 0640, renamed into place (subfolders created 0750; an existing file of
-    that name is replaced) and its directory fsynced. On any failure no partial file remains.
+    cache, see `_WriteBehind`), made mode 0640, renamed into place (an existing file of that name is replaced) and
+    its directory fsynced. On any failure no partial file remains. Its subfolders are created (0750) before the
+    request: a folder that cannot be made must not cost a download.
 
     The partial file is written in `result_dir/.partial/`, created when missing and removed once empty, unless
     `keep_partial_dir`: a caller fetching several files into one directory keeps it for all of them and removes it
@@ -182,6 +183,8 @@ def download(
     # resolving both paths costs two realpath walks per file.
     if len(rel.parts) > 1 and not final.parent.resolve().is_relative_to(result_dir.resolve()):
         raise Permanent(f"{label}: its folder leads out of the result directory (a symlink?)", kind="unsafe_name")
+    with _no_space_is_transient(label):
+        created = _make_dirs(final.parent, base=result_dir) if len(rel.parts) > 1 else []
 
     with _partial_file(result_dir, label, keep_dir=keep_partial_dir) as temp:
         partial, fh = temp.path, temp.fh
@@ -260,7 +263,6 @@ def download(
 
         os.chmod(partial, FILE_MODE)
         with _no_space_is_transient(label):
-            created = _make_dirs(final.parent, base=result_dir) if len(rel.parts) > 1 else []
             temp.place(final)
             _fsync_dir(final.parent)
             for directory in created:

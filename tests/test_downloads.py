@@ -382,6 +382,24 @@ def test_broken_content_encoding_is_transient(tmp_path: Path) -> None:
     assert_clean(tmp_path)
 
 
+def test_a_subfolder_that_cannot_be_made_costs_no_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made before the GET: a folder the daemon may not create fails without spending one of the server's
+    download counts (it was made after the body arrived, so every retry spent one)."""
+    real_mkdir = os.mkdir
+
+    def mkdir(path, mode=0o777):  # type: ignore[no-untyped-def]
+        if Path(path).name == "statistics":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real_mkdir(path, mode)
+
+    monkeypatch.setattr(downloads.os, "mkdir", mkdir)
+    calls: list[int] = []
+    with pytest.raises(PermissionError):
+        download(opener(calls=calls), "statistics/summary.txt", result_dir=tmp_path)
+    assert calls == []
+    assert_clean(tmp_path)
+
+
 def test_connect_failure_is_transient(tmp_path: Path) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused")
