@@ -674,6 +674,8 @@ def test_every_get_of_a_file_reset_mid_body_spends_at_most_the_limit(e2e):
     job = h.wait_state(job.id, "failed")
     h.stop_daemon()
 
+    # The server records a download after it has reset the connection: maybe just after the daemon saw it.
+    h.wait_until(lambda: len(h.downloads_of(job, "chr_20.zip")) >= 3, what="the third download recorded")
     served = h.downloads_of(job, "chr_20.zip")
     assert [(d["status"], d["fault"], d["complete"]) for d in served] == [(200, "reset", False)] * 3
     assert MAX_INTEGRITY_ATTEMPTS == 3
@@ -702,6 +704,7 @@ def test_failures_before_the_answer_never_give_a_file_up(e2e):
     h.stop_daemon()
 
     h.assert_outputs_match(job)
+    h.wait_until(lambda: len(h.downloads_of(job, "chr_20.zip")) >= 3, what="the third download recorded")
     assert [d["complete"] for d in h.downloads_of(job, "chr_20.zip")] == [False, False, True]
     fetched = next(o for o in job.outputs if o.name == "chr_20.zip")
     assert (fetched.attempts, fetched.bad_downloads) == (6, 2)

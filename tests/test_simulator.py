@@ -881,6 +881,25 @@ def test_truncated_and_corrupted_downloads(sim: SimulatedCloudgene, client: http
     assert files_of(status(client, job["id"]))["chr_20.zip"]["count"] == 7  # every GET counted
 
 
+def test_a_reset_download_and_a_success_without_files(sim: SimulatedCloudgene, client: httpx.Client,
+                                                      clock: FakeClock, vcf: Path) -> None:
+    job = finish(client, clock, submit_ok(client, [vcf]))
+    f = files_of(job)["chr_20.zip"]
+    sim.faults.reset(fraction=0.5)
+    with pytest.raises(httpx.ReadError):  # a TCP reset, not the clean close of `truncate`
+        download(sim, f)
+    deadline = time.monotonic() + 5  # the server records the download after it has reset the connection
+    while not (log := [d for d in sim.stats()["downloads"] if d["name"] == "chr_20.zip"]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
+    [served] = log
+    assert served["fault"] == "reset" and served["status"] == 200 and not served["complete"]
+
+    sim.faults.no_outputs(times=1)
+    assert [p["files"] for p in status(client, job["id"])["outputParams"]] == [[]] * len(job["outputParams"])
+    assert files_of(status(client, job["id"])) == files_of(job) | {"chr_20.zip": {**f, "count": 9}}
+
+
 def test_job_faults(sim: SimulatedCloudgene, client: httpx.Client, clock: FakeClock, vcf: Path) -> None:
     sim.faults.fail_validation(message="Simulated: broken file.")
     sim.faults.stall()
