@@ -13,7 +13,8 @@ stored as the server sent them, so their columns are TEXT now: `jobs.remote_stat
 counts) and that came out unusable: cut off, short, long, or a corrupt zip. Files recorded before this revision
 start at 0.
 
-SQLite rebuilds both tables (batch mode: reflected, constraints and indexes included, and copied).
+SQLite rebuilds both tables (batch mode: reflected, constraints and indexes included, and copied), twice for
+job_outputs: the new column's default fills the rows present, then goes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ WIDENED = (
     ("job_outputs", "size_text", 64),
     ("job_outputs", "remote_checksum", 200),
 )
+
+
 def upgrade() -> None:
     for table in ("jobs", "job_outputs"):
         with op.batch_alter_table(table) as batch:
