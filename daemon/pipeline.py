@@ -576,8 +576,10 @@ class Pipeline:
         series is logged with its traceback, the repeats at debug level."""
         text = f"{type(exc).__name__}: {exc}"
         if _unreachable_database(exc):
+            self.metrics.error(job.service, "database")
             return self._backoff(job, Transient(f"database: {text}", kind="database"))
         if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            self.metrics.error(job.service, "local_io")
             return self._backoff(job, Transient(f"local file system: {text}", kind="local_io"))
         self.metrics.error(job.service, "internal")
         signature = f"{what}: {type(exc).__name__}:"
