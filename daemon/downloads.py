@@ -184,7 +184,11 @@ def download(
     if len(rel.parts) > 1 and not final.parent.resolve().is_relative_to(result_dir.resolve()):
         raise Permanent(f"{label}: its folder leads out of the result directory (a symlink?)", kind="unsafe_name")
     with _no_space_is_transient(label):
-        created = _make_dirs(final.parent, base=result_dir) if len(rel.parts) > 1 else []
+        try:
+            created = _make_dirs(final.parent, base=result_dir) if len(rel.parts) > 1 else []
+        except NotADirectoryError:
+            raise Permanent(f"{label}: {_file_in_the_way(result_dir, rel)!r} is a file, so it cannot be a folder too",
+                            kind="unsafe_name") from None
 
     with _partial_file(result_dir, label, keep_dir=keep_partial_dir) as temp:
         partial, fh = temp.path, temp.fh
@@ -496,9 +500,9 @@ def _of(content_length: int | None) -> str:
 
 
 def _check_storable(result_dir: Path, rel: PurePosixPath, final: Path, label: str) -> None:
-    """`Permanent(kind="unsafe_name")` when `final` cannot be stored: a path too long for the file system, a
-    folder where the file goes, or a file (another result, say "data.txt" beside "data.txt/inner.txt") where one
-    of its folders goes."""
+    """`Permanent(kind="unsafe_name")` when `final` cannot be stored: a path too long for the file system, or a
+    folder where the file goes. (A file where one of its folders goes, say "data.txt" beside "data.txt/inner.txt",
+    is found when the folders are made, also before the GET.)"""
     length = len(os.fsencode(final))
     if length >= PATH_MAX:
         raise Permanent(
@@ -507,11 +511,14 @@ def _check_storable(result_dir: Path, rel: PurePosixPath, final: Path, label: st
         )
     if final.is_dir():
         raise Permanent(f"{label}: a directory of that name is in the way", kind="unsafe_name")
+
+
+def _file_in_the_way(result_dir: Path, rel: PurePosixPath) -> str:
+    """The first of the file's folders (relative, printable) that exists as something else than a folder."""
     for depth in range(1, len(rel.parts)):
-        folder = result_dir.joinpath(*rel.parts[:depth])
-        if os.path.lexists(folder) and not folder.is_dir():
-            shown = _printable("/".join(rel.parts[:depth]))
-            raise Permanent(f"{label}: {shown!r} is a file, so it cannot be a folder too", kind="unsafe_name")
+        if not result_dir.joinpath(*rel.parts[:depth]).is_dir():
+            return _printable("/".join(rel.parts[:depth]))
+    return _printable(rel.parent.as_posix())  # gone again meanwhile: name the whole folder
 
 
 def _check_status(response: httpx.Response, label: str) -> None:
