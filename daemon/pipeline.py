@@ -625,4 +625,4 @@ class Pipeline:
 def _unreachable_database(exc: BaseException) -> bool:
     """The database could not be reached or went away (as opposed to refusing what was written)."""
     return isinstance(exc, (DatabaseUnavailable, sa.exc.OperationalError, sa.exc.InterfaceError,
-                            sa.exc.TimeoutError))
+                            sa.exc.TimeoutError)) or getattr(exc, "connection_invalidated", False) is True
