@@ -517,8 +517,8 @@ def _file_in_the_way(result_dir: Path, rel: PurePosixPath) -> str:
     """The first of the file's folders (relative, printable) that exists as something else than a folder."""
     for depth in range(1, len(rel.parts)):
         if not result_dir.joinpath(*rel.parts[:depth]).is_dir():
-            return _printable("/".join(rel.parts[:depth]))
-    return _printable(rel.parent.as_posix())  # gone again meanwhile: name the whole folder
+            return printable("/".join(rel.parts[:depth]))
+    return printable(rel.parent.as_posix())  # gone again meanwhile: name the whole folder
 
 
 def _check_status(response: httpx.Response, label: str) -> None:
