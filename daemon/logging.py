@@ -96,6 +96,10 @@ MAX_SECRETS = 4096
 #: APScheduler's executor logs every tick twice. Their warnings and errors still show.
 QUIET_LOGGERS = ("httpx", "httpcore", "alembic")
 QUIET_UNLESS_DEBUG = ("apscheduler.executors.default",)
+#: Safe in the daemon: the structlog chain never changes between calls (level, format and stream live in the
+#: handler). The test suite turns it off: a logger cached in one test would bypass `structlog.testing.capture_logs`
+#: in every later one.
+CACHE_LOGGERS = True
 
 _HANDLER_NAME = "imputationd"
 
@@ -338,8 +342,7 @@ def configure_logging(config: LoggingConfig, *, stream: TextIO | None = None) ->
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        # Safe: the structlog chain never changes between calls; level, format and stream live in the handler.
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=CACHE_LOGGERS,
     )
 
 

@@ -32,11 +32,16 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+import daemon.logging
 from daemon.db.engine import make_engine, make_session_factory
 from daemon.db.schema import upgrade_url
 
 from pg import ClusterError, PostgresCluster, find_bindir  # tests/ is no package: pytest puts it on sys.path
 from prerequisites import require_tool
+
+# In-process daemons and CLI commands configure logging; cached loggers would keep their chain for the rest of the
+# session and hide their lines from `structlog.testing.capture_logs` in later tests.
+daemon.logging.CACHE_LOGGERS = False
 
 DIALECTS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
 
@@ -158,11 +163,20 @@ def session_factory(engine: sa.Engine) -> sessionmaker[Session]:
 
 
 @pytest.fixture(autouse=True)
-def _cli_log_handler_removed() -> Iterator[None]:
-    """Every `imputationd` command run in-process (`daemon.cli.main`) points the log handler at stderr, pytest's
-    captured one in a test: take it away again after each test, before that stream is closed."""
+def _logging_restored() -> Iterator[None]:
+    """Logging is process-wide: every `imputationd` command run in-process (`daemon.cli.main`) points the log handler
+    at stderr, pytest's captured one in a test, and a daemon quiets APScheduler's loggers. After each test take that
+    handler away again (before its stream is closed) and put every logger's level back, so that no test sees what
+    an earlier one configured."""
+    levels = {name: lg.level for name, lg in logging.Logger.manager.loggerDict.items()
+              if isinstance(lg, logging.Logger)}
+    root_level = logging.getLogger().level
     yield
     root = logging.getLogger()
     for handler in [h for h in root.handlers if h.get_name() == "imputationd"]:
         root.removeHandler(handler)
+    root.setLevel(root_level)
+    for name, lg in logging.Logger.manager.loggerDict.items():
+        if isinstance(lg, logging.Logger):
+            lg.setLevel(levels.get(name, logging.NOTSET))
 
