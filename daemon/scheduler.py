@@ -148,7 +148,6 @@ class Daemon:
         # early while it runs, is normal operation, not something to warn an operator about.
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
         self.scheduler = BackgroundScheduler(
-            executors={"default": TickExecutor(5)},
             job_defaults={"coalesce": True, "max_instances": 1},
             timezone=dt.UTC,
         )
@@ -178,6 +177,8 @@ class Daemon:
             ("notify", self.notify_tick, NOTIFY_INTERVAL),
             ("probe", self.probe_tick, min(s.dispatch_interval, s.blocked_probe_initial)),
         ]
+        # A thread per tick: a tick that runs long (a slow database, a notifier waiting on SMTP) delays no other.
+        self.scheduler.add_executor(TickExecutor(len(ticks)), "default")
         for index, (name, func, seconds) in enumerate(ticks):
             start = now + dt.timedelta(seconds=TICK_SPACING * index)
             self.scheduler.add_job(
