@@ -22,7 +22,7 @@ from daemon.crypto import PasswordCipher, SecretKeyError
 from daemon.db.engine import DatabaseUnavailable
 from daemon.db.models import Job, JobOutput, integer_or_none, utcnow
 from daemon.db.store import JobRow, JobStore, LeaseLost, Outcome
-from daemon.logging import bind_job, register_secret
+from daemon.logging import bind_job, register_secret, scrub
 from daemon.metrics import NO_METRICS, Metrics
 from daemon.services import scrubbing
 from daemon.services.base import RemoteOutput, RemoteStatus, ServiceAdapter, SubmitRequest
@@ -574,7 +574,8 @@ class Pipeline:
         or the job's own data meeting a case nothing handles) is retried with backoff too, but the job fails once
         the same step has failed with the same exception type MAX_STEP_CRASHES times in a row. The first of a
         series is logged with its traceback, the repeats at debug level."""
-        text = f"{type(exc).__name__}: {exc}"
+        # Stored in jobs.error and shown: an exception's text may quote a URL or a value that holds a secret.
+        text = scrub(f"{type(exc).__name__}: {exc}", self._secrets(job))
         if _unreachable_database(exc):
             self.metrics.error(job.service, "database")
             return self._backoff(job, Transient(f"database: {text}", kind="database"))
@@ -590,7 +591,7 @@ class Pipeline:
                       reason=f"retrying with backoff; the job fails if this happens {MAX_STEP_CRASHES} times in a row")
         else:
             log.debug("step_crashed", state=str(job.state), error_kind="internal", reason=text, crashes=crashes)
-        message = f"{signature} {exc}"
+        message = f"{what}: {text}"
         if crashes >= MAX_STEP_CRASHES:
             reason = f"the {job.state} step failed {crashes} times in a row ({message})"
             return Outcome(state=JobState.FAILED, reason=reason, fields={"error": reason, "error_kind": "internal"})

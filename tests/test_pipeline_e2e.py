@@ -830,6 +830,28 @@ def test_a_step_failing_the_same_way_again_and_again_fails_the_job_saying_so_onc
     assert len(h.logs.select(event="step_crashed")) == MAX_STEP_CRASHES
 
 
+def test_an_unexpected_error_quoting_a_download_url_is_stored_without_its_secret(e2e, monkeypatch):
+    """An exception's text can quote what it was working on, here a result's URL with its download hash: the
+    job's error and history keep the rest of the text, never the hash."""
+    h = e2e()
+    urls = []
+
+    def broken_download(self, job, adapter, row, result_dir):  # type: ignore[no-untyped-def]
+        urls.append(row.url)
+        raise RuntimeError(f"could not open {row.url} for reasons nobody foresaw")
+
+    monkeypatch.setattr(daemon.pipeline.Pipeline, "_download_one", broken_download)
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    assert urls and job.error_kind == "internal"
+    assert "for reasons nobody foresaw" in job.error and "[redacted]" in job.error
+    stored = [job.error, *(e.reason or "" for e in job.events)]
+    assert not [text for text in stored for url in set(urls) if url in text or url.rsplit("/", 2)[-2] in text]
+
+
 def test_a_local_file_system_needing_an_operator_is_waited_out_like_an_outage(e2e, monkeypatch):
     """Permission denied on the result folder is the operator's to fix, not the job's fault: however many times
     it happens, the download is tried again (with backoff) and the job completes once it is fixed."""
