@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
-from daemon.text import printable
+from daemon.text import counted, printable
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -112,11 +112,6 @@ def _when(value: dt.datetime | None) -> str:
     return "" if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _count(n: int, noun: str) -> str:
-    """"1 service", "2 services"."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _command(args: argparse.Namespace, *words: str) -> str:
     """An `imputationd` command line to suggest, with the `-c FILE` the user typed (if any)."""
     config = getattr(args, "config", None)
@@ -137,7 +132,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems = check_runtime(config)
     if problems:
         raise CliError("\n".join(f"{config.source}: {p}" for p in problems), EXIT_USAGE)
-    print(f"{config.source}: OK ({_count(len(config.services), 'service')}: "
+    print(f"{config.source}: OK ({counted(len(config.services), 'service')}: "
           f"{', '.join(sorted(config.services)) or 'none'})")
     return 0
 
@@ -530,8 +525,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         print(_table(("ID", "SERVICE", "STATE", "FINISHED", "BYTES", "RESULT DIR"), rows))
     verb = "would delete" if args.dry_run else "deleted"
     total = sum(c.size for c in doomed)
-    print(f"{verb} {_count(len(doomed), 'job')} finished more than {_count(keep_days, 'day')} ago "
-          f"({_count(total, 'byte')} of results)")
+    print(f"{verb} {counted(len(doomed), 'job')} finished more than {counted(keep_days, 'day')} ago "
+          f"({counted(total, 'byte')} of results)")
     for c in left:
         print(f"left alone: {c.job.id}: {c.problem}", file=sys.stderr)
     return 0 if not left else EXIT_FAILED

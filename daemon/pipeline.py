@@ -28,7 +28,7 @@ from daemon.services import scrubbing
 from daemon.services.base import RemoteOutput, RemoteStatus, ServiceAdapter, SubmitRequest
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.states import JobState, OutputState, RemoteKind
-from daemon.text import printable
+from daemon.text import counted, printable
 
 log = structlog.get_logger("daemon.pipeline")
 
@@ -506,7 +506,7 @@ class Pipeline:
             return Outcome(state=JobState.FAILED, reason=reason,
                            fields={**fields, "error": reason, "error_kind": "download_failed"})
         total = sum(r.size or 0 for r in rows)
-        reason = f"{len(rows)} files downloaded and verified ({total} bytes)"
+        reason = f"{counted(len(rows), 'file')} downloaded and verified ({counted(total, 'byte')})"
         if self.config.storage.extract:
             # Never fails the job: what went wrong is logged and told in the reason of the completed event.
             storage = self.config.storage

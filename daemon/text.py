@@ -19,4 +19,9 @@ def printable(text: str, limit: int | None = 120) -> str:
     return out + ("…" if limit is not None and len(text) > limit else "")
 
 
-__all__ = ["printable"]
+def counted(n: int, noun: str) -> str:
+    """"1 file", "2 files": a count with its noun (a regular plural)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+__all__ = ["counted", "printable"]

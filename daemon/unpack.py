@@ -20,6 +20,7 @@ import structlog
 from daemon import results
 from daemon.db.models import JobOutput
 from daemon.states import OutputState
+from daemon.text import counted
 
 log = structlog.get_logger("daemon.unpack")
 
@@ -37,7 +38,7 @@ class Unpacked:
         """A phrase for the job's history: what was unpacked, or what went wrong."""
         if not self.zips and not self.problems:
             return "no chr_*.zip to extract"
-        text = f"extracted {len(self.files)} files from {self.zips} zips"
+        text = f"extracted {counted(len(self.files), 'file')} from {counted(self.zips, 'zip')}"
         if self.problems:
             shown = "; ".join(self.problems[:3]) + (" …" if len(self.problems) > 3 else "")
             text += f"; extraction failed for {len(self.problems)}: {shown}"

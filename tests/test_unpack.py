@@ -91,7 +91,7 @@ def test_a_wrong_password_is_reported_not_raised(tmp_path: Path, make) -> None:
     assert report.zips == 1 and len(report.problems) == 1 and "chr_2.zip" in report.problems[0]
     assert "password" in report.problems[0]
     assert not (tmp_path / "out" / "chr2.dose.vcf.gz").exists()
-    assert report.summary().startswith("extracted 1 files from 1 zips; extraction failed for 1: chr_2.zip")
+    assert report.summary().startswith("extracted 1 file from 1 zip; extraction failed for 1: chr_2.zip")
 
 
 def test_a_missing_zip_is_reported(tmp_path: Path) -> None:
