@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import datetime as dt
 import http.server
-import ipaddress
 import os
 import ssl
 import subprocess
@@ -30,10 +28,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from chaos_support import partial_files, report, rows
 from daemon.config import ServiceConfig
@@ -54,6 +48,7 @@ from daemon_harness import (
     sample_vcf,
     simulator,
 )
+from tls_support import self_signed_certificate
 
 SECRET_IN_YAML = "yaml-secret-value-1234"
 DB_PASSWORD = "db-password-5678"
@@ -184,26 +179,6 @@ def test_check_config_refuses_a_token_file_every_user_can_read(tmp_path: Path) -
 
 
 # ---------------------------------------------------------------------------------------------------- TLS
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """(certificate, key) PEM files for 127.0.0.1, signed by the key itself: no CA vouches for it."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 class _Empty(http.server.BaseHTTPRequestHandler):

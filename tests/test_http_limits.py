@@ -22,7 +22,7 @@ from daemon.services.errors import Transient
 from daemon.services.http import ANSWER_LIMIT
 from daemon.services.wes import WesAdapter
 from hostile_server import HostileServer, Pause, Request, drip, endless, json_answer
-from test_systemd import _tls_files
+from tls_support import self_signed_certificate
 
 TOKEN = "limits-token-" + "x" * 20
 #: The per-read timeout of the services here: every drip below sends a byte well within it.
@@ -219,9 +219,7 @@ def test_an_upload_may_outlast_the_api_deadline(tmp_path, adapter):
 def test_an_upload_over_tls_is_under_the_transfer_rule_until_its_end(tmp_path, monkeypatch):
     # The TLS handshake reads from the server before the request is sent: it must not count as the start of the
     # wait for the answer, or the upload would get only that wait (here 3 s) instead of the transfer rule.
-    tls_files = _tls_files(tmp_path)
-    if tls_files is None:
-        pytest.skip("cryptography is not installed")
+    tls_files = self_signed_certificate(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(*tls_files)
     monkeypatch.setattr(http_module, "_tls_context", ssl.create_default_context(cafile=str(tls_files[0])))

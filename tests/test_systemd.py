@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from daemon import systemd
 from daemon.config import SchedulerConfig
 from daemon.services.http import ANSWER_LIMIT
 from prerequisites import require_tool
+from tls_support import self_signed_certificate
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "imputationd.service"
@@ -441,41 +443,6 @@ class _Ok(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _tls_files(directory: Path) -> tuple[Path, Path] | None:
-    """A self-signed certificate for 127.0.0.1, if `cryptography` is installed."""
-    try:
-        import datetime as dt
-        import ipaddress
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        return None
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
-
-
 def _libseccomp_available() -> bool:
     try:
         import ctypes
@@ -488,25 +455,21 @@ def _libseccomp_available() -> bool:
 
 @needs_analyze
 def test_daemon_stack_runs_under_the_units_seccomp_filters(unit, tmp_path, notify_socket):
-    import ssl
-
     require_tool(_libseccomp_available(), "libseccomp.so.2", "apt-get install libseccomp2")
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    tls = _tls_files(tmp_path)
-    if tls:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(*tls)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
+    cert, key = self_signed_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        scheme = "https" if tls else "http"
         env = {
             **os.environ,
             "ALLOWED_SYSCALLS": json.dumps(unit_allowed_syscalls(unit)),
-            "HTTP_URL": f"{scheme}://127.0.0.1:{server.server_address[1]}/",
-            "CA_FILE": str(tls[0]) if tls else "",
+            "HTTP_URL": f"https://127.0.0.1:{server.server_address[1]}/",
+            "CA_FILE": str(cert),
         }
         result = subprocess.run(
             [sys.executable, "-c", SANDBOXED], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
