@@ -40,7 +40,8 @@ REMOTE_ACTIVE: frozenset[JobState] = frozenset({JobState.QUEUED, JobState.RUNNIN
 
 _S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    _S.PENDING: frozenset({_S.SUBMITTING, _S.CANCELLED, _S.BLOCKED, _S.FAILED}),
+    # CANCEL_REQUESTED: a job back in the queue whose earlier submit may still become a remote job.
+    _S.PENDING: frozenset({_S.SUBMITTING, _S.CANCELLED, _S.CANCEL_REQUESTED, _S.BLOCKED, _S.FAILED}),
     _S.SUBMITTING: frozenset(
         {_S.QUEUED, _S.RUNNING, _S.DOWNLOADING, _S.PENDING, _S.FAILED, _S.BLOCKED, _S.CANCEL_REQUESTED, _S.CANCELLED}
     ),

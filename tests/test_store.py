@@ -263,6 +263,18 @@ def test_cancel_of_a_blocked_job_whose_submit_may_exist_remotely_is_left_to_the_
     assert store.request_cancel(lost) is JobState.CANCEL_REQUESTED
 
 
+def test_cancel_of_an_unblocked_job_whose_submit_may_exist_remotely_is_left_to_the_daemon(store: JobStore) -> None:
+    """Blocked while its lost submit was being looked up, then unblocked back to pending: the submit may still
+    become a remote job, so the cancel waits for it (the daemon cancels it there) instead of forgetting it."""
+    refused, lost = add_jobs(store, 2)
+    force(store, [refused], state=JobState.BLOCKED, submit_attempts=0)
+    force(store, [lost], state=JobState.BLOCKED, submit_attempts=1)
+    store.unblock_service("mis", "token works again")
+    assert [store.get(j).state for j in (refused, lost)] == [JobState.PENDING, JobState.PENDING]
+    assert store.request_cancel(refused) is JobState.CANCELLED
+    assert store.request_cancel(lost) is JobState.CANCEL_REQUESTED
+
+
 def test_resolve_id_accepts_unique_prefixes(store: JobStore) -> None:
     [job_id] = add_jobs(store, 1)
     assert store.resolve_id(str(job_id)[:8]) == job_id

@@ -328,9 +328,10 @@ class JobStore:
             job = self._lock(session, job_id)
             if job.state in TERMINAL or job.state is JobState.CANCEL_REQUESTED:
                 return job.state
-            # A blocked job may have been parked while its lost submit was still being looked up: the daemon must
-            # wait for that remote job (see `Pipeline._cancel`) rather than forget it.
-            never_sent = job.state is JobState.PENDING or job.submit_attempts == 0
+            # A pending or blocked job may still have a submit whose outcome is unknown (parked, then unblocked, while
+            # its lost submit was being looked up): the daemon must wait for that remote job and cancel it there
+            # (see `Pipeline._cancel`) rather than forget it.
+            never_sent = job.submit_attempts == 0
             if job.remote_id is None and job.state in (JobState.PENDING, JobState.BLOCKED) and never_sent:
                 self._transition(session, job, JobState.CANCELLED, reason, now)
                 job.finished_at = now
