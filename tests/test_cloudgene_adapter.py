@@ -425,6 +425,7 @@ JOB_LIMIT = "Only 3 jobs per user can be executed simultaneously."
         (httpx.Response(502, html=HTML_PAGE), True),
         (httpx.Response(503, html="<html><body>503 Service Temporarily Unavailable</body></html>"), True),
         (httpx.Response(500, json={"message": "Internal Server Error"}), True),
+        (httpx.Response(500, json={"success": False, "message": "java.lang.NullPointerException"}), True),
         (httpx.Response(413, html="<html><body>413 Request Entity Too Large</body></html>"), True),
         (httpx.Response(200, json={"success": True, "message": "Your job was successfully added to the job queue."}),
          True),
@@ -436,7 +437,7 @@ JOB_LIMIT = "Only 3 jobs per user can be executed simultaneously."
     ids=[
         "job-limit", "job-limit-text", "unknown-parameter", "plain-text-400", "unknown-app", "401-text", "401-empty",
         "403", "maintenance", "redirect", "rate-limited", "connect-refused", "connect-timeout",
-        "proxy-504", "proxy-502", "proxy-503", "500", "proxy-413", "success-without-id", "cut-off-answer",
+        "proxy-504", "proxy-502", "proxy-503", "500", "500-success-false", "proxy-413", "success-without-id", "cut-off-answer",
         "read-timeout", "disconnected", "reset",
     ],
 )

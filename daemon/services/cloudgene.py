@@ -643,8 +643,9 @@ def _refused(response: httpx.Response) -> bool:
     """True when the answer to a submit proves Cloudgene made no job of it: the authentication layer turned it away
     (401/403: before any handler runs), a rate limiter did (429: it answers instead of passing the request on), or
     the server refused it in its own words: a 4xx with a message ("Only N jobs…", "Parameter 'X' not found.", plain
-    text), or `"success": false` with a message (maintenance). A 5xx, a proxy's page or a timeout proves nothing:
-    the upload may still become a job."""
+    text), or `"success": false` with a message on a 2xx or on maintenance's 503. Any other 5xx, a proxy's page or a
+    timeout proves nothing: the upload may still become a job (a 500 can come from a handler that failed after it
+    made one)."""
     status = response.status_code
     if status in (401, 403, 429):
         return True
@@ -652,6 +653,8 @@ def _refused(response: httpx.Response) -> bool:
         return False
     if 400 <= status < 500:
         return True
+    if not (200 <= status < 300 or status == 503):
+        return False
     try:
         return response.json().get("success") is False
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
