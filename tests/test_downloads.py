@@ -23,6 +23,7 @@ import pytest
 from daemon import downloads, results
 from daemon.simulator import zipcrypto
 from daemon.downloads import (
+    BadDownload,
     Downloaded,
     DownloadInterrupted,
     download,
@@ -358,12 +359,13 @@ def test_garbled_content_length(tmp_path: Path) -> None:
         (httpx.RemoteProtocolError("peer closed connection"), "truncated"),
     ],
 )
-def test_mid_stream_failure_is_transient(tmp_path: Path, error: Exception, kind: str) -> None:
+def test_mid_stream_failure_is_a_bad_download(tmp_path: Path, error: Exception, kind: str) -> None:
+    """The server answered and spent a download count; the body was cut off: counted against the file."""
     def chunks() -> Iterator[bytes]:
         yield BODY[:4096]
         raise error
 
-    with pytest.raises(Transient) as info:
+    with pytest.raises(BadDownload) as info:
         download(
             opener(chunks, headers={"Content-Length": str(len(BODY))}), "chr_20.zip", result_dir=tmp_path,
             chunk_size=4096,
@@ -371,6 +373,18 @@ def test_mid_stream_failure_is_transient(tmp_path: Path, error: Exception, kind:
     assert info.value.kind == kind
     assert f"after 4096 of {len(BODY)} bytes" in str(info.value)
     assert_no_secret(info.value)
+    assert_clean(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["connection", "timeout"])
+def test_a_failure_before_the_answer_is_not_a_bad_download(tmp_path: Path, kind: str) -> None:
+    """No answer, no download count spent: the file's integrity attempts are left alone."""
+    def open_stream() -> object:
+        raise Transient(f"download of chr_20.zip: {kind} failed before an answer", kind=kind)
+
+    with pytest.raises(Transient) as info:
+        download(open_stream, "chr_20.zip", result_dir=tmp_path)
+    assert not isinstance(info.value, BadDownload) and info.value.kind == kind
     assert_clean(tmp_path)
 
 
