@@ -36,7 +36,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
 import structlog
 
 from daemon import __version__
@@ -46,6 +45,9 @@ from daemon.db.models import utcnow
 from daemon.db.store import JobStore, PendingNotification
 from daemon.logging import register_secret
 from daemon.metrics import NO_METRICS, Metrics
+from daemon.services.deadlines import Budget
+from daemon.services.errors import Transient
+from daemon.services.http import make_client, send
 from daemon.text import printable
 
 if TYPE_CHECKING:
@@ -137,7 +139,11 @@ class WebhookSender:
         self._url = config.url
         self._headers_file = config.headers_file
         register_secret(config.url)  # chat webhooks put their credential in the path
-        self._client = httpx.Client(timeout=config.timeout, follow_redirects=False, trust_env=False)
+        self._timeout = config.timeout
+        # The answer is capped and the whole call has a deadline, as every API call's: a receiver that drips or
+        # never ends would otherwise hold the notify tick past the claim, and the event would be sent again.
+        self._client = make_client("", timeout=config.timeout, max_connections=1, follow_redirects=False,
+                                   trust_env=False)
 
     def send(self, message: Mapping[str, Any]) -> None:
         extra: dict[str, str] = {}
@@ -155,11 +161,10 @@ class WebhookSender:
         }
         body = json.dumps(message).encode("utf-8")
         try:
-            response = self._client.post(self._url, content=body, headers=headers)
-        except httpx.TimeoutException:
-            raise NotifyFailed("timed out") from None
-        except httpx.HTTPError as exc:
-            raise NotifyFailed(f"{type(exc).__name__}: {exc}") from None
+            response = send(self._client, "POST", self._url, call="webhook POST", budget=Budget.api(self._timeout),
+                            content=body, headers=headers)
+        except Transient as exc:
+            raise NotifyFailed(str(exc)) from None
         if not 200 <= response.status_code < 300:
             raise NotifyFailed(f"HTTP {response.status_code}")
 

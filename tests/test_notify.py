@@ -3,7 +3,9 @@ and PostgreSQL; exactly one delivery per state change, through failures, races b
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import http.server
 import threading
 import time
 import uuid
@@ -183,6 +185,45 @@ def test_a_redirect_or_an_unreachable_receiver_is_a_failure_to_retry(store: JobS
             sender.send({"event_id": 1})  # nobody listens any more
     finally:
         sender.close()
+
+
+class _HostileReceiver(http.server.BaseHTTPRequestHandler):
+    """Answers every POST 200 and then either never ends its body or drips it a byte a second."""
+
+    mode = "endless"
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(300):
+                if self.mode == "endless":
+                    self.wfile.write(b"x" * 65536)
+                else:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(1)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("mode", "said"), [("endless", "larger than"), ("drip", "webhook POST")])
+def test_a_receiver_that_never_ends_its_answer_fails_the_send(mode: str, said: str) -> None:
+    """The answer is capped and the call has a deadline: the notify tick is never held past its claim."""
+    handler = type("Receiver", (_HostileReceiver,), {"mode": mode})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sender = WebhookSender(WebhookConfig(url=f"http://127.0.0.1:{server.server_address[1]}/hook", timeout=1))
+    try:
+        with pytest.raises(NotifyFailed, match=said):
+            sender.send({"event_id": 1})
+    finally:
+        sender.close()
+        server.shutdown()
+        server.server_close()
 
 
 def test_headers_file_is_sent_and_its_values_are_redacted(store: JobStore, tmp_path: Path) -> None:

@@ -67,6 +67,8 @@ def make_client(
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
     max_connections: int = 10,
+    follow_redirects: bool = True,
+    trust_env: bool = True,
 ) -> httpx.Client:
     """A client for one service (thread-safe; the adapters give each thread its own, see `ClientPerThread`), whose
     connections obey the budget of the call that uses them (`deadlines`)."""
@@ -76,7 +78,8 @@ def make_client(
         headers={"User-Agent": USER_AGENT, **(headers or {})},
         timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        follow_redirects=True,
+        follow_redirects=follow_redirects,
+        trust_env=trust_env,
     )
     install([client._transport, *client._mounts.values()])  # noqa: SLF001 - httpx has no public way to choose
     return client
