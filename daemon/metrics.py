@@ -250,7 +250,6 @@ class _ReadAhead:
         return getattr(self._conn, name)
 
 
-
 def parse_listen(listen: str) -> tuple[str, int]:
     """"127.0.0.1:9478" -> ("127.0.0.1", 9478); "[::1]:9478" -> ("::1", 9478)."""
     host, _, port = listen.strip().rpartition(":")
