@@ -50,6 +50,7 @@ from daemon.services.http import (
     make_client,
     open_stream,
     raise_for_status,
+    refused,
     send,
     transport_errors,
 )
@@ -348,13 +349,13 @@ class CloudgeneAdapter:
         if response.is_redirect:
             target = urlsplit(response.headers.get("location", ""))
             where = f" to {target.scheme}://{target.netloc}{target.path}" if target.netloc else ""
-            refused = Blocked(
+            turned_away = Blocked(
                 f"{call}: HTTP {response.status_code} redirect{where}; the token is not sent after a redirect, "
                 "set base_url to the address the server answers on",
                 kind="redirect",
             )
-            refused.may_have_created = False  # what answered with a redirect did nothing else with the request
-            raise refused
+            turned_away.may_have_created = False  # what answered with a redirect did nothing else with the request
+            raise turned_away
         return response
 
     def _api(
@@ -640,20 +641,14 @@ def _is_error_page(response: httpx.Response) -> bool:
 
 
 def _refused(response: httpx.Response) -> bool:
-    """True when the answer to a submit proves Cloudgene made no job of it: the authentication layer turned it away
-    (401/403: before any handler runs), a rate limiter did (429: it answers instead of passing the request on), or
-    the server refused it in its own words: a 4xx with a message ("Only N jobs…", "Parameter 'X' not found.", plain
-    text), or `"success": false` with a message on a 2xx or on maintenance's 503. Any other 5xx, a proxy's page or a
-    timeout proves nothing: the upload may still become a job (a 500 can come from a handler that failed after it
-    made one)."""
+    """True when the answer to a submit proves Cloudgene made no job of it: `http.refused` ("Only N jobs…",
+    "Parameter 'X' not found.", 401/403/429), or `"success": false` with a message on a 2xx or on maintenance's
+    503. Any other 5xx, a proxy's page or a timeout proves nothing: the upload may still become a job (a 500 can
+    come from a handler that failed after it made one)."""
     status = response.status_code
-    if status in (401, 403, 429):
+    if refused(response):
         return True
-    if not in_own_words(response):
-        return False
-    if 400 <= status < 500:
-        return True
-    if not (200 <= status < 300 or status == 503):
+    if not (200 <= status < 300 or status == 503) or not in_own_words(response):
         return False
     try:
         return response.json().get("success") is False

@@ -351,6 +351,14 @@ def in_own_words(response: httpx.Response) -> bool:
     )
 
 
+def refused(response: httpx.Response) -> bool:
+    """True when an answer proves the request made nothing on the server: it was turned away before any handler
+    ran (401/403), by a rate limiter (429: it answers instead of passing the request on), or refused in the
+    server's own words (a 4xx with its message). A 5xx, a proxy's page or a timeout proves nothing."""
+    status = response.status_code
+    return status in (401, 403, 429) or (400 <= status < 500 and in_own_words(response))
+
+
 def raise_for_status(response: httpx.Response, call: str) -> None:
     """Raise the error our rules give a non-2xx answer; return quietly on success.
 

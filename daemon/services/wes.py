@@ -61,12 +61,12 @@ from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.http import (
     ClientPerThread,
-    in_own_words,
     json_object,
     make_client,
     open_stream,
     raise_for_status,
     read_limited,
+    refused,
     send,
 )
 from daemon.states import wes_kind
@@ -384,7 +384,7 @@ class WesAdapter:
         try:
             return self._submit(request, progress)
         except ServiceError as exc:
-            exc.may_have_created = progress.may_have_created(exc, _refused)
+            exc.may_have_created = progress.may_have_created(exc, refused)
             raise
 
     def _submit(self, request: SubmitRequest, progress: SubmitProgress) -> str:
@@ -736,15 +736,6 @@ class WesAdapter:
         if wes.engine and engines and wes.engine not in engines:
             notes.append(f"the configured engine {wes.engine} is not offered")
         return "; ".join(notes)
-
-
-def _refused(response: httpx.Response) -> bool:
-    """True when the answer to `POST /runs` proves no run was made: the request was turned away before anything ran
-    (401/403, a rate limiter's 429), or refused in the server's own words (a 4xx with WES's error object
-    `{"msg": …}` or plain text). A 5xx, a proxy's page or a timeout proves nothing: the run may exist, or appear
-    later."""
-    status = response.status_code
-    return status in (401, 403, 429) or (400 <= status < 500 and in_own_words(response))
 
 
 def _tags(value: Any) -> dict[str, Any]:
