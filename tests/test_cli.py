@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
-import uuid
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
 
-from daemon.cli import main
+from daemon.cli import PASSWORD_SHOWN, build_parser, main
 from daemon.config import load_config
-from daemon.db.schema import upgrade_url
+from daemon.db.engine import make_engine
+from daemon.db.models import Job
+from daemon.db.schema import alembic_config, upgrade_url
+from daemon.db.store import JobStore, NewInput, NewJob
 from daemon.simulator import SimulatedCloudgene, Timings, write_sample_vcf
 
 TOKEN = "cli-test-token-0123456789"
@@ -116,10 +122,6 @@ def test_first_use_of_a_new_sqlite_database_by_several_commands_at_once(tmp_path
 
 
 def test_an_old_sqlite_schema_waits_for_db_upgrade_named_with_the_config(capsys, tmp_path: Path, simulator) -> None:
-    from alembic import command
-
-    from daemon.db.schema import alembic_config
-
     config = write_config(tmp_path, simulator.base_url, migrate=False)
     command.upgrade(alembic_config(url=load_config(config).database.url), "0001")
     code, out, err = run(capsys, "jobs", "-c", str(config))
@@ -242,12 +244,6 @@ def test_console_script_usage_errors_exit_2_without_traceback() -> None:
 
 def _insert_job(config: Path, **fields) -> str:
     """A job stored as an application inserting rows itself would (no CLI validation), with `fields` set after."""
-    import sqlalchemy as sa
-
-    from daemon.db.engine import make_engine
-    from daemon.db.models import Job
-    from daemon.db.store import JobStore, NewInput, NewJob
-
     engine = make_engine(load_config(config).database.url)
     try:
         [job] = JobStore(engine).create_group([NewJob(
@@ -277,12 +273,6 @@ def test_jobs_and_show_print_no_raw_escape_sequence_from_names_or_server_text(ca
 def test_show_password_prints_the_result_password_and_records_that_it_was_shown(
     capsys, config: Path, vcf: Path, tmp_path: Path
 ) -> None:
-    import sqlalchemy as sa
-
-    from daemon.cli import PASSWORD_SHOWN
-    from daemon.db.engine import make_engine
-    from daemon.db.models import Job
-
     invented = submit(capsys, config, vcf)
     code, out, _ = run(capsys, "show", "-c", str(config), invented)
     assert code == 0
@@ -384,10 +374,6 @@ def test_counts_of_one_are_singular(capsys, tmp_path: Path, simulator) -> None:
 
 
 def test_every_option_and_command_has_help_text() -> None:
-    import argparse
-
-    from daemon.cli import build_parser
-
     missing = []
 
     def walk(parser: argparse.ArgumentParser) -> None:

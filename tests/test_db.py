@@ -15,10 +15,12 @@ from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
+from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.config import parse_config
 from daemon.db import schema
 from daemon.db.engine import (
     DatabaseUnavailable,
@@ -31,6 +33,7 @@ from daemon.db.engine import (
 )
 from daemon.db.models import Base, Job, JobEvent, JobInput, JobOutput, ServiceStatus
 from daemon.db.schema import SchemaNewer, SchemaOutdated
+from daemon.scheduler import Daemon
 from daemon.states import JobState, OutputState
 from e2e_support import LogCapture
 from pg import free_port
@@ -295,7 +298,6 @@ def test_an_old_database_is_refused_until_upgraded(
 
 
 def _migrate(engine: sa.Engine, command: str, revision: str) -> None:
-    from alembic import command as alembic_command
 
     with engine.connect() as connection, schema.migration_transaction(connection):
         getattr(alembic_command, command)(schema.alembic_config(connection=connection), revision)
@@ -615,9 +617,6 @@ def test_echo_logs_each_statement_once_through_our_log_without_its_parameters(sq
 
 @pytest.mark.parametrize("echo", [True, False])
 def test_the_daemon_engine_follows_database_echo(tmp_path: Path, sqlite_url: str, echo: bool) -> None:
-    from daemon.config import parse_config
-    from daemon.scheduler import Daemon
-
     config = parse_config({
         "database": {"url": sqlite_url, "echo": echo},
         "storage": {"state_dir": str(tmp_path / "state")},
