@@ -541,6 +541,8 @@ def test_429_retry_after_is_honoured(e2e):
 
 
 def test_only_n_jobs_sends_jobs_back_to_pending_until_a_slot_frees(e2e):
+    """"Only N jobs" proves that no job was made: the job waits for a slot and its next attempt sends at once,
+    without paging through the account's job list first."""
     h = e2e(sim_options={"max_jobs_per_user": 1}, service={"max_concurrent_jobs": 3},
             timings=Timings(queue=0.1, run=0.2, export=0.1))
     jobs = [h.submit(name=f"j{i}")[0] for i in range(3)]
@@ -554,29 +556,16 @@ def test_only_n_jobs_sends_jobs_back_to_pending_until_a_slot_frees(e2e):
     assert back and all(e.reason == "service has no free job slot; waiting" for e in back)
     for job in done:
         assert h.sim.submissions(str(job.id)) == 1
+        assert job.submit_attempts == 1  # a refused attempt is not one that may exist remotely
         h.assert_outputs_match(job)
+    job_list = [r for r in h.requests["mis"].matching("/api/v2/jobs", "GET") if r.path.rstrip("/") == "/api/v2/jobs"]
+    assert job_list == [], f"{len(job_list)} lookups of the job list after refusals"
     # One line: the server's own N (1) at once, not the 2 we would guess from what we hold, and not again when
     # the limit is probed after each finished job.
     problems = h.logs.problems()
     assert only_events(problems) == ["service_job_limit"], h.logs.dump()
     assert problems[0]["lowered_to"] == 1 and problems[0]["error_kind"] == "job_limit"
     assert "Only 1 jobs per user" in problems[0]["reason"]
-
-
-def test_a_refused_submit_is_sent_again_without_looking_it_up(e2e):
-    """"Only N jobs" proves that no job was made: the next attempt sends at once instead of paging through the
-    account's job list first."""
-    h = e2e(sim_options={"max_jobs_per_user": 1}, service={"max_concurrent_jobs": 3},
-            timings=Timings(queue=0.1, run=0.2, export=0.1))
-    jobs = [h.submit(name=f"j{i}")[0] for i in range(3)]
-    h.start()
-    done = [h.wait_state(j.id, "completed", timeout=30) for j in jobs]
-    h.stop_daemon()
-    assert sum(h.sim.stats()["rejected_submissions"].values()) >= 1
-    assert all(h.sim.submissions(str(job.id)) == 1 for job in done)
-    job_list = [r for r in h.requests["mis"].matching("/api/v2/jobs", "GET") if r.path.rstrip("/") == "/api/v2/jobs"]
-    assert job_list == [], f"{len(job_list)} lookups of the job list after refusals"
-    assert all(job.submit_attempts == 1 for job in done)  # a refused attempt is not one that may exist remotely
 
 
 # ---------------------------------------------------------------------------------------------------- downloads
