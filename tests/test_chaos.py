@@ -218,8 +218,10 @@ def run_chaos(tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str], *
             scheduler={"workers": 6, "dispatch_interval": 0.2, "poll_tick_interval": 0.2, "download_interval": 0.2,
                        "maintenance_interval": 1.0, "lease_seconds": 20, "backoff_initial": 0.2, "backoff_max": 1.0,
                        "shutdown_timeout": 5, "batch_size": 50},
-            service={"timeout": 10, "panels": {PANEL: {"id": PANEL_ID, "builds": ["hg19"],
-                                                       "populations": ["eur", "AA"]}}},
+            # The simulator makes a job of an upload as soon as it has it all: a submit killed before then is
+            # never a job, and waiting the default 1800 s window to be sure of it would outlast the test.
+            service={"timeout": 10, "submit_settle": 10,
+                     "panels": {PANEL: {"id": PANEL_ID, "builds": ["hg19"], "populations": ["eur", "AA"]}}},
         )
         config_path = cfg.write()
         inputs = tmp_path / "inputs"
