@@ -60,6 +60,9 @@ def test_daemons_sharing_one_database_complete_every_job_once(tmp_path: Path, db
             tmp_path, db_url, sim, poll_interval=POLL_INTERVAL, max_concurrent_jobs=min(n_jobs, 1000),
             scheduler={"workers": 8, "lease_seconds": 15, "dispatch_interval": 0.2, "poll_tick_interval": 0.1,
                        "download_interval": 0.1, "shutdown_timeout": 5},
+            # The simulator makes a job of an upload as soon as it has it all: a submit killed before then is never
+            # a job, and waiting the default 1800 s window to be sure of it would outlast the test.
+            service={"submit_settle": 30},
         )
         cfg.write()
         with JobDB(db_url) as db:
