@@ -233,15 +233,20 @@ def test_a_running_daemon_serves_metrics_and_health(db_url: str, tmp_path: Path,
             wait_until(lambda: daemon.store.get(job.id).state is JobState.COMPLETED, 60)
             outputs = daemon.store.outputs(job.id)
 
+            ticks = ("dispatch", "poll", "download", "maintenance", "notify")
+
             def scraped() -> str | None:
                 text = get(base + "/metrics")[2]
-                return text if value(text, "imputationd_jobs", service="sim", state="completed") == 1 else None
+                counted = value(text, "imputationd_jobs", service="sim", state="completed") == 1
+                # A tick's duration is recorded when its run ends: a first run still going under load has none yet.
+                ran = all(value(text, "imputationd_tick_duration_seconds_count", tick=t) for t in ticks)
+                return text if counted and ran else None
 
             text = wait_until(scraped, 15)  # the job counts are cached for a few seconds
             assert value(text, "imputationd_submissions_total", service="sim") == 1
             assert value(text, "imputationd_polls_total", service="sim") >= 1
             assert value(text, "imputationd_download_bytes_total", service="sim") == sum(o.size for o in outputs)
-            for tick in ("dispatch", "poll", "download", "maintenance", "notify"):
+            for tick in ticks:
                 assert value(text, "imputationd_tick_duration_seconds_count", tick=tick) >= 1, tick
 
             status, _, body = get(base + "/healthz")
