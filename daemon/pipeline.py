@@ -24,8 +24,9 @@ from daemon.db.models import Job, JobOutput, integer_or_none, utcnow
 from daemon.db.store import JobRow, JobStore, LeaseLost, Outcome
 from daemon.logging import bind_job, register_secret, scrub
 from daemon.metrics import NO_METRICS, Metrics
+from daemon.remote import RemoteOutput, RemoteStatus, SubmitRequest
 from daemon.services import scrubbing
-from daemon.services.base import RemoteOutput, RemoteStatus, ServiceAdapter, SubmitRequest
+from daemon.services.base import ServiceAdapter
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.states import JobState, OutputState, RemoteKind
 from daemon.text import counted, printable

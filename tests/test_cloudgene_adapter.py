@@ -15,7 +15,7 @@ import pytest
 import respx
 
 from daemon.config import ServiceConfig
-from daemon.services.base import RemoteOutput, SubmitRequest
+from daemon.remote import RemoteOutput, SubmitRequest
 from daemon.services.cloudgene import CloudgeneAdapter
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.services.scrubbing import ScrubbingAdapter

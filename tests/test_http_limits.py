@@ -12,17 +12,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hostile_server import HostileServer, Pause, Request, drip, endless, json_answer
+from tls_support import self_signed_certificate
 
 from daemon.config import ServiceConfig, WesConfig
+from daemon.remote import RemoteOutput, SubmitRequest
 from daemon.services import deadlines
 from daemon.services import http as http_module
-from daemon.services.base import RemoteOutput, SubmitRequest
 from daemon.services.cloudgene import CloudgeneAdapter
 from daemon.services.errors import Transient
 from daemon.services.http import ANSWER_LIMIT
 from daemon.services.wes import WesAdapter
-from hostile_server import HostileServer, Pause, Request, drip, endless, json_answer
-from tls_support import self_signed_certificate
 
 TOKEN = "limits-token-" + "x" * 20
 #: The per-read timeout of the services here: every drip below sends a byte well within it.

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from daemon.db.engine import make_engine
 from daemon.db.models import Job, JobEvent, utcnow
 from daemon.db.store import JobNotFound, JobStore, LeaseLost, NewInput, NewJob, Outcome
-from daemon.services.base import RemoteOutput
+from daemon.remote import RemoteOutput
 from daemon.states import InvalidTransition, JobState, OutputState
 
 WORKABLE_POLL = {JobState.QUEUED, JobState.RUNNING}

@@ -20,7 +20,7 @@ import pytest
 import respx
 
 from daemon.config import ServiceConfig, WesConfig
-from daemon.services.base import RemoteOutput, SubmitRequest
+from daemon.remote import RemoteOutput, SubmitRequest
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 from daemon.services.scrubbing import ScrubbingAdapter
 from daemon.services.wes import (

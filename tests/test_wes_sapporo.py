@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from wes.sapporo_server import SapporoServer, require_sapporo, running_sapporo, sapporo  # noqa: F401
 
-from daemon.services.base import RemoteStatus, SubmitRequest
+from daemon.remote import RemoteStatus, SubmitRequest
 from daemon.services.errors import Blocked, Permanent
 from daemon.services.wes import TAG_JOB_ID, WesAdapter
 from daemon.states import RemoteKind
-from wes.sapporo_server import SapporoServer, require_sapporo, running_sapporo, sapporo  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 

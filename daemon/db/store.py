@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, raiseload, selectinload
 
 from daemon.db.engine import is_postgres, make_session_factory, read_only, single_write
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, integer_or_none, utcnow
-from daemon.services.base import RemoteOutput
+from daemon.remote import RemoteOutput
 from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState, check_transition
 
 #: States whose events go into the notification outbox (`notify_next_at` set when the event is written).

@@ -32,16 +32,10 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from daemon.config import SUBMIT_ANSWER_TIMEOUT, ServiceConfig
-from daemon.services.base import (
-    RemoteJob,
-    RemoteOutput,
-    RemoteStatus,
-    ServiceCheck,
-    SubmitProgress,
-    SubmitRequest,
-)
-from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
+from daemon.remote import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.services.base import SubmitProgress
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
+from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.services.http import (
     ClientPerThread,
     error_message,

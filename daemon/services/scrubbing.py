@@ -23,14 +23,8 @@ from typing import Any
 import httpx
 
 from daemon.logging import scrub
-from daemon.services.base import (
-    RemoteJob,
-    RemoteOutput,
-    RemoteStatus,
-    ServiceAdapter,
-    ServiceCheck,
-    SubmitRequest,
-)
+from daemon.remote import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.services.base import ServiceAdapter
 from daemon.services.errors import ServiceError
 
 

@@ -49,16 +49,10 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import httpx
 
 from daemon.config import ServiceConfig, WesConfig
-from daemon.services.base import (
-    RemoteJob,
-    RemoteOutput,
-    RemoteStatus,
-    ServiceCheck,
-    SubmitProgress,
-    SubmitRequest,
-)
-from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
+from daemon.remote import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.services.base import SubmitProgress
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
+from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 from daemon.services.http import (
     ClientPerThread,
     json_object,
