@@ -34,10 +34,10 @@ import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 import httpx
 

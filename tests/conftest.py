@@ -30,14 +30,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from pg import ClusterError, PostgresCluster, find_bindir  # tests/ is no package: pytest puts it on sys.path
+from prerequisites import require_tool
 from sqlalchemy.orm import Session, sessionmaker
 
 import daemon.logging
 from daemon.db.engine import make_engine, make_session_factory
 from daemon.db.schema import upgrade_url
-
-from pg import ClusterError, PostgresCluster, find_bindir  # tests/ is no package: pytest puts it on sys.path
-from prerequisites import require_tool
 
 # In-process daemons and CLI commands configure logging; cached loggers would keep their chain for the rest of the
 # session and hide their lines from `structlog.testing.capture_logs` in later tests.

@@ -23,7 +23,6 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-
 #: The last bytes of a paced body are read at full speed: more than loopback's socket buffers hold (~10 MB), so the
 #: client's last write is soon followed by the answer, whatever the pace.
 UNPACED_TAIL = 16 << 20

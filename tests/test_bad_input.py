@@ -28,14 +28,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from chaos_support import partial_files, report, rows
-from daemon.config import ServiceConfig
-from daemon.db.models import Job, JobEvent, JobInput, JobOutput
-from daemon.services.cloudgene import CloudgeneAdapter
-from daemon.services.errors import Transient
-from daemon.simulator.results import ResultFile
-from daemon.simulator.vcf import sample_records, write_sample_vcf, write_vcf
 from daemon_harness import (
     PANEL,
     PANEL_ID,
@@ -49,6 +42,13 @@ from daemon_harness import (
     simulator,
 )
 from tls_support import self_signed_certificate
+
+from daemon.config import ServiceConfig
+from daemon.db.models import Job, JobEvent, JobInput, JobOutput
+from daemon.services.cloudgene import CloudgeneAdapter
+from daemon.services.errors import Transient
+from daemon.simulator.results import ResultFile
+from daemon.simulator.vcf import sample_records, write_sample_vcf, write_vcf
 
 SECRET_IN_YAML = "yaml-secret-value-1234"
 DB_PASSWORD = "db-password-5678"

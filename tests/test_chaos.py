@@ -51,11 +51,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from chaos_support import SimProcess, check_end_state, partial_files, report, submit_jobs
+from daemon_harness import PANEL, PANEL_ID, DaemonConfig, DaemonProcess, JobDB, wait_until
+
 from daemon.simulator import write_sample_vcf
 from daemon.states import JobState
-from daemon_harness import PANEL, PANEL_ID, DaemonConfig, DaemonProcess, JobDB, wait_until
 
 ROUNDS = int(os.environ.get("IMPUTATIOND_CHAOS_ROUNDS", "24"))
 JOBS = int(os.environ.get("IMPUTATIOND_CHAOS_JOBS", "200"))

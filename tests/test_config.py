@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prerequisites import run_unprivileged, unprivileged_dir
 
 from daemon.config import (
     DEFAULT_CONFIG_PATH,
@@ -29,7 +30,6 @@ from daemon.config import (
     format_problems,
     load_config,
 )
-from prerequisites import run_unprivileged, unprivileged_dir
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "imputationd.example.yaml"
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.c2lnbmF0dXJl"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from ops_support import PANEL, PANEL_ID, sample_vcf
 
 from daemon.cli import main
 from daemon.crypto import MAX_PASSWORD_LENGTH, PasswordCipher, SecretKeyError, is_sealed, load_or_create_key
@@ -19,8 +20,6 @@ from daemon.logging import scrub
 from daemon.pipeline import Pipeline
 from daemon.services.errors import Transient
 from daemon.simulator import SimulatedCloudgene, Timings
-
-from ops_support import PANEL, PANEL_ID, sample_vcf
 
 
 def test_seal_and_reveal(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from daemon_harness import (
     SERVICE,
     DaemonConfig,
@@ -35,6 +34,7 @@ from daemon_harness import (
     simulator,
     wait_until,
 )
+
 from daemon.config import SchedulerConfig
 from daemon.downloads import PARTIAL_DIR
 

@@ -18,6 +18,8 @@ import sqlalchemy as sa
 from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from e2e_support import LogCapture
+from pg import free_port
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import parse_config
@@ -35,8 +37,6 @@ from daemon.db.models import Base, Job, JobEvent, JobInput, JobOutput, ServiceSt
 from daemon.db.schema import SchemaNewer, SchemaOutdated
 from daemon.scheduler import Daemon
 from daemon.states import JobState, OutputState
-from e2e_support import LogCapture
-from pg import free_port
 
 HEAD = schema.head_revision()
 T = TypeVar("T")

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from chaos_support import check_end_state, report
-from daemon.states import JobState
 from daemon_harness import DaemonConfig, DaemonProcess, JobDB, create_jobs, migrate, simulator, wait_until
 from pg import PostgresCluster
+
+from daemon.states import JobState
 
 JOBS = 24
 HOLD = 6.0  # seconds the SQLite write lock is held: longer than the 5 s after which a tick counts as slow
@@ -140,12 +140,13 @@ def test_a_step_whose_outcome_the_database_refuses_is_logged_not_raised(tmp_path
     """The database goes away between a step's remote call and the write of its outcome: `Pipeline.run` (a pool
     task: nobody to raise to) logs that the outcome was lost and returns; the job's lease runs out and the step is
     done again. Before the fix the exception vanished into the pool's future, unlogged."""
+    from e2e_support import LogCapture
+
     from daemon.config import load_config
     from daemon.db.engine import make_engine
     from daemon.db.store import JobStore
     from daemon.pipeline import Pipeline
     from daemon.services.errors import Transient
-    from e2e_support import LogCapture
 
     class Nowhere:
         base_url = "http://127.0.0.1:9"

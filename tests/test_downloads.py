@@ -17,11 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 import httpx
-import pyzipper
 import pytest
+import pyzipper
 
 from daemon import downloads, results
-from daemon.simulator import zipcrypto
 from daemon.downloads import (
     BadDownload,
     Downloaded,
@@ -32,6 +31,7 @@ from daemon.downloads import (
     sha256_file,
 )
 from daemon.services.errors import Blocked, Permanent, Transient
+from daemon.simulator import zipcrypto
 
 SECRET = "a3f1c0ffee5ecret"
 URL = f"https://imputation.example/share/results/{SECRET}/chr_20.zip?token=qs-secret"

@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from daemon_harness import (
     DaemonConfig,
     DaemonProcess,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
+from ops_support import PANEL, daemon_config, running_daemon, sample_vcf, wait_until
+from pg import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import metrics as metrics_module
@@ -19,9 +21,6 @@ from daemon.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics
 from daemon.simulator import SimulatedCloudgene, Timings
 from daemon.states import JobState
 from daemon.submission import Submission, submit
-
-from ops_support import PANEL, daemon_config, running_daemon, sample_vcf, wait_until
-from pg import free_port
 
 
 def get(url: str, accept: str | None = None) -> tuple[int, str, str]:

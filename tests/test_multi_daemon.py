@@ -17,7 +17,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-
 from daemon_harness import (
     DaemonConfig,
     DaemonProcess,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import structlog
+from ops_support import PANEL, SmtpServer, WebhookReceiver, daemon_config, running_daemon, sample_vcf, wait_until
 
 from daemon.config import EmailConfig, NotificationsConfig, WebhookConfig
 from daemon.db.engine import make_engine
@@ -25,8 +26,6 @@ from daemon.notify import EVENT_HEADER, EmailSender, Notifier, NotifyFailed, Web
 from daemon.simulator import SimulatedCloudgene, Timings
 from daemon.states import JobState
 from daemon.submission import Submission, submit
-
-from ops_support import PANEL, SmtpServer, WebhookReceiver, daemon_config, running_daemon, sample_vcf, wait_until
 
 FAST_BACKOFF = {"backoff_initial": 0.01, "backoff_max": 0.02}
 

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from e2e_support import Harness, e2e  # noqa: F401  (e2e is a fixture)
 
 import daemon.downloads
 import daemon.pipeline
@@ -26,8 +27,6 @@ from daemon.pipeline import MAX_EMPTY_SUCCESS_POLLS, MAX_INTEGRITY_ATTEMPTS, MAX
 from daemon.simulator import State, Timings
 from daemon.simulator.results import ResultFile
 from daemon.states import JobState
-
-from e2e_support import Harness, e2e  # noqa: F401  (e2e is a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 

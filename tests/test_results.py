@@ -11,13 +11,13 @@ import zipfile
 import zlib
 from pathlib import Path
 
-import pyzipper
 import pytest
+import pyzipper
 import structlog
+from prerequisites import require_tool
 
 from daemon import results
 from daemon.results import CorruptResult, WrongPassword, extract_zip, is_aes, verify_zip
-from prerequisites import require_tool
 
 # --- a tiny zip writer: raw names, stored or deflated, optional ZipCrypto (the stdlib cannot write it) ---------------
 

@@ -21,9 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from chaos_support import report, rows, submit_jobs
-from daemon.db.models import Job, JobEvent, JobOutput, ServiceStatus
 from daemon_harness import (
     TOKEN,
     DaemonConfig,
@@ -36,6 +34,8 @@ from daemon_harness import (
     wait_until,
 )
 from ops_support import SmtpServer, WebhookReceiver
+
+from daemon.db.models import Job, JobEvent, JobOutput, ServiceStatus
 
 PASSWORD = "Pw-" + secrets.token_hex(12)
 JOBS = 6

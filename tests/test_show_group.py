@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from ops_support import PANEL, PANEL_ID, sample_vcf
 
 from daemon.cli import _group_state, main
 from daemon.config import load_config
@@ -14,8 +15,6 @@ from daemon.db.engine import make_engine
 from daemon.db.schema import upgrade
 from daemon.db.store import JobStore, Outcome
 from daemon.states import JobState
-
-from ops_support import PANEL, PANEL_ID, sample_vcf
 
 
 @pytest.mark.parametrize(("states", "group"), [

@@ -20,12 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 import pyzipper
-
-from daemon.simulator import SimulatedCloudgene, State, Timings, serve, write_sample_vcf
-from daemon.simulator.vcf import BGZF_EOF, bgzf_blocks, sample_records, write_vcf
-from daemon.simulator import zipcrypto
-from daemon.simulator.zipcrypto import write_zipcrypto
 from prerequisites import require_tool
+
+from daemon.simulator import SimulatedCloudgene, State, Timings, serve, write_sample_vcf, zipcrypto
+from daemon.simulator.vcf import BGZF_EOF, bgzf_blocks, sample_records, write_vcf
+from daemon.simulator.zipcrypto import write_zipcrypto
 
 PANEL = "apps@1000g-phase-3-v5@2.0.0"
 SUBMIT = "/jobs/submit/imputationserver2"

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import structlog
+from prerequisites import require_tool
+from tls_support import self_signed_certificate
 
 from daemon import systemd
 from daemon.config import SchedulerConfig
 from daemon.services.http import ANSWER_LIMIT
-from prerequisites import require_tool
-from tls_support import self_signed_certificate
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "imputationd.service"

@@ -6,8 +6,9 @@ import stat
 import zipfile
 from pathlib import Path
 
-import pyzipper
 import pytest
+import pyzipper
+from ops_support import PANEL, daemon_config, running_daemon, sample_vcf, wait_until
 
 from daemon import results
 from daemon.config import StorageConfig
@@ -17,8 +18,6 @@ from daemon.simulator.zipcrypto import write_zipcrypto
 from daemon.states import JobState, OutputState
 from daemon.submission import Submission, submit
 from daemon.unpack import unpack_outputs, zips_to_unpack
-
-from ops_support import PANEL, daemon_config, running_daemon, sample_vcf, wait_until
 
 PASSWORD = "zip-pass-4711"
 

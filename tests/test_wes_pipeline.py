@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from wes.late_proxy import LateProxy
+from wes.sapporo_server import DEFAULT_PARAMS, SapporoServer, sapporo  # noqa: F401
 
 from daemon.config import Config, DatabaseConfig, PanelConfig, SchedulerConfig, StorageConfig
 from daemon.scheduler import Daemon
@@ -19,8 +21,6 @@ from daemon.services.wes import TAG_JOB_ID
 from daemon.simulator import write_sample_vcf
 from daemon.states import TERMINAL, JobState, OutputState
 from daemon.submission import Submission, submit
-from wes.late_proxy import LateProxy
-from wes.sapporo_server import DEFAULT_PARAMS, SapporoServer, sapporo  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -13,11 +13,11 @@ import shutil
 import threading
 import time
 import uuid
-from urllib.parse import parse_qs
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 from daemon.simulator.model import (
     APP_ID,

@@ -44,7 +44,7 @@ from daemon.simulator.api import (
     proxy_error_response,
     text_response,
 )
-from daemon.simulator.faults import Faults, FaultRule
+from daemon.simulator.faults import FaultRule, Faults
 from daemon.simulator.model import (
     DEFAULT_APP_VERSION,
     DEFAULT_PANELS,

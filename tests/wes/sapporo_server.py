@@ -50,9 +50,9 @@ from typing import Any
 
 import httpx
 import pytest
+from prerequisites import require_tool
 
 from daemon.config import ServiceConfig, WesConfig
-from prerequisites import require_tool
 
 HERE = Path(__file__).resolve().parent
 WORKFLOW = HERE / "impute.sh"
