@@ -17,9 +17,9 @@ def backoff_delay(
 
     The jitter keeps jobs that failed together (a 502 burst hits every poll) from retrying together. A server's
     Retry-After is a floor, never shortened by the jitter, and is itself capped at `maximum`."""
-    rand = rand or random
-    step = min(maximum, initial * (2 ** max(0, failures - 1)))
-    delay = step / 2 + rand.uniform(0, step / 2)
+    uniform = rand.uniform if rand is not None else random.uniform
+    step = min(maximum, initial * (2.0 ** max(0, failures - 1)))
+    delay = step / 2 + uniform(0, step / 2)
     if retry_after is not None:
         delay = max(delay, min(retry_after, maximum))
     return delay
@@ -27,5 +27,5 @@ def backoff_delay(
 
 def jittered(interval: float, spread: float = 0.1, rand: random.Random | None = None) -> float:
     """`interval` ± `spread`, so that polls of jobs submitted together drift apart."""
-    rand = rand or random
-    return interval * (1 + rand.uniform(-spread, spread))
+    uniform = rand.uniform if rand is not None else random.uniform
+    return interval * (1 + uniform(-spread, spread))

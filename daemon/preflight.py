@@ -15,6 +15,7 @@ lines. The SHA-256 of the raw file is computed in the same pass.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import struct
@@ -182,7 +183,7 @@ def _scan(path: Path, label: str, build: str) -> _Scan:
     return scan
 
 
-def _read(fh, scan: _Scan, build: str) -> None:  # noqa: ANN001 - a raw binary file
+def _read(fh: io.FileIO, scan: _Scan, build: str) -> None:
     scan.size = os.fstat(fh.fileno()).st_size
     if scan.size == 0:
         scan.problem("is empty")
@@ -243,7 +244,8 @@ def _bgzf_block_size(header: bytes | memoryview, pos: int = 0) -> int | None:
     while sub + 4 <= end:
         si1, si2, slen = header[sub], header[sub + 1], struct.unpack_from("<H", header, sub + 2)[0]
         if si1 == 66 and si2 == 67 and slen == 2 and sub + 6 <= end:
-            return struct.unpack_from("<H", header, sub + 4)[0] + 1
+            block_size_minus_one: int = struct.unpack_from("<H", header, sub + 4)[0]
+            return block_size_minus_one + 1
         sub += 4 + slen
     return None
 
@@ -348,7 +350,8 @@ class _VcfReader:
                 data = self._header_carry + data
                 self._header_carry = b""
             start = self._header(data)
-            if self._in_header or start >= len(data):
+            # _header() may end the header; mypy keeps the narrowing of the `if` above across that call.
+            if self._in_header or start >= len(data):  # type: ignore[unreachable]
                 return
         if self._partial is not None:
             newline = data.find(b"\n", start)
@@ -387,8 +390,9 @@ class _VcfReader:
                 carry, self._header_carry = self._header_carry, b""
                 rest = carry + b"\n"
                 start = self._header(rest)
-                if not self._in_header and start < len(rest):
-                    self._records(rest, start, len(rest))
+                # _header() may end the header; mypy keeps the narrowing of the `if` above across that call.
+                if not self._in_header and start < len(rest):  # type: ignore[unreachable]
+                    self._records(rest, start, len(rest))  # type: ignore[unreachable]
             if self._in_header:
                 if self._first_line:
                     self.scan.problem("holds no text")
@@ -445,7 +449,9 @@ class _VcfReader:
         if len(set(samples)) != len(samples):
             seen: set[str] = set()
             dups = {s for s in samples if s in seen or seen.add(s)}  # type: ignore[func-returns-value]
-            self.scan.problem(f"duplicate sample names ({_listing(sorted(dups))}); make them unique (bcftools reheader)")
+            self.scan.problem(
+                f"duplicate sample names ({_listing(sorted(dups))}); make them unique (bcftools reheader)"
+            )
 
     # records ---------------------------------------------------------------------------------------------------
 

@@ -19,27 +19,40 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _options(dialect_name: str) -> dict[str, object]:
-    return {
-        "target_metadata": target_metadata,
-        "compare_type": True,
-        # SQLite cannot ALTER most things: batch mode rebuilds the table instead (migration_transaction turns
-        # foreign keys off around it, so dropping the old table cascades nothing).
-        "render_as_batch": dialect_name == "sqlite",
-    }
+def _render_as_batch(dialect_name: str) -> bool:
+    # SQLite cannot ALTER most things: batch mode rebuilds the table instead (migration_transaction turns foreign
+    # keys off around it, so dropping the old table cascades nothing).
+    return dialect_name == "sqlite"
+
+
+def _configured_url() -> str:
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("alembic: neither a connection nor sqlalchemy.url given (see daemon.db.schema)")
+    return url
 
 
 def run_migrations_offline() -> None:
-    url = sa.make_url(config.get_main_option("sqlalchemy.url"))
+    url = sa.make_url(_configured_url())
     context.configure(
-        url=url, literal_binds=True, dialect_opts={"paramstyle": "named"}, **_options(url.get_backend_name())
+        url=url,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        target_metadata=target_metadata,
+        compare_type=True,
+        render_as_batch=_render_as_batch(url.get_backend_name()),
     )
     with context.begin_transaction():
         context.run_migrations()
 
 
 def _run_on(connection: sa.Connection) -> None:
-    context.configure(connection=connection, **_options(connection.dialect.name))
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        compare_type=True,
+        render_as_batch=_render_as_batch(connection.dialect.name),
+    )
     # A no-op when the connection is already in a transaction, as migration_transaction leaves it.
     with context.begin_transaction():
         context.run_migrations()
@@ -50,7 +63,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run_on(connection)
         return
-    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    engine = make_engine(_configured_url())
     try:
         with engine.connect() as connection, migration_transaction(connection):
             _run_on(connection)
