@@ -32,8 +32,15 @@ from daemon.simulator.model import (
     Simulation,
     escape_html,
 )
-from daemon.simulator.multipart import BodyReader, MalformedBody, boundary_of, parse_multipart
-from daemon.simulator.results import JobParams, build_results, chromosome_number, generate_password, input_summary_text
+from daemon.simulator.multipart import BodyReader, Form, MalformedBody, boundary_of, parse_multipart
+from daemon.simulator.results import (
+    JobParams,
+    ResultFile,
+    build_results,
+    chromosome_number,
+    generate_password,
+    input_summary_text,
+)
 from daemon.simulator.vcf import CHROMOSOMES, MAX_SAMPLES, MIN_SAMPLES, VcfSummary, inspect_vcf
 
 if TYPE_CHECKING:
@@ -62,7 +69,8 @@ class Request:
 
     @property
     def token(self) -> str | None:
-        return self.headers.get("X-Auth-Token")
+        token: str | None = self.headers.get("X-Auth-Token")
+        return token
 
 
 @dataclass
@@ -343,11 +351,12 @@ class CloudgeneApi:
                 raise
             uploads = [(f.path, f.filename) for f in form.files]
             errors, warnings, summaries = self._validate(uploads, params, problems)
-            results, qc = [], ""
+            results: list[ResultFile] = []
+            qc = ""
             validation = ""
             if not errors:
-                results, qc = build_results(staging / "outputs", [(p, s) for (p, _), s in zip(uploads, summaries)],
-                                            params)
+                inputs = [(p, s) for (p, _), s in zip(uploads, summaries, strict=True)]
+                results, qc = build_results(staging / "outputs", inputs, params)
                 validation = input_summary_text(summaries, params)
             self._copy_to_workspace(request)
             job = self.sim.add_job(
@@ -378,7 +387,7 @@ class CloudgeneApi:
             request.answer_early(proxy_error_response(slow.proxy_status))
         self.sleep(slow.seconds)
 
-    def _parse_form(self, form) -> tuple[JobParams, list[str]]:
+    def _parse_form(self, form: Form) -> tuple[JobParams, list[str]]:
         """Cloudgene's parseAndUpdateInputParams: unknown names are a 400, values are HTML-escaped, the first
         value of a name wins. Returns the params and the value problems a real server only finds in the job."""
         props: dict[str, str] = {}

@@ -4,9 +4,10 @@ multipart/form-data parser that writes file parts to disk instead of holding upl
 from __future__ import annotations
 
 import email.message
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 _CHUNK = 1 << 16
 MAX_FIELD_BYTES = 1 << 20
@@ -17,10 +18,18 @@ class MalformedBody(ValueError):
     pass
 
 
+class Body(Protocol):
+    """What `parse_multipart` reads from: a `BodyReader`, or a wrapper of one."""
+
+    def read(self, n: int) -> bytes: ...
+
+    def drain(self, limit: int | None = None) -> bool: ...
+
+
 class BodyReader:
     """The request body as a stream; `drain()` discards what is left so the connection can be reused."""
 
-    def __init__(self, rfile: BinaryIO, headers) -> None:
+    def __init__(self, rfile: io.BufferedIOBase, headers: email.message.Message) -> None:
         self._rfile = rfile
         te = (headers.get("Transfer-Encoding") or "").lower()
         self.chunked = "chunked" in te
@@ -130,7 +139,7 @@ def _safe_name(filename: str) -> str:
     return base
 
 
-def parse_multipart(body: BodyReader, boundary: str, dest: Path) -> Form:
+def parse_multipart(body: Body, boundary: str, dest: Path) -> Form:
     """Parse a multipart/form-data body; file parts go to `dest/<n>/<filename>`."""
     dash = b"--" + boundary.encode("latin-1")
     sep = b"\r\n" + dash

@@ -203,7 +203,9 @@ def _pairs(records: Iterator[tuple[list[str], VcfRecord]]) -> Iterator[tuple[lis
         yield prev[0], prev[1], None
 
 
-def _write_chromosome(src: Path, summary: VcfSummary, workdir: Path, params: JobParams) -> tuple[list[Path], ChromosomeStats]:
+def _write_chromosome(
+    src: Path, summary: VcfSummary, workdir: Path, params: JobParams
+) -> tuple[list[Path], ChromosomeStats]:
     chrom = summary.chromosomes[0]
     number = chromosome_number(chrom)
     stats = ChromosomeStats(number, samples=len(summary.samples))
@@ -236,13 +238,13 @@ def _write_chromosome(src: Path, summary: VcfSummary, workdir: Path, params: Job
             snp = f"{chrom}:{rec.pos}:{rec.ref}:{rec.alt}"
             lines = [f"{chrom}\t{rec.pos}\t{snp}\t{rec.ref}\t{rec.alt}\t.\tPASS\t"
                      f"AF={af:.5f};MAF={maf:.5f};R2=1.00000;TYPED\tGT:DS\t"
-                     + "\t".join(f"{g}:{d}" for g, d in zip(gts, ds))]
+                     + "\t".join(f"{g}:{d}" for g, d in zip(gts, ds, strict=True))]
             info_lines = [f"{snp}\t{rec.ref}\t{rec.alt}\t{af:.5f}\t{maf:.5f}\t1.00000\t1.00000\tGenotyped"
                           f"\t1.00000\t1.00000\t1.00000\t-\t-"]
             stats.typed += 1
             if emp:
                 emp.write((f"{chrom}\t{rec.pos}\t{snp}\t{rec.ref}\t{rec.alt}\t.\tPASS\tAF={af:.5f};TYPED\tGT:LDS\t"
-                           + "\t".join(f"{g}:{d}" for g, d in zip(gts, ds)) + "\n").encode())
+                           + "\t".join(f"{g}:{d}" for g, d in zip(gts, ds, strict=True)) + "\n").encode())
             # one imputed marker between this typed marker and the next
             gap = (next_pos - rec.pos) if next_pos is not None else 1000
             if gap > 1:
@@ -258,7 +260,7 @@ def _write_chromosome(src: Path, summary: VcfSummary, workdir: Path, params: Job
                     isnp = f"{chrom}:{ipos}:{iref}:{ialt}"
                     lines.append(f"{chrom}\t{ipos}\t{isnp}\t{iref}\t{ialt}\t.\tPASS\t"
                                  f"AF={iaf:.5f};MAF={min(iaf, 1 - iaf):.5f};R2={r2:.5f};IMPUTED\tGT:DS\t"
-                                 + "\t".join(f"{g}:{d:.3f}" for g, d in zip(igts, ids)))
+                                 + "\t".join(f"{g}:{d:.3f}" for g, d in zip(igts, ids, strict=True)))
                     info_lines.append(f"{isnp}\t{iref}\t{ialt}\t{iaf:.5f}\t{min(iaf, 1 - iaf):.5f}\t"
                                       f"{0.5 + r2 / 2:.5f}\t{r2:.5f}\tImputed\t-\t-\t-\t-\t-")
                     stats.imputed += 1

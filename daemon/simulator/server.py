@@ -58,6 +58,7 @@ from daemon.simulator.model import (
     replace_timings,
 )
 from daemon.simulator.multipart import BodyReader, MalformedBody
+from daemon.simulator.results import ResultFile
 
 log = logging.getLogger("daemon.simulator")
 
@@ -78,10 +79,10 @@ def _fault_response(rule: FaultRule, path: str) -> Response:
         page.headers.append(("Retry-After", str(rule.retry_after)))
         return page
     if rule.kind == "html_200":
-        page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Imputation Server</title></head>"
+        html_page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Imputation Server</title></head>"
                 "<body><h1>We&rsquo;ll be back soon!</h1><p>The service is temporarily unavailable. "
                 "Please try again later.</p></body></html>\n")
-        return Response(200, page.encode(), content_type="text/html; charset=utf-8")
+        return Response(200, html_page.encode(), content_type="text/html; charset=utf-8")
     status = rule.status
     if status == 500:  # the application itself (Micronaut's error shape)
         return json_response({"message": "Internal Server Error",
@@ -98,7 +99,7 @@ def _without_outputs(body: bytes) -> bytes:
         answer = json.loads(body)
     except ValueError:
         return body
-    jobs = answer.get("data") if isinstance(answer, dict) and isinstance(answer.get("data"), list) else [answer]
+    jobs: list[Any] = answer["data"] if isinstance(answer, dict) and isinstance(answer.get("data"), list) else [answer]
     for job in jobs:
         params = job.get("outputParams") if isinstance(job, dict) else None
         for param in params if isinstance(params, list) else []:
@@ -189,7 +190,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/_sim" or path.startswith("/_sim/"):
             self._finish(request, app._control(request))
             return
-        route, handler, params = app.api.match(method, path)
+        api = app.api
+        assert api is not None, "start() makes the API before the server takes requests"
+        route, handler, params = api.match(method, path)
         app.sim.count_request(route)
         plan = app.faults.plan(method, path)
         if plan.delay_before:
@@ -199,9 +202,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._apply_fault(request, action, None)
             return
         answered: list[Response] = []
-        request.answer_early = lambda early: (answered.append(early), self._finish(request, early, close=True))
+
+        def answer_early(early: Response) -> None:
+            answered.append(early)
+            self._finish(request, early, close=True)
+
+        request.answer_early = answer_early
         if handler is None:
-            response = app.api.not_routed(request, route)
+            response = api.not_routed(request, route)
         else:
             try:
                 response = handler(request, **params)
@@ -396,7 +404,7 @@ class SimulatedCloudgene:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.api: CloudgeneApi | None = None  # type: ignore[assignment]
+        self.api: CloudgeneApi | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> SimulatedCloudgene:
@@ -536,7 +544,7 @@ class SimulatedCloudgene:
         with self.sim.lock:
             return self.sim.jobs[job_id].raw_name
 
-    def _result(self, job_id: str, name: str):  # type: ignore[no-untyped-def]
+    def _result(self, job_id: str, name: str) -> ResultFile:
         with self.sim.lock:
             for f in self.sim.jobs[job_id].results:
                 if f.name == name:

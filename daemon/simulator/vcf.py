@@ -30,12 +30,12 @@ CHROMOSOME_LENGTHS: dict[str, dict[str, int]] = {
         249250621, 243199373, 198022430, 191154276, 180915260, 171115067, 159138663, 146364022, 141213431,
         135534747, 135006516, 133851895, 115169878, 107349540, 102531392, 90354753, 81195210, 78077248, 59128983,
         63025520, 48129895, 51304566, 155270560,
-    ))),
+    ), strict=True)),
     "hg38": dict(zip(CHROMOSOMES, (
         248956422, 242193529, 198295559, 190214555, 181538259, 170805979, 159345973, 145138636, 138394717,
         133797422, 135086622, 133275309, 114364328, 107043718, 101991189, 90338345, 83257441, 80373285, 58617616,
         64444167, 46709983, 50818468, 156040895,
-    ))),
+    ), strict=True)),
 }
 
 MIN_SAMPLES = 20
@@ -207,7 +207,8 @@ def write_vcf(
     compression: str = "bgzf",
     contigs: Iterable[tuple[str, int]] = (),
 ) -> Path:
-    """Write a VCF with `compression` "bgzf" (valid for servers), "gzip" (plain gzip, which servers reject) or "none"."""
+    """Write a VCF with `compression` "bgzf" (valid for servers), "gzip" (plain gzip, which servers reject) or
+    "none"."""
     path = Path(path)
     if compression == "bgzf":
         out: BinaryIO = open_bgzf(path)  # type: ignore[assignment]

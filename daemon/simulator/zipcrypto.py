@@ -18,7 +18,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -86,7 +86,7 @@ def write_zipcrypto(
     password: str | bytes,
     *,
     level: int = 6,
-    random_bytes=os.urandom,
+    random_bytes: Callable[[int], bytes] = os.urandom,
 ) -> Path:
     """Write `dest` holding each (archive name, file) of `entries`, deflated and ZipCrypto-encrypted.
 
@@ -143,7 +143,8 @@ def _write_with_libarchive(dest: Path, entries: Iterable[tuple[str, str | Path]]
     return dest
 
 
-def _write_entry(out: BinaryIO, arcname: str, src: Path, pw: bytes, level: int, random_bytes) -> bytes:
+def _write_entry(out: BinaryIO, arcname: str, src: Path, pw: bytes, level: int,
+                 random_bytes: Callable[[int], bytes]) -> bytes:
     crc, size = _file_crc(src)
     mtime, mdate = _dos_datetime(src.stat().st_mtime)
     name = arcname.encode("utf-8")
