@@ -42,6 +42,9 @@ from daemon.db.schema import upgrade_url
 # session and hide their lines from `structlog.testing.capture_logs` in later tests.
 daemon.logging.CACHE_LOGGERS = False
 
+# Fixtures that live beside their helpers: registered here, so a test module names them without importing them.
+pytest_plugins = ["e2e_support", "wes.sapporo_server"]
+
 DIALECTS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from wes.late_proxy import LateProxy
-from wes.sapporo_server import DEFAULT_PARAMS, SapporoServer, sapporo  # noqa: F401
+from wes.sapporo_server import DEFAULT_PARAMS, SapporoServer
 
 from daemon.config import Config, DatabaseConfig, PanelConfig, SchedulerConfig, StorageConfig
 from daemon.scheduler import Daemon

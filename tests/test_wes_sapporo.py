@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wes.sapporo_server import SapporoServer, require_sapporo, running_sapporo, sapporo  # noqa: F401
+from wes.sapporo_server import SapporoServer, require_sapporo, running_sapporo
 
 from daemon.remote import RemoteStatus, SubmitRequest
 from daemon.services.errors import Blocked, Permanent

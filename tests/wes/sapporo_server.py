@@ -7,9 +7,7 @@
         adapter = WesAdapter(config, token=lambda: None)
         ...
 
-or, in a test module (or conftest.py), the module-scoped fixture:
-
-    from wes.sapporo_server import sapporo  # noqa: F401  (pytest finds fixtures among a module's names)
+or the module-scoped fixture, which any test names without an import (tests/conftest.py registers this module):
 
     def test_something(sapporo): ...
 
