@@ -32,7 +32,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
-
 import sqlalchemy as sa  # noqa: E402
 
 from daemon.db.engine import is_postgres  # noqa: E402
@@ -232,7 +231,7 @@ class _null:
 
 
 def _total(series: dict[str, list[float]]) -> list[float]:
-    return [sum(x) for x in zip(*(series[t] for t in TICKS))]
+    return [sum(x) for x in zip(*(series[t] for t in TICKS), strict=True)]
 
 
 def report(dialect: str, subjects: dict[int, Subject]) -> None:
@@ -253,16 +252,17 @@ def _p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] if ordered else float("nan")
 
 
+def _series(subject: Subject, tick: str) -> list[float]:
+    return _total(subject.times) if tick == "all three" else subject.times[tick]
+
+
 def summary(results: dict[str, dict[int, Subject]], sizes: list[int]) -> bool:
     c.banner("scale: targets (each tick: median <= 20 ms at the biggest size, biggest/smallest <= 2)")
     ok_all = True
     small, big = min(sizes), max(sizes)
     for dialect, subjects in results.items():
         for t in (*TICKS, "all three"):
-            def series(n: int) -> list[float]:
-                return _total(subjects[n].times) if t == "all three" else subjects[n].times[t]
-
-            m_big, m_small = c.median(series(big)), c.median(series(small))
+            m_big, m_small = c.median(_series(subjects[big], t)), c.median(_series(subjects[small], t))
             ratio = m_big / m_small
             ok = m_big * 1000 <= TARGET_MS and ratio <= TARGET_RATIO
             if t != "all three":

@@ -34,7 +34,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
-
 import sqlalchemy as sa  # noqa: E402
 
 TARGET = 1.25
@@ -132,7 +131,8 @@ def run(n_jobs: int, latency: float, workers: int, tick: float, poll_interval: f
         tail = min(10.0, poll_interval) + tick
         ideal = ideal_work + tail
         result = {"wall": wall, "ideal": ideal, "ratio": wall / ideal, "cpu_per_job": cpu / n_jobs,
-                  "calls_per_job": per_job, "user": user, "system": system, "sim_cpu_per_job": sim_cpu / n_jobs, "rss": rss}
+                  "calls_per_job": per_job, "user": user, "system": system, "sim_cpu_per_job": sim_cpu / n_jobs,
+                  "rss": rss}
         c.banner(f"throughput: {n_jobs} jobs, {workers} workers, {latency * 1000:g} ms per call, ticks {tick:g} s, "
                  f"poll_interval {poll_interval:g} s")
         print(f"  jobs by state at the end: {final}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -141,7 +142,7 @@ class RequestLog:
 
     def status_gaps(self) -> dict[str, list[float]]:
         """Seconds between consecutive status requests, per remote job."""
-        return {job: [b - a for a, b in zip(ts, ts[1:])] for job, ts in self.status_times().items()}
+        return {job: [b - a for a, b in itertools.pairwise(ts)] for job, ts in self.status_times().items()}
 
     def downloads(self) -> list[float]:
         return [t for t, _ in self.matching("GET", "/share/results/")]

@@ -1,8 +1,6 @@
 """An in-process daemon driving jobs through simulated Cloudgene servers over real HTTP, for end-to-end tests.
 
-    from e2e_support import e2e  # noqa: F401  (the fixture; importing it registers it in the test module)
-
-    def test_something(e2e):
+    def test_something(e2e):                        # the fixture (tests/conftest.py registers this module)
         h = e2e()                                   # one service "mis" on SQLite; e2e(db_url=...) for another DB
         [job] = h.submit()                          # a generated chr20 VCF, through the real submission path
         h.start()                                   # Daemon.start(): the real ticks, pool, adapters
@@ -316,7 +314,7 @@ class Harness:
         daemon = self._daemon()
         for _ in range(rounds):
             mark = time.monotonic()
-            self.wait_until(lambda: all(daemon._last_tick.get(n, 0.0) > mark for n in names), timeout=timeout,
+            self.wait_until(lambda mark=mark: all(daemon._last_tick.get(n, 0.0) > mark for n in names), timeout=timeout,
                             what=f"ticks {', '.join(names)}")
 
     def job(self, job_id: uuid.UUID) -> Job:

@@ -261,7 +261,7 @@ def run_chaos(tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str], *
             if mode != "early":
                 # Starting takes a second or two (imports, schema check); aimed kills count from the daemon's start.
                 started_runs += 1
-                wait_until(lambda: _started(daemon) >= started_runs, 60, interval=0.02,
+                wait_until(lambda runs=started_runs: _started(daemon) >= runs, 60, interval=0.02,
                            message=lambda: f"the daemon did not start\n{daemon.tail()}")
             if mode == "random":
                 result = aim.pause(0.5, 4.0)

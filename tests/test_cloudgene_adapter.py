@@ -295,7 +295,8 @@ def test_submit_job_limit_is_transient_with_the_limit(mock, adapter, vcfs, opene
 @pytest.mark.parametrize(
     ("response", "text"),
     [
-        (httpx.Response(400, json={"success": False, "message": "Parameter 'X' not found."}), "Parameter 'X' not found."),
+        (httpx.Response(400, json={"success": False, "message": "Parameter 'X' not found."}),
+         "Parameter 'X' not found."),
         (httpx.Response(404, json={"success": False, "message": "Application 'imputationserver2' not found."}),
          "Application 'imputationserver2' not found."),
         (httpx.Response(404, text="Application 'imputationserver2' not found."),
@@ -437,7 +438,8 @@ JOB_LIMIT = "Only 3 jobs per user can be executed simultaneously."
     ids=[
         "job-limit", "job-limit-text", "unknown-parameter", "plain-text-400", "unknown-app", "401-text", "401-empty",
         "403", "maintenance", "redirect", "rate-limited", "connect-refused", "connect-timeout",
-        "proxy-504", "proxy-502", "proxy-503", "500", "500-success-false", "proxy-413", "success-without-id", "cut-off-answer",
+        "proxy-504", "proxy-502", "proxy-503", "500", "500-success-false", "proxy-413", "success-without-id",
+        "cut-off-answer",
         "read-timeout", "disconnected", "reset",
     ],
 )

@@ -8,6 +8,7 @@ Every wait is a bounded poll; every daemon's log is checked for tracebacks, `tic
 
 from __future__ import annotations
 
+import itertools
 import select
 import signal
 import time
@@ -390,7 +391,7 @@ def test_sd_notify_ready_watchdog_status_stopping_from_the_daemon_process(tmp_pa
             notify.wait_for("WATCHDOG=1", 10, count=3)
             pings = [t for t, lines in notify.messages if "WATCHDOG=1" in lines]
             assert all(t > ready_at for t in pings), "watchdog pings only once ready"
-            gaps = [b - a for a, b in zip(pings, pings[1:])]
+            gaps = [b - a for a, b in itertools.pairwise(pings)]
             assert all(g < 2.0 for g in gaps), f"pings must come more often than WatchdogSec: {gaps}"
             notify.wait_for("STATUS=", 10, count=2)  # with READY=1, then the jobs summary
             statuses = [a for a in notify.assignments() if a.startswith("STATUS=")]
@@ -414,7 +415,7 @@ def test_sighup_and_sigterm_the_moment_ready_arrives_are_handled(tmp_path: Path,
     sockets = [NotifySocket() for _ in range(3)]
     try:
         daemons = [DaemonProcess(cfg.path, env=n.env(), name=f"early-{k}").start() for k, n in enumerate(sockets)]
-        waiting = {n.sock: d for n, d in zip(sockets, daemons)}
+        waiting = {n.sock: d for n, d in zip(sockets, daemons, strict=True)}
         deadline = time.monotonic() + START
         while waiting:
             assert time.monotonic() < deadline, "no READY=1 from " + ", ".join(d.name for d in waiting.values())

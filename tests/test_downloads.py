@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import itertools
 import os
 import socket
 import stat
@@ -259,7 +260,7 @@ def test_write_behind_hands_each_window_to_the_disk_then_drops_it(
     windows = sorted(set(helper_sink))
     # Windows of at least 2500 bytes, back to back from the start, covering all but the last (unfinished) window.
     assert windows[0][0] == 0
-    assert all(a + n == b for (a, n), (b, _) in zip(windows, windows[1:]))
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(windows))
     assert all(n >= 2500 for _, n in windows)
     assert len(BODY) - 2 * 2500 <= sum(n for _, n in windows) <= len(BODY)
     # Each window is advised twice: once written (starts its writeback), once more a window later (drops it).

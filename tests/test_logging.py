@@ -112,7 +112,7 @@ def test_levels_are_lowercase_and_filtered(setup_logging):
     log.info("hidden")
     log.warning("shown_warning", error_kind="token_expiring")
     try:
-        1 / 0
+        _ = 1 / 0
     except ZeroDivisionError:
         log.exception("shown_exception", error_kind="bug")
     logging.getLogger("apscheduler.scheduler").critical("scheduler died")
@@ -221,7 +221,8 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1c2VyIiwiZXhwIjoxfQ.c2lnbmF0dXJlLWJ5dGVz"
         ("password=hunter2 and more", "hunter2", "and more"),
         ("{'password': 'hunter2', 'name': 'run1'}", "hunter2", "'name': 'run1'"),
         ('{"token": "abcdef123456", "count": 3}', "abcdef123456", '"count": 3'),
-        ("GET https://h.example/jobs/1?token=abc&x=2 failed", "token=abc", "https://h.example/jobs/1?[redacted] failed"),
+        ("GET https://h.example/jobs/1?token=abc&x=2 failed", "token=abc",
+         "https://h.example/jobs/1?[redacted] failed"),
         ("GET /api/v2/jobs?page=2&apikey=zzz", "zzz", "/api/v2/jobs?[redacted]"),
         ("301 to https://bucket.s3.amazonaws.com/chr1.zip?X-Amz-Signature=abc", "abc", "chr1.zip?[redacted]"),
         (
@@ -250,7 +251,7 @@ HASH = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         (f"Exported {HASH[:20]}…", "Exported [redacted]…"),  # cut where a shortened text ends
         (f"…{HASH[-30:]} done", "…[redacted] done"),  # cut where a text shortened from the front starts
         (f"a {HASH[:30]}…; b", "a [redacted]…; b"),  # pieces joined after each was cut
-        (f"Data…", "Data…"),  # a cut beside no secret: nothing to scrub
+        ("Data…", "Data…"),  # a cut beside no secret: nothing to scrub
         (f"x {HASH[:3]}…", f"x {HASH[:3]}…"),  # three characters say nothing
         ("no secret here", "no secret here"),
     ],
@@ -311,7 +312,8 @@ def test_registered_secrets_are_scrubbed_everywhere(setup_logging):
 def test_register_secret_is_thread_safe_and_bounded(monkeypatch):
     monkeypatch.setattr(dlog, "MAX_SECRETS", 50)
     values = [secret() for _ in range(400)]
-    threads = [threading.Thread(target=lambda chunk=values[i::8]: [dlog.register_secret(v) for v in chunk]) for i in range(8)]
+    threads = [threading.Thread(target=lambda chunk=values[i::8]: [dlog.register_secret(v) for v in chunk])
+               for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:

@@ -184,7 +184,7 @@ def test_many_idle_connections_hold_no_threads_and_the_listener_still_answers() 
         # Half of them start a request and never finish it: they hold a handler until their time runs out.
         for conn in idle[::2]:
             conn.sendall(b"GET /healthz HTTP/1.1\r\n")
-        status, _, body = get("http://%s:%d/healthz" % server.address)
+        status, _, body = get("http://{}:{}/healthz".format(*server.address))
         assert (status, json.loads(body)) == (200, {"status": "ok"})
         assert threading.active_count() - before <= metrics_module.MAX_HANDLERS + 1
     finally:

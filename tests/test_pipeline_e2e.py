@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import time
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from e2e_support import Harness, e2e  # noqa: F401  (e2e is a fixture)
+from e2e_support import Harness
 
 import daemon.downloads
 import daemon.pipeline
@@ -315,7 +316,8 @@ def test_transient_fault_bursts_never_fail_a_job_and_log_one_line_each(e2e):
     started = {fault: log.count(path) for fault, path in paths.items()}
     rules = [TRANSIENT_FAULTS[fault][0](h.sim.faults, path) for fault, path in paths.items()]
     for fault, job in jobs.items():
-        h.wait_until(lambda: log.count(paths[fault]) >= started[fault] + 5, what=f"5 failed polls ({fault})")
+        h.wait_until(lambda fault=fault: log.count(paths[fault]) >= started[fault] + 5,
+                     what=f"5 failed polls ({fault})")
         failing = h.wait_job(job.id, lambda j: j.failures >= 4, what=f"4 failures recorded ({fault})")
         assert failing.state is JobState.QUEUED and failing.error_kind == TRANSIENT_FAULTS[fault][1], fault
     for rule in rules:
@@ -471,7 +473,7 @@ def test_a_blocked_service_is_probed_soon_then_less_often_and_unblocks_when_the_
     # Never earlier than the schedule (a loaded machine may make each later, which is no failure).
     slack = 0.15
     assert probes[0] - refused >= initial - slack, probes[0] - refused
-    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
     for gap, least in zip(gaps, [2 * initial, most, most, most], strict=True):
         assert gap >= least - slack, gaps
     h.sim.restore_token(svc.token)

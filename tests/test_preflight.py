@@ -156,7 +156,8 @@ def test_two_chromosomes_in_one_file(tmp_path: Path) -> None:
 
 def test_chromosome_change_late_in_a_large_file_is_found(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(pf, "READ_SIZE", 4096)
-    a = write_vcf(tmp_path / "a.vcf.gz", data=vcf_text(records=3000) + vcf_text(chrom="X", records=1).split(b"\n")[-2] + b"\n")
+    last_x_record = vcf_text(chrom="X", records=1).split(b"\n")[-2]
+    a = write_vcf(tmp_path / "a.vcf.gz", data=vcf_text(records=3000) + last_x_record + b"\n")
     assert "chromosomes 20 and X" in one_problem([a])
 
 
@@ -356,5 +357,6 @@ def test_wide_lines_spanning_many_blocks(tmp_path: Path, monkeypatch) -> None:  
     b = write_vcf(tmp_path / "b.vcf.gz", samples=3000, records=20, block=500)
     info = preflight([b], build="hg19")[0]
     assert (info.variants, info.samples) == (20, 3000)
-    c = write_vcf(tmp_path / "c.vcf.gz", data=vcf_text(samples=3000, records=3).replace(b"\t0|1\n", b"\n", 1), block=500)
+    short_first_record = vcf_text(samples=3000, records=3).replace(b"\t0|1\n", b"\n", 1)
+    c = write_vcf(tmp_path / "c.vcf.gz", data=short_first_record, block=500)
     assert "the first record has 3008 tab-separated columns but the #CHROM line has 3009" in one_problem([c])

@@ -142,7 +142,7 @@ def test_claim_respects_due_time_lease_and_service(store: JobStore) -> None:
     assert [j.id for j in claimed] == [due]
     assert claimed[0].lease_owner == "me"
     with pytest.raises(sa.exc.InvalidRequestError):  # a poll reads no inputs: not loaded, and reading them says so
-        claimed[0].inputs
+        _ = claimed[0].inputs
 
 
 def test_claim_loads_what_the_step_reads(store: JobStore) -> None:
