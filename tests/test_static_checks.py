@@ -8,12 +8,14 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 from prerequisites import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
+CONTRACTS = [c["id"] for c in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]]
 
 
 def run_tool(module: str, package: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -27,7 +29,7 @@ def run_tool(module: str, package: str, *args: str) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, check=False)
 
 
-@pytest.mark.parametrize("contract", ["simulator-apart", "layers", "no-cycles"])
+@pytest.mark.parametrize("contract", CONTRACTS)
 def test_import_contract_is_kept(contract: str) -> None:
     """The contracts of [tool.importlinter]: the simulator apart from the daemon, every module importing only
     downward, no cycles; function-level imports included."""
