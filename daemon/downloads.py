@@ -30,7 +30,6 @@ import os
 import queue
 import re
 import shutil
-import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,20 +41,23 @@ from typing import Any, BinaryIO
 import httpx
 
 from daemon import results
+from daemon.resultfiles import (
+    DIR_MODE,
+    FILE_MODE,
+    NAME_MAX,
+    PARTIAL_DIR,
+    PARTIAL_SUFFIX,
+    fsync_dir,
+    make_dirs,
+    remove_partial_dir,
+    safe_relative_path,
+)
 from daemon.services.errors import Permanent, Transient
 from daemon.services.http import raise_for_status, transport_errors
 from daemon.text import printable
 
-#: Temp files of downloads in progress, inside each result directory.
-PARTIAL_DIR = ".partial"
-PARTIAL_SUFFIX = ".part"
-FILE_MODE = 0o640
-DIR_MODE = 0o750
-#: Longest file-name component most file systems accept (bytes).
-NAME_MAX = 255
 #: Longest path Linux takes in a system call (bytes, the terminating NUL included).
 PATH_MAX = 4096
-_DRIVE = re.compile(r"^[A-Za-z]:")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -86,43 +88,6 @@ class DownloadInterrupted(Transient):
     """`should_stop()` turned true: the partial is gone, the file must be fetched again from byte zero."""
 
     kind = "interrupted"
-
-
-def safe_relative_path(name: str) -> PurePosixPath:
-    """The server-given `name` as a relative path that stays inside the result directory.
-
-    Subfolders are kept ("statistics/summary.txt"). Rejected with `Permanent(kind="unsafe_name")`: empty names,
-    absolute paths, `..`, `.` and empty components (also a trailing slash), backslashes, Windows drive letters,
-    control characters (NUL included), names that are not valid Unicode, components longer than 255 bytes, and
-    the reserved first component `.partial`.
-    """
-
-    def reject(why: str) -> Permanent:
-        return Permanent(f"unsafe result file name {printable(name)!r}: {why}", kind="unsafe_name")
-
-    if not isinstance(name, str) or not name:
-        raise reject("empty")
-    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in name):
-        raise reject("contains a control character")
-    if "\\" in name:
-        raise reject("contains a backslash")
-    if _DRIVE.match(name):
-        raise reject("starts with a drive letter")
-    if name.startswith("/"):
-        raise reject("absolute path")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise reject("not valid Unicode") from None
-    parts = name.split("/")
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise reject(f"has a {part or 'empty'!r} path component" if part else "has an empty path component")
-        if len(part.encode("utf-8")) > NAME_MAX:
-            raise reject(f"a path component is longer than {NAME_MAX} bytes")
-    if parts[0] == PARTIAL_DIR:
-        raise reject(f"{PARTIAL_DIR!r} is reserved for downloads in progress")
-    return PurePosixPath(*parts)
 
 
 def download(
@@ -174,7 +139,7 @@ def download(
 
     result_dir = Path(result_dir)
     with _no_space_is_transient(label):
-        _make_dirs(result_dir)
+        make_dirs(result_dir)
     final = result_dir.joinpath(*rel.parts)
     # Checked before the GET, which spends one of the server's download counts: a file that cannot be stored
     # would spend them all, one retry after another.
@@ -185,7 +150,7 @@ def download(
         raise Permanent(f"{label}: its folder leads out of the result directory (a symlink?)", kind="unsafe_name")
     with _no_space_is_transient(label):
         try:
-            created = _make_dirs(final.parent, base=result_dir) if len(rel.parts) > 1 else []
+            created = make_dirs(final.parent, base=result_dir) if len(rel.parts) > 1 else []
         except NotADirectoryError:
             raise Permanent(f"{label}: {_file_in_the_way(result_dir, rel)!r} is a file, so it cannot be a folder too",
                             kind="unsafe_name") from None
@@ -268,9 +233,9 @@ def download(
         os.chmod(partial, FILE_MODE)
         with _no_space_is_transient(label):
             temp.place(final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             for directory in created:
-                _fsync_dir(directory.parent)
+                fsync_dir(directory.parent)
 
     return Downloaded(
         path=final,
@@ -475,12 +440,6 @@ def remove_partials(result_dir: Path) -> int:
     return removed
 
 
-def remove_partial_dir(result_dir: Path) -> None:
-    """Remove `result_dir/.partial/` if it is there and empty (another download may still be using it)."""
-    with contextlib.suppress(OSError):
-        os.rmdir(Path(result_dir) / PARTIAL_DIR)
-
-
 def sha256_file(path: Path, *, chunk_size: int = 1 << 20) -> str:
     """SHA-256 of a stored file, streamed (constant memory), to re-verify a result against the recorded hash."""
     digest = hashlib.sha256()
@@ -629,7 +588,7 @@ def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False) -> It
             for attempt in range(_PARTIAL_ATTEMPTS):
                 try:
                     if attempt or not keep_dir:
-                        _make_dirs(partial_dir, base=result_dir)
+                        make_dirs(partial_dir, base=result_dir)
                     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                     break
                 except (FileNotFoundError, NotADirectoryError):
@@ -659,50 +618,15 @@ def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False) -> It
             remove_partial_dir(result_dir)
 
 
-def _make_dirs(path: Path, *, base: Path | None = None) -> list[Path]:
-    """Create `path` and its missing parents (below `base`, when given) with mode 0750; return what was created.
-
-    Safe against a concurrent download creating the same folder. The `.partial` folder may vanish between its
-    creation and use when another download removes it empty; `_partial_file` therefore creates it right before use.
-    """
-    path = Path(path)
-    with contextlib.suppress(OSError):
-        if stat.S_ISDIR(os.stat(path).st_mode):  # the common case, in one system call
-            return []
-    missing: list[Path] = []
-    current = path
-    while not current.exists():
-        if base is not None and current == base:
-            break
-        missing.append(current)
-        if current.parent == current:
-            break
-        current = current.parent
-    created = []
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, DIR_MODE)
-        except FileExistsError:
-            continue
-        os.chmod(directory, DIR_MODE)  # the umask may have narrowed or the mode; make it exactly 0750
-        created.append(directory)
-    if not path.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
-    return created
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 __all__ = [
     "BadDownload",
     "Downloaded",
+    "DIR_MODE",
     "DownloadInterrupted",
+    "FILE_MODE",
+    "NAME_MAX",
+    "PARTIAL_DIR",
+    "PARTIAL_SUFFIX",
     "check_room",
     "download",
     "remove_partial_dir",

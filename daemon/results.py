@@ -34,6 +34,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from daemon import resultfiles
+from daemon.services.errors import Permanent
+
 if TYPE_CHECKING:
     import ctypes
 
@@ -145,7 +148,7 @@ def extract_zip(
 ) -> list[Path]:
     """Extract every file of a result zip into `dest_dir` and return the paths written, in the order they are stored.
 
-    Refused as a whole (`CorruptResult`) before anything is written: member names that `downloads.safe_relative_path`
+    Refused as a whole (`CorruptResult`) before anything is written: member names that `resultfiles.safe_relative_path`
     refuses (absolute, `..`, a backslash, a control character) or that appear twice; an entry that would replace
     one of the files in `keep` (the job's verified downloads); entries adding up to more than `max_bytes`, or to
     more than `max_ratio` times the zip's own size (a zip bomb), or to more than the free space of `dest_dir`.
@@ -155,9 +158,6 @@ def extract_zip(
     0640 and renamed into place (folders 0750). On any failure the files this call wrote are removed again.
     Directory entries only create folders; symlink entries are not written at all.
     """
-    from daemon import downloads  # downloads imports this module
-    from daemon.services.errors import Permanent
-
     path = Path(path)
     dest_dir = Path(dest_dir)
     pwd = password.encode("utf-8") if password is not None else None
@@ -173,7 +173,7 @@ def extract_zip(
             for info in infos:
                 name = info.orig_filename  # `filename` is silently cut at a NUL byte; the original is what we judge
                 try:
-                    rel = downloads.safe_relative_path(name[:-1] if info.is_dir() and name.endswith("/") else name)
+                    rel = resultfiles.safe_relative_path(name[:-1] if info.is_dir() and name.endswith("/") else name)
                 except Permanent as exc:
                     raise CorruptResult(f"{path.name}: refusing to extract: {exc}") from None
                 key = rel.as_posix()
@@ -188,7 +188,7 @@ def extract_zip(
                         "of that name"
                     )
                 members.append((info, rel))
-            downloads._make_dirs(dest_dir)
+            resultfiles.make_dirs(dest_dir)
             _check_expansion(path, [info for info, _ in members], dest_dir, max_bytes, max_ratio)
             with _native_reader(path, infos, pwd, aes) as native:
                 for info, rel in members:
@@ -198,7 +198,7 @@ def extract_zip(
                             f"{path.name}: refusing to extract {rel}: its folder leads out of {dest_dir}"
                         )
                     if info.is_dir():
-                        downloads._make_dirs(target, base=dest_dir)
+                        resultfiles.make_dirs(target, base=dest_dir)
                         continue
                     encrypted = bool(info.flag_bits & 0x1)
                     if encrypted and pwd is None:
@@ -336,13 +336,11 @@ def _extract_member(
     target: Path,
     native: _NativeZip | None = None,
 ) -> None:
-    from daemon import downloads
-
     if target.is_dir():
         raise CorruptResult(f"{path.name}: cannot extract {info.filename!r}: a directory of that name is in the way")
-    partial_dir = dest_dir / downloads.PARTIAL_DIR
-    downloads._make_dirs(partial_dir, base=dest_dir)
-    partial = partial_dir / f"{uuid.uuid4().hex}{downloads.PARTIAL_SUFFIX}"
+    partial_dir = dest_dir / resultfiles.PARTIAL_DIR
+    resultfiles.make_dirs(partial_dir, base=dest_dir)
+    partial = partial_dir / f"{uuid.uuid4().hex}{resultfiles.PARTIAL_SUFFIX}"
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with open(fd, "wb") as out:
@@ -363,16 +361,16 @@ def _extract_member(
                 raise CorruptResult(f"{path.name}: entry {info.filename!r}: {size} bytes instead of {info.file_size}")
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(partial, downloads.FILE_MODE)
-        created = downloads._make_dirs(target.parent, base=dest_dir)
+        os.chmod(partial, resultfiles.FILE_MODE)
+        created = resultfiles.make_dirs(target.parent, base=dest_dir)
         os.replace(partial, target)
-        downloads._fsync_dir(target.parent)
+        resultfiles.fsync_dir(target.parent)
         for directory in created:
-            downloads._fsync_dir(directory.parent)
+            resultfiles.fsync_dir(directory.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
-        downloads.remove_partial_dir(dest_dir)
+        resultfiles.remove_partial_dir(dest_dir)
 
 
 # --- libarchive: ZipCrypto in C ----------------------------------------------------------------------------------

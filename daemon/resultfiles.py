@@ -1,0 +1,121 @@
+"""The files and folders of a result directory, as both the downloader (`daemon.downloads`) and the zip extractor
+(`daemon.results`) make them: server-given names kept inside the directory, exact modes (files 0640, folders
+0750), temp files in `.partial/` beside their destination, and folders fsynced once something is renamed in."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import stat
+from pathlib import Path, PurePosixPath
+
+from daemon.services.errors import Permanent
+from daemon.text import printable
+
+#: Temp files of downloads and extractions in progress, inside each result directory.
+PARTIAL_DIR = ".partial"
+PARTIAL_SUFFIX = ".part"
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+#: Longest file-name component most file systems accept (bytes).
+NAME_MAX = 255
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def safe_relative_path(name: str) -> PurePosixPath:
+    """The server-given `name` as a relative path that stays inside the result directory.
+
+    Subfolders are kept ("statistics/summary.txt"). Rejected with `Permanent(kind="unsafe_name")`: empty names,
+    absolute paths, `..`, `.` and empty components (also a trailing slash), backslashes, Windows drive letters,
+    control characters (NUL included), names that are not valid Unicode, components longer than 255 bytes, and
+    the reserved first component `.partial`.
+    """
+
+    def reject(why: str) -> Permanent:
+        return Permanent(f"unsafe result file name {printable(name)!r}: {why}", kind="unsafe_name")
+
+    if not isinstance(name, str) or not name:
+        raise reject("empty")
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in name):
+        raise reject("contains a control character")
+    if "\\" in name:
+        raise reject("contains a backslash")
+    if _DRIVE.match(name):
+        raise reject("starts with a drive letter")
+    if name.startswith("/"):
+        raise reject("absolute path")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise reject("not valid Unicode") from None
+    parts = name.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise reject(f"has a {part or 'empty'!r} path component" if part else "has an empty path component")
+        if len(part.encode("utf-8")) > NAME_MAX:
+            raise reject(f"a path component is longer than {NAME_MAX} bytes")
+    if parts[0] == PARTIAL_DIR:
+        raise reject(f"{PARTIAL_DIR!r} is reserved for downloads in progress")
+    return PurePosixPath(*parts)
+
+
+def remove_partial_dir(result_dir: Path) -> None:
+    """Remove `result_dir/.partial/` if it is there and empty (another download may still be using it)."""
+    with contextlib.suppress(OSError):
+        os.rmdir(Path(result_dir) / PARTIAL_DIR)
+
+
+def make_dirs(path: Path, *, base: Path | None = None) -> list[Path]:
+    """Create `path` and its missing parents (below `base`, when given) with mode 0750; return what was created.
+
+    Safe against a concurrent download creating the same folder. The `.partial` folder may vanish between its
+    creation and use when another download removes it empty; `downloads` and `results` therefore create it right
+    before use.
+    """
+    path = Path(path)
+    with contextlib.suppress(OSError):
+        if stat.S_ISDIR(os.stat(path).st_mode):  # the common case, in one system call
+            return []
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        if base is not None and current == base:
+            break
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    created = []
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(directory, DIR_MODE)  # the umask may have narrowed or the mode; make it exactly 0750
+        created.append(directory)
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+    return created
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "NAME_MAX",
+    "PARTIAL_DIR",
+    "PARTIAL_SUFFIX",
+    "fsync_dir",
+    "make_dirs",
+    "remove_partial_dir",
+    "safe_relative_path",
+]
