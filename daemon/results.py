@@ -16,6 +16,7 @@ reads it as before, slowly. AES (PyCryptodome, in C) and unencrypted entries run
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import lzma
 import os
@@ -30,18 +31,34 @@ import zlib
 from collections.abc import Callable, Collection, Iterator
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
 from daemon import resultfiles
 from daemon.services.errors import Permanent
 
-if TYPE_CHECKING:
-    import ctypes
 
-# ctypes is imported by the libarchive reader when it is loaded (the first zip to check): the daemon has no other
-# use for it, and an idle one never loads it.
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+# libarchive-c loads the system's libarchive as it is imported, and fails where that library is missing or too old
+# (not only with ImportError: a missing library or symbol is an OSError or AttributeError). Then ZipCrypto zips are
+# read by zipfile, slowly, and `_load_libarchive` says why once, at the first zip. Importing it here costs an idle
+# daemon ~3 MiB of RSS (measured), well within its budget.
+_quiet_libarchive = _BelowWarning()  # it logs, at import, the optional functions this libarchive lacks
+logging.getLogger("libarchive").addFilter(_quiet_libarchive)
+try:
+    import libarchive.read
+    from libarchive import ffi as libarchive_ffi
+except Exception as exc:  # whatever it is, the stdlib reads the zips instead
+    libarchive_ffi = None
+    _libarchive_import_error: Exception | None = exc
+else:
+    _libarchive_import_error = None
+finally:
+    logging.getLogger("libarchive").removeFilter(_quiet_libarchive)
 
 log = structlog.get_logger("daemon.results")
 
@@ -68,13 +85,14 @@ def _aes_zipfile() -> type:
     daemon that never meets one does not carry)."""
     import pyzipper
 
-    return pyzipper.AESZipFile
+    opener: type = pyzipper.AESZipFile
+    return opener
 
 
-def _pyzipper_errors() -> tuple[type[BaseException], ...]:
-    """pyzipper's own BadZipFile, once pyzipper is in use (before that nothing can raise it)."""
+def _with_pyzipper(*errors: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """`errors` and pyzipper's own BadZipFile, once pyzipper is in use (before that nothing can raise it)."""
     module = sys.modules.get("pyzipper")
-    return (module.BadZipFile,) if module is not None else ()
+    return (*errors, module.BadZipFile) if module is not None else errors
 
 
 class CorruptResult(ValueError):
@@ -132,7 +150,7 @@ def verify_zip(
                         continue
                     _check_entry(path, zf, info, pwd if encrypted else None, first_encrypted, checkpoint, native)
                     first_encrypted = first_encrypted and not encrypted
-    except (zipfile.BadZipFile, *_pyzipper_errors(), zlib.error, EOFError, struct.error) as exc:
+    except _with_pyzipper(zipfile.BadZipFile, zlib.error, EOFError, struct.error) as exc:
         raise CorruptResult(f"{path.name}: not a readable zip ({exc})") from None
     return all_checked
 
@@ -297,7 +315,7 @@ def _check_entry(
         if first_encrypted:
             raise WrongPassword(f"{path.name}: the password does not open it (entry {info.filename!r})") from None
         raise CorruptResult(f"{where}: fails the password check that earlier entries passed") from None
-    except (*_DATA_ERRORS, *_pyzipper_errors(), _NativeDataError) as exc:
+    except _with_pyzipper(*_DATA_ERRORS, _NativeDataError) as exc:
         raise CorruptResult(f"{where}: {_describe(exc)}") from None
     if size != info.file_size:
         raise CorruptResult(f"{where}: {size} bytes instead of {info.file_size}")
@@ -355,7 +373,7 @@ def _extract_member(
                     out.write(chunk)
             except _PasswordRefused:
                 raise WrongPassword(f"{path.name}: the password does not open {info.filename!r}") from None
-            except (*_DATA_ERRORS, *_pyzipper_errors(), _NativeDataError) as exc:
+            except _with_pyzipper(*_DATA_ERRORS, _NativeDataError) as exc:
                 raise CorruptResult(f"{path.name}: entry {info.filename!r}: {_describe(exc)}") from None
             if size != info.file_size:
                 raise CorruptResult(f"{path.name}: entry {info.filename!r}: {size} bytes instead of {info.file_size}")
@@ -402,15 +420,9 @@ class _Libarchive:
     """
 
     def __init__(self) -> None:
-        import ctypes
-
-        quiet = _BelowWarning()  # libarchive-c logs, at import, the optional functions this libarchive lacks
-        logging.getLogger("libarchive").addFilter(quiet)
-        try:
-            import libarchive.read
-            from libarchive import ffi
-        finally:
-            logging.getLogger("libarchive").removeFilter(quiet)
+        if _libarchive_import_error is not None:
+            raise _libarchive_import_error
+        ffi = libarchive_ffi
         version = ffi.version_number()
         self.version = f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
         if version < _LIBARCHIVE_MIN_VERSION:
@@ -438,8 +450,6 @@ class _Libarchive:
 
     def next_entry(self, archive: int) -> int | None:
         """The next entry (a pointer valid until the next call), None past the last; raises `_NativeDataError`."""
-        import ctypes
-
         entry = ctypes.c_void_p()
         status = self._next_header(archive, ctypes.byref(entry))
         if status == _ARCHIVE_EOF:
@@ -449,16 +459,17 @@ class _Libarchive:
         return entry.value
 
     def entry_size(self, entry: int) -> int | None:
-        return self._ffi.entry_size(entry) if self._ffi.entry_size_is_set(entry) else None
+        size: int | None = self._ffi.entry_size(entry) if self._ffi.entry_size_is_set(entry) else None
+        return size
 
     def entry_name(self, entry: int) -> bytes | None:
-        return self._ffi.entry_pathname(entry)
+        name: bytes | None = self._ffi.entry_pathname(entry)
+        return name
 
     def read(self, archive: int, buffer: ctypes.Array[ctypes.c_char]) -> int:
         """Fill `buffer` with the current entry's next bytes: their count, 0 at its end, negative on an error."""
-        import ctypes
-
-        return self._read_data(archive, ctypes.addressof(buffer), len(buffer))
+        count: int = self._read_data(archive, ctypes.addressof(buffer), len(buffer))
+        return count
 
     def error(self, archive: int) -> str:
         message = self._ffi.error_string(archive)
@@ -466,8 +477,6 @@ class _Libarchive:
 
     def _self_test(self) -> None:
         """Decrypt the built-in zip, and see a damaged copy of it fail; a libarchive that does not is not used."""
-        import ctypes
-
         damaged = bytearray(_SELF_TEST_ZIP)
         damaged[_SELF_TEST_DATA_END - 1] ^= 0x01  # the last plaintext byte changes: only the CRC can tell
         for data, expect in ((_SELF_TEST_ZIP, b"imputationd\n"), (bytes(damaged), None)):
@@ -484,11 +493,6 @@ class _Libarchive:
                     raise RuntimeError(f"self-test: libarchive does not decrypt ZipCrypto ({self.error(archive)})")
             if expect is None and count >= 0:
                 raise RuntimeError("self-test: libarchive does not report a bad CRC in a ZipCrypto entry")
-
-
-class _BelowWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
 
 
 _libarchive_lock = threading.Lock()
@@ -556,8 +560,6 @@ class _NativeZip:
     libarchive error in a header, it stands down for the rest of the zip (logged), and zipfile reads it."""
 
     def __init__(self, lib: _Libarchive, archive: int, path: Path, infos: list[zipfile.ZipInfo]) -> None:
-        import ctypes
-
         self._lib = lib
         self._archive = archive
         self._path = path
