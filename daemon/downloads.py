@@ -7,7 +7,8 @@ Rules this module keeps:
 - A file appears under its final name only when it is complete and verified; every error path removes the partial.
   Partials live in `<result_dir>/.partial/` (same file system, so the final `os.replace` is atomic); a SIGKILL can
   leave some behind, which `remove_partials` clears at start-up.
-- The download URL is never seen here (the caller hands an `open_stream` callable) and never appears in a message.
+- The download URL is never seen here (the caller hands an `open_stream` callable giving a `ByteStream`) and never
+  appears in a message; nor is HTTP: the adapters map its statuses and failures to our errors.
 - Each GET may spend one of the server's download counts (Cloudgene: 10 per file), so nothing here retries: the
   caller decides, counting attempts.
 
@@ -15,8 +16,8 @@ Errors: `Permanent(kind="unsafe_name")` for a hostile name; `BadDownload` (a `Tr
 file, spending a download count, and what arrived is unusable) with kinds `truncated`, `length_mismatch`,
 `timeout`/`connection` (mid-body), `bad_response` (garbled Content-Length or Content-Encoding), `corrupt_zip`;
 `Transient` with kinds `timeout`/`connection` (before an answer), `disk_full`, `interrupted` (`DownloadInterrupted`);
-`Permanent(kind="zip_password")` when the job's password does not open the zip; the adapter's own errors (HTTP
-status) pass through. Other local `OSError`s (permissions, a read-only file system) propagate unchanged: they need
+`Permanent(kind="zip_password")` when the job's password does not open the zip; the adapter's own errors (a
+refusal, a failure before the answer) pass through. Other local `OSError`s (permissions, a read-only file system) propagate unchanged: they need
 an operator, not another download.
 """
 
@@ -38,9 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-import httpx
-
 from daemon import results
+from daemon.remote import ByteStream
 from daemon.resultfiles import (
     DIR_MODE,
     FILE_MODE,
@@ -52,8 +52,7 @@ from daemon.resultfiles import (
     remove_partial_dir,
     safe_relative_path,
 )
-from daemon.services.errors import Permanent, Transient
-from daemon.services.http import raise_for_status, transport_errors
+from daemon.services.errors import CutOff, Permanent, Transient
 from daemon.text import printable
 
 #: Longest path Linux takes in a system call (bytes, the terminating NUL included).
@@ -91,7 +90,7 @@ class DownloadInterrupted(Transient):
 
 
 def download(
-    open_stream: Callable[[], AbstractContextManager[httpx.Response]],
+    open_stream: Callable[[], AbstractContextManager[ByteStream]],
     name: str,
     *,
     result_dir: Path,
@@ -102,12 +101,12 @@ def download(
 ) -> Downloaded:
     """Fetch one result file into `result_dir/<name>` and return what was stored.
 
-    `open_stream` opens the streaming GET (e.g. `lambda: adapter.stream_output(output)`); it is called at most once,
-    and not at all when `should_stop()` is already true. A non-2xx answer is turned into our errors by
-    `http.raise_for_status` (adapters may raise their own before that).
+    `open_stream` opens the file's body (e.g. `lambda: adapter.stream_output(output)`, a `ByteStream`); it is called
+    at most once, and not at all when `should_stop()` is already true. A refusal (any answer but a 2xx) is the
+    adapter's error, raised as it opens, and passes through.
 
-    The body is streamed (`iter_raw` when the transfer is not content-encoded, so the bytes stored are the bytes
-    sent; in the pieces the connection delivers unless `chunk_size` asks for others), hashed with SHA-256 on the way
+    The body is streamed (as sent when the transfer is not content-encoded, so the bytes stored are the bytes sent;
+    in the pieces the connection delivers unless `chunk_size` asks for others), hashed with SHA-256 on the way
     (a big body is written and hashed on a helper thread, see `_ThreadedSink`), and its byte count must equal
     Content-Length: short → `Transient(kind="truncated")`, long → `Transient(kind="length_mismatch")`. A missing
     Content-Length is allowed and shows as `Downloaded.content_length is None`.
@@ -161,44 +160,24 @@ def download(
         size = 0
         content_length: int | None = None
         try:
-            with transport_errors(label), open_stream() as response:
-                _check_status(response, label)
-                content_length = _content_length(response)
+            with open_stream() as body:
+                # From here on the server has answered 2xx (the adapter raised any refusal on opening), so this GET
+                # spent a download count: a body that fails to arrive whole is a bad download.
+                with _body_failures(label, lambda: size, lambda: content_length):
+                    content_length = body.length
                 _check_free_space(partial.parent, content_length, label)
-                encoding = response.headers.get("content-encoding", "identity").strip().lower()
-                chunks = (
-                    response.iter_raw(chunk_size) if encoding in ("", "identity") else response.iter_bytes(chunk_size)
-                )
                 threaded = content_length is None or content_length > _THREADED_FROM
                 sink = _ThreadedSink(fh, digest) if threaded else _Sink(fh, digest)
-                # Mid-stream failures are mapped here, inside the adapter's `with`, where they are still httpx's.
-                try:
-                    with transport_errors(label), sink:
-                        try:
-                            for chunk in chunks:
-                                if should_stop():
-                                    raise DownloadInterrupted(
-                                        f"{label}: stopped after {size} bytes; the next attempt starts from zero",
-                                        kind="interrupted",
-                                    )
-                                sink.write(chunk)
-                                size += len(chunk)
-                        except httpx.RemoteProtocolError:  # the peer closed before the body was complete
-                            raise BadDownload(
-                                f"{label}: truncated: the connection closed after {size}{_of(content_length)} bytes",
-                                kind="truncated",
-                            ) from None
-                        except httpx.DecodingError:  # a broken Content-Encoding stream
-                            raise BadDownload(
-                                f"{label}: the body could not be decoded after {size} bytes", kind="bad_response"
-                            ) from None
-                except Transient as exc:
-                    if exc.kind in ("timeout", "connection"):  # a reset or a stall in the middle of the body
-                        raise BadDownload(
-                            f"{exc.message} after {size}{_of(content_length)} bytes", kind=exc.kind
-                        ) from None
-                    raise
-                received = response.num_bytes_downloaded
+                with sink, _body_failures(label, lambda: size, lambda: content_length):
+                    for chunk in body.chunks(chunk_size):
+                        if should_stop():
+                            raise DownloadInterrupted(
+                                f"{label}: stopped after {size} bytes; the next attempt starts from zero",
+                                kind="interrupted",
+                            )
+                        sink.write(chunk)
+                        size += len(chunk)
+                received = body.received
         except OSError as exc:
             if exc.errno in _DISK_FULL:
                 raise Transient(
@@ -480,27 +459,20 @@ def _file_in_the_way(result_dir: Path, rel: PurePosixPath) -> str:
     return printable(rel.parent.as_posix())  # gone again meanwhile: name the whole folder
 
 
-def _check_status(response: httpx.Response, label: str) -> None:
-    if 200 <= response.status_code < 300:
-        return
-    if response.status_code >= 400:
-        with contextlib.suppress(httpx.HTTPError):
-            response.read()  # error bodies are short; raise_for_status quotes the server's message
-        raise_for_status(response, label)
-    raise Transient(f"{label}: unexpected HTTP {response.status_code}", kind="bad_response")
-
-
-def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length")
-    if value is None:
-        return None
-    values = {v.strip() for v in value.split(",")}  # a repeated header arrives joined with commas
-    if len(values) != 1:
-        raise BadDownload("conflicting Content-Length headers", kind="bad_response")
-    (text,) = values
-    if not text.isdigit():
-        raise BadDownload(f"invalid Content-Length {text[:40]!r}", kind="bad_response")
-    return int(text)
+@contextlib.contextmanager
+def _body_failures(label: str, size: Callable[[], int], content_length: Callable[[], int | None]) -> Iterator[None]:
+    """A body cut off, stalled, undecodable or of garbled length (the stream's errors, see `ByteStream`) is a
+    `BadDownload`, saying how far it got; the caller's own errors (`DownloadInterrupted`, a full disk) pass."""
+    try:
+        yield
+    except CutOff:
+        raise BadDownload(
+            f"{label}: truncated: the connection closed after {size()}{_of(content_length())} bytes", kind="truncated"
+        ) from None
+    except Transient as exc:
+        if exc.kind not in ("timeout", "connection", "bad_response") or isinstance(exc, BadDownload):
+            raise
+        raise BadDownload(f"{exc.message} after {size()}{_of(content_length())} bytes", kind=exc.kind) from None
 
 
 _SIZE_TEXT = re.compile(r"\s*(\d+)\s*(bytes?|[KMGTPE]B)\s*", re.IGNORECASE)

@@ -5,9 +5,10 @@ both and import neither."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from daemon.states import RemoteKind
 
@@ -45,6 +46,27 @@ class RemoteOutput:
     downloads_left: int | None = None
     #: A content checksum published by the server, as (algorithm, hex digest); Cloudgene publishes none.
     checksum: tuple[str, str] | None = None
+
+
+class ByteStream(Protocol):
+    """The body of a result file as the server sends it, read once while its `with` block lasts
+    (`ServiceAdapter.stream_output`). It is only handed out for an answer that delivers the file: every refusal was
+    raised as a `daemon.services.errors` error before. Failures while reading are those errors too: `CutOff` when the
+    connection ended before the body was complete, `Transient` for the rest (kind "timeout", "connection", or
+    "bad_response" for a body that cannot be decoded or a garbled declared length)."""
+
+    @property
+    def length(self) -> int | None:
+        """The length the server declared for the body as sent (before any content decoding); None when it
+        declared none."""
+
+    @property
+    def received(self) -> int:
+        """The bytes received of the body so far, as sent (comparable with `length`)."""
+
+    def chunks(self, size: int | None = None) -> Iterator[bytes]:
+        """The file's bytes, in pieces of `size` (None: as they arrive); the bytes as sent when they are not
+        content-encoded, decoded otherwise."""
 
 
 @dataclass(frozen=True)

@@ -973,9 +973,9 @@ def test_download_streams_without_the_token(mock, adapter):
     payload = bytes(range(256)) * 64
     route = mock.get(f"{ROOT}/share/results/{FILE_HASH}/chr_1.zip").respond(
         200, content=payload, headers={"Content-Type": "application/zip"})
-    with adapter.stream_output(remote_output()) as response:
-        assert response.status_code == 200
-        received = b"".join(response.iter_raw(4096))
+    with adapter.stream_output(remote_output()) as body:
+        assert body.length == len(payload)  # handed out only for a 2xx answer
+        received = b"".join(body.chunks(4096))
     assert received == payload
     request = route.calls.last.request
     assert "X-Auth-Token" not in request.headers
@@ -986,8 +986,8 @@ def test_download_follows_a_redirect_to_a_presigned_url(mock, adapter):
     mock.get(f"{ROOT}/share/results/{FILE_HASH}/chr_1.zip").respond(
         301, headers={"Location": "https://bucket.s3.example.com/chr_1.zip?X-Amz-Signature=abc"})
     presigned = mock.get("https://bucket.s3.example.com/chr_1.zip").respond(200, content=b"PK\x03\x04")
-    with adapter.stream_output(remote_output()) as response:
-        assert response.read() == b"PK\x03\x04"
+    with adapter.stream_output(remote_output()) as body:
+        assert b"".join(body.chunks()) == b"PK\x03\x04"
     assert "X-Auth-Token" not in presigned.calls.last.request.headers
 
 
@@ -1054,8 +1054,8 @@ def test_download_errors_mid_stream_are_transient(mock, adapter, error, kind):
         return_value=httpx.Response(200, headers={"Content-Length": "1000"}, stream=BrokenStream(error)))
     received = []
     with pytest.raises(Transient) as caught:
-        with adapter.stream_output(remote_output()) as response:
-            for chunk in response.iter_bytes():
+        with adapter.stream_output(remote_output()) as body:
+            for chunk in body.chunks():
                 received.append(chunk)
     assert received == [b"PK\x03\x04 first bytes"]
     assert caught.value.kind == kind

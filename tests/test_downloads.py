@@ -31,11 +31,15 @@ from daemon.downloads import (
     safe_relative_path,
     sha256_file,
 )
+from daemon.services.deadlines import Budget
 from daemon.services.errors import Blocked, Permanent, Transient
+from daemon.services.http import open_body
 from daemon.simulator import zipcrypto
 
 SECRET = "a3f1c0ffee5ecret"
 URL = f"https://imputation.example/share/results/{SECRET}/chr_20.zip?token=qs-secret"
+#: How the adapter names the call in its messages (as Cloudgene's does).
+CALL = "download of chr_20.zip"
 BODY = os.urandom(300_000)
 
 
@@ -58,7 +62,7 @@ def opener(
         return httpx.Response(status, headers=all_headers, stream=_Stream(lambda: iter([body])))
 
     client = httpx.Client(transport=httpx.MockTransport(handler))
-    return lambda: client.stream("GET", URL)
+    return lambda: open_body(client, URL, call=CALL, budget=Budget.transfer())
 
 
 class _Stream(httpx.SyncByteStream):
@@ -421,7 +425,7 @@ def test_connect_failure_is_transient(tmp_path: Path) -> None:
 
     client = httpx.Client(transport=httpx.MockTransport(handler))
     with pytest.raises(Transient) as info:
-        download(lambda: client.stream("GET", URL), "chr_20.zip", result_dir=tmp_path)
+        download(lambda: open_body(client, URL, call=CALL, budget=Budget.transfer()), "chr_20.zip", result_dir=tmp_path)
     assert info.value.kind == "connection"
     assert_no_secret(info.value)
     assert_clean(tmp_path)
@@ -466,7 +470,7 @@ def test_real_server_closing_early_is_truncated(tmp_path: Path) -> None:
         with httpx.Client() as client:
             url = f"http://127.0.0.1:{server.server_port}/share/results/{SECRET}/chr_20.zip"
             with pytest.raises(Transient) as info:
-                download(lambda: client.stream("GET", url), "chr_20.zip", result_dir=tmp_path, chunk_size=8192)
+                download(lambda: open_body(client, url, call=CALL, budget=Budget.transfer()), "chr_20.zip", result_dir=tmp_path, chunk_size=8192)
     finally:
         server.shutdown()
         server.server_close()

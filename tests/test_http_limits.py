@@ -165,8 +165,8 @@ def test_a_dripping_download_ends_once_it_moves_too_slowly(monkeypatch):
     with HostileServer(lambda request: [head, *drip(b"z" * 100_000, DRIP)]) as server:
         output = RemoteOutput(name="chr1.zip", url=f"{server.url}/share/results/abc/chr1.zip", remote_hash="abc")
         with contextlib.closing(cloudgene(server.url)) as a, pytest.raises(Transient) as caught:
-            with a.stream_output(output) as response:
-                for _ in response.iter_raw():
+            with a.stream_output(output) as body:
+                for _ in body.chunks():
                     pass
         assert server.finished == 0
     assert caught.value.kind == "timeout"
@@ -186,8 +186,8 @@ def test_a_steady_download_outlasts_the_api_deadline(monkeypatch):
 
     with HostileServer(answer) as server:
         output = RemoteOutput(name="chr1.zip", url=f"{server.url}/share/results/abc/chr1.zip", remote_hash="abc")
-        with contextlib.closing(cloudgene(server.url)) as a, a.stream_output(output) as response:
-            received = sum(len(chunk) for chunk in response.iter_raw())
+        with contextlib.closing(cloudgene(server.url)) as a, a.stream_output(output) as body:
+            received = sum(len(chunk) for chunk in body.chunks())
     assert received == 32 * len(piece)
 
 

@@ -903,10 +903,10 @@ def test_restart_is_unsupported(adapter: WesAdapter) -> None:
 def test_stream_output_sends_the_token_to_the_api_origin_only(router: respx.MockRouter, adapter: WesAdapter) -> None:
     same = router.get(f"{API}/runs/{RUN}/outputs/a.txt").respond(200, content=b"A" * 10)
     other = router.get("https://bucket.example.net/a.txt").respond(200, content=b"B")
-    with adapter.stream_output(RemoteOutput(name="a.txt", url=f"{API}/runs/{RUN}/outputs/a.txt")) as response:
-        assert b"".join(response.iter_bytes()) == b"A" * 10
+    with adapter.stream_output(RemoteOutput(name="a.txt", url=f"{API}/runs/{RUN}/outputs/a.txt")) as body:
+        assert b"".join(body.chunks()) == b"A" * 10
     with adapter.stream_output(RemoteOutput(name="a.txt", url="https://bucket.example.net/a.txt?X-Sig=1")) as r:
-        assert r.read() == b"B"
+        assert b"".join(r.chunks()) == b"B"
     assert same.calls.last.request.headers["authorization"] == f"Bearer {TOKEN}"
     assert "authorization" not in other.calls.last.request.headers
 
@@ -914,8 +914,8 @@ def test_stream_output_sends_the_token_to_the_api_origin_only(router: respx.Mock
 def test_stream_output_drops_the_token_on_a_redirect(router: respx.MockRouter, adapter: WesAdapter) -> None:
     router.get(f"{API}/runs/{RUN}/outputs/a.txt").respond(302, headers={"location": "https://cdn.example.net/a"})
     cdn = router.get("https://cdn.example.net/a").respond(200, content=b"A")
-    with adapter.stream_output(RemoteOutput(name="a.txt", url=f"{API}/runs/{RUN}/outputs/a.txt")) as response:
-        assert response.read() == b"A"
+    with adapter.stream_output(RemoteOutput(name="a.txt", url=f"{API}/runs/{RUN}/outputs/a.txt")) as body:
+        assert b"".join(body.chunks()) == b"A"
     assert "authorization" not in cdn.calls.last.request.headers
 
 

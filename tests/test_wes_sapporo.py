@@ -94,8 +94,8 @@ def wait_for(adapter: WesAdapter, run_id: str, kinds: set[RemoteKind], timeout: 
 
 
 def download(adapter: WesAdapter, output: Any) -> bytes:
-    with adapter.stream_output(output) as response:
-        return b"".join(response.iter_bytes())
+    with adapter.stream_output(output) as body:
+        return b"".join(body.chunks())
 
 
 def test_check(make_adapter: Any) -> None:

@@ -1,35 +1,16 @@
 """The adapter interface every service type implements (the values that cross it are in `daemon.remote`).
 
 Adapters speak HTTP and nothing else: they never touch the database, the scheduler or the file system beyond
-reading the input files they upload. Every failure they report is one of `daemon.services.errors`.
+reading the input files they upload. None of it shows in this interface: a result file comes as a
+`daemon.remote.ByteStream`, and every failure they report is one of `daemon.services.errors`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
-import httpx
-
-from daemon.remote import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
-
-
-@dataclass
-class SubmitProgress:
-    """How far a submit got, to tell a refusal from an unknown outcome: whether its request went out, and the
-    answer, if one came."""
-
-    sent: bool = False
-    answer: httpx.Response | None = None
-
-    def may_have_created(self, error: BaseException, refused: Callable[[httpx.Response], bool]) -> bool:
-        """False when nothing was sent (no connection could be made), or when the answer is a refusal by the
-        adapter's rule `refused`; True otherwise. `error`: what the submit raised (its context, the httpx error)."""
-        if not self.sent or isinstance(error.__context__, httpx.ConnectError | httpx.ConnectTimeout):
-            return False
-        return self.answer is None or not refused(self.answer)
+from daemon.remote import ByteStream, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 
 
 class ServiceAdapter(Protocol):
@@ -52,8 +33,9 @@ class ServiceAdapter(Protocol):
 
     def list_jobs(self, limit: int = 100) -> list[RemoteJob]: ...
 
-    def stream_output(self, output: RemoteOutput) -> contextlib.AbstractContextManager[httpx.Response]:
-        """Open a streaming GET for one result file; each call may spend one of the server's download counts."""
+    def stream_output(self, output: RemoteOutput) -> contextlib.AbstractContextManager[ByteStream]:
+        """Open one result file's body, to read inside the `with` block; each call may spend one of the server's
+        download counts. A refusal is raised on entering, before any body is handed out."""
 
     def check(self) -> ServiceCheck:
         """Reachability, token validity and expiry, and the panels the server offers."""

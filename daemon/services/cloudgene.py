@@ -32,21 +32,20 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from daemon.config import SUBMIT_ANSWER_TIMEOUT, ServiceConfig
-from daemon.remote import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
-from daemon.services.base import SubmitProgress
+from daemon.remote import ByteStream, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.services.http import (
     ClientPerThread,
+    SubmitProgress,
     error_message,
     in_own_words,
     json_object,
     make_client,
-    open_stream,
+    open_body,
     raise_for_status,
     refused,
     send,
-    transport_errors,
 )
 from daemon.states import RemoteKind, cloudgene_kind
 
@@ -59,8 +58,6 @@ SUBMIT_READ_TIMEOUT = SUBMIT_ANSWER_TIMEOUT
 #: Most characters of a progress line and of a failure reason.
 PROGRESS_LIMIT = 200
 MESSAGE_LIMIT = 2000
-#: The cap on how much of a failed download's error body is read to quote the server.
-ERROR_BODY_LIMIT = 64 * 1024
 
 LOG_ERROR = 1  # logMessages[].type: 0 OK, 1 ERROR, 2 WARNING, 3 RUNNING
 
@@ -231,20 +228,14 @@ class CloudgeneAdapter:
         return jobs
 
     @contextlib.contextmanager
-    def stream_output(self, output: RemoteOutput) -> Iterator[httpx.Response]:
-        """A streaming GET of one result file, without the token; every call spends one of the file's downloads.
-
-        Transport errors raised while the caller iterates the body *inside this `with` block* (read timeouts,
-        resets, a body cut short) come out as `Transient` too: the block runs inside this generator.
-        """
+    def stream_output(self, output: RemoteOutput) -> Iterator[ByteStream]:
+        """One result file's body, fetched without the token; every call spends one of the file's downloads."""
         call = f"download of {output.name}"
         # Identity encoding: the bytes we count are the bytes Content-Length announced.
         headers = {"Accept-Encoding": "identity"}
-        with _stream_errors(call):
-            with open_stream(self._client(), "GET", output.url, call=call, budget=Budget.transfer(),
-                             headers=headers, follow_redirects=True) as response:
-                _check_download(response, call)
-                yield response
+        with open_body(self._client(), output.url, call=call, budget=Budget.transfer(), refusal=_download_refused,
+                       headers=headers, follow_redirects=True) as body:
+            yield body
 
     def check(self) -> ServiceCheck:
         """Token validity and expiry (`POST /tokens/verify`) and the server's panels; never raises a ServiceError."""
@@ -656,11 +647,10 @@ def _raise_job_limit(call: str, message: str) -> None:
         raise JobLimitReached(f"{call}: {_clean(message, PROGRESS_LIMIT)}", limit=int(match.group(1)))
 
 
-def _check_download(response: httpx.Response, call: str) -> None:
-    status = response.status_code
-    if status < 400:
-        return
-    quoted = _error_body(response)
+def _download_refused(quoted: httpx.Response, call: str) -> None:
+    """Cloudgene's own answers to a download (an error answer, its body read): its download counter, a file it does
+    not know, a link that no longer opens; the rest is `raise_for_status`'s."""
+    status = quoted.status_code
     message = error_message(quoted)
     if status == 400 and _DOWNLOADS_EXHAUSTED.search(message):
         raise Permanent(f"{call}: the server allows no more downloads of this file ({message})",
@@ -672,26 +662,3 @@ def _check_download(response: httpx.Response, call: str) -> None:
         # Downloads carry no token: a refusal here is about the file (an expired presigned link), not our
         # credentials, so it must not block the service.
         raise Permanent(f"{call}: HTTP {status}: {message}", kind="download_forbidden")
-    raise_for_status(quoted, call)
-
-
-def _error_body(response: httpx.Response) -> httpx.Response:
-    """A copy of an error response with at most ERROR_BODY_LIMIT bytes of its body, for quoting the server."""
-    chunks, size = [], 0
-    for chunk in response.iter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= ERROR_BODY_LIMIT:
-            break
-    headers = {key: value for key, value in response.headers.items() if key.lower() in ("content-type", "retry-after")}
-    return httpx.Response(response.status_code, headers=headers, content=b"".join(chunks)[:ERROR_BODY_LIMIT])
-
-
-@contextlib.contextmanager
-def _stream_errors(call: str) -> Iterator[None]:
-    """`transport_errors`, plus a body httpx cannot decode (a broken compressed stream) as a retryable error."""
-    with transport_errors(call):
-        try:
-            yield
-        except httpx.DecodingError:
-            raise Transient(f"{call}: the body could not be decoded", kind="bad_response") from None

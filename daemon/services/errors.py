@@ -48,6 +48,12 @@ class Transient(ServiceError):
         self.service_wide = service_wide
 
 
+class CutOff(Transient):
+    """The connection ended before the body the server had begun to send was complete."""
+
+    kind = "connection"
+
+
 class JobLimitReached(Transient):
     """Cloudgene's "Only N jobs per user can be executed simultaneously": wait for a slot."""
 

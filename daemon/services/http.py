@@ -3,8 +3,10 @@
 Messages built here name the call ("GET /jobs/{id}/status") but never the full URL: Cloudgene download URLs carry
 a secret, and query strings may carry anything.
 
-Every call goes through `send` (an API answer, read whole) or `open_stream` (a result file, read by the caller), so
-that two limits hold for every adapter:
+Every call goes through `send` (an API answer, read whole) or `open_body` (a result file, read by the caller as a
+`daemon.remote.ByteStream`), and every failure comes out as one of `daemon.services.errors` here, once: transport
+failures by `transport_errors` (and, while a body is read, `body_errors`), HTTP statuses by `raise_for_status`. Two
+limits hold for every adapter:
 
 - an API answer is at most `ANSWER_LIMIT` (2 MiB), compressed or not (redirect hops included): a 200 MB status answer
   once took the daemon to 860 MB, an endless one until it was killed. Past it: `Transient(kind="bad_response")`.
@@ -22,13 +24,14 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from daemon import __version__
 from daemon.services.deadlines import Budget, active, current, install
-from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
+from daemon.services.errors import Blocked, CutOff, Permanent, ServiceError, Transient
 
 USER_AGENT = f"imputationd/{__version__}"
 #: How much of a non-JSON error body goes into a message (HTML error pages are long and say little).
@@ -214,6 +217,81 @@ def open_stream(client: httpx.Client, method: str, url: str | httpx.URL, *, call
             response.close()
 
 
+class HttpBody:
+    """A streamed answer's body as a `daemon.remote.ByteStream`; httpx's failures while it is read come out as ours
+    (`body_errors`)."""
+
+    def __init__(self, response: httpx.Response, call: str) -> None:
+        self._response = response
+        self._call = call
+
+    @property
+    def length(self) -> int | None:
+        """Content-Length; a garbled one is `Transient(kind="bad_response")`."""
+        value = self._response.headers.get("content-length")
+        if value is None:
+            return None
+        values = {v.strip() for v in value.split(",")}  # a repeated header arrives joined with commas
+        if len(values) != 1:
+            raise Transient(f"{self._call}: conflicting Content-Length headers", kind="bad_response")
+        (text,) = values
+        if not text.isdigit():
+            raise Transient(f"{self._call}: invalid Content-Length {text[:40]!r}", kind="bad_response")
+        return int(text)
+
+    @property
+    def received(self) -> int:
+        return self._response.num_bytes_downloaded
+
+    def chunks(self, size: int | None = None) -> Iterator[bytes]:
+        coding = self._response.headers.get("content-encoding", "identity").strip().lower()
+        identity = coding in ("", "identity")
+        pieces = self._response.iter_raw(size) if identity else self._response.iter_bytes(size)
+        with body_errors(self._call):
+            yield from pieces
+
+
+@contextlib.contextmanager
+def open_body(client: httpx.Client, url: str | httpx.URL, *, call: str, budget: Budget,
+              refusal: Callable[[httpx.Response, str], None] | None = None, follow_redirects: bool | None = None,
+              **kwargs: Any) -> Iterator[HttpBody]:
+    """A streaming GET of a result file (`open_stream`) whose body is handed out only for a 2xx answer; any other
+    is raised as our error by `raise_for_stream_status` (with the adapter's own `refusal` rule first)."""
+    with open_stream(client, "GET", url, call=call, budget=budget, follow_redirects=follow_redirects,
+                     **kwargs) as response:
+        raise_for_stream_status(response, call, refusal)
+        yield HttpBody(response, call)
+
+
+def raise_for_stream_status(response: httpx.Response, call: str,
+                            refusal: Callable[[httpx.Response, str], None] | None = None) -> None:
+    """Return quietly on a 2xx answer whose body is still to be read; else raise our error for it. An error answer's
+    body is read (at most `ANSWER_LIMIT`) to quote the server, and given to `refusal` (an adapter's own rules, e.g.
+    Cloudgene's "max downloads exceeded") before `raise_for_status`; a 1xx or 3xx left over is a bad response."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    if status >= 400:
+        quoted = _with_body(response, read_limited(response, call))
+        if refusal is not None:
+            refusal(quoted, call)
+        raise_for_status(quoted, call)
+    raise Transient(f"{call}: unexpected HTTP {status}", kind="bad_response")
+
+
+@contextlib.contextmanager
+def body_errors(call: str) -> Iterator[None]:
+    """`transport_errors` for reading a body: a connection that ends before the body is complete is `CutOff`, a
+    body that cannot be decoded (a broken compressed stream) `Transient(kind="bad_response")`."""
+    with transport_errors(call):
+        try:
+            yield
+        except httpx.RemoteProtocolError:
+            raise CutOff(f"{call}: connection failed (RemoteProtocolError)") from None
+        except httpx.DecodingError:
+            raise Transient(f"{call}: the body could not be decoded", kind="bad_response") from None
+
+
 def read_limited(response: httpx.Response, call: str, limit: int = ANSWER_LIMIT) -> bytes:
     """The body of a streamed answer, decompressed, refused (`Transient`, "bad_response") past `limit` bytes."""
     if response.is_stream_consumed:  # a transport that returns answers already read (tests' mock transports)
@@ -320,6 +398,22 @@ def _tls_failure(exc: httpx.TransportError) -> str | None:
     return None
 
 
+@dataclass
+class SubmitProgress:
+    """How far a submit got, to tell a refusal from an unknown outcome: whether its request went out, and the
+    answer, if one came."""
+
+    sent: bool = False
+    answer: httpx.Response | None = None
+
+    def may_have_created(self, error: BaseException, refused: Callable[[httpx.Response], bool]) -> bool:
+        """False when nothing was sent (no connection could be made), or when the answer is a refusal by the
+        adapter's rule `refused`; True otherwise. `error`: what the submit raised (its context, the httpx error)."""
+        if not self.sent or isinstance(error.__context__, httpx.ConnectError | httpx.ConnectTimeout):
+            return False
+        return self.answer is None or not refused(self.answer)
+
+
 def error_message(response: httpx.Response) -> str:
     """The server's own words: `message` (Cloudgene) or `msg` (WES) from a JSON body, else a short text excerpt."""
     try:
@@ -407,15 +501,20 @@ __all__ = [
     "ANSWER_LIMIT",
     "Budget",
     "ClientPerThread",
+    "HttpBody",
     "ServiceError",
+    "SubmitProgress",
+    "body_errors",
     "error_message",
     "in_own_words",
     "json_object",
     "make_client",
+    "open_body",
     "open_stream",
     "parse_retry_after",
     "read_limited",
     "raise_for_status",
+    "raise_for_stream_status",
     "send",
     "tls_context",
     "transport_errors",

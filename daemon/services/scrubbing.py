@@ -20,10 +20,8 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import httpx
-
 from daemon.logging import scrub
-from daemon.remote import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.remote import ByteStream, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.base import ServiceAdapter
 from daemon.services.errors import ServiceError
 
@@ -88,10 +86,12 @@ class ScrubbingAdapter:
         return [dataclasses.replace(job, raw_state=scrub(job.raw_state, secrets)) for job in jobs]
 
     @contextlib.contextmanager
-    def stream_output(self, output: RemoteOutput) -> Iterator[httpx.Response]:
-        # Errors raised while the caller reads the body (inside its `with` block) come through here too.
-        with self._scrubbing(*_output_secrets((output,))), self.inner.stream_output(output) as response:
-            yield response
+    def stream_output(self, output: RemoteOutput) -> Iterator[ByteStream]:
+        # The body's own errors are scrubbed as it raises them (the caller may handle them inside its `with` block);
+        # whatever else leaves the block comes through here too.
+        secrets = _output_secrets((output,))
+        with self._scrubbing(*secrets), self.inner.stream_output(output) as body:
+            yield _ScrubbedBody(body, lambda: self._scrubbing(*secrets))
 
     def check(self) -> ServiceCheck:
         with self._scrubbing():
@@ -126,6 +126,27 @@ class ScrubbingAdapter:
                 exc.message = message
                 exc.args = (message,)
             raise
+
+
+class _ScrubbedBody:
+    """A `ByteStream` whose errors are scrubbed as they are raised."""
+
+    def __init__(self, inner: ByteStream, scrubbing: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+        self._inner = inner
+        self._scrubbing = scrubbing
+
+    @property
+    def length(self) -> int | None:
+        with self._scrubbing():
+            return self._inner.length
+
+    @property
+    def received(self) -> int:
+        return self._inner.received
+
+    def chunks(self, size: int | None = None) -> Iterator[bytes]:
+        with self._scrubbing():
+            yield from self._inner.chunks(size)
 
 
 def _output_secrets(outputs: Iterable[RemoteOutput]) -> list[str | None]:

@@ -49,17 +49,16 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import httpx
 
 from daemon.config import ServiceConfig, WesConfig
-from daemon.remote import RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
-from daemon.services.base import SubmitProgress
+from daemon.remote import ByteStream, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 from daemon.services.http import (
     ClientPerThread,
+    SubmitProgress,
     json_object,
     make_client,
-    open_stream,
+    open_body,
     raise_for_status,
-    read_limited,
     refused,
     send,
 )
@@ -510,7 +509,7 @@ class WesAdapter:
             )
         return jobs
 
-    def stream_output(self, output: RemoteOutput) -> contextlib.AbstractContextManager[httpx.Response]:
+    def stream_output(self, output: RemoteOutput) -> contextlib.AbstractContextManager[ByteStream]:
         return self._stream(output.url, f"GET output {output.name}")
 
     def check(self) -> ServiceCheck:
@@ -611,7 +610,7 @@ class WesAdapter:
         return response
 
     @contextlib.contextmanager
-    def _stream(self, url: str, call: str, budget: Budget | None = None) -> Iterator[httpx.Response]:
+    def _stream(self, url: str, call: str, budget: Budget | None = None) -> Iterator[ByteStream]:
         """A streaming GET within `budget` (a transfer's by default); the bearer token goes only to the API's
         origin. Errors while the caller reads are ours."""
         try:
@@ -625,15 +624,9 @@ class WesAdapter:
                 kind="not_downloadable",
             )
         token = self._read_token() if self._origin_key(target) == self._origin else None
-        with open_stream(self._client(), "GET", target, call=call, budget=budget or Budget.transfer(),
-                         headers=self._auth(token)) as response:
-            if response.status_code >= 400:
-                quoted = httpx.Response(response.status_code, headers={
-                    key: value for key, value in response.headers.items()
-                    if key.lower() in ("content-type", "retry-after")
-                }, content=read_limited(response, call))
-                raise_for_status(quoted, call)
-            yield response
+        with open_body(self._client(), target, call=call, budget=budget or Budget.transfer(),
+                       headers=self._auth(token)) as body:
+            yield body
 
     # ------------------------------------------------------------------ WES answers
 
@@ -700,8 +693,8 @@ class WesAdapter:
         kept = 0
         read = 0
         try:
-            with self._stream(text, f"GET stderr of run {run_id}", Budget.api(self.config.timeout)) as response:
-                for chunk in response.iter_bytes():
+            with self._stream(text, f"GET stderr of run {run_id}", Budget.api(self.config.timeout)) as body:
+                for chunk in body.chunks():
                     read += len(chunk)
                     tail.append(chunk)
                     kept += len(chunk)
