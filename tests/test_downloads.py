@@ -470,7 +470,8 @@ def test_real_server_closing_early_is_truncated(tmp_path: Path) -> None:
         with httpx.Client() as client:
             url = f"http://127.0.0.1:{server.server_port}/share/results/{SECRET}/chr_20.zip"
             with pytest.raises(Transient) as info:
-                download(lambda: open_body(client, url, call=CALL, budget=Budget.transfer()), "chr_20.zip", result_dir=tmp_path, chunk_size=8192)
+                download(lambda: open_body(client, url, call=CALL, budget=Budget.transfer()), "chr_20.zip",
+                         result_dir=tmp_path, chunk_size=8192)
     finally:
         server.shutdown()
         server.server_close()
