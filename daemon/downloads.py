@@ -17,8 +17,8 @@ file, spending a download count, and what arrived is unusable) with kinds `trunc
 `timeout`/`connection` (mid-body), `bad_response` (garbled Content-Length or Content-Encoding), `corrupt_zip`;
 `Transient` with kinds `timeout`/`connection` (before an answer), `disk_full`, `interrupted` (`DownloadInterrupted`);
 `Permanent(kind="zip_password")` when the job's password does not open the zip; the adapter's own errors (a
-refusal, a failure before the answer) pass through. Other local `OSError`s (permissions, a read-only file system) propagate unchanged: they need
-an operator, not another download.
+refusal, a failure before the answer) pass through. Other local `OSError`s (permissions, a read-only file system)
+propagate unchanged: they need an operator, not another download.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ class _Sink:
         self._fh.write(chunk)
         self._digest.update(chunk)
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         pass
 
 

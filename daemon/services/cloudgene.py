@@ -26,7 +26,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -447,7 +447,7 @@ def _bad(call: str, what: str) -> Transient:
     return Transient(f"{call}: {what}", kind="bad_response")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -352,8 +352,6 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    if when is None:
-        return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
@@ -422,8 +420,9 @@ def error_message(response: httpx.Response) -> str:
         body = None
     if isinstance(body, dict):
         for key in ("message", "msg", "error"):
-            if isinstance(body.get(key), str) and body[key].strip():
-                return body[key].strip()
+            value = body.get(key)
+            if isinstance(value, str) and value.strip():
+                return value.strip()
     text = " ".join(response.text.split())
     if response.headers.get("content-type", "").startswith("text/html") or text.lower().startswith("<"):
         return f"HTTP {response.status_code} (HTML error page)"

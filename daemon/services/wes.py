@@ -451,7 +451,7 @@ class WesAdapter:
     def find_submitted(self, job_id: str) -> str | None:
         """The run tagged with our `job_id` among the first `find_limit` runs the server lists, if any."""
         for entry in self._iter_runs(self.find_limit):
-            run_id = entry["run_id"]
+            run_id: str = entry["run_id"]
             tags = entry.get("tags")
             if not isinstance(tags, Mapping):
                 try:
@@ -476,7 +476,8 @@ class WesAdapter:
             return RemoteStatus(kind=wes_kind(state), raw_state=state)
         log = self._run_log(remote_id)
         call = f"GET /runs/{remote_id}"
-        state = log.get("state") if isinstance(log.get("state"), str) and log.get("state") else state
+        logged = log.get("state")
+        state = logged if isinstance(logged, str) and logged else state
         kind = wes_kind(state)
         if state == "COMPLETE":
             outputs = parse_outputs(log.get("outputs"), api_root=self._api_root(), call=call)
@@ -672,7 +673,8 @@ class WesAdapter:
             page_token = next_token
 
     def _failure_message(self, state: str, log: Mapping[str, Any], run_id: str) -> str:
-        run_log = log.get("run_log") if isinstance(log.get("run_log"), Mapping) else {}
+        logged = log.get("run_log")
+        run_log: Mapping[str, Any] = logged if isinstance(logged, Mapping) else {}
         exit_code = run_log.get("exit_code")
         head = state + (f" (exit code {exit_code})" if isinstance(exit_code, int) else "")
         excerpt = self._stderr_excerpt(run_log.get("stderr"), run_id)
