@@ -163,12 +163,14 @@ def download(
             with open_stream() as body:
                 # From here on the server has answered 2xx (the adapter raised any refusal on opening), so this GET
                 # spent a download count: a body that fails to arrive whole is a bad download.
-                with _body_failures(label, lambda: size, lambda: content_length):
+                try:
                     content_length = body.length
+                except Transient as exc:  # garbled: still an answer that spent a count
+                    raise BadDownload(exc.message, kind=exc.kind) from None
                 _check_free_space(partial.parent, content_length, label)
                 threaded = content_length is None or content_length > _THREADED_FROM
                 sink = _ThreadedSink(fh, digest) if threaded else _Sink(fh, digest)
-                with sink, _body_failures(label, lambda: size, lambda: content_length):
+                with sink, _body_failures(label, lambda: size, content_length):
                     for chunk in body.chunks(chunk_size):
                         if should_stop():
                             raise DownloadInterrupted(
@@ -460,19 +462,19 @@ def _file_in_the_way(result_dir: Path, rel: PurePosixPath) -> str:
 
 
 @contextlib.contextmanager
-def _body_failures(label: str, size: Callable[[], int], content_length: Callable[[], int | None]) -> Iterator[None]:
-    """A body cut off, stalled, undecodable or of garbled length (the stream's errors, see `ByteStream`) is a
-    `BadDownload`, saying how far it got; the caller's own errors (`DownloadInterrupted`, a full disk) pass."""
+def _body_failures(label: str, size: Callable[[], int], content_length: int | None) -> Iterator[None]:
+    """A body cut off, stalled or undecodable (the stream's errors, see `ByteStream`) is a `BadDownload`, saying how
+    far it got; the caller's own errors (`DownloadInterrupted`, a full disk) pass."""
     try:
         yield
     except CutOff:
         raise BadDownload(
-            f"{label}: truncated: the connection closed after {size()}{_of(content_length())} bytes", kind="truncated"
+            f"{label}: truncated: the connection closed after {size()}{_of(content_length)} bytes", kind="truncated"
         ) from None
     except Transient as exc:
         if exc.kind not in ("timeout", "connection", "bad_response") or isinstance(exc, BadDownload):
             raise
-        raise BadDownload(f"{exc.message} after {size()}{_of(content_length())} bytes", kind=exc.kind) from None
+        raise BadDownload(f"{exc.message} after {size()}{_of(content_length)} bytes", kind=exc.kind) from None
 
 
 _SIZE_TEXT = re.compile(r"\s*(\d+)\s*(bytes?|[KMGTPE]B)\s*", re.IGNORECASE)
