@@ -580,6 +580,8 @@ class Daemon:
             log.warning("config_reload_partial", reason="database.url changes need a restart")
         if new.scheduler.workers != self.config.scheduler.workers:
             log.warning("config_reload_partial", reason="scheduler.workers changes need a restart")
+        if new.metrics.listen != self.config.metrics.listen:
+            log.warning("config_reload_partial", reason="metrics.listen changes need a restart")
         configure_logging(new.logging)
         adapters = dict(self.adapters)
         for name, service in new.services.items():
@@ -597,8 +599,6 @@ class Daemon:
         self.pipeline.config = new
         self._retired_notifiers.append(self.notifier)  # the notify tick may be sending with it right now
         self.notifier = self._build_notifier(new)
-        if new.metrics.listen != self.config.metrics.listen:
-            log.warning("config_reload_partial", reason="metrics.listen changes need a restart")
         self._reschedule(new)
         self._service_checked.clear()  # verify tokens again: the reload may have been for a new token
         self._probe_wait.clear()
