@@ -26,14 +26,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor as TickExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon import retention, systemd
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import Config, ConfigError, SchedulerConfig, load_config
 from daemon.crypto import PasswordCipher
 from daemon.db.engine import make_engine, unavailable
 from daemon.db.models import Job, utcnow
@@ -43,6 +45,7 @@ from daemon.logging import configure_logging
 from daemon.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics, health_report
 from daemon.notify import Notifier
 from daemon.pipeline import Pipeline
+from daemon.probes import ServiceProbes
 from daemon.services import build_adapter
 from daemon.services.base import ServiceAdapter
 from daemon.states import JobState
@@ -57,8 +60,6 @@ QUEUED_PER_WORKER = 1
 #: all fire at the same instant each need a thread of the tick executor and a pooled database connection at once,
 #: kept for good afterwards: ~1.4 MiB of an idle daemon's RSS for nothing (bench/memory.py).
 TICK_SPACING = 0.1
-TOKEN_CHECK_INTERVAL = 24 * 3600.0
-TOKEN_WARN_DAYS = 7
 SUMMARY_INTERVAL = 300.0
 #: How often the notify tick looks for state changes to notify (and is woken at once when a job finishes).
 NOTIFY_INTERVAL = 5.0
@@ -103,7 +104,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
         self._lock = threading.Lock()
-        self._in_flight: dict[uuid.UUID, concurrent.futures.Future] = {}
+        self._in_flight: dict[uuid.UUID, concurrent.futures.Future[None]] = {}
         #: Steps handed to the pool per service (queued there or running), and claimed steps that wait for their
         #: service's share of the pool (`Config.worker_share`): one service never occupies more workers than that.
         self._pooled: collections.Counter[str] = collections.Counter()
@@ -117,12 +118,8 @@ class Daemon:
         #: dispatch. Waking it for every job that ends would run it after every step of a busy daemon.
         self._slot_wanted: set[str] = set()
         self._last_tick: dict[str, float] = {}
-        self._service_checked: dict[str, float] = {}
         #: Blocked services as the last dispatch or poll tick saw them: name -> when the block began.
         self._blocked: dict[str, dt.datetime] = {}
-        #: Per blocked service: (when its block began, the wait before the next probe) once it was probed.
-        self._probe_wait: dict[str, tuple[dt.datetime, float]] = {}
-        self._token_fingerprint: dict[str, str | None] = {}
         self._last_summary = 0.0
         self._retired_adapters: list[ServiceAdapter] = []
         #: A tick still running when the stop budget ran out (stuck on a slow server): the process must not wait.
@@ -136,6 +133,7 @@ class Daemon:
         self.metrics: Metrics = PrometheusMetrics(self.store.counts_by_service) if config.metrics.listen else NO_METRICS
         self.metrics_server: MetricsServer | None = None
         self.notifier = self._build_notifier(config)
+        self.probes = ServiceProbes(self.store, self.metrics, on_unblocked=self._unblocked)
         self._retired_notifiers: list[Notifier] = []
         self._last_retention = -RETENTION_INTERVAL
         self.adapters: dict[str, ServiceAdapter] = self._build_adapters(config)
@@ -166,27 +164,20 @@ class Daemon:
                  workers=self.config.scheduler.workers)
 
     def _add_ticks(self) -> None:
-        s = self.config.scheduler
         now = dt.datetime.now(dt.UTC)
-        ticks: list[tuple[str, Callable[[], None], float]] = [
-            ("dispatch", self.dispatch_tick, s.dispatch_interval),
-            ("poll", self.poll_tick, s.poll_tick_interval),
-            ("download", self.download_tick, s.download_interval),
-            ("heartbeat", self.heartbeat_tick, max(1.0, s.lease_seconds / 3)),
-            ("maintenance", self.maintenance_tick, s.maintenance_interval),
-            ("notify", self.notify_tick, NOTIFY_INTERVAL),
-            ("probe", self.probe_tick, min(s.dispatch_interval, s.blocked_probe_initial)),
-        ]
         # A thread per tick: a tick that runs long (a slow database, a notifier waiting on SMTP) delays no other.
-        self.scheduler.add_executor(TickExecutor(len(ticks)), "default")
-        for index, (name, func, seconds) in enumerate(ticks):
+        self.scheduler.add_executor(TickExecutor(len(TICKS)), "default")
+        for index, tick in enumerate(TICKS):
+            seconds = tick.interval(self.config.scheduler)
             start = now + dt.timedelta(seconds=TICK_SPACING * index)
             self.scheduler.add_job(
-                self._tick(name, func), "interval", seconds=seconds, start_date=start, id=name, name=name,
+                self._tick(tick), "interval", seconds=seconds, start_date=start, id=tick.name, name=tick.name,
                 next_run_time=start, misfire_grace_time=max(1, int(seconds)), replace_existing=True,
             )
 
-    def _tick(self, name: str, func: Callable[[], None]) -> Callable[[], None]:
+    def _tick(self, tick: Tick) -> Callable[[], None]:
+        name = tick.name
+
         def run() -> None:
             # A wake that arrives while this tick runs would be dropped by APScheduler (max_instances=1), and the
             # work it announced would wait a whole interval: run again as long as wakes keep coming.
@@ -202,7 +193,7 @@ class Daemon:
             started = time.monotonic()
             try:
                 if not self._stop.is_set():
-                    func()
+                    tick.run(self)
             except Exception:
                 # A failing tick (database away, a bug) is logged and tried again next time; it never stops.
                 log.exception("tick_failed", tick=name, error_kind="tick")
@@ -249,16 +240,9 @@ class Daemon:
 
     def ticks_healthy(self) -> bool:
         """Every tick ran recently: a hung scheduler stops the watchdog pings and systemd restarts us."""
-        s = self.config.scheduler
-        limits = {
-            "dispatch": s.dispatch_interval,
-            "poll": s.poll_tick_interval,
-            "download": s.download_interval,
-            "heartbeat": max(1.0, s.lease_seconds / 3),
-            "maintenance": s.maintenance_interval,
-        }
         now = time.monotonic()
-        return all(now - self._last_tick.get(name, now) < 3 * limit + 30 for name, limit in limits.items())
+        return all(now - self._last_tick.get(tick.name, now) < 3 * tick.interval(self.config.scheduler) + 30
+                   for tick in TICKS if tick.watched)
 
     def stop(self) -> int:
         """Stop claiming, let in-flight steps finish within the budget, release what is left. Returns exit code."""
@@ -460,92 +444,19 @@ class Daemon:
         for name, adapter in list(self.adapters.items()):
             status = statuses.get(name)
             if status is None or status.blocked_reason is None:  # a blocked one is the probe tick's
-                self._check_token(name, adapter)
+                self.probes.check_token(self.config, name, adapter)
         self._retention()
         self._summary()
 
     def probe_tick(self) -> None:
         for name, since in list(self._blocked.items()):
             adapter = self.adapters.get(name)
-            if adapter is not None:
-                self._probe_blocked(name, adapter, since)
+            if adapter is not None and self.probes.probe_blocked(self.config, name, adapter, since):
+                self._blocked.pop(name, None)
 
-    def _probe_blocked(self, name: str, adapter: ServiceAdapter, since: dt.datetime) -> None:
-        """Verify a blocked service's token when a probe is due: `blocked_probe_initial` after the block began,
-        then at doubling waits up to `blocked_probe_max` (a token rejected for a moment, a server that was briefly
-        wrong, is back in seconds; one that stays bad is not asked every few seconds), and at once when the token
-        file changed."""
-        s = self.config.scheduler
-        fingerprint = self._fingerprint(name)
-        changed = fingerprint != self._token_fingerprint.get(name)
-        probed = self._probe_wait.get(name)
-        if probed is None or probed[0] != since:  # not probed since this block began
-            wait = None
-            due = utcnow() >= since + dt.timedelta(seconds=s.blocked_probe_initial)
-        else:
-            wait = probed[1]
-            due = time.monotonic() - self._service_checked.get(name, 0.0) >= wait
-        if not (changed or due):
-            return
-        self._token_fingerprint[name] = fingerprint
-        self._service_checked[name] = time.monotonic()
-        check = adapter.check()
-        if check.reachable and check.token_valid is not False:
-            returned = self.store.unblock_service(name, "service usable again")
-            self._probe_wait.pop(name, None)
-            self._blocked.pop(name, None)
-            log.info("service_unblocked", service=name, jobs_returned=returned,
-                     why="token changed" if changed else "token verified")
-            self.wake("dispatch")
-            self.wake("poll")
-        else:
-            self._probe_wait[name] = (since, min(s.blocked_probe_max, 2 * (wait or s.blocked_probe_initial)))
-
-    def _check_token(self, name: str, adapter: ServiceAdapter) -> None:
-        if time.monotonic() - self._service_checked.get(name, -TOKEN_CHECK_INTERVAL) < TOKEN_CHECK_INTERVAL:
-            return
-        self._service_checked[name] = time.monotonic()
-        self._token_fingerprint[name] = self._fingerprint(name)
-        check = adapter.check()
-        if not check.reachable:
-            log.warning("service_unreachable", service=name, reason=check.message)
-            self._service_checked[name] -= TOKEN_CHECK_INTERVAL - self.config.scheduler.blocked_probe_max  # sooner
-            return
-        self.store.record_token(name, expires=check.token_expires)
-        if check.token_valid is False:
-            # Every call with this token would answer 401: block the service now, as a 401 from a job would,
-            # and say so once whichever of the two notices first.
-            reason = f"token rejected by the server's token check: {check.message or 'invalid'}"
-            newly, parked = self.store.block_service(name, reason)
-            if newly:
-                log.error("service_blocked", service=name, reason=reason, error_kind="unauthorized",
-                          jobs_waiting=parked)
-        elif check.token_expires is not None:
-            days = (check.token_expires - utcnow()).total_seconds() / 86400
-            self.metrics.token_days_left(name, days)
-            if days <= 0:
-                log.error("token_expired", service=name, expired=check.token_expires.isoformat(),
-                          error_kind="token_expired")
-            elif days <= TOKEN_WARN_DAYS:
-                log.warning("token_expires_soon", service=name, days_left=round(days, 1),
-                            expires=check.token_expires.isoformat())
-
-    def _fingerprint(self, name: str) -> str | None:
-        """Something that changes when the token changes, without keeping the token itself around."""
-        service = self.config.services.get(name)
-        if service is None:
-            return None
-        if service.token_file is not None:
-            path = service.token_file
-            if not path.is_absolute() and os.environ.get("CREDENTIALS_DIRECTORY"):
-                path = Path(os.environ["CREDENTIALS_DIRECTORY"]) / path
-            try:
-                st = path.stat()
-            except OSError:
-                return None
-            return f"{st.st_mtime_ns}:{st.st_size}:{st.st_ino}"
-        value = os.environ.get(service.token_env or "", "")
-        return str(hash(value))
+    def _unblocked(self, name: str) -> None:
+        self.wake("dispatch")
+        self.wake("poll")
 
     def _summary(self) -> None:
         now = time.monotonic()
@@ -600,8 +511,7 @@ class Daemon:
         self._retired_notifiers.append(self.notifier)  # the notify tick may be sending with it right now
         self.notifier = self._build_notifier(new)
         self._reschedule(new)
-        self._service_checked.clear()  # verify tokens again: the reload may have been for a new token
-        self._probe_wait.clear()
+        self.probes.forget()  # verify tokens again: the reload may have been for a new token
         log.info("config_reloaded", path=str(path), services=sorted(new.services))
         return True
 
@@ -624,13 +534,13 @@ class Daemon:
             log.info("retention_done", jobs_deleted=len(report.deleted), bytes_freed=report.bytes,
                      jobs_skipped=len(report.skipped), keep_days=keep_days)
 
-    def health(self) -> tuple[bool, dict]:
+    def health(self) -> tuple[bool, dict[str, Any]]:
         """`/healthz`: the database answers and the ticks run; blocked or paused services are told, not failed."""
 
-        def services() -> dict:
+        def services() -> dict[str, Any]:
             statuses = self.store.service_statuses()
             now = utcnow()
-            report = {}
+            report: dict[str, str] = {}
             for name in sorted(self.adapters):
                 status = statuses.get(name)
                 if status is not None and status.blocked_reason is not None:
@@ -658,16 +568,40 @@ class Daemon:
             log.error("metrics_listen_failed", listen=listen, reason=exc.strerror or str(exc), error_kind="metrics")
             return
         self.metrics_server = server
-        log.info("metrics_listening", address="%s:%d" % server.address)
+        host, port = server.address
+        log.info("metrics_listening", address=f"{host}:{port}")
 
     def _reschedule(self, new: Config) -> None:
-        s = new.scheduler
         now = dt.datetime.now(dt.UTC)
-        for index, (name, seconds) in enumerate((("dispatch", s.dispatch_interval), ("poll", s.poll_tick_interval),
-                                                 ("download", s.download_interval),
-                                                 ("heartbeat", max(1.0, s.lease_seconds / 3)),
-                                                 ("maintenance", s.maintenance_interval),
-                                                 ("probe", min(s.dispatch_interval, s.blocked_probe_initial)))):
+        for index, tick in enumerate(TICKS):
             start = now + dt.timedelta(seconds=TICK_SPACING * index)
-            self.scheduler.reschedule_job(name, trigger="interval", seconds=seconds, start_date=start)
+            self.scheduler.reschedule_job(tick.name, trigger="interval", seconds=tick.interval(new.scheduler),
+                                          start_date=start)
 
+
+@dataclass(frozen=True)
+class Tick:
+    """One of the daemon's periodic runs: its name (the APScheduler job id, and what `wake` takes), how often it
+    runs under a scheduler configuration, and what it runs."""
+
+    name: str
+    interval: Callable[[SchedulerConfig], float]
+    run: Callable[[Daemon], None]
+    #: A watched tick that stops running makes the daemon unhealthy (no more watchdog pings, /healthz fails).
+    #: The notify and probe ticks are not: they do nothing most of the time, and a slow SMTP server is no hang.
+    watched: bool = True
+
+
+def _heartbeat_interval(s: SchedulerConfig) -> float:
+    return max(1.0, s.lease_seconds / 3)
+
+
+TICKS: tuple[Tick, ...] = (
+    Tick("dispatch", lambda s: s.dispatch_interval, Daemon.dispatch_tick),
+    Tick("poll", lambda s: s.poll_tick_interval, Daemon.poll_tick),
+    Tick("download", lambda s: s.download_interval, Daemon.download_tick),
+    Tick("heartbeat", _heartbeat_interval, Daemon.heartbeat_tick),
+    Tick("maintenance", lambda s: s.maintenance_interval, Daemon.maintenance_tick),
+    Tick("notify", lambda s: NOTIFY_INTERVAL, Daemon.notify_tick, watched=False),
+    Tick("probe", lambda s: min(s.dispatch_interval, s.blocked_probe_initial), Daemon.probe_tick, watched=False),
+)
