@@ -26,7 +26,6 @@ stable `kind`: timeout, connection, http_5xx, ...), `download_bytes_total{servic
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import io
 import json
 import selectors
@@ -34,18 +33,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, cast
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from daemon.states import JobState
-
-if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
-
-# prometheus_client (~1.5 MiB with what it pulls in) is imported only when metrics are on: `PrometheusMetrics` and
-# its collector import it; a daemon without `metrics.listen` never does. Likewise the listener's http.server (with
-# socketserver and html.entities, ~0.6 MiB): `MetricsServer` imports it (`_listener_classes`).
 
 log = structlog.get_logger("daemon.metrics")
 
@@ -92,15 +89,11 @@ class _JobsCollector:
         self._cached: tuple[float, Mapping[str, Mapping[str, int]] | None] = (-float("inf"), None)
 
     def describe(self) -> Iterable[Metric]:
-        from prometheus_client.metrics_core import GaugeMetricFamily
-
         # Names only: without this the registry would call collect() (a database query) at registration.
         yield GaugeMetricFamily("imputationd_jobs", "Jobs by service and state", labels=["service", "state"])
         yield GaugeMetricFamily("imputationd_database_up", "1 when the last jobs query worked, else 0")
 
     def collect(self) -> Iterable[Metric]:
-        from prometheus_client.metrics_core import GaugeMetricFamily
-
         counts = self._current()
         jobs = GaugeMetricFamily("imputationd_jobs", "Jobs by service and state", labels=["service", "state"])
         for service, by_state in sorted((counts or {}).items()):
@@ -133,8 +126,6 @@ class PrometheusMetrics(Metrics):
         *,
         cache_seconds: float = COUNTS_CACHE_SECONDS,
     ) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         self.registry = CollectorRegistry()
         r = self.registry
         self._submissions = Counter("imputationd_submissions", "Jobs accepted by a service", ["service"], registry=r)
@@ -175,8 +166,6 @@ class PrometheusMetrics(Metrics):
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition body and its content type, in the format the `Accept` header asks for."""
-        from prometheus_client.exposition import choose_encoder
-
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
@@ -243,8 +232,10 @@ class _ReadAhead:
         self._conn = conn
         self._head = head
 
-    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> Any:
-        return io.BytesIO(self._head) if "r" in mode else self._conn.makefile(mode, *args, **kwargs)
+    def makefile(self, mode: str, buffering: int = -1) -> io.IOBase:
+        if "r" in mode:
+            return io.BytesIO(self._head)
+        return self._conn.makefile("wb", buffering)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
@@ -256,48 +247,45 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-@functools.cache
-def _listener_classes() -> tuple[type[Any], type[Any]]:
-    """The listener's server and request handler classes, defined (and http.server imported) on first use."""
-    from http import HTTPStatus
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+class _Server(HTTPServer):
+    allow_reuse_address = True
+    request_queue_size = MAX_WAITING  # one thread accepts: let a burst of connections wait for it
+    metrics: PrometheusMetrics
+    health: Callable[[], tuple[bool, Mapping[str, Any]]]
 
-    class _Server(HTTPServer):
-        allow_reuse_address = True
-        request_queue_size = MAX_WAITING  # one thread accepts: let a burst of connections wait for it
-        metrics: PrometheusMetrics
-        health: Callable[[], tuple[bool, Mapping[str, Any]]]
 
-    class _Handler(BaseHTTPRequestHandler):
-        server: _Server
-        server_version = "imputationd"
-        sys_version = ""
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                body, content_type = self.server.metrics.render(self.headers.get("Accept"))
-                self._reply(HTTPStatus.OK, body, content_type)
-            elif path == "/healthz":
-                healthy, report = self.server.health()
-                body = json.dumps(report, default=str, sort_keys=False).encode("utf-8") + b"\n"
-                self._reply(HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json")
-            else:
-                self._reply(HTTPStatus.NOT_FOUND, b"not found: try /metrics or /healthz\n",
-                            "text/plain; charset=utf-8")
 
-        def _reply(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "imputationd"
+    sys_version = ""
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
-            pass  # a scrape every 15 s is not news; errors surface as failed scrapes on the Prometheus side
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            body, content_type = self.server.metrics.render(self.headers.get("Accept"))
+            self._reply(HTTPStatus.OK, body, content_type)
+        elif path == "/healthz":
+            healthy, report = self.server.health()
+            body = json.dumps(report, default=str, sort_keys=False).encode("utf-8") + b"\n"
+            self._reply(HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json")
+        else:
+            self._reply(HTTPStatus.NOT_FOUND, b"not found: try /metrics or /healthz\n",
+                        "text/plain; charset=utf-8")
 
-    return _Server, _Handler
+    def _reply(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        pass  # a scrape every 15 s is not news; errors surface as failed scrapes on the Prometheus side
 
 
 class MetricsServer:
@@ -310,9 +298,8 @@ class MetricsServer:
         health: Callable[[], tuple[bool, Mapping[str, Any]]],
     ) -> None:
         host, port = parse_listen(listen)
-        server, handler = _listener_classes()
-        server_class = type("_Server6", (server,), {"address_family": socket.AF_INET6}) if ":" in host else server
-        self._server = server_class((host, port), handler, bind_and_activate=False)
+        server_class = _Server6 if ":" in host else _Server
+        self._server = server_class((host, port), _Handler, bind_and_activate=False)
         self._server.metrics = metrics
         self._server.health = health
         self._thread: threading.Thread | None = None
@@ -426,7 +413,8 @@ class MetricsServer:
     def _answer(self, conn: socket.socket, peer: Any, head: bytes) -> None:
         try:
             conn.settimeout(IDLE_TIMEOUT)  # to read the answer
-            self._server.finish_request(_ReadAhead(conn, head), peer)
+            # The handler only calls makefile() and socket methods on its connection: a _ReadAhead stands in.
+            self._server.finish_request(cast(socket.socket, _ReadAhead(conn, head)), peer)
         except OSError:  # a client that hung up: nothing to tell anyone
             pass
         except Exception:
