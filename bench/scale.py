@@ -37,9 +37,8 @@ import sqlalchemy as sa  # noqa: E402
 from daemon.db.engine import is_postgres  # noqa: E402
 from daemon.db.models import Job, JobEvent  # noqa: E402
 from daemon.db.store import JobStore  # noqa: E402
-from daemon.states import JobState  # noqa: E402
+from daemon.states import POLLED, JobState  # noqa: E402
 
-POLL_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED})  # as daemon.scheduler
 FREE_SLOTS = 2
 OWNER = "bench-host:1:scale"
 TICKS = ("dispatch", "poll", "download")
@@ -84,7 +83,7 @@ class Subject:
         sub = self.store.claim_due(OWNER, states={JobState.SUBMITTING}, services=services, limit=self.workers,
                                    lease_seconds=120)
         w1, c1 = clock(), cpu()
-        polled = self.store.claim_due(OWNER, states=POLL_STATES, services=self.usable(), limit=self.workers,
+        polled = self.store.claim_due(OWNER, states=POLLED, services=self.usable(), limit=self.workers,
                                       lease_seconds=120)
         w2, c2 = clock(), cpu()
         down = self.store.claim_due(OWNER, states={JobState.DOWNLOADING}, services=list(c.SERVICES),

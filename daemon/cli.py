@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
+from daemon.states import TERMINAL, JobState
 from daemon.text import counted, printable
 
 EXIT_FAILED = 1
@@ -295,12 +296,11 @@ def _job_detail(job) -> dict[str, Any]:
 
 
 def _group_state(states: Sequence[str]) -> str:
-    done = {"completed", "failed", "cancelled"}
     if all(s == "completed" for s in states):
         return "completed"
     if all(s == "cancelled" for s in states):
         return "cancelled"
-    if all(s in done for s in states):
+    if all(JobState(s) in TERMINAL for s in states):
         return "failed" if all(s != "completed" for s in states) else "partly failed"
     return "in progress"
 
@@ -465,7 +465,7 @@ def cmd_services(args: argparse.Namespace) -> int:
         headers += ["REACHABLE", "TOKEN", "MISSING PANELS"]
     rows = []
     for e in result:
-        active = sum(n for s, n in e["jobs"].items() if s not in ("completed", "failed", "cancelled"))
+        active = sum(n for s, n in e["jobs"].items() if JobState(s) not in TERMINAL)
         problems = (["blocked: " + e["blocked"]] if e["blocked"] else []) + (_check_problems(e) if args.check else [])
         state = printable("; ".join(problems), 160) if problems else "ok"
         row = [e["name"], e["type"], state, active, _when(e["token_expires"])]

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from daemon.states import NOTIFIABLE, TERMINAL, JobState
+
 DEFAULT_CONFIG_PATH = Path("/etc/imputationd/config.yaml")
 CONFIG_ENV = "IMPUTATIOND_CONFIG"
 #: Seconds an adapter waits for the answer to a submit: Cloudgene copies the whole upload into its workspace
@@ -98,7 +100,7 @@ class MetricsConfig:
 
 
 #: Job states a notification can be sent for (`notifications.on`).
-NOTIFY_STATES = ("completed", "failed", "cancelled", "blocked")
+NOTIFY_STATES = tuple(state.value for state in JobState if state in NOTIFIABLE)
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class EmailConfig:
 class NotificationsConfig:
     webhook: WebhookConfig | None = None
     email: EmailConfig | None = None
-    on: tuple[str, ...] = ("completed", "failed", "cancelled")
+    on: tuple[str, ...] = tuple(state.value for state in JobState if state in TERMINAL)
     #: A notification still failing this many seconds after its state change is given up (logged as an error).
     give_up_after: float = 86400.0
 

@@ -48,11 +48,10 @@ from daemon.pipeline import Pipeline
 from daemon.probes import ServiceProbes
 from daemon.services import build_adapter
 from daemon.services.base import ServiceAdapter
-from daemon.states import JobState
+from daemon.states import POLLED, TERMINAL, JobState
 
 log = structlog.get_logger("daemon.scheduler")
 
-POLL_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED})
 #: Claimed jobs that may wait in the pool's queue per worker (leased; the heartbeat renews their leases too), so a
 #: worker that finishes a step starts the next at once, and claims come in batches rather than one per free worker.
 QUEUED_PER_WORKER = 1
@@ -396,7 +395,7 @@ class Daemon:
                 self.wake(tick)
         if finished is None:
             return
-        ended = finished.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+        ended = finished.state in TERMINAL
         if finished.state is JobState.PENDING or ended and finished.service in self._slot_wanted:
             self.wake("dispatch")  # its slot is free and a pending job waits for one
         if ended and self.notifier.sends:
@@ -405,7 +404,7 @@ class Daemon:
         if due_now:
             if finished.state is JobState.DOWNLOADING:
                 self.wake("download")
-            elif finished.state in POLL_STATES:
+            elif finished.state in POLLED:
                 self.wake("poll")
             elif finished.state is JobState.SUBMITTING:
                 self.wake("dispatch")
@@ -421,7 +420,7 @@ class Daemon:
         self._claim_and_run("dispatch", {JobState.SUBMITTING}, services)
 
     def poll_tick(self) -> None:
-        self._claim_and_run("poll", POLL_STATES, self._usable_services())
+        self._claim_and_run("poll", POLLED, self._usable_services())
 
     def download_tick(self) -> None:
         # Downloads do not use the API token: a blocked service's finished jobs still download.
@@ -465,7 +464,7 @@ class Daemon:
         self._last_summary = now
         counts = self.store.counts_by_service()
         active = sum(n for by_state in counts.values() for s, n in by_state.items()
-                     if s not in ("completed", "failed", "cancelled"))
+                     if JobState(s) not in TERMINAL)
         log.info("jobs_summary", jobs=counts, active=active)
         systemd.status(f"{active} active jobs")
 

@@ -22,7 +22,11 @@ class JobState(enum.StrEnum):
     BLOCKED = "blocked"
 
 
+#: The finished states: nothing more happens to a job in one of them (but `imputationd retry` of a failed job).
 TERMINAL: frozenset[JobState] = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+#: States whose entry is worth telling people about (`notifications.on` picks among them).
+NOTIFIABLE: frozenset[JobState] = TERMINAL | {JobState.BLOCKED}
 
 #: States in which a job occupies one of the remote server's per-user job slots (Cloudgene counts waiting and
 #: running jobs). A job that is downloading has finished remotely and no longer counts.
@@ -30,13 +34,8 @@ IN_FLIGHT: frozenset[JobState] = frozenset(
     {JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED}
 )
 
-#: States whose work the scheduler picks up when `next_poll_at` is due and the job is not leased.
-WORKABLE: frozenset[JobState] = frozenset(
-    {JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING, JobState.DOWNLOADING, JobState.CANCEL_REQUESTED}
-)
-
-#: States a job may be in while its remote job exists and must be polled.
-REMOTE_ACTIVE: frozenset[JobState] = frozenset({JobState.QUEUED, JobState.RUNNING})
+#: States whose remote job exists and is polled for its status (the poll tick's claims).
+POLLED: frozenset[JobState] = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED})
 
 _S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {

@@ -23,10 +23,7 @@ from sqlalchemy.orm import Session, raiseload, selectinload
 from daemon.db.engine import is_postgres, make_session_factory, read_only, single_write
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, integer_or_none, utcnow
 from daemon.remote import RemoteOutput
-from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState, check_transition
-
-#: States whose events go into the notification outbox (`notify_next_at` set when the event is written).
-NOTIFIABLE: frozenset[JobState] = TERMINAL | {JobState.BLOCKED}
+from daemon.states import IN_FLIGHT, NOTIFIABLE, TERMINAL, JobState, OutputState, check_transition
 
 
 @dataclass(frozen=True)
@@ -970,7 +967,6 @@ def job_snapshot(job: Job) -> dict[str, Any]:
 
 
 __all__ = [
-    "NOTIFIABLE",
     "ExpiredJob",
     "JobNotFound",
     "JobRow",
