@@ -7,6 +7,7 @@ or input; 3 the database is unreachable or its schema is not the one this versio
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import json
 import os
@@ -18,8 +19,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__
+import structlog
+
+from daemon import __version__, retention
+from daemon.config import (
+    BUILDS,
+    MODES,
+    PHASING,
+    R2_FILTERS,
+    ConfigError,
+    check_runtime,
+    find_config_path,
+    format_problems,
+    load_config,
+)
+from daemon.crypto import PasswordCipher, SecretKeyError
+from daemon.db.engine import DatabaseUnavailable, describe_url, make_engine
+from daemon.db.schema import UPGRADE_HINT, SchemaOutdated, ensure_current, upgrade_url
+from daemon.db.store import JobNotFound, JobStore, job_snapshot
+from daemon.demo import run_demo
+from daemon.logging import configure_logging
+from daemon.pipeline import Pipeline
+from daemon.scheduler import Daemon, make_owner
+from daemon.services import build_adapter
+from daemon.simulator import serve
 from daemon.states import TERMINAL, JobState
+from daemon.submission import Submission, SubmissionError, submit
 from daemon.text import counted, printable
 
 EXIT_FAILED = 1
@@ -39,9 +64,6 @@ class CliError(Exception):
 def _load(args: argparse.Namespace, *, logs_to_stderr: bool = True):
     """The config; and unless told otherwise, logging set up to write to stderr: stdout is for a command's result
     (and `--json`), whatever the work it does on the way (a remote cancel, a service check) logs."""
-    from daemon.config import ConfigError, find_config_path, format_problems, load_config
-    from daemon.logging import configure_logging
-
     path = find_config_path(getattr(args, "config", None))
     try:
         config = load_config(path)
@@ -53,11 +75,6 @@ def _load(args: argparse.Namespace, *, logs_to_stderr: bool = True):
 
 
 def _store(args: argparse.Namespace, config):
-    from daemon.crypto import PasswordCipher
-    from daemon.db.engine import DatabaseUnavailable, make_engine
-    from daemon.db.schema import SchemaOutdated, ensure_current
-    from daemon.db.store import JobStore
-
     try:
         engine = make_engine(config.database.url, pool_size=config.database.pool_size)
         ensure_current(engine)
@@ -71,16 +88,12 @@ def _store(args: argparse.Namespace, config):
 
 def _schema_problem(args: argparse.Namespace, exc: Exception) -> str:
     """`exc`'s message, its `db upgrade` hint with the `-c FILE` the user typed."""
-    from daemon.db.schema import UPGRADE_HINT, SchemaOutdated
-
     if isinstance(exc, SchemaOutdated) and exc.hint == UPGRADE_HINT:
         return f"{exc.reason}: run `{_command(args, 'db', 'upgrade')}`"
     return str(exc)
 
 
 def _resolve(store, text: str) -> uuid.UUID:
-    from daemon.db.store import JobNotFound
-
     try:
         return store.resolve_id(text)
     except JobNotFound as exc:
@@ -127,8 +140,6 @@ def _short(value: uuid.UUID | None) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from daemon.config import check_runtime
-
     config = _load(args)
     problems = check_runtime(config)
     if problems:
@@ -139,9 +150,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from daemon.db.engine import DatabaseUnavailable, describe_url
-    from daemon.db.schema import upgrade_url
-
     config = _load(args)
     try:
         before, after = upgrade_url(config.database.url)
@@ -166,7 +174,6 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     any thread starts."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return
-    import ctypes
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -177,13 +184,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _limit_malloc_arenas()
-    import structlog
 
-    from daemon.config import check_runtime
-    from daemon.db.engine import DatabaseUnavailable
-    from daemon.db.schema import SchemaOutdated
-    from daemon.logging import configure_logging
-    from daemon.scheduler import Daemon
 
     config = _load(args, logs_to_stderr=False)
     configure_logging(config.logging)  # stdout: journald
@@ -213,9 +214,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from daemon.crypto import SecretKeyError
-    from daemon.submission import Submission, SubmissionError, submit
-
     config = _load(args)
     password = args.password
     if args.password_file:
@@ -250,9 +248,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from daemon.db.store import job_snapshot
-    from daemon.states import JobState
-
     config = _load(args)
     store = _store(args, config)
     states = None
@@ -280,8 +275,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _job_detail(job) -> dict[str, Any]:
-    from daemon.db.store import job_snapshot
-
     data = job_snapshot(job)
     data["inputs"] = [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in job.inputs]
     data["outputs"] = [
@@ -312,8 +305,6 @@ PASSWORD_SHOWN = "result password shown (imputationd show --password)"
 def _show_passwords(config, store, jobs: Sequence[Any]) -> int:
     """Print the result password of `jobs` (one job, or a group's children): alone on its line when they share it,
     else one `ID SERVICE: PASSWORD` line each. Each reveal is written into the job's history before it is shown."""
-    from daemon.crypto import PasswordCipher, SecretKeyError
-
     locked = [j for j in jobs if j.password is not None]
     if not locked:
         raise CliError(f"{jobs[0].id}: the job has no password; its results are not encrypted")
@@ -377,11 +368,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from daemon.pipeline import Pipeline
-    from daemon.scheduler import make_owner
-    from daemon.services import build_adapter
-    from daemon.states import JobState
-
     config = _load(args)
     store = _store(args, config)
     job_id = _resolve(store, args.id)
@@ -425,8 +411,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from daemon.services import build_adapter
-
     config = _load(args)
     store = _store(args, config)
     statuses = store.service_statuses()
@@ -494,8 +478,6 @@ def _check_problems(entry: dict[str, Any]) -> list[str]:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from daemon import retention
-
     config = _load(args)
     keep_days = args.keep_days if args.keep_days is not None else config.storage.keep_days
     if keep_days is None:
@@ -533,14 +515,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
-
     return run_demo(keep=args.keep, timeout=args.timeout)
 
 
 def cmd_simulate_server(args: argparse.Namespace) -> int:
-    from daemon.simulator import serve
-
     serve(host=args.host, port=args.port, token=args.token)
     return 0
 
@@ -549,8 +527,6 @@ def cmd_simulate_server(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from daemon.config import BUILDS, MODES, PHASING, R2_FILTERS
-
     # `-c FILE` before the command or after it: on the main parser and on each command's, with no default on
     # either, so the command's parser does not overwrite one given before it with its own None.
     config_option = argparse.ArgumentParser(add_help=False)

@@ -25,6 +25,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from Cryptodome.Cipher import AES
+
 from daemon.logging import register_secret
 
 PREFIX = "aesgcm1:"
@@ -36,9 +38,6 @@ MAX_PASSWORD_LENGTH = 100
 
 
 def _aes_gcm(key: bytes, nonce: bytes) -> Any:
-    # Imported on first use: a daemon whose jobs carry no password never loads pycryptodomex.
-    from Cryptodome.Cipher import AES
-
     return AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
 
 
@@ -98,7 +97,6 @@ def _read_key(path: Path) -> bytes:
 
 class PasswordCipher:
     """Seals and reveals job passwords with the key in `path`, read (or created) on first use. Thread-safe."""
-
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._key: bytes | None = None

@@ -31,10 +31,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import smtplib
 import ssl
 from collections.abc import Callable, Mapping, Sequence
+from email.message import EmailMessage
+from email.utils import formatdate
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -49,12 +52,6 @@ from daemon.services.deadlines import Budget
 from daemon.services.errors import Transient
 from daemon.services.http import make_client, send
 from daemon.text import printable
-
-if TYPE_CHECKING:
-    from email.message import EmailMessage
-
-# smtplib and email.message's EmailMessage (with email.generator and what smtplib pulls in) are imported by the
-# e-mail channel when it sends: a daemon without notifications.email never needs them.
 
 log = structlog.get_logger("daemon.notify")
 
@@ -132,7 +129,6 @@ class Sender(Protocol):
 
 class WebhookSender:
     """POST the payload as JSON; any 2xx is delivered, anything else (redirects included) a failure to retry."""
-
     name = "webhook"
 
     def __init__(self, config: WebhookConfig) -> None:
@@ -174,7 +170,6 @@ class WebhookSender:
 
 class EmailSender:
     """One message per notification over SMTP (STARTTLS and login as configured)."""
-
     name = "email"
 
     def __init__(self, config: EmailConfig) -> None:
@@ -191,8 +186,6 @@ class EmailSender:
             if not password:
                 raise NotifyFailed("the SMTP password is empty or not set")
             register_secret(password)
-        import smtplib
-
         mail = _email_message(config, message)
         try:
             with smtplib.SMTP(config.host, config.port, timeout=config.timeout) as smtp:
@@ -216,9 +209,6 @@ def _email_message(config: EmailConfig, message: Mapping[str, Any]) -> EmailMess
     """The e-mail of one notification. The job's name and the reason come from users and servers: they are shown
     with every line break and control character escaped (`printable`), so no value can end a header, add one, or
     reach a reader's terminal as an escape sequence; the `email` package folds and encodes what is left."""
-    from email.message import EmailMessage
-    from email.utils import formatdate
-
     name = printable(message["name"], limit=None) if message["name"] else None
     reason = printable(message["reason"], limit=None) if message["reason"] else None
     label = printable(message["name"], limit=SUBJECT_NAME_LIMIT) if message["name"] else message["job_id"][:8]
@@ -258,7 +248,6 @@ def build_senders(config: NotificationsConfig) -> list[Sender]:
 
 class Notifier:
     """The notify tick: drain what is not wanted, claim what is due, send, record."""
-
     def __init__(
         self,
         store: JobStore,

@@ -12,7 +12,9 @@ import structlog
 from daemon.config import ServiceConfig
 from daemon.logging import register_secret
 from daemon.services.base import ServiceAdapter
+from daemon.services.cloudgene import CloudgeneAdapter
 from daemon.services.scrubbing import ScrubbingAdapter
+from daemon.services.wes import WesAdapter
 
 log = structlog.get_logger("daemon.services")
 
@@ -62,12 +64,8 @@ def build_adapter(config: ServiceConfig, *, max_connections: int = 10) -> Scrubb
     token = token_reader(config)
     adapter: ServiceAdapter
     if config.type == "cloudgene":
-        from daemon.services.cloudgene import CloudgeneAdapter
-
         adapter = CloudgeneAdapter(config, token=token, max_connections=max_connections)
     elif config.type == "wes":
-        from daemon.services.wes import WesAdapter
-
         adapter = WesAdapter(config, token=token, max_connections=max_connections)
     else:
         raise ValueError(f"services.{config.name}.type: unknown service type {config.type!r}")
