@@ -15,39 +15,20 @@ clean the result up, and keep `tests/test_db.py::test_migrations_match_models` g
 
 from __future__ import annotations
 
-import re
-import threading
-import types
+import functools
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from daemon.db.engine import DatabaseUnavailable, connect, is_postgres, is_sqlite, make_engine, read_only
-
-if TYPE_CHECKING:
-    from alembic.config import Config
-    from alembic.script import ScriptDirectory
-
-# Alembic is imported when it is needed (`_alembic`): it is ~8 MiB of modules, and the running daemon only needs to
-# know that the database is at head, which `ensure_current` finds out without it (see `_head_from_files`).
-_ALEMBIC_IMPORT = threading.Lock()
-
-
-def _alembic() -> types.SimpleNamespace:
-    """Alembic's pieces, imported once under a lock: threads importing its interdependent modules at the same time
-    could see one half-initialised."""
-    with _ALEMBIC_IMPORT:
-        from alembic import command
-        from alembic.config import Config
-        from alembic.migration import MigrationContext
-        from alembic.script import ScriptDirectory
-        from alembic.util import CommandError
-    return types.SimpleNamespace(command=command, Config=Config, MigrationContext=MigrationContext,
-                                 ScriptDirectory=ScriptDirectory, CommandError=CommandError)
 
 __all__ = [
     "DatabaseUnavailable",
@@ -85,7 +66,7 @@ class SchemaNewer(SchemaOutdated):
 
 def alembic_config(*, connection: sa.Connection | None = None, url: str | sa.URL | None = None) -> Config:
     """An Alembic configuration for our migrations, working on `connection` (preferred) or opening `url`."""
-    cfg = _alembic().Config()
+    cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("path_separator", "os")
     if url is not None:
@@ -97,7 +78,13 @@ def alembic_config(*, connection: sa.Connection | None = None, url: str | sa.URL
 
 
 def _script() -> ScriptDirectory:
-    return _alembic().ScriptDirectory.from_config(alembic_config())
+    return _scripts_in(MIGRATIONS_DIR)
+
+
+@functools.cache
+def _scripts_in(directory: Path) -> ScriptDirectory:
+    """The migrations in `directory`, read once: they cannot change under a running process."""
+    return ScriptDirectory(str(directory))
 
 
 def head_revision() -> str:
@@ -108,7 +95,7 @@ def head_revision() -> str:
 
 
 def _revision_of(connection: sa.Connection) -> str | None:
-    return _alembic().MigrationContext.configure(connection).get_current_revision()
+    return MigrationContext.configure(connection).get_current_revision()
 
 
 def current_revision(engine: sa.Engine) -> str | None:
@@ -120,7 +107,7 @@ def current_revision(engine: sa.Engine) -> str | None:
 def _is_known(revision: str) -> bool:
     try:
         return _script().get_revision(revision) is not None
-    except _alembic().CommandError:
+    except CommandError:
         return False
 
 
@@ -133,53 +120,18 @@ def _refuse_newer(current: str | None) -> None:
         )
 
 
-_REVISION = re.compile(r"""^revision\b[^=\n]*=\s*["']([^"']+)["']""", re.MULTILINE)
-_DOWN_REVISION = re.compile(r"^down_revision\b[^=\n]*=(.*)$", re.MULTILINE)
-
-
-def _head_from_files() -> str | None:
-    """The head revision read from the migration files' `revision` / `down_revision` lines (the one revision no
-    other revision names as its parent); None when the files do not say it plainly (then Alembic decides)."""
-    revisions: set[str] = set()
-    parents: set[str] = set()
-    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
-        text = path.read_text(encoding="utf-8")
-        revision, down = _REVISION.search(text), _DOWN_REVISION.search(text)
-        if revision is None or down is None:
-            return None
-        revisions.add(revision.group(1))
-        parents.update(re.findall(r"""["']([^"']+)["']""", down.group(1)))
-    heads = revisions - parents
-    return heads.pop() if len(heads) == 1 and parents <= revisions else None
-
-
-def _version_rows(engine: sa.Engine) -> list[str] | None:
-    """The `alembic_version` rows; None when the table cannot be read (no table yet: Alembic decides)."""
-    with connect(read_only(engine)) as connection:
-        try:
-            return list(connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalars())
-        except sa.exc.DBAPIError:
-            return None
-
-
 def ensure_current(engine: sa.Engine) -> str:
     """Return the head revision when the database is at it, migrating a new SQLite database to it first; raise
     `SchemaOutdated` (behind, or an empty PostgreSQL database) or `SchemaNewer` (ahead) with a one-line message, or
-    `DatabaseUnavailable`.
-
-    The usual answer (at head) comes without importing Alembic; anything else goes through it."""
-    head = _head_from_files()
-    rows = _version_rows(engine)
-    if head is not None and rows == [head]:
+    `DatabaseUnavailable`."""
+    head = head_revision()
+    current = current_revision(engine)
+    if current == head:
         return head
-    if rows is None and _is_new_sqlite(engine):
+    if current is None and _is_new_sqlite(engine):
         # Two processes meeting a new database at once migrate one after the other (`upgrade` takes the write
         # lock first); the second finds the work done.
         return upgrade(engine)[1]
-    current = current_revision(engine)
-    head = head_revision()
-    if current == head:
-        return head
     _refuse_newer(current)
     raise SchemaOutdated(f"database schema is at {current or 'empty'}, this imputationd needs {head}")
 
@@ -189,13 +141,16 @@ def _is_new_sqlite(engine: sa.Engine) -> bool:
     if not is_sqlite(engine):
         return False
     with connect(read_only(engine)) as connection:
-        return connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar_one() == 0
+        objects: int = connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar_one()
+        return objects == 0
 
 
 def _sqlite_foreign_keys(connection: sa.Connection, on: bool) -> None:
     # On the driver connection: anything run through SQLAlchemy would BEGIN first, and this pragma is a no-op
     # inside a transaction.
-    connection.connection.driver_connection.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}").close()
+    driver = connection.connection.driver_connection
+    assert driver is not None, "a checked-out connection has its driver connection"
+    driver.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}").close()
 
 
 @contextmanager
@@ -236,7 +191,7 @@ def upgrade(engine: sa.Engine) -> tuple[str | None, str]:
     with connect(engine) as connection, migration_transaction(connection):
         before = _revision_of(connection)
         _refuse_newer(before)
-        _alembic().command.upgrade(alembic_config(connection=connection), "head")
+        command.upgrade(alembic_config(connection=connection), "head")
         after = _revision_of(connection)
     assert after is not None
     return before, after
