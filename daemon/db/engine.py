@@ -38,6 +38,8 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
 
+from daemon.logging import scrub
+
 #: Engine/connection execution option naming the SQLite BEGIN mode; `IMMEDIATE` unless set.
 SQLITE_BEGIN_OPTION = "sqlite_begin"
 #: `SINGLE_WRITE` (see `single_write`) begins no transaction: the one statement runs in SQLite's autocommit mode.
@@ -59,12 +61,12 @@ def describe_url(url: str | URL) -> str:
 
 
 def unavailable(url: str | URL, error: BaseException) -> DatabaseUnavailable:
-    """A `DatabaseUnavailable` for `url` saying why (`error`'s first line), with any password scrubbed."""
+    """A `DatabaseUnavailable` for `url` saying why (`error`'s first line), with the URL's password scrubbed as
+    every secret is (`daemon.logging.scrub`)."""
     url = make_url(url)
     cause = getattr(error, "orig", None) or error
     reason = " ".join(str(cause).split()) or type(cause).__name__
-    if url.password:
-        reason = reason.replace(str(url.password), "***")
+    reason = scrub(reason, [url.password])
     return DatabaseUnavailable(f"cannot open database {describe_url(url)}: {reason}")
 
 
