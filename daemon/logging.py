@@ -2,8 +2,9 @@
 
 One line per event. JSON lines when the output is not a terminal (journald), `ConsoleRenderer` on a terminal;
 `logging.format: json|console` overrides the guess. When stdout is systemd's journal stream ($JOURNAL_STREAM),
-each line starts with a syslog "<N>" prefix that journald turns into the entry's PRIORITY and strips. Every line has `timestamp` (ISO 8601, UTC), `level` (lower
-case), `logger` and `event`; lines logged inside `bind_job(...)` also carry `job_id`, `service` and `remote_id`.
+each line starts with a syslog "<N>" prefix that journald turns into the entry's PRIORITY and strips. Every line
+has `timestamp` (ISO 8601, UTC), `level` (lower case), `logger` and `event`; lines logged inside `bind_job(...)`
+also carry `job_id`, `service` and `remote_id`.
 
 Field conventions the rest of the daemon follows (operators filter on them with `jq`):
 

@@ -24,7 +24,7 @@ from daemon.db.models import Job, JobOutput, integer_or_none, utcnow
 from daemon.db.store import JobRow, JobStore, LeaseLost, Outcome
 from daemon.logging import bind_job, register_secret, scrub
 from daemon.metrics import NO_METRICS, Metrics
-from daemon.remote import RemoteOutput, RemoteStatus, SubmitRequest
+from daemon.remote import RemoteOutput, RemoteStatus, SubmitRequest, parameters_of
 from daemon.services import scrubbing
 from daemon.services.base import ServiceAdapter
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
@@ -299,18 +299,8 @@ class Pipeline:
             if size != item.size:
                 raise Permanent(f"input {path} changed since it was submitted ({item.size} → {size} bytes)",
                                 kind="input_changed")
-        return SubmitRequest(
-            job_id=carried,
-            files=files,
-            panel=panel.remote_id,
-            build=job.build,
-            population=job.population,
-            phasing=job.phasing,
-            r2_filter=job.r2_filter,
-            mode=job.mode,
-            password=self._password(job),
-            name=job.name,
-        )
+        return SubmitRequest(job_id=carried, files=files,
+                             **parameters_of(job, panel=panel.remote_id, password=self._password(job)))
 
     # ------------------------------------------------------------------ poll
 

@@ -4,29 +4,47 @@ both and import neither."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from daemon.states import RemoteKind
 
 
-@dataclass(frozen=True)
-class SubmitRequest:
-    """Everything needed to start one remote job for one of our jobs."""
+@dataclass(frozen=True, kw_only=True)
+class JobParameters:
+    """What a user chooses for an imputation job: the one list of them. A submission (`daemon.submission`), a job
+    to store (`daemon.db.store.NewJob`) and a submit request are each these plus what they add; a stored job's row
+    has a column of the same name for each."""
 
-    job_id: str  # ours; carried as Cloudgene `job-name` / WES `tags` so a lost answer can be found again
-    files: Sequence[Path]
-    panel: str  # the service's remote panel id (already mapped from our config name)
+    panel: str  # our config's panel name; in a SubmitRequest, the service's remote panel id
     build: str
     population: str | None = None
     phasing: str | None = None
     r2_filter: str | None = None
     mode: str | None = None
-    password: str | None = None
     name: str | None = None
+    #: The result zips' password: chosen by the user, sealed at rest, revealed only to submit and to open zips.
+    password: str | None = field(default=None, repr=False)
+
+
+PARAMETER_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobParameters))
+
+
+def parameters_of(source: object, **overrides: Any) -> dict[str, Any]:
+    """The job parameters that `source` (a Submission, a stored job) carries, by name, with `overrides` applied."""
+    return {name: overrides[name] if name in overrides else getattr(source, name) for name in PARAMETER_NAMES}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitRequest(JobParameters):
+    """Everything needed to start one remote job for one of our jobs (`panel`: the service's remote panel id)."""
+
+    job_id: str  # ours; carried as Cloudgene `job-name` / WES `tags` so a lost answer can be found again
+    files: Sequence[Path]
     aes_encryption: bool = False
     meta: bool = False
 

@@ -18,6 +18,7 @@ from daemon.crypto import MAX_PASSWORD_LENGTH
 from daemon.db.models import Job
 from daemon.db.store import JobStore, NewInput, NewJob
 from daemon.preflight import PreflightError, preflight
+from daemon.remote import JobParameters, parameters_of
 from daemon.services.cloudgene import password_problem
 from daemon.text import printable
 
@@ -30,18 +31,12 @@ class SubmissionError(ValueError):
         super().__init__("; ".join(problems))
 
 
-@dataclass(frozen=True)
-class Submission:
+@dataclass(frozen=True, kw_only=True)
+class Submission(JobParameters):
+    """One `imputationd submit`: the same job for each of `services`."""
+
     services: Sequence[str]
-    panel: str
-    build: str
     files: Sequence[Path]
-    population: str | None = None
-    phasing: str | None = None
-    r2_filter: str | None = None
-    mode: str | None = None
-    name: str | None = None
-    password: str | None = None
 
 
 def validate(config: Config, request: Submission) -> list[str]:
@@ -127,18 +122,7 @@ def submit(config: Config, store: JobStore, request: Submission) -> list[Job]:
     new_inputs = [NewInput(path=str(i.path), size=i.size, sha256=i.sha256) for i in inputs]
     return store.create_group(
         [
-            NewJob(
-                service=name,
-                panel=request.panel,
-                build=request.build,
-                inputs=new_inputs,
-                population=request.population,
-                phasing=request.phasing,
-                r2_filter=request.r2_filter,
-                mode=request.mode,
-                name=request.name,
-                password=password,
-            )
+            NewJob(service=name, inputs=new_inputs, **parameters_of(request, password=password))
             for name in request.services
         ]
     )

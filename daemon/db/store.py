@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, raiseload, selectinload
 
 from daemon.db.engine import is_postgres, make_session_factory, read_only, single_write
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, integer_or_none, utcnow
-from daemon.remote import RemoteOutput
+from daemon.remote import JobParameters, RemoteOutput
 from daemon.states import IN_FLIGHT, NOTIFIABLE, TERMINAL, JobState, OutputState, check_transition
 
 
@@ -33,18 +33,10 @@ class NewInput:
     sha256: str
 
 
-@dataclass(frozen=True)
-class NewJob:
+@dataclass(frozen=True, kw_only=True)
+class NewJob(JobParameters):
     service: str
-    panel: str
-    build: str
     inputs: Sequence[NewInput]
-    population: str | None = None
-    phasing: str | None = None
-    r2_filter: str | None = None
-    mode: str | None = None
-    name: str | None = None
-    password: str | None = None
 
 
 @dataclass
