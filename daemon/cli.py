@@ -27,6 +27,7 @@ from daemon.config import (
     MODES,
     PHASING,
     R2_FILTERS,
+    Config,
     ConfigError,
     check_runtime,
     find_config_path,
@@ -35,6 +36,7 @@ from daemon.config import (
 )
 from daemon.crypto import PasswordCipher, SecretKeyError
 from daemon.db.engine import DatabaseUnavailable, describe_url, make_engine
+from daemon.db.models import Job
 from daemon.db.schema import UPGRADE_HINT, SchemaOutdated, ensure_current, upgrade_url
 from daemon.db.store import JobNotFound, JobStore, job_snapshot
 from daemon.demo import run_demo
@@ -61,7 +63,7 @@ class CliError(Exception):
 # ---------------------------------------------------------------------- shared plumbing
 
 
-def _load(args: argparse.Namespace, *, logs_to_stderr: bool = True):
+def _load(args: argparse.Namespace, *, logs_to_stderr: bool = True) -> Config:
     """The config; and unless told otherwise, logging set up to write to stderr: stdout is for a command's result
     (and `--json`), whatever the work it does on the way (a remote cancel, a service check) logs."""
     path = find_config_path(getattr(args, "config", None))
@@ -74,7 +76,7 @@ def _load(args: argparse.Namespace, *, logs_to_stderr: bool = True):
     return config
 
 
-def _store(args: argparse.Namespace, config):
+def _store(args: argparse.Namespace, config: Config) -> JobStore:
     try:
         engine = make_engine(config.database.url, pool_size=config.database.pool_size)
         ensure_current(engine)
@@ -93,7 +95,7 @@ def _schema_problem(args: argparse.Namespace, exc: Exception) -> str:
     return str(exc)
 
 
-def _resolve(store, text: str) -> uuid.UUID:
+def _resolve(store: JobStore, text: str) -> uuid.UUID:
     try:
         return store.resolve_id(text)
     except JobNotFound as exc:
@@ -274,7 +276,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_detail(job) -> dict[str, Any]:
+def _job_detail(job: Job) -> dict[str, Any]:
     data = job_snapshot(job)
     data["inputs"] = [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in job.inputs]
     data["outputs"] = [
@@ -302,7 +304,7 @@ def _group_state(states: Sequence[str]) -> str:
 PASSWORD_SHOWN = "result password shown (imputationd show --password)"
 
 
-def _show_passwords(config, store, jobs: Sequence[Any]) -> int:
+def _show_passwords(config: Config, store: JobStore, jobs: Sequence[Job]) -> int:
     """Print the result password of `jobs` (one job, or a group's children): alone on its line when they share it,
     else one `ID SERVICE: PASSWORD` line each. Each reveal is written into the job's history before it is shown."""
     locked = [j for j in jobs if j.password is not None]
@@ -539,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"imputationd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Callable[[argparse.Namespace], int], help: str, *, config: bool = True):
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str, *,
+                config: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help, parents=[config_option] if config else [])
         sub.set_defaults(func=func)
         return sub
@@ -613,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
     except CliError as exc:
         for line in str(exc).splitlines():
             print(f"imputationd: {line}", file=sys.stderr)

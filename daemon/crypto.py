@@ -138,7 +138,7 @@ class PasswordCipher:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             nonce, body, tag = raw[:NONCE_BYTES], raw[NONCE_BYTES:-TAG_BYTES], raw[-TAG_BYTES:]
             cipher = _aes_gcm(key, nonce)
-            password = cipher.decrypt_and_verify(body, tag).decode("utf-8")
+            password: str = cipher.decrypt_and_verify(body, tag).decode("utf-8")
         except (ValueError, binascii.Error, UnicodeDecodeError):
             raise SecretKeyError("the job's stored password is damaged (it does not decrypt)") from None
         register_secret(password)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from daemon.config import LoggingConfig, load_config
+from daemon.db.models import Job
 from daemon.db.schema import upgrade_url
 from daemon.logging import configure_logging
 from daemon.scheduler import Daemon
@@ -120,7 +121,7 @@ def _run(root: Path, timeout: float) -> int:
         return _report(job, server, elapsed)
 
 
-def _report(job, server, elapsed: float) -> int:
+def _report(job: Job, server: SimulatedCloudgene, elapsed: float) -> int:
     _say()
     _say(f"job {job.id}: {job.state.value} after {elapsed:.1f} s (remote id {job.remote_id})")
     _say("history (UTC):")
@@ -130,7 +131,9 @@ def _report(job, server, elapsed: float) -> int:
     if job.state is not JobState.COMPLETED:
         _say(f"demo FAILED: the job ended {job.state.value}: {job.error or 'no reason recorded'}")
         return 1
-    served = {name: server.file_bytes(job.remote_id, name) for name in server.file_names(job.remote_id)}
+    remote_id = job.remote_id
+    assert remote_id is not None, "a completed job was submitted"
+    served = {name: server.file_bytes(remote_id, name) for name in server.file_names(remote_id)}
     _say("files (sha256 computed while downloading, checked against what the server sent):")
     mismatched = 0
     for output in job.outputs:

@@ -274,7 +274,8 @@ def _with_syslog_priority(renderer: Processor) -> Processor:
 
     def render(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
         priority = _SYSLOG_PRIORITY.get(event_dict.get("level", ""), 6)
-        return f"<{priority}>{renderer(logger, method_name, event_dict)}"
+        line = renderer(logger, method_name, event_dict)
+        return f"<{priority}>{line.decode() if isinstance(line, bytes) else line}"
 
     return render
 

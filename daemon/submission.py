@@ -89,7 +89,7 @@ def validate(config: Config, request: Submission) -> list[str]:
 
 def _name_problems(name: str) -> list[str]:
     problems = []
-    longest = Job.__table__.c.name.type.length
+    longest: int = Job.__table__.c.name.type.length  # type: ignore[attr-defined]  # a String column's length
     if len(name) > longest:
         problems.append(f"--name: at most {longest} characters, got {len(name)}")
     bad = next((ch for ch in name if not ch.isprintable()), None)

@@ -192,17 +192,17 @@ def _sqlite_on_begin(conn: sa.Connection) -> None:
     mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
     if mode not in _SQLITE_BEGIN_MODES:
         raise ValueError(f"{SQLITE_BEGIN_OPTION}={mode!r}: expected one of {sorted(_SQLITE_BEGIN_MODES)}")
-    dbapi_connection = conn.connection.dbapi_connection
-    queued = mode != "DEFERRED" and isinstance(dbapi_connection, _QueuedWriters)
-    if queued:
-        dbapi_connection.wait_for_writer_lock()
+    dbapi_connection: object = conn.connection.dbapi_connection
+    queued = dbapi_connection if mode != "DEFERRED" and isinstance(dbapi_connection, _QueuedWriters) else None
+    if queued is not None:
+        queued.wait_for_writer_lock()
     if mode == "SINGLE_WRITE":
         return  # released by the COMMIT or ROLLBACK that ends the block, each a no-op outside a transaction
     try:
         conn.exec_driver_sql(f"BEGIN {mode}")
     except BaseException:
-        if queued:
-            dbapi_connection.release_writer_lock()
+        if queued is not None:
+            queued.release_writer_lock()
         raise
 
 
