@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -115,6 +116,8 @@ def ours_once(client, url: str, result_dir: Path, expected_sha: str, size: int, 
               ) -> tuple[float, float, float, float]:
     """(seconds, CPU seconds of this process, peak RSS growth MiB, seconds spent in fsync)."""
     from daemon import downloads
+    from daemon.services.deadlines import Budget
+    from daemon.services.http import open_body
 
     kwargs = {"chunk_size": chunk_size} if chunk_size else {}
     before = c.rss_mb()
@@ -131,7 +134,10 @@ def ours_once(client, url: str, result_dir: Path, expected_sha: str, size: int, 
     os.fsync = timed_fsync
     try:
         with RssSampler() as rss:
-            got = downloads.download(lambda: client.stream("GET", url), NAME, result_dir=result_dir, **kwargs)
+            def body() -> Any:
+                return open_body(client, url, call=f"download of {NAME}", budget=Budget.transfer())
+
+            got = downloads.download(body, NAME, result_dir=result_dir, **kwargs)
     finally:
         os.fsync = real_fsync
     elapsed = time.perf_counter() - started
