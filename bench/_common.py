@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts (not a benchmark itself).
 
-- databases: a migrated SQLite file or a database on a throwaway PostgreSQL cluster (tests/pg.py, imported by path),
+- databases: a migrated SQLite file or a database on a throwaway PostgreSQL cluster (tests/support/pg.py,
+  imported by path),
   and a fast Core bulk insert of realistic job rows;
 - processes: RSS / PSS / CPU of a process tree read from /proc;
 - the simulated Cloudgene server in its own process, with its control API;
@@ -57,10 +58,11 @@ def verdict(ok: bool) -> str:
 
 @contextlib.contextmanager
 def postgres_cluster() -> Iterator[Any]:
-    """A throwaway PostgreSQL cluster from tests/pg.py (imported by path, not copied); None without binaries."""
+    """A throwaway PostgreSQL cluster from tests/support/pg.py (imported by path, not copied); None without
+    binaries."""
     if str(TESTS_DIR) not in sys.path:
         sys.path.insert(0, str(TESTS_DIR))
-    import pg  # tests/pg.py
+    from support import pg  # tests/support/pg.py
 
     if pg.find_bindir() is None:
         yield None

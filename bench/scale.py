@@ -175,7 +175,8 @@ def _sqlite_plan(rows: list[tuple]) -> str:
 
 def run(dialects: list[str], sizes: list[int], iterations: int, workers: int, show_plans: bool,
         warmup: int = 3, cluster: Any = None) -> dict[str, dict[int, Subject]]:
-    """`cluster`: a running tests/pg.py cluster to use; by default one is started when PostgreSQL is asked for."""
+    """`cluster`: a running tests/support/pg.py cluster to use; by default one is started when PostgreSQL is asked
+    for."""
     results: dict[str, dict[int, Subject]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="imputationd-bench-scale-"))
     own = cluster is None and "postgres" in dialects

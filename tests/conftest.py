@@ -1,5 +1,15 @@
 """Shared fixtures: databases for every test module.
 
+The tests come in layers, each in a folder of its own; what they share is in `support/`:
+
+- `unit/`: pure functions and single calls (the pipeline's decision table, the HTTP error mapping, log
+  rendering): no server, no database, no process; milliseconds.
+- `integration/`: one part of the daemon against the real thing: the simulated Cloudgene server and sapporo on
+  loopback, SQLite and a throwaway PostgreSQL, the file system, systemd's analysers.
+- `e2e/`: the daemon as a whole: `imputationd` processes, the Daemon in-process with its ticks, crashes and
+  restarts, the CLI, the benchmarks' smoke runs.
+- `repository/`: the repository itself: ruff, mypy, the import layers, the CI script, the package.
+
 Database fixtures (all function-scoped unless said otherwise; every database is new and private to the test):
 
 - `db_url` -> str: URL of a fresh database MIGRATED to head, parametrized over ["sqlite", "postgres"], so a test
@@ -8,7 +18,8 @@ Database fixtures (all function-scoped unless said otherwise; every database is 
 - `session_factory` -> sessionmaker[Session] on `engine` (`expire_on_commit=False`).
 - `empty_db_url` -> str: like `db_url` but EMPTY (no tables, no alembic_version): for migration tests.
 - `sqlite_url` -> str: a migrated SQLite file database only (for tests that are about SQLite or don't need both).
-- `postgres_cluster` (session) -> pg.PostgresCluster (tests/pg.py; `from pg import ...` works in any test module):
+- `postgres_cluster` (session) -> pg.PostgresCluster (tests/support/pg.py; `from support.pg import ...` works in
+  any test module):
   the throwaway server. `.restart()`, `.stop(mode)`, `.start()` to break connections under a running daemon;
   `.create_database()` for more databases; `.url(name)`.
 - `fresh_postgres_db` -> str: URL of a new EMPTY database on that server, dropped afterwards.
@@ -30,9 +41,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from pg import ClusterError, PostgresCluster, find_bindir  # tests/ is no package: pytest puts it on sys.path
-from prerequisites import require_tool
 from sqlalchemy.orm import Session, sessionmaker
+from support.pg import ClusterError, PostgresCluster, find_bindir  # tests/ is on sys.path: this file is there
+from support.prerequisites import require_tool
 
 import daemon.logging
 from daemon.db.engine import make_engine, make_session_factory
@@ -43,7 +54,7 @@ from daemon.db.schema import upgrade_url
 daemon.logging.CACHE_LOGGERS = False
 
 # Fixtures that live beside their helpers: registered here, so a test module names them without importing them.
-pytest_plugins = ["e2e_support", "wes.sapporo_server"]
+pytest_plugins = ["support.e2e_support", "support.wes.sapporo_server"]
 
 DIALECTS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
 

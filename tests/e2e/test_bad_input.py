@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from chaos_support import partial_files, report, rows
-from daemon_harness import (
+from support.chaos_support import partial_files, report, rows
+from support.daemon_harness import (
     PANEL,
     PANEL_ID,
     DaemonConfig,
@@ -41,7 +41,7 @@ from daemon_harness import (
     sample_vcf,
     simulator,
 )
-from tls_support import self_signed_certificate
+from support.tls_support import self_signed_certificate
 
 from daemon.config import ServiceConfig
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import _common  # noqa: E402
@@ -28,7 +28,7 @@ import download  # noqa: E402
 import memory  # noqa: E402
 import scale  # noqa: E402
 import throughput  # noqa: E402
-from prerequisites import require_program  # noqa: E402
+from support.prerequisites import require_program  # noqa: E402
 
 
 def test_scale_sqlite_ticks_and_plans(capsys: pytest.CaptureFixture[str]) -> None:

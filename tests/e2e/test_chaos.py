@@ -51,8 +51,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from chaos_support import SimProcess, check_end_state, partial_files, report, submit_jobs
-from daemon_harness import PANEL, PANEL_ID, DaemonConfig, DaemonProcess, JobDB, wait_until
+from support.chaos_support import SimProcess, check_end_state, partial_files, report, submit_jobs
+from support.daemon_harness import PANEL, PANEL_ID, DaemonConfig, DaemonProcess, JobDB, wait_until
 
 from daemon.simulator import write_sample_vcf
 from daemon.states import JobState
@@ -345,7 +345,7 @@ _TERM_AFTER_START = (
 def test_sigterm_while_starting_is_a_clean_stop(tmp_path: Path, sqlite_url: str) -> None:
     """Found by the chaos run: its last daemon, SIGTERMed as soon as every job was done, died of the signal (exit
     -15) instead of stopping. A SIGTERM between the start of the ticks and the main loop must stop cleanly too."""
-    from daemon_harness import create_jobs, simulator
+    from support.daemon_harness import create_jobs, simulator
 
     with simulator() as sim:
         cfg = DaemonConfig(tmp_path, sqlite_url, sim)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon_harness import (
+from support.daemon_harness import (
     SERVICE,
     DaemonConfig,
     DaemonProcess,

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from chaos_support import check_end_state, partial_files, report, submit_jobs
-from daemon_harness import DaemonConfig, DaemonProcess, JobDB, simulator, wait_until
-from prerequisites import require_tool
+from support.chaos_support import check_end_state, partial_files, report, submit_jobs
+from support.daemon_harness import DaemonConfig, DaemonProcess, JobDB, simulator, wait_until
+from support.prerequisites import require_tool
 
 from daemon.simulator import server as sim_server
 from daemon.simulator.vcf import write_sample_vcf

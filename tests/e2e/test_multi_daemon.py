@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from daemon_harness import (
+from support.daemon_harness import (
     DaemonConfig,
     DaemonProcess,
     JobDB,

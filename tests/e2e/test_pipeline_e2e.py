@@ -3,7 +3,7 @@ jobs through simulated Cloudgene servers over real HTTP.
 
 Every test ends in a final state and checks the job's history (`job_events`), the remote state stored raw, the
 files (our sha256 equals that of the bytes the simulator served) and the log lines: one clear line per problem,
-never one per tick or per retry. Harness: tests/e2e_support.py.
+never one per tick or per retry. Harness: tests/support/e2e_support.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from e2e_support import Harness
+from support.e2e_support import Harness
 
 import daemon.downloads
 import daemon.pipeline

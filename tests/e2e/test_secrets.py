@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chaos_support import report, rows, submit_jobs
-from daemon_harness import (
+from support.chaos_support import report, rows, submit_jobs
+from support.daemon_harness import (
     TOKEN,
     DaemonConfig,
     DaemonProcess,
@@ -33,7 +33,7 @@ from daemon_harness import (
     simulator,
     wait_until,
 )
-from ops_support import SmtpServer, WebhookReceiver
+from support.ops_support import SmtpServer, WebhookReceiver
 
 from daemon.db.models import Job, JobEvent, JobOutput, ServiceStatus
 

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from ops_support import PANEL, PANEL_ID, sample_vcf
+from support.ops_support import PANEL, PANEL_ID, sample_vcf
 
 from daemon.cli import _group_state, main
 from daemon.config import load_config

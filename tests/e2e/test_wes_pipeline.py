@@ -1,6 +1,7 @@
 """The daemon drives WES jobs exactly like Cloudgene ones: same scheduler, state machine, store and downloads.
 
-A real sapporo WES server on loopback (tests/wes/sapporo_server.py), a real SQLite database, the Daemon in-process.
+A real sapporo WES server on loopback (tests/support/wes/sapporo_server.py), a real SQLite database, the Daemon
+in-process.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from wes.late_proxy import LateProxy
-from wes.sapporo_server import DEFAULT_PARAMS, SapporoServer
+from support.wes.late_proxy import LateProxy
+from support.wes.sapporo_server import DEFAULT_PARAMS, SapporoServer
 
 from daemon.config import Config, DatabaseConfig, PanelConfig, SchedulerConfig, StorageConfig
 from daemon.scheduler import Daemon

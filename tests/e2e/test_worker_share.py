@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from daemon_harness import DaemonConfig, DaemonProcess, JobDB, create_jobs, simulator
-from hostile_server import HostileServer, Request, drip, json_answer
+from support.daemon_harness import DaemonConfig, DaemonProcess, JobDB, create_jobs, simulator
+from support.hostile_server import HostileServer, Request, drip, json_answer
 
 SUBMIT = "POST /api/v2/jobs/submit/imputationserver2"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from prerequisites import run_unprivileged, unprivileged_dir
+from support.prerequisites import run_unprivileged, unprivileged_dir
 
 from daemon.config import (
     DEFAULT_CONFIG_PATH,
@@ -31,7 +31,7 @@ from daemon.config import (
     load_config,
 )
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "imputationd.example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "imputationd.example.yaml"
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXRva2VuLXZhbHVl.c2lnbmF0dXJl"
 DELETE = object()  # in an override: remove this key from the base config
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from ops_support import PANEL, PANEL_ID, sample_vcf
+from support.ops_support import PANEL, PANEL_ID, sample_vcf
 
 from daemon.cli import main
 from daemon.crypto import MAX_PASSWORD_LENGTH, PasswordCipher, SecretKeyError, is_sealed, load_or_create_key

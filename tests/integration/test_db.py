@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from e2e_support import LogCapture
-from pg import free_port
 from sqlalchemy.orm import Session, sessionmaker
+from support.e2e_support import LogCapture
+from support.pg import free_port
 
 from daemon.config import parse_config
 from daemon.db import schema

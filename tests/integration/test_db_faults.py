@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from chaos_support import check_end_state, report
-from daemon_harness import DaemonConfig, DaemonProcess, JobDB, create_jobs, migrate, simulator, wait_until
-from pg import PostgresCluster
+from support.chaos_support import check_end_state, report
+from support.daemon_harness import DaemonConfig, DaemonProcess, JobDB, create_jobs, migrate, simulator, wait_until
+from support.pg import PostgresCluster
 
 from daemon.states import JobState
 
@@ -140,7 +140,7 @@ def test_a_step_whose_outcome_the_database_refuses_is_logged_not_raised(tmp_path
     """The database goes away between a step's remote call and the write of its outcome: `Pipeline.run` (a pool
     task: nobody to raise to) logs that the outcome was lost and returns; the job's lease runs out and the step is
     done again. Before the fix the exception vanished into the pool's future, unlogged."""
-    from e2e_support import LogCapture
+    from support.e2e_support import LogCapture
 
     from daemon.config import load_config
     from daemon.db.engine import make_engine

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hostile_server import HostileServer, Pause, Request, drip, endless, json_answer
-from tls_support import self_signed_certificate
+from support.hostile_server import HostileServer, Pause, Request, drip, endless, json_answer
+from support.tls_support import self_signed_certificate
 
 from daemon.config import ServiceConfig, WesConfig
 from daemon.remote import RemoteOutput, SubmitRequest

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
-from ops_support import PANEL, daemon_config, running_daemon, sample_vcf, wait_until
-from pg import free_port
 from prometheus_client.parser import text_string_to_metric_families
+from support.ops_support import PANEL, daemon_config, running_daemon, sample_vcf, wait_until
+from support.pg import free_port
 
 from daemon import metrics as metrics_module
 from daemon.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics, health_report

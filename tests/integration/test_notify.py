@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import structlog
-from ops_support import PANEL, SmtpServer, WebhookReceiver, daemon_config, running_daemon, sample_vcf, wait_until
+from support.ops_support import (
+    PANEL,
+    SmtpServer,
+    WebhookReceiver,
+    daemon_config,
+    running_daemon,
+    sample_vcf,
+    wait_until,
+)
 
 from daemon.config import EmailConfig, NotificationsConfig, WebhookConfig
 from daemon.db.engine import make_engine

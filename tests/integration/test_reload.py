@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-from ops_support import daemon_config, running_daemon
-from pg import free_port
+from support.ops_support import daemon_config, running_daemon
+from support.pg import free_port
 
 from daemon.logging import configure_logging
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import pyzipper
 import structlog
-from prerequisites import require_tool
+from support.prerequisites import require_tool
 
 from daemon import results
 from daemon.results import CorruptResult, WrongPassword, extract_zip, is_aes, verify_zip

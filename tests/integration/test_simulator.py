@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import pyzipper
-from prerequisites import require_tool
+from support.prerequisites import require_tool
 
 from daemon.simulator import SimulatedCloudgene, State, Timings, serve, write_sample_vcf, zipcrypto
 from daemon.simulator.vcf import BGZF_EOF, bgzf_blocks, sample_records, write_vcf

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 import structlog
-from prerequisites import require_tool
-from tls_support import self_signed_certificate
+from support.prerequisites import require_tool
+from support.tls_support import self_signed_certificate
 
 from daemon import systemd
 from daemon.config import SchedulerConfig
 from daemon.services.http import ANSWER_LIMIT
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "imputationd.service"
 DROPIN = REPO / "systemd" / "imputationd-postgresql.conf"
 INSTALLED_EXEC = "/opt/imputationd/venv/bin/imputationd"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import pyzipper
-from ops_support import PANEL, daemon_config, running_daemon, sample_vcf, wait_until
+from support.ops_support import PANEL, daemon_config, running_daemon, sample_vcf, wait_until
 
 from daemon import results
 from daemon.config import StorageConfig

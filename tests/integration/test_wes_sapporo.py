@@ -1,8 +1,9 @@
 """The WES adapter against a REAL GA4GH WES 1.1 server: sapporo, started as a subprocess on 127.0.0.1 (no Docker).
 
-How the server is set up is in tests/wes/sapporo_server.py: the installed sapporo with its own CLI, its own run
+How the server is set up is in tests/support/wes/sapporo_server.py: the installed sapporo with its own CLI, its own run
 directory, a `service_info.json` declaring one workflow type (SHELL 1.0) and one engine (`shell`), and a run.sh
-made of tests/wes/engine.sh in front of sapporo's stock run.sh. The "imputation" is tests/wes/impute.sh: it
+made of tests/support/wes/engine.sh in front of sapporo's stock run.sh. The "imputation" is
+tests/support/wes/impute.sh: it
 reads the attached .vcf.gz files and writes chrN.dose.vcf.gz, chrN.info.txt, stats.txt and "logs/impute log.txt";
 `simulate: fail` makes it exit 3 after an error on stderr, `sleep: N` keeps it RUNNING for cancel.
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wes.sapporo_server import SapporoServer, require_sapporo, running_sapporo
+from support.wes.sapporo_server import SapporoServer, require_sapporo, running_sapporo
 
 from daemon.remote import RemoteStatus, SubmitRequest
 from daemon.services.errors import Blocked, Permanent

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CI_RUN = REPO / ".ci" / "run"
 
 # Each stand-in logs its argv to $LOG. python3 -c (the venv check) fails when $NO_VENV is set; `python3 -m venv D`

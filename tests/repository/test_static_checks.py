@@ -12,9 +12,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from prerequisites import require_tool
+from support.prerequisites import require_tool
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONTRACTS = [c["id"] for c in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]]
 
 

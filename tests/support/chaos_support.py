@@ -29,11 +29,11 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from daemon_harness import PANEL, SERVICE, TOKEN, JobDB, wait_until
 
 from daemon.db.models import Job, JobEvent, JobOutput
 from daemon.downloads import PARTIAL_DIR, PARTIAL_SUFFIX, sha256_file
 from daemon.states import TRANSITIONS, JobState
+from support.daemon_harness import PANEL, SERVICE, TOKEN, JobDB, wait_until
 
 __all__ = ["EndState", "SimProcess", "check_end_state", "partial_files", "report", "rows", "submit_jobs"]
 

@@ -1,6 +1,7 @@
 """Run real `imputationd run` processes against the simulated Cloudgene server, for tests.
 
-tests/ is not a package; pytest puts it on sys.path, so any test module can `from daemon_harness import ...`.
+pytest puts tests/ on sys.path (its conftest.py is there), so any test module can
+`from support.daemon_harness import ...`.
 
     with simulator(max_jobs_per_user=50) as sim:                 # real HTTP on loopback, in this process
         cfg = DaemonConfig(tmp_path, db_url, sim, poll_interval=0.3)

@@ -10,7 +10,7 @@ reads each request's head and body (Content-Length) before answering, counts con
 at once), and stops every answer when the `with` block ends. Nothing here sleeps for a thread: the pauses are the
 server's own pacing, bounded by `stop`.
 
-tests/ is not a package; import it as `from hostile_server import ...`.
+Import it as `from support.hostile_server import ...`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Real local servers and an in-process daemon for the operator-facing tests (metrics, notifications, retention).
 
-tests/ is not a package; pytest puts it on sys.path, so a test module can `from ops_support import ...`.
+pytest puts tests/ on sys.path (its conftest.py is there), so a test module can `from support.ops_support import ...`.
 
 - `WebhookReceiver`: a stdlib HTTP server on loopback recording every POST (headers, JSON body); it can answer 500
   to the first N requests and wait a little before answering (to make two notifiers overlap).

@@ -1,6 +1,6 @@
 """What a test needs from the machine, and how a test that needs root's absence runs as root.
 
-    from prerequisites import require_program, require_tool, run_unprivileged   # tests/ is on sys.path
+    from support.prerequisites import require_program, require_tool, run_unprivileged   # tests/ is on sys.path
 
 `require_tool(available, what, install)` skips the calling test (or fixture) on a developer machine that lacks
 `what`, and FAILS it when $CI is set (anything but "", 0, false, no): CI installs everything (.ci/run), so a skip

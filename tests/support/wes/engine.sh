@@ -1,6 +1,6 @@
 # The "shell" workflow engine for imputationd's test sapporo.
 #
-# tests/wes/sapporo_server.py writes this file in front of the run.sh that ships with the installed sapporo
+# tests/support/wes/sapporo_server.py writes this file in front of the run.sh that ships with the installed sapporo
 # and passes the result as `--run-sh`. The stock run.sh calls `run_${workflow_engine}` and owns everything
 # else (state.txt, exit_code.txt, the cancel and signal traps, `sapporo-cli dump-outputs` for outputs.json),
 # so this file adds one engine and changes nothing of sapporo's run contract.

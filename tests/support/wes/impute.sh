@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A tiny stand-in for an imputation workflow, run by tests/wes/engine.sh inside a real sapporo server.
+# A tiny stand-in for an imputation workflow, run by tests/support/wes/engine.sh inside a real sapporo server.
 #
 #     bash impute.sh workflow_params.json OUTPUTS_DIR
 #
