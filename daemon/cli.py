@@ -37,7 +37,7 @@ from daemon.config import (
 from daemon.crypto import PasswordCipher, SecretKeyError
 from daemon.db.engine import DatabaseUnavailable, describe_url, make_engine
 from daemon.db.models import Job
-from daemon.db.schema import UPGRADE_HINT, SchemaOutdated, ensure_current, upgrade_url
+from daemon.db.revision import UPGRADE_HINT, SchemaOutdated, ensure_current, upgrade_url
 from daemon.db.store import JobNotFound, JobStore, job_snapshot
 from daemon.demo import run_demo
 from daemon.logging import configure_logging

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from daemon.config import LoggingConfig, load_config
 from daemon.db.models import Job
-from daemon.db.schema import upgrade_url
+from daemon.db.revision import upgrade_url
 from daemon.logging import configure_logging
 from daemon.scheduler import Daemon
 from daemon.simulator import SimulatedCloudgene

@@ -39,7 +39,7 @@ from daemon.config import Config, ConfigError, SchedulerConfig, load_config
 from daemon.crypto import PasswordCipher
 from daemon.db.engine import make_engine, unavailable
 from daemon.db.models import Job, utcnow
-from daemon.db.schema import ensure_current
+from daemon.db.revision import ensure_current
 from daemon.db.store import JobStore
 from daemon.logging import configure_logging
 from daemon.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics, health_report

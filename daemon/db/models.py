@@ -14,6 +14,10 @@ from sqlalchemy.types import TypeDecorator
 
 from daemon.states import JobState, OutputState
 
+#: The Alembic revision whose schema these models describe: the head of daemon/db/migrations/versions (a test holds
+#: the two together). A database at it is ready; the daemon learns that without loading Alembic (`daemon.db.revision`).
+SCHEMA_REVISION = "0003"
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)

@@ -1,16 +1,14 @@
-"""The database schema's version: apply the Alembic migrations shipped in `daemon/db/migrations`, and refuse to run
-on a schema this code does not match.
+"""The database schema through Alembic: apply the migrations shipped in `daemon/db/migrations`, and say how a
+schema this code does not match differs.
 
 - `upgrade(engine)`: bring the schema to head; safe to repeat and to run from several daemons at once (one
   transaction, serialised by `BEGIN IMMEDIATE` on SQLite and an advisory lock on PostgreSQL).
-- `ensure_current(engine)`: what the daemon and every command call at start; raises `SchemaOutdated` (or
-  `SchemaNewer`) with a one-line message saying what to do. A new, empty SQLite database is migrated there and
-  then: it is made by the first process to open it, with nothing to back up first. PostgreSQL databases (made by
-  an administrator, shared) and older SQLite schemas are upgraded only by `imputationd db upgrade`.
+- `check_current(engine)`: `daemon.db.revision.ensure_current` when the database is not simply at head (the
+  daemon and every command start there, and import this module only then).
 
 Writing a new revision: change `models.py`, then, against a database at head,
 `command.revision(alembic_config(url=URL), message="...", autogenerate=True)` (from `alembic import command`),
-clean the result up, and keep `tests/test_db.py::test_migrations_match_models` green.
+clean the result up, set `models.SCHEMA_REVISION` to it, and keep `tests/integration/test_db.py` green.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
 from daemon.db.engine import DatabaseUnavailable, connect, is_postgres, is_sqlite, make_engine, read_only
+from daemon.db.schema_errors import SchemaNewer, SchemaOutdated
 
 __all__ = [
     "DatabaseUnavailable",
@@ -36,7 +35,7 @@ __all__ = [
     "SchemaOutdated",
     "alembic_config",
     "current_revision",
-    "ensure_current",
+    "check_current",
     "head_revision",
     "migration_transaction",
     "upgrade",
@@ -46,23 +45,6 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 #: Key of the PostgreSQL advisory lock held while migrating (any daemon sharing the database waits on it).
 ADVISORY_LOCK_KEY = zlib.crc32(b"imputationd schema upgrade")
-
-UPGRADE_HINT = "run `imputationd db upgrade`"
-
-
-class SchemaOutdated(Exception):
-    """The database schema is not the one this imputationd was written for. `reason` says how; the message is
-    the reason and `hint` (what to do)."""
-
-    def __init__(self, reason: str, hint: str | None = UPGRADE_HINT) -> None:
-        self.reason = reason
-        self.hint = hint
-        super().__init__(f"{reason}: {hint}" if hint else reason)
-
-
-class SchemaNewer(SchemaOutdated):
-    """The database schema is at a revision this imputationd does not know: a newer imputationd upgraded it."""
-
 
 def alembic_config(*, connection: sa.Connection | None = None, url: str | sa.URL | None = None) -> Config:
     """An Alembic configuration for our migrations, working on `connection` (preferred) or opening `url`."""
@@ -120,9 +102,10 @@ def _refuse_newer(current: str | None) -> None:
         )
 
 
-def ensure_current(engine: sa.Engine) -> str:
-    """Return the head revision when the database is at it, migrating a new SQLite database to it first; raise
-    `SchemaOutdated` (behind, or an empty PostgreSQL database) or `SchemaNewer` (ahead) with a one-line message, or
+def check_current(engine: sa.Engine) -> str:
+    """`daemon.db.revision.ensure_current` when the database is not simply at head, through Alembic: return the head
+    revision when the database is at it, migrating a new SQLite database to it first; raise `SchemaOutdated`
+    (behind, or an empty PostgreSQL database) or `SchemaNewer` (ahead) with a one-line message, or
     `DatabaseUnavailable`."""
     head = head_revision()
     current = current_revision(engine)

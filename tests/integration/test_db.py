@@ -7,6 +7,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from support.e2e_support import LogCapture
 from support.pg import free_port
 
 from daemon.config import parse_config
-from daemon.db import schema
+from daemon.db import revision, schema
 from daemon.db.engine import (
     DatabaseUnavailable,
     _use_wal,
@@ -33,13 +35,33 @@ from daemon.db.engine import (
     read_only,
     single_write,
 )
-from daemon.db.models import Base, Job, JobEvent, JobInput, JobOutput, ServiceStatus
+from daemon.db.models import SCHEMA_REVISION, Base, Job, JobEvent, JobInput, JobOutput, ServiceStatus
 from daemon.db.schema import SchemaNewer, SchemaOutdated
 from daemon.scheduler import Daemon
 from daemon.states import JobState, OutputState
 
 HEAD = schema.head_revision()
 T = TypeVar("T")
+
+
+def test_the_models_name_the_migrations_head() -> None:
+    """`revision.ensure_current` trusts `SCHEMA_REVISION` to be the head: a new migration must move it too."""
+    assert SCHEMA_REVISION == HEAD
+
+
+def test_a_database_at_head_is_checked_without_loading_alembic(tmp_path: Path) -> None:
+    """The running daemon's start is the usual case: Alembic (6.3 MiB) stays out of its process."""
+    url = f"sqlite:///{tmp_path / 'at-head.db'}"
+    schema.upgrade_url(url)
+    code = (
+        "import sys\n"
+        "from daemon.db.engine import make_engine\n"
+        "from daemon.db.revision import ensure_current\n"
+        "import daemon.scheduler, daemon.cli\n"
+        f"print(ensure_current(make_engine({url!r})), 'alembic' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [HEAD, "False"]
 
 
 @pytest.fixture
@@ -69,7 +91,7 @@ def test_upgrade_from_empty_then_again_is_a_no_op(empty_engine: sa.Engine) -> No
     assert schema.current_revision(empty_engine) == HEAD
 
     assert schema.upgrade(empty_engine) == (HEAD, HEAD)
-    assert schema.ensure_current(empty_engine) == HEAD
+    assert revision.ensure_current(empty_engine) == HEAD
 
 
 def _at_once(engines: list[sa.Engine], call: Callable[[sa.Engine], T]) -> list[T]:
@@ -206,7 +228,7 @@ def test_ensure_current_on_an_empty_postgres_database(fresh_postgres_db: str) ->
     engine = make_engine(fresh_postgres_db)
     try:
         with pytest.raises(SchemaOutdated) as raised:
-            schema.ensure_current(engine)
+            revision.ensure_current(engine)
         assert not isinstance(raised.value, SchemaNewer)
         assert str(raised.value) == (
             f"database schema is at empty, this imputationd needs {HEAD}: run `imputationd db upgrade`"
@@ -219,7 +241,7 @@ def test_ensure_current_on_an_empty_postgres_database(fresh_postgres_db: str) ->
 def test_ensure_current_migrates_a_new_sqlite_database_and_only_a_new_one(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'new.db'}")
     try:
-        assert schema.ensure_current(engine) == HEAD
+        assert revision.ensure_current(engine) == HEAD
         assert _tables(engine) == {"alembic_version", *Base.metadata.tables}
     finally:
         engine.dispose()
@@ -228,7 +250,7 @@ def test_ensure_current_migrates_a_new_sqlite_database_and_only_a_new_one(tmp_pa
         with engine.begin() as conn:
             conn.exec_driver_sql("CREATE TABLE notes (text TEXT)")
         with pytest.raises(SchemaOutdated, match=r"^database schema is at empty, .*: run `imputationd db upgrade`$"):
-            schema.ensure_current(engine)
+            revision.ensure_current(engine)
         assert _tables(engine) == {"notes"}
     finally:
         engine.dispose()
@@ -237,7 +259,7 @@ def test_ensure_current_migrates_a_new_sqlite_database_and_only_a_new_one(tmp_pa
 def test_concurrent_first_use_of_a_new_sqlite_database_migrates_it_once(tmp_path: Path) -> None:
     engines = [make_engine(f"sqlite:///{tmp_path / 'new.db'}") for _ in range(3)]
     try:
-        assert _at_once(engines, schema.ensure_current) == [HEAD] * 3
+        assert _at_once(engines, revision.ensure_current) == [HEAD] * 3
         assert schema.current_revision(engines[0]) == HEAD
     finally:
         for e in engines:
@@ -245,14 +267,14 @@ def test_concurrent_first_use_of_a_new_sqlite_database_migrates_it_once(tmp_path
 
 
 def test_ensure_current_on_a_current_database(engine: sa.Engine) -> None:
-    assert schema.ensure_current(engine) == HEAD
+    assert revision.ensure_current(engine) == HEAD
 
 
 def test_a_database_upgraded_by_a_newer_imputationd_is_refused_and_left_alone(engine: sa.Engine) -> None:
     _stamp(engine, "9999_from_the_future")
 
     with pytest.raises(SchemaNewer, match=r"^database schema is at 9999_from_the_future, .*newer imputationd"):
-        schema.ensure_current(engine)
+        revision.ensure_current(engine)
     with pytest.raises(SchemaNewer):
         schema.upgrade(engine)
     assert schema.current_revision(engine) == "9999_from_the_future"
@@ -284,16 +306,17 @@ def test_an_old_database_is_refused_until_upgraded(
     shutil.copytree(schema.MIGRATIONS_DIR, migrations, ignore=shutil.ignore_patterns("__pycache__"))
     (migrations / "versions" / "zz_next.py").write_text(NEXT_REVISION.format(head=HEAD))
     monkeypatch.setattr(schema, "MIGRATIONS_DIR", migrations)
+    monkeypatch.setattr(revision, "SCHEMA_REVISION", f"{HEAD}_next")  # what the newer imputationd's models say
 
     with pytest.raises(SchemaOutdated) as raised:
-        schema.ensure_current(engine)
+        revision.ensure_current(engine)
     assert not isinstance(raised.value, SchemaNewer)
     assert str(raised.value) == (
         f"database schema is at {HEAD}, this imputationd needs {HEAD}_next: run `imputationd db upgrade`"
     )
 
     assert schema.upgrade(engine) == (HEAD, f"{HEAD}_next")
-    assert schema.ensure_current(engine) == f"{HEAD}_next"
+    assert revision.ensure_current(engine) == f"{HEAD}_next"
     assert "ix_services_updated_at" in {i["name"] for i in sa.inspect(engine).get_indexes("services")}
 
 
@@ -533,7 +556,7 @@ def test_sqlite_in_memory_works_across_threads() -> None:
     engine = make_engine("sqlite://")
     try:
         schema.upgrade(engine)
-        schema.ensure_current(engine)
+        revision.ensure_current(engine)
         factory = make_session_factory(engine)
         with factory.begin() as session:
             session.add(_job())
@@ -588,7 +611,7 @@ def test_unreachable_postgres_names_the_host_and_hides_the_password() -> None:
     port = free_port()
     engine = make_engine(f"postgresql+psycopg://daemon:Hunter2secret@127.0.0.1:{port}/imputationd")
     try:
-        for check in (schema.ensure_current, schema.upgrade, schema.current_revision):
+        for check in (revision.ensure_current, schema.upgrade, schema.current_revision):
             with pytest.raises(DatabaseUnavailable) as raised:
                 check(engine)
             message = str(raised.value)
@@ -673,6 +696,6 @@ def test_unopenable_sqlite_names_the_path(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path}/a-dir.db")
     try:
         with pytest.raises(DatabaseUnavailable, match=r"a-dir\.db: .*unable to open database file"):
-            schema.ensure_current(engine)
+            revision.ensure_current(engine)
     finally:
         engine.dispose()
