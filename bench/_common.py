@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -432,3 +433,15 @@ def write_config(path: Path, *, state_dir: Path, db_url: str, base_url: str, tok
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def unit_environment() -> dict[str, str]:
+    """The variables `systemd/imputationd.service` sets with Environment= (MALLOC_ARENA_MAX among them): a daemon
+    is measured as the shipped unit starts it."""
+    env: dict[str, str] = {}
+    for line in (REPO / "systemd" / "imputationd.service").read_text().splitlines():
+        if line.startswith("Environment="):
+            for item in shlex.split(line.split("=", 1)[1]):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env

@@ -195,7 +195,7 @@ def run_imputationd(work: Path, command: Path, sim: c.SimulatorProcess, seconds:
     started = dt.datetime.now(dt.UTC)
     with open(work / "imputationd.log", "w") as log:
         proc = subprocess.Popen([str(command), "run", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=work)
+                                cwd=work, env={**os.environ, **c.unit_environment()})
     try:
         time.sleep(3)
         if proc.poll() is not None:

@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import os
 import random
-import shlex
 import shutil
 import subprocess
 import sys
@@ -88,23 +87,12 @@ def setup(root: Path, base_url: str, token: str, db_url: str, poll_interval: flo
                           poll_interval=poll_interval, max_concurrent=1000, log_level="info")
 
 
-def unit_environment() -> dict[str, str]:
-    """The variables `systemd/imputationd.service` sets with Environment=."""
-    env: dict[str, str] = {}
-    for line in (c.REPO / "systemd" / "imputationd.service").read_text().splitlines():
-        if line.startswith("Environment="):
-            for item in shlex.split(line.split("=", 1)[1]):
-                key, _, value = item.partition("=")
-                env[key] = value
-    return env
-
-
 def run(jobs: int, duration: float, settle: float, poll_interval: float, extra_env: dict[str, str] | None = None,
         project_venv: bool = False) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="imputationd-bench-memory-"))
     out: dict[str, float] = {}
     # The daemon is measured as the shipped unit starts it: with the unit's Environment= lines.
-    env = {**os.environ, **unit_environment(), **(extra_env or {})}
+    env = {**os.environ, **c.unit_environment(), **(extra_env or {})}
     if project_venv:
         command = Path(sys.executable).with_name("imputationd")
     else:

@@ -7,7 +7,6 @@ or input; 3 the database is unreachable or its schema is not the one this versio
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
 import json
 import os
@@ -165,27 +164,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-#: glibc's `M_ARENA_MAX` (malloc.h).
-_M_ARENA_MAX = -8
-
-
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives every thread that allocates an arena of its own (up to 8 per core), and each keeps the memory
-    it once held: with a worker pool that is several MiB of RSS for nothing (bench/memory.py: 5,000 active jobs,
-    -4 %). Two arenas, unless the operator set MALLOC_ARENA_MAX; a no-op on a libc without mallopt. Called before
-    any thread starts."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(ctypes.c_int(_M_ARENA_MAX), ctypes.c_int(arenas))
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    _limit_malloc_arenas()
 
 
     config = _load(args, logs_to_stderr=False)
