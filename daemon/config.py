@@ -19,7 +19,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from daemon.headers import HeadersFileError, parse_headers_file
 from daemon.states import NOTIFIABLE, TERMINAL, JobState
+from daemon.templates import template_problems
 
 DEFAULT_CONFIG_PATH = Path("/etc/imputationd/config.yaml")
 CONFIG_ENV = "IMPUTATIOND_CONFIG"
@@ -348,13 +350,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     _depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark
-                )
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # PyYAML's stubs leave it bare
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -994,10 +995,6 @@ def _wes(value: Any, path: str, ctx: _Context) -> WesConfig | None:
     if values is None:
         return None
     if "workflow_params" in values:
-        # The placeholder rules belong to the adapter that renders the template; imported here, not at the top,
-        # because the adapter imports this module's types.
-        from daemon.services.wes import template_problems
-
         ctx.problems.extend(template_problems(values["workflow_params"], f"{path}.workflow_params"))
     if any(key not in values for key in _WES_REQUIRED):
         return None
@@ -1180,11 +1177,8 @@ def _check_private(where: str, path: Path) -> str | None:
 def _check_notifications(notifications: NotificationsConfig) -> list[str]:
     problems = []
     if notifications.webhook is not None and notifications.webhook.headers_file is not None:
-        # The format belongs to the sender; imported here because it imports this module's types.
-        from daemon.notify import HeadersFileError, read_headers_file
-
         try:
-            read_headers_file(notifications.webhook.headers_file)
+            parse_headers_file(notifications.webhook.headers_file)
         except HeadersFileError as exc:
             problems.append(f"notifications.webhook.headers_file: {exc}")
         else:

@@ -63,6 +63,7 @@ from daemon.services.http import (
     send,
 )
 from daemon.states import wes_kind
+from daemon.templates import PLACEHOLDERS, TemplateError, render_params, template_problems
 
 API_PATH = "/ga4gh/wes/v1"
 #: The tag that carries our job id on the server.
@@ -70,9 +71,6 @@ TAG_JOB_ID = "imputationd_job_id"
 #: The tag that carries the job's human name, when it has one.
 TAG_NAME = "imputationd_name"
 
-#: Placeholders a `workflow_params` template may use.
-PLACEHOLDERS = ("files", "panel", "build", "population", "phasing", "r2_filter", "mode", "job_id", "name")
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 #: A run id we accept from a server: it goes into URL paths, so no slashes, spaces or controls.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:@+=-]{0,199}")
@@ -92,10 +90,6 @@ _LOCATION_KEYS = ("file_url", "location", "url", "uri", "href", "path")
 _URL_KEYS = frozenset({"file_url", "url", "href"})
 _NAME_KEYS = ("file_name", "basename", "name")
 _MAX_OUTPUT_DEPTH = 8
-
-
-class TemplateError(ValueError):
-    """A `workflow_params` template that cannot be rendered."""
 
 
 # --------------------------------------------------------------------------------------------- pure helpers
@@ -118,55 +112,6 @@ def split_base_url(base_url: str) -> tuple[str, str | None]:
     if not path:
         return origin + API_PATH, origin
     return origin + path, None
-
-
-def render_params(template: Any, fields: Mapping[str, Any]) -> Any:
-    """`template` with `{placeholder}`s replaced by the job's fields, through dicts and lists.
-
-    A string that is exactly one placeholder becomes the field's value itself: `"{files}"` a list of strings,
-    `"{population}"` a string or null. Inside a longer string a field is text (null becomes ""), and `{files}`
-    is refused. Unknown placeholders are left as they are (`template_problems` reports them)."""
-    if isinstance(template, Mapping):
-        return {key: render_params(value, fields) for key, value in template.items()}
-    if isinstance(template, (list, tuple)):
-        return [render_params(value, fields) for value in template]
-    if not isinstance(template, str):
-        return template
-    whole = _PLACEHOLDER.fullmatch(template)
-    if whole and whole.group(1) in fields:
-        value = fields[whole.group(1)]
-        return list(value) if isinstance(value, (list, tuple)) else value
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in fields:
-            return match.group(0)
-        value = fields[name]
-        if isinstance(value, (list, tuple)):
-            raise TemplateError(f"{{{name}}} is a list and must be a whole string value, not part of {template!r}")
-        return "" if value is None else str(value)
-
-    return _PLACEHOLDER.sub(substitute, template)
-
-
-def template_problems(template: Any, path: str = "workflow_params") -> list[str]:
-    """Every problem of a `workflow_params` template, each with its key path (for `check-config`)."""
-    problems: list[str] = []
-    if isinstance(template, Mapping):
-        for key, value in template.items():
-            problems += template_problems(value, f"{path}.{key}")
-    elif isinstance(template, (list, tuple)):
-        for index, value in enumerate(template):
-            problems += template_problems(value, f"{path}[{index}]")
-    elif isinstance(template, str):
-        whole = _PLACEHOLDER.fullmatch(template)
-        for match in _PLACEHOLDER.finditer(template):
-            name = match.group(1)
-            if name not in PLACEHOLDERS:
-                problems.append(f"{path}: unknown placeholder {{{name}}} (known: {', '.join(PLACEHOLDERS)})")
-            elif name == "files" and not whole:
-                problems.append(f"{path}: {{files}} is a list and must be the whole value, as \"{{files}}\"")
-    return problems
 
 
 def attachment_name(path: Path) -> str:
