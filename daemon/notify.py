@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import smtplib
 import ssl
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +45,7 @@ from daemon.backoff import backoff_delay
 from daemon.config import EmailConfig, NotificationsConfig, WebhookConfig
 from daemon.db.models import utcnow
 from daemon.db.store import JobStore, PendingNotification
+from daemon.headers import EVENT_HEADER, HeadersFileError, parse_headers_file
 from daemon.logging import register_secret
 from daemon.metrics import NO_METRICS, Metrics
 from daemon.services.deadlines import Budget
@@ -55,50 +55,24 @@ from daemon.text import printable
 
 log = structlog.get_logger("daemon.notify")
 
-EVENT_HEADER = "X-Imputationd-Event"
 #: Outbox rows one tick claims.
 BATCH = 50
 #: Seconds a claim outlives the sends it covers.
 LEASE_MARGIN = 60.0
 #: Most characters of a job's name in an e-mail subject.
 SUBJECT_NAME_LIMIT = 100
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-#: Headers a headers_file may not set: the request's own framing and our idempotency key.
-_RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding", EVENT_HEADER.lower()})
 
 
 class NotifyFailed(Exception):
     """One channel could not deliver one notification; the message never holds the URL or a credential."""
 
 
-class HeadersFileError(ValueError):
-    pass
-
-
 def read_headers_file(path: Path) -> dict[str, str]:
-    """Extra webhook headers: one "Name: value" per line; blank lines and lines starting with # are skipped.
-
-    Values are secrets (Authorization): registered with the log redaction, never part of an error message."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HeadersFileError(f"{path} does not exist") from None
-    except PermissionError:
-        raise HeadersFileError(f"{path} cannot be read by this user (permission denied)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HeadersFileError(f"cannot read {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}") from None
-    headers: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        name, colon, value = line.partition(":")
-        name, value = name.strip(), value.strip()
-        if not colon or not _HEADER_NAME.fullmatch(name) or not value:
-            raise HeadersFileError(f"{path} line {number}: expected 'Name: value'")
-        if name.lower() in _RESERVED_HEADERS:
-            raise HeadersFileError(f"{path} line {number}: {name} is set by imputationd itself")
+    """`daemon.headers.parse_headers_file`, each value registered with the log redaction: they are secrets
+    (Authorization), never part of an error message."""
+    headers = parse_headers_file(path)
+    for value in headers.values():
         register_secret(value)
-        headers[name] = value
     return headers
 
 
