@@ -15,10 +15,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, raiseload, selectinload
+from sqlalchemy.orm.strategy_options import _AbstractLoad
 
 from daemon.db.engine import is_postgres, make_session_factory, read_only, single_write
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, integer_or_none, utcnow
@@ -108,11 +111,11 @@ class ExpiredJob:
     result_dir: str | None
 
 
-def _load_options() -> tuple:
+def _load_options() -> tuple[_AbstractLoad, ...]:
     return (selectinload(Job.inputs), selectinload(Job.outputs))
 
 
-def _step_load_options(states: Collection[JobState]) -> tuple:
+def _step_load_options(states: Collection[JobState]) -> tuple[_AbstractLoad, ...]:
     """What the pipeline's step for jobs in `states` reads besides the job's own columns."""
     options = [selectinload(Job.inputs) if JobState.SUBMITTING in states else raiseload(Job.inputs),
                selectinload(Job.outputs) if JobState.DOWNLOADING in states else raiseload(Job.outputs)]
@@ -120,7 +123,8 @@ def _step_load_options(states: Collection[JobState]) -> tuple:
 
 
 # Statements of the dispatch tick, built once (the tick runs them for every service every few seconds).
-_jobs = Job.__table__
+# The models' tables as Core tables: `__table__` is typed as any FromClause.
+_jobs = cast(sa.Table, Job.__table__)
 _DUE_PENDING = (
     (_jobs.c.service == sa.bindparam("of_service"))
     & (_jobs.c.state == JobState.PENDING)
@@ -158,13 +162,13 @@ _PROMOTE = (
 # Statements every step of every job runs (`finish`, `note_submit_attempt`, the download bookkeeping), built once.
 # Where a statement takes the values to set at execution, its own parameters are named b_* so they cannot collide
 # with the column names.
-_outputs = JobOutput.__table__
+_outputs = cast(sa.Table, JobOutput.__table__)
 _LOCK_JOB = (
     sa.select(_jobs.c.state, _jobs.c.lease_owner, _jobs.c.service)
     .where(_jobs.c.id == sa.bindparam("b_job_id"))
     .with_for_update()
 )
-_INSERT_EVENT = sa.insert(JobEvent.__table__)
+_INSERT_EVENT = sa.insert(cast(sa.Table, JobEvent.__table__))
 #: SET takes whatever columns the parameters name.
 _UPDATE_JOB_RETURNING = sa.update(_jobs).where(_jobs.c.id == sa.bindparam("b_job_id")).returning(*_jobs.c)
 #: The same, only while `b_owner` holds the lease and the job is in `b_state`.
@@ -189,12 +193,17 @@ _REFRESH_OUTPUT = sa.update(_outputs).where(
     _outputs.c.job_id == sa.bindparam("b_job_id"), _outputs.c.name == sa.bindparam("b_name")
 )
 _UPDATE_OUTPUT = sa.update(_outputs).where(_outputs.c.id == sa.bindparam("b_output_id"))
-_services = ServiceStatus.__table__
+_services = cast(sa.Table, ServiceStatus.__table__)
 _FORGET_LOWERED_LIMIT = (
     sa.update(_services)
     .where(_services.c.name == sa.bindparam("b_service"), _services.c.effective_limit.is_not(None))
     .values(effective_limit=None)
 )
+
+
+def _rowcount(result: sa.Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched (its result is a CursorResult; `Session.execute` is typed for any)."""
+    return cast(sa.CursorResult[Any], result).rowcount
 
 
 class JobStore:
@@ -269,10 +278,10 @@ class JobStore:
             raise JobNotFound(f"'{text}' is not a job id")
         with self._reading() as session:
             # UUIDs are stored as 32 hex digits on SQLite and natively on PostgreSQL; compare on text.
-            column = sa.cast(Job.id, sa.String)
+            column: sa.ColumnElement[str] = sa.cast(Job.id, sa.String)
             hexed = text.replace("-", "")
             if self._postgres:
-                column = sa.func.replace(column, "-", "")
+                column = sa.func.replace(column, "-", "", type_=sa.String)
             ids = session.scalars(sa.select(Job.id).where(column.like(f"{hexed}%")).limit(2)).all()
         if not ids:
             raise JobNotFound(f"no job with id {text}")
@@ -365,10 +374,7 @@ class JobStore:
         names = list(names)
         if not names:
             return
-        if self._postgres:
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
+        insert = postgresql_insert if self._postgres else sqlite_insert
         now = utcnow()
         with self._session() as session, session.begin():
             session.execute(
@@ -494,7 +500,7 @@ class JobStore:
                 .values(lease_expires_at=expires)
                 .execution_options(synchronize_session=False)
             )
-            return result.rowcount
+            return _rowcount(result)
 
     def release(self, job_id: uuid.UUID, owner: str) -> None:
         with self._session() as session, session.begin():
@@ -509,7 +515,7 @@ class JobStore:
         """Release every lease whose owner the predicate says is gone (dead processes on this host)."""
         with self._session() as session, session.begin():
             held = session.scalars(sa.select(Job.lease_owner).where(Job.lease_owner.is_not(None)).distinct()).all()
-            gone = [o for o in held if owners(o)]
+            gone = [o for o in held if o is not None and owners(o)]
             if gone:
                 session.execute(
                     sa.update(Job)
@@ -528,7 +534,7 @@ class JobStore:
                 .values(lease_owner=None, lease_expires_at=None)
                 .execution_options(synchronize_session=False)
             )
-            return result.rowcount
+            return _rowcount(result)
 
     # ------------------------------------------------------------------ writing a step's outcome
 
@@ -607,9 +613,10 @@ class JobStore:
         if settle > 0:
             values["next_poll_at"] = now + dt.timedelta(seconds=settle)
         with self._single.begin() as conn:  # one write; the read below only says why it changed nothing
-            attempts = conn.execute(_COUNT_SUBMIT_ATTEMPT, values).scalar()
+            attempts: int | None = conn.execute(_COUNT_SUBMIT_ATTEMPT, values).scalar()
             if attempts is None:
                 self._lock_leased(conn, job_id, owner)  # raises the reason: no such job, or not ours any more
+                raise AssertionError("_lock_leased raises when the count changed nothing")
             return attempts
 
     def record_outputs(self, job_id: uuid.UUID, outputs: Sequence[RemoteOutput]) -> None:
@@ -722,7 +729,7 @@ class JobStore:
             now = utcnow()
             ended_long_ago = now - dt.timedelta(seconds=continuing_within)
             newly = status.paused_until is None or status.paused_until <= ended_long_ago
-            if newly or until > status.paused_until:
+            if newly or status.paused_until is None or until > status.paused_until:
                 status.paused_until, status.pause_reason = until, reason
             return newly
 
@@ -820,7 +827,7 @@ class JobStore:
                 .values(notified_via=",".join(sorted(delivered)) or None)
                 .execution_options(synchronize_session=False)
             )
-            return result.rowcount == 1
+            return _rowcount(result) == 1
 
     def finish_notification(
         self,
@@ -850,7 +857,7 @@ class JobStore:
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
-            return result.rowcount == 1
+            return _rowcount(result) == 1
 
     def drop_notifications(
         self, reason: str, *, keep_states: Collection[str] = (), now: dt.datetime | None = None
@@ -865,7 +872,7 @@ class JobStore:
             result = session.execute(
                 query.values(notify_next_at=None, notify_error=reason).execution_options(synchronize_session=False)
             )
-            return result.rowcount
+            return _rowcount(result)
 
     # ------------------------------------------------------------------ retention
 
@@ -878,7 +885,9 @@ class JobStore:
                 .order_by(Job.finished_at)
                 .limit(limit)
             ).all()
-        return [ExpiredJob(*row) for row in rows]
+        return [ExpiredJob(id=row.id, service=row.service, state=row.state, name=row.name,
+                           finished_at=cast(dt.datetime, row.finished_at), result_dir=row.result_dir)
+                for row in rows]
 
     def delete_expired_job(
         self, job_id: uuid.UUID, cutoff: dt.datetime, *, before_delete: Callable[[Job], None] | None = None
@@ -916,7 +925,7 @@ class JobStore:
             raise JobNotFound(f"no job {job_id}")
         if current.lease_owner != owner:
             raise LeaseLost(f"job {job_id} is no longer leased by this daemon")
-        return current
+        return cast(JobRow, current)
 
     def _service_row(self, session: Session, service: str) -> ServiceStatus:
         status = session.scalars(
