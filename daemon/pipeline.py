@@ -12,6 +12,7 @@ import datetime as dt
 import errno
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
@@ -110,7 +111,7 @@ class Pipeline:
         Never raises: a pool thread has nobody to raise to."""
         while True:
             finished, go_on = self._run_step(job)
-            if not go_on:
+            if not go_on or finished is None:
                 return finished
             try:
                 # The job as `finish` wrote it, with the outputs the poll recorded: what a download claim loads.
@@ -216,7 +217,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ submit
 
-    def _submit(self, job: Job, adapter: ServiceAdapter) -> Outcome:
+    def _submit(self, job: Job, adapter: ServiceAdapter) -> Outcome | None:
         """Send the job, unless an earlier submit of it may still exist (or become) a job on the server.
 
         `submit_attempts` > 0 says an earlier submit may exist remotely (a refused one resets it to 0); while the job
@@ -351,7 +352,8 @@ class Pipeline:
                                 reason="keeping the job and polling again")
                 return Outcome(next_poll_in=interval, fields=fields)
 
-    def _success_without_outputs(self, job: Job, status: RemoteStatus, fields: dict, interval: float) -> Outcome:
+    def _success_without_outputs(self, job: Job, status: RemoteStatus, fields: dict[str, Any], interval: float
+                                 ) -> Outcome:
         """A finished remote job that lists no result file: polled again, and failed after a few such answers."""
         polls = job.failures + 1 if job.error_kind == NO_OUTPUTS else 1
         if polls >= MAX_EMPTY_SUCCESS_POLLS:
@@ -366,7 +368,7 @@ class Pipeline:
         return Outcome(next_poll_in=interval,
                        fields={**fields, "failures": polls, "error": reason, "error_kind": NO_OUTPUTS})
 
-    def _dead(self, job: Job, adapter: ServiceAdapter, status: RemoteStatus, fields: dict) -> Outcome:
+    def _dead(self, job: Job, adapter: ServiceAdapter, status: RemoteStatus, fields: dict[str, Any]) -> Outcome:
         assert job.remote_id is not None
         if job.restart_attempts == 0:
             adapter.restart(job.remote_id)
