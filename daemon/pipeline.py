@@ -1,9 +1,9 @@
 """One step of one job: submit, poll, download or cancel, decided by the job's state.
 
-A step runs on a pool thread with the job leased to this daemon. It talks to the service through the adapter, then
-writes its outcome with `JobStore.finish`. Every adapter error is handled here, in one place, by the rules of
-DESIGN.md: transient errors back off and never fail a job, a blocked service parks its jobs, a permanent error fails
-the job with the server's reason.
+A step runs on a pool thread with the job leased to this daemon. It talks to the service through the adapter, asks
+`daemon.decisions` what the answer or the error means (the rules of DESIGN.md: transient errors back off and never
+fail a job, a blocked service parks its jobs, a permanent error fails the job with the server's reason), applies
+that decision, and writes the outcome with `JobStore.finish`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,25 @@ from daemon.crypto import PasswordCipher, SecretKeyError
 from daemon.db.engine import DatabaseUnavailable
 from daemon.db.models import Job, JobOutput, integer_or_none, utcnow
 from daemon.db.store import JobRow, JobStore, LeaseLost, Outcome
+from daemon.decisions import (
+    MAX_EMPTY_SUCCESS_POLLS,
+    MAX_STEP_CRASHES,
+    CrashKind,
+    ErrorAction,
+    NextPoll,
+    PollNote,
+    after_crash,
+    after_error,
+    after_status,
+    retry_after_failure,
+)
 from daemon.logging import bind_job, register_secret, scrub
 from daemon.metrics import NO_METRICS, Metrics
-from daemon.remote import RemoteOutput, RemoteStatus, SubmitRequest, parameters_of
+from daemon.remote import RemoteOutput, SubmitRequest, parameters_of
 from daemon.services import scrubbing
 from daemon.services.base import ServiceAdapter
-from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
-from daemon.states import JobState, OutputState, RemoteKind
+from daemon.services.errors import JobLimitReached, Permanent, ServiceError, Transient
+from daemon.states import JobState, OutputState
 from daemon.text import counted, printable
 
 log = structlog.get_logger("daemon.pipeline")
@@ -38,22 +50,12 @@ log = structlog.get_logger("daemon.pipeline")
 #: before that file is given up: each spent one of the server's limited download counts (Cloudgene: 10 per file).
 #: Failures before the server answered spend none that we can know of, and never give a file up.
 MAX_INTEGRITY_ATTEMPTS = 3
-#: Polls in a row that may find the remote job finished without any result file listed before our job fails: a
-#: server may publish the files a moment after it says SUCCESS, but a job completed without them would never
-#: fetch them.
-MAX_EMPTY_SUCCESS_POLLS = 5
-NO_OUTPUTS = "no_outputs"
-#: Steps in a row that may fail with the same unexpected error (a bug, or something in the job's own data that
-#: nothing here handles) before that fails the job: retrying a deterministic failure only repeats it, forever.
-MAX_STEP_CRASHES = 5
 #: Local failures that need an operator, not another job: retried with backoff however long they last, like an
 #: outage of the server (a database that cannot be reached is one too).
 ENVIRONMENT_ERRNOS = frozenset({
     errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE,
     errno.ENOMEM, errno.ESTALE,
 })
-#: Error kinds that pause the whole service (`Transient.service_wide`); a job recovering from one ends the pause.
-SERVICE_WIDE_KINDS = frozenset({"unavailable", "rate_limited"})
 
 
 def remote_job_name(job: Job) -> str:
@@ -309,75 +311,40 @@ class Pipeline:
         assert job.remote_id is not None
         status = adapter.status(job.remote_id)
         self.metrics.polled(job.service)
-        fields = {
+        decision = after_status(job, status)
+        if decision.recovered:
+            log.info("recovered", after_failures=job.failures)
+            if decision.resume_service and self.store.resume_service(job.service):
+                log.info("service_resumed", service=job.service)
+        fields: dict[str, Any] = {
             "remote_state": status.raw_state,
             "queue_position": integer_or_none(status.queue_position),
             "progress": status.progress,
-            "failures": 0,
-            "error": None,
-            "error_kind": None,
+            "failures": decision.failures,
+            "error": decision.error,
+            "error_kind": decision.error_kind,
         }
-        empty_success = status.kind is RemoteKind.SUCCEEDED and not status.outputs
-        if job.failures and not (empty_success and job.error_kind == NO_OUTPUTS):
-            log.info("recovered", after_failures=job.failures)
-            if job.error_kind in SERVICE_WIDE_KINDS and self.store.resume_service(job.service):
-                log.info("service_resumed", service=job.service)
-        interval = jittered(self._service(job).poll_interval)
-        match status.kind:
-            case RemoteKind.QUEUED | RemoteKind.RUNNING:
-                new = JobState.QUEUED if status.kind is RemoteKind.QUEUED else JobState.RUNNING
-                return Outcome(state=new, reason=f"remote state {status.raw_state}", next_poll_in=interval,
-                               fields=fields)
-            case RemoteKind.SUCCEEDED if empty_success:
-                return self._success_without_outputs(job, status, fields, interval)
-            case RemoteKind.SUCCEEDED:
-                return Outcome(state=JobState.DOWNLOADING,
-                               reason=f"remote job finished ({status.raw_state}); {len(status.outputs)} files",
-                               next_poll_in=0, fields=fields, outputs=status.outputs)
-            case RemoteKind.FAILED:
-                reason = status.message or f"remote job failed ({status.raw_state})"
-                return Outcome(state=JobState.FAILED, reason=reason,
-                               fields={**fields, "error": reason, "error_kind": "remote_failed"})
-            case RemoteKind.CANCELLED:
-                return Outcome(state=JobState.CANCELLED, reason="cancelled on the server", fields=fields)
-            case RemoteKind.EXPIRED:
-                reason = f"results expired remotely ({status.raw_state}) before they were downloaded"
-                return Outcome(state=JobState.FAILED, reason=reason,
-                               fields={**fields, "error": reason, "error_kind": "expired"})
-            case RemoteKind.DEAD:
-                return self._dead(job, adapter, status, fields)
-            case _:
-                if status.raw_state != job.remote_state:
-                    log.warning("unknown_remote_state", remote_state=status.raw_state,
-                                reason="keeping the job and polling again")
-                return Outcome(next_poll_in=interval, fields=fields)
-
-    def _success_without_outputs(self, job: Job, status: RemoteStatus, fields: dict[str, Any], interval: float
-                                 ) -> Outcome:
-        """A finished remote job that lists no result file: polled again, and failed after a few such answers."""
-        polls = job.failures + 1 if job.error_kind == NO_OUTPUTS else 1
-        if polls >= MAX_EMPTY_SUCCESS_POLLS:
-            reason = (f"the server says the remote job finished ({status.raw_state}) but listed no result files "
-                      f"in {polls} polls in a row; nothing was downloaded")
-            return Outcome(state=JobState.FAILED, reason=reason,
-                           fields={**fields, "error": reason, "error_kind": NO_OUTPUTS})
-        reason = f"remote job finished ({status.raw_state}) but lists no result files yet"
-        if polls == 1:
-            log.warning("remote_success_without_outputs", remote_state=status.raw_state,
-                        reason=f"polling again, up to {MAX_EMPTY_SUCCESS_POLLS} times, before failing the job")
-        return Outcome(next_poll_in=interval,
-                       fields={**fields, "failures": polls, "error": reason, "error_kind": NO_OUTPUTS})
-
-    def _dead(self, job: Job, adapter: ServiceAdapter, status: RemoteStatus, fields: dict[str, Any]) -> Outcome:
-        assert job.remote_id is not None
-        if job.restart_attempts == 0:
+        if decision.restart:
             adapter.restart(job.remote_id)
-            log.warning("remote_job_dead", action="restart requested")
-            return Outcome(next_poll_in=jittered(self._service(job).poll_interval),
-                           fields={**fields, "restart_attempts": 1})
-        reason = "remote job died (DEAD) and did not survive a restart"
-        return Outcome(state=JobState.FAILED, reason=reason,
-                       fields={**fields, "error": reason, "error_kind": "remote_dead"})
+            fields["restart_attempts"] = 1
+        match decision.note:
+            case PollNote.UNKNOWN_STATE:
+                log.warning(decision.note.value, remote_state=status.raw_state,
+                            reason="keeping the job and polling again")
+            case PollNote.EMPTY_SUCCESS:
+                log.warning(decision.note.value, remote_state=status.raw_state,
+                            reason=f"polling again, up to {MAX_EMPTY_SUCCESS_POLLS} times, before failing the job")
+            case PollNote.DEAD_RESTART:
+                log.warning(decision.note.value, action="restart requested")
+        match decision.next_poll:
+            case NextPoll.NOW:
+                next_poll_in: float | None = 0
+            case NextPoll.INTERVAL:
+                next_poll_in = jittered(self._service(job).poll_interval)
+            case NextPoll.UNCHANGED:
+                next_poll_in = None
+        return Outcome(state=decision.state, reason=decision.reason, next_poll_in=next_poll_in, fields=fields,
+                       outputs=decision.outputs)
 
     # ------------------------------------------------------------------ cancel
 
@@ -522,42 +489,41 @@ class Pipeline:
 
     def _error_outcome(self, job: Job, exc: ServiceError, *, fields: dict[str, object]) -> Outcome | None:
         self.metrics.error(job.service, exc.kind)
-        if isinstance(exc, JobLimitReached) and job.state is JobState.SUBMITTING:
-            # What we hold besides this job, and never more than the server's own "Only N": each wrong guess
-            # costs a whole upload before the server says no.
-            limit = self.store.in_flight_count(job.service) - 1
-            if exc.limit is not None:
-                limit = min(limit, exc.limit)
-            # One line when the limit goes down; more refusals at the same limit are the same problem.
-            lowered = self.store.lower_limit(job.service, limit)
-            news = lowered and self._job_limit_told.get(job.service) != max(1, limit)
-            self._job_limit_told[job.service] = max(1, limit)
-            (log.warning if news else log.debug)(
-                "service_job_limit", reason=str(exc), error_kind=exc.kind, lowered_to=max(1, limit)
-            )
-            outcome = self._backoff(job, exc, quiet=True)
-            outcome.state, outcome.reason = JobState.PENDING, "service has no free job slot; waiting"
-            return outcome
-        if isinstance(exc, Transient):
-            return self._backoff(job, exc)
-        if isinstance(exc, Blocked):
-            newly, parked = self.store.block_service(job.service, str(exc))
-            if newly:
-                log.error("service_blocked", reason=str(exc), error_kind=exc.kind, jobs_waiting=parked + 1)
-            if job.state in (JobState.DOWNLOADING, JobState.CANCEL_REQUESTED):
-                # Keep what these jobs are doing (a finished remote job, an operator's cancel) and retry it when
-                # the service is usable again, instead of parking them where that would be forgotten.
-                return self._backoff(job, Transient(str(exc), kind=exc.kind), quiet=True)
-            self.store.park_blocked(job.id, self.owner, str(exc), fields=fields)
-            return None
-        assert isinstance(exc, Permanent)
-        if job.state is JobState.CANCEL_REQUESTED:
-            return Outcome(state=JobState.CANCELLED, reason=f"cancelled; the server answered: {exc}")
-        if exc.kind == "remote_not_found" and job.state in (JobState.QUEUED, JobState.RUNNING):
-            # A job the server once accepted and no longer knows was deleted there (Cloudgene DELETED answers 404).
-            reason = f"results expired remotely: the server no longer has this job ({exc})"
-            return Outcome(state=JobState.FAILED, reason=reason, fields={"error": reason, "error_kind": "expired"})
-        return Outcome(state=JobState.FAILED, reason=str(exc), fields={"error": str(exc), "error_kind": exc.kind})
+        decision = after_error(job, exc)
+        match decision.action:
+            case ErrorAction.WAIT_FOR_SLOT:
+                assert isinstance(exc, JobLimitReached)
+                # What we hold besides this job, and never more than the server's own "Only N": each wrong guess
+                # costs a whole upload before the server says no.
+                limit = self.store.in_flight_count(job.service) - 1
+                if exc.limit is not None:
+                    limit = min(limit, exc.limit)
+                # One line when the limit goes down; more refusals at the same limit are the same problem.
+                lowered = self.store.lower_limit(job.service, limit)
+                news = lowered and self._job_limit_told.get(job.service) != max(1, limit)
+                self._job_limit_told[job.service] = max(1, limit)
+                (log.warning if news else log.debug)(
+                    "service_job_limit", reason=str(exc), error_kind=exc.kind, lowered_to=max(1, limit)
+                )
+                outcome = self._backoff(job, exc, quiet=True)
+                outcome.state, outcome.reason = JobState.PENDING, "service has no free job slot; waiting"
+                return outcome
+            case ErrorAction.RETRY:
+                assert isinstance(exc, Transient)
+                return self._backoff(job, exc)
+            case ErrorAction.BLOCK_AND_RETRY | ErrorAction.BLOCK_AND_PARK:
+                newly, parked = self.store.block_service(job.service, str(exc))
+                if newly:
+                    log.error("service_blocked", reason=str(exc), error_kind=exc.kind, jobs_waiting=parked + 1)
+                if decision.action is ErrorAction.BLOCK_AND_RETRY:
+                    return self._backoff(job, Transient(str(exc), kind=exc.kind), quiet=True)
+                self.store.park_blocked(job.id, self.owner, str(exc), fields=fields)
+                return None
+            case ErrorAction.CANCEL:
+                return Outcome(state=JobState.CANCELLED, reason=decision.reason)
+            case ErrorAction.FAIL:
+                return Outcome(state=JobState.FAILED, reason=decision.reason,
+                               fields={"error": decision.reason, "error_kind": decision.error_kind})
 
     def _crashed(self, job: Job, exc: Exception, *, what: str = "internal error") -> Outcome:
         """The outcome of a step that raised something other than a service error.
@@ -569,38 +535,36 @@ class Pipeline:
         series is logged with its traceback, the repeats at debug level."""
         # Stored in jobs.error and shown: an exception's text may quote a URL or a value that holds a secret.
         text = scrub(f"{type(exc).__name__}: {exc}", self._secrets(job))
-        if _unreachable_database(exc):
-            self.metrics.error(job.service, "database")
-            return self._backoff(job, Transient(f"database: {text}", kind="database"))
-        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
-            self.metrics.error(job.service, "local_io")
-            return self._backoff(job, Transient(f"local file system: {text}", kind="local_io"))
-        self.metrics.error(job.service, "internal")
         signature = f"{what}: {type(exc).__name__}:"
-        same = job.error_kind == "internal" and (job.error or "").startswith(signature)
-        crashes = job.failures + 1 if same else 1
-        if crashes == 1:
+        decision = after_crash(job, signature=signature, database_unreachable=_unreachable_database(exc),
+                               environment_error=isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS)
+        self.metrics.error(job.service, decision.kind.value)
+        if decision.kind is CrashKind.DATABASE:
+            return self._backoff(job, Transient(f"database: {text}", kind="database"))
+        if decision.kind is CrashKind.LOCAL_IO:
+            return self._backoff(job, Transient(f"local file system: {text}", kind="local_io"))
+        if decision.first:
             log.error("step_crashed", state=str(job.state), error_kind="internal", exc_info=exc,
                       reason=f"retrying with backoff; the job fails if this happens {MAX_STEP_CRASHES} times in a row")
         else:
-            log.debug("step_crashed", state=str(job.state), error_kind="internal", reason=text, crashes=crashes)
+            log.debug("step_crashed", state=str(job.state), error_kind="internal", reason=text,
+                      crashes=decision.crashes)
         message = f"{what}: {text}"
-        if crashes >= MAX_STEP_CRASHES:
-            reason = f"the {job.state} step failed {crashes} times in a row ({message})"
+        if decision.fail:
+            reason = f"the {job.state} step failed {decision.crashes} times in a row ({message})"
             return Outcome(state=JobState.FAILED, reason=reason, fields={"error": reason, "error_kind": "internal"})
         outcome = self._backoff(job, Transient(message, kind="internal"), quiet=True)
-        outcome.fields["failures"] = crashes
+        outcome.fields["failures"] = decision.crashes
         return outcome
 
     def _backoff(self, job: Job, exc: Transient, *, quiet: bool = False) -> Outcome:
-        failures = job.failures + 1
         scheduler = self.config.scheduler
-        delay = backoff_delay(
-            failures, initial=scheduler.backoff_initial, maximum=scheduler.backoff_max, retry_after=exc.retry_after
-        )
-        if exc.service_wide:
-            until = utcnow() + dt.timedelta(seconds=delay)
-            if self.store.pause_service(job.service, until, str(exc), continuing_within=scheduler.backoff_max):
+        retry = retry_after_failure(job, exc, initial=scheduler.backoff_initial, maximum=scheduler.backoff_max,
+                                    now=utcnow())
+        failures, delay = retry.failures, retry.delay
+        if retry.pause_service_until is not None:
+            if self.store.pause_service(job.service, retry.pause_service_until, str(exc),
+                                        continuing_within=scheduler.backoff_max):
                 log.warning("service_paused", reason=str(exc), error_kind=exc.kind, seconds=round(delay, 1))
         elif not quiet:
             # One line when a problem starts; the repeats of the same problem are debug-level.

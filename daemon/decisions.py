@@ -1,0 +1,212 @@
+"""What a step's result means for a job: pure functions of the job as it is and what the server said or raised,
+each returning a typed decision. The pipeline applies them (adapter calls, store writes, service pauses, logs) and
+decides nothing itself, so the whole table of our states × remote states × error kinds is tested without a
+database or a server (tests/unit/test_decisions.py). The shape follows procrastinate's
+`RetryStrategy.get_retry_decision()` returning a `RetryDecision`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from daemon.backoff import backoff_delay
+from daemon.remote import RemoteOutput, RemoteStatus
+from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
+from daemon.states import JobState, RemoteKind
+
+#: Polls in a row that may find the remote job finished without any result file listed before our job fails: a
+#: server may publish the files a moment after it says SUCCESS, but a job completed without them would never
+#: fetch them.
+MAX_EMPTY_SUCCESS_POLLS = 5
+NO_OUTPUTS = "no_outputs"
+#: Steps in a row that may fail with the same unexpected error (a bug, or something in the job's own data that
+#: nothing here handles) before that fails the job: retrying a deterministic failure only repeats it, forever.
+MAX_STEP_CRASHES = 5
+#: Error kinds that pause the whole service (`Transient.service_wide`); a job recovering from one ends the pause.
+SERVICE_WIDE_KINDS = frozenset({"unavailable", "rate_limited"})
+
+
+class JobView(Protocol):
+    """What the decisions read of a job (a `daemon.db.models.Job` is one)."""
+
+    @property
+    def state(self) -> JobState: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def error_kind(self) -> str | None: ...
+    @property
+    def remote_state(self) -> str | None: ...
+    @property
+    def restart_attempts(self) -> int: ...
+
+
+class NextPoll(enum.Enum):
+    UNCHANGED = "unchanged"  # a finished job: nothing more to poll
+    NOW = "now"  # the next step (the download) is due at once
+    INTERVAL = "interval"  # the service's poll interval, jittered
+
+
+class PollNote(enum.Enum):
+    """Something a poll's answer says that the log should tell once."""
+
+    UNKNOWN_STATE = "unknown_remote_state"  # a state we do not know, new since the last poll
+    EMPTY_SUCCESS = "remote_success_without_outputs"  # the first success without files
+    DEAD_RESTART = "remote_job_dead"  # a dead remote job: ask the server to restart it
+
+
+@dataclass(frozen=True)
+class PollDecision:
+    """What one status answer means: the job's next state and the error columns to write with it."""
+
+    state: JobState | None  # None: unchanged
+    reason: str | None
+    next_poll: NextPoll
+    failures: int = 0
+    error: str | None = None
+    error_kind: str | None = None
+    #: Files to record and download (the remote job finished with them).
+    outputs: tuple[RemoteOutput, ...] = ()
+    #: Ask the server to restart the remote job (Cloudgene DEAD, the first time).
+    restart: bool = False
+    #: The job had failed steps before this answer: they are over (and a service-wide pause with them).
+    recovered: bool = False
+    resume_service: bool = False
+    note: PollNote | None = None
+
+
+def after_status(job: JobView, status: RemoteStatus) -> PollDecision:
+    """The decision for a job in a polled state (queued, running) given the remote job's status."""
+    empty_success = status.kind is RemoteKind.SUCCEEDED and not status.outputs
+    recovered = bool(job.failures) and not (empty_success and job.error_kind == NO_OUTPUTS)
+    return dataclasses.replace(_status_decision(job, status, empty_success), recovered=recovered,
+                               resume_service=recovered and job.error_kind in SERVICE_WIDE_KINDS)
+
+
+def _status_decision(job: JobView, status: RemoteStatus, empty_success: bool) -> PollDecision:
+    raw = status.raw_state
+    match status.kind:
+        case RemoteKind.QUEUED | RemoteKind.RUNNING:
+            new = JobState.QUEUED if status.kind is RemoteKind.QUEUED else JobState.RUNNING
+            return PollDecision(new, f"remote state {raw}", NextPoll.INTERVAL)
+        case RemoteKind.SUCCEEDED if empty_success:
+            polls = job.failures + 1 if job.error_kind == NO_OUTPUTS else 1
+            if polls >= MAX_EMPTY_SUCCESS_POLLS:
+                reason = (f"the server says the remote job finished ({raw}) but listed no result files "
+                          f"in {polls} polls in a row; nothing was downloaded")
+                return PollDecision(JobState.FAILED, reason, NextPoll.UNCHANGED, error=reason, error_kind=NO_OUTPUTS)
+            reason = f"remote job finished ({raw}) but lists no result files yet"
+            return PollDecision(None, None, NextPoll.INTERVAL, failures=polls, error=reason, error_kind=NO_OUTPUTS,
+                                note=PollNote.EMPTY_SUCCESS if polls == 1 else None)
+        case RemoteKind.SUCCEEDED:
+            return PollDecision(JobState.DOWNLOADING, f"remote job finished ({raw}); {len(status.outputs)} files",
+                                NextPoll.NOW, outputs=status.outputs)
+        case RemoteKind.FAILED:
+            reason = status.message or f"remote job failed ({raw})"
+            return PollDecision(JobState.FAILED, reason, NextPoll.UNCHANGED, error=reason, error_kind="remote_failed")
+        case RemoteKind.CANCELLED:
+            return PollDecision(JobState.CANCELLED, "cancelled on the server", NextPoll.UNCHANGED)
+        case RemoteKind.EXPIRED:
+            reason = f"results expired remotely ({raw}) before they were downloaded"
+            return PollDecision(JobState.FAILED, reason, NextPoll.UNCHANGED, error=reason, error_kind="expired")
+        case RemoteKind.DEAD if job.restart_attempts == 0:
+            return PollDecision(None, None, NextPoll.INTERVAL, restart=True, note=PollNote.DEAD_RESTART)
+        case RemoteKind.DEAD:
+            reason = "remote job died (DEAD) and did not survive a restart"
+            return PollDecision(JobState.FAILED, reason, NextPoll.UNCHANGED, error=reason, error_kind="remote_dead")
+        case _:
+            note = PollNote.UNKNOWN_STATE if raw != job.remote_state else None
+            return PollDecision(None, None, NextPoll.INTERVAL, note=note)
+
+
+class ErrorAction(enum.Enum):
+    WAIT_FOR_SLOT = "wait_for_slot"  # the server's "Only N jobs": back to pending, the service's limit lowered
+    RETRY = "retry"  # back off and try the same step again
+    BLOCK_AND_RETRY = "block_and_retry"  # block the service; keep this job's step, retried once unblocked
+    BLOCK_AND_PARK = "block_and_park"  # block the service and park the job until it is unblocked
+    CANCEL = "cancel"  # a cancel the server cannot carry out: nothing is left to cancel
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class ErrorDecision:
+    action: ErrorAction
+    #: For CANCEL and FAIL: the reason recorded, and (FAIL) the error kind.
+    reason: str | None = None
+    error_kind: str | None = None
+
+
+def after_error(job: JobView, exc: ServiceError) -> ErrorDecision:
+    """The decision for a step that raised one of the service errors (DESIGN.md: transient errors back off and never
+    fail a job, a blocked service parks its jobs, a permanent error fails the job with the server's reason)."""
+    if isinstance(exc, JobLimitReached) and job.state is JobState.SUBMITTING:
+        return ErrorDecision(ErrorAction.WAIT_FOR_SLOT)
+    if isinstance(exc, Transient):
+        return ErrorDecision(ErrorAction.RETRY)
+    if isinstance(exc, Blocked):
+        # Keep what a downloading or cancelling job is doing (a finished remote job, an operator's cancel) and
+        # retry it when the service is usable again, instead of parking it where that would be forgotten.
+        keep = job.state in (JobState.DOWNLOADING, JobState.CANCEL_REQUESTED)
+        return ErrorDecision(ErrorAction.BLOCK_AND_RETRY if keep else ErrorAction.BLOCK_AND_PARK)
+    assert isinstance(exc, Permanent), f"not a service error: {exc!r}"
+    if job.state is JobState.CANCEL_REQUESTED:
+        return ErrorDecision(ErrorAction.CANCEL, reason=f"cancelled; the server answered: {exc}")
+    if exc.kind == "remote_not_found" and job.state in (JobState.QUEUED, JobState.RUNNING):
+        # A job the server once accepted and no longer knows was deleted there (Cloudgene DELETED answers 404).
+        return ErrorDecision(ErrorAction.FAIL, f"results expired remotely: the server no longer has this job ({exc})",
+                             "expired")
+    return ErrorDecision(ErrorAction.FAIL, str(exc), exc.kind)
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    """When to try a failed step again, and whether the whole service waits that long too."""
+
+    failures: int  # failed steps in a row, this one included
+    delay: float  # seconds
+    pause_service_until: dt.datetime | None = None
+
+
+def retry_after_failure(job: JobView, exc: Transient, *, initial: float, maximum: float,
+                        now: dt.datetime) -> RetryDecision:
+    """Backoff for the job's next attempt (the server's Retry-After when it gave one); a service-wide error (an
+    outage, a rate limit) holds every job of the service for as long."""
+    failures = job.failures + 1
+    delay = backoff_delay(failures, initial=initial, maximum=maximum, retry_after=exc.retry_after)
+    until = now + dt.timedelta(seconds=delay) if exc.service_wide else None
+    return RetryDecision(failures, delay, until)
+
+
+class CrashKind(enum.Enum):
+    DATABASE = "database"  # the database could not be reached: waited out like a server outage
+    LOCAL_IO = "local_io"  # the local file system needs an operator: waited out too
+    INTERNAL = "internal"  # anything else: retried, and the job fails after MAX_STEP_CRASHES in a row
+
+
+@dataclass(frozen=True)
+class CrashDecision:
+    kind: CrashKind
+    #: INTERNAL: the same step's same exception type in a row, this one included, and whether that fails the job.
+    crashes: int = 0
+    fail: bool = False
+    #: INTERNAL: the first of a series (logged with its traceback; the repeats are quiet).
+    first: bool = False
+
+
+def after_crash(job: JobView, *, signature: str, database_unreachable: bool, environment_error: bool
+                ) -> CrashDecision:
+    """The decision for a step that raised something other than a service error. `signature`: what failed and the
+    exception's type (`"{what}: {type}:"`), which the job's stored error starts with when it is the same crash."""
+    if database_unreachable:
+        return CrashDecision(CrashKind.DATABASE)
+    if environment_error:
+        return CrashDecision(CrashKind.LOCAL_IO)
+    same = job.error_kind == "internal" and (job.error or "").startswith(signature)
+    crashes = job.failures + 1 if same else 1
+    return CrashDecision(CrashKind.INTERNAL, crashes=crashes, fail=crashes >= MAX_STEP_CRASHES, first=crashes == 1)

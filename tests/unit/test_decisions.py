@@ -1,0 +1,209 @@
+"""The pipeline's decision table, pure: our states × what the server said (remote kinds) or raised (error kinds)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import pytest
+
+from daemon.decisions import (
+    MAX_EMPTY_SUCCESS_POLLS,
+    MAX_STEP_CRASHES,
+    NO_OUTPUTS,
+    CrashKind,
+    ErrorAction,
+    NextPoll,
+    PollNote,
+    after_crash,
+    after_error,
+    after_status,
+    retry_after_failure,
+)
+from daemon.remote import RemoteOutput, RemoteStatus
+from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
+from daemon.states import TERMINAL, TRANSITIONS, JobState, RemoteKind
+
+NOW = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.UTC)
+FILE = RemoteOutput(name="chr_20.zip", url="https://x/share/results/h/chr_20.zip", remote_hash="h")
+
+
+@dataclass(frozen=True)
+class FakeJob:
+    state: JobState = JobState.RUNNING
+    failures: int = 0
+    error: str | None = None
+    error_kind: str | None = None
+    remote_state: str | None = "2"
+    restart_attempts: int = 0
+
+
+def status(kind: RemoteKind, *, raw: str = "x", outputs: tuple[RemoteOutput, ...] = (FILE,),
+           message: str | None = None) -> RemoteStatus:
+    return RemoteStatus(kind=kind, raw_state=raw, outputs=outputs, message=message)
+
+
+# ------------------------------------------------------------------------------------------------ polls
+
+
+#: remote kind -> (our next state, next poll, error kind) for a healthy running job whose remote job lists files.
+POLL_TABLE = {
+    RemoteKind.QUEUED: (JobState.QUEUED, NextPoll.INTERVAL, None),
+    RemoteKind.RUNNING: (JobState.RUNNING, NextPoll.INTERVAL, None),
+    RemoteKind.SUCCEEDED: (JobState.DOWNLOADING, NextPoll.NOW, None),
+    RemoteKind.FAILED: (JobState.FAILED, NextPoll.UNCHANGED, "remote_failed"),
+    RemoteKind.CANCELLED: (JobState.CANCELLED, NextPoll.UNCHANGED, None),
+    RemoteKind.EXPIRED: (JobState.FAILED, NextPoll.UNCHANGED, "expired"),
+    RemoteKind.DEAD: (None, NextPoll.INTERVAL, None),
+    RemoteKind.UNKNOWN: (None, NextPoll.INTERVAL, None),
+}
+
+
+def test_the_poll_table_covers_every_remote_kind() -> None:
+    assert set(POLL_TABLE) == set(RemoteKind)
+
+
+@pytest.mark.parametrize("ours", [JobState.QUEUED, JobState.RUNNING])
+@pytest.mark.parametrize("kind", list(RemoteKind))
+def test_a_status_answer_moves_a_polled_job_as_the_table_says(ours: JobState, kind: RemoteKind) -> None:
+    decision = after_status(FakeJob(state=ours), status(kind))
+    state, next_poll, error_kind = POLL_TABLE[kind]
+    assert (decision.state, decision.next_poll, decision.error_kind) == (state, next_poll, error_kind)
+    if decision.state is not None:
+        assert decision.state in TRANSITIONS[ours] or decision.state is ours  # the state machine allows it
+    assert decision.outputs == ((FILE,) if kind is RemoteKind.SUCCEEDED else ())
+    assert decision.restart is (kind is RemoteKind.DEAD)
+    assert not decision.recovered
+
+
+def test_a_failed_remote_job_fails_ours_with_the_servers_reason() -> None:
+    decision = after_status(FakeJob(), status(RemoteKind.FAILED, raw="-1", message="chr20: no SNPs left"))
+    assert (decision.state, decision.reason, decision.error) == (JobState.FAILED, "chr20: no SNPs left",
+                                                                 "chr20: no SNPs left")
+
+
+def test_a_dead_remote_job_is_restarted_once_then_fails_ours() -> None:
+    first = after_status(FakeJob(restart_attempts=0), status(RemoteKind.DEAD))
+    assert first.restart and first.note is PollNote.DEAD_RESTART and first.state is None
+    second = after_status(FakeJob(restart_attempts=1), status(RemoteKind.DEAD))
+    assert not second.restart and second.state is JobState.FAILED and second.error_kind == "remote_dead"
+
+
+@pytest.mark.parametrize("seen_before, noted", [(False, True), (True, False)])
+def test_an_unknown_remote_state_is_told_once_and_polled_again(seen_before: bool, noted: bool) -> None:
+    job = FakeJob(remote_state="42" if seen_before else "2")
+    decision = after_status(job, status(RemoteKind.UNKNOWN, raw="42"))
+    assert decision.state is None and decision.next_poll is NextPoll.INTERVAL
+    assert (decision.note is PollNote.UNKNOWN_STATE) is noted
+
+
+@pytest.mark.parametrize("earlier_empty_polls", range(MAX_EMPTY_SUCCESS_POLLS))
+def test_a_success_without_files_is_polled_again_then_fails_the_job(earlier_empty_polls: int) -> None:
+    job = FakeJob(failures=earlier_empty_polls, error_kind=NO_OUTPUTS if earlier_empty_polls else None)
+    decision = after_status(job, status(RemoteKind.SUCCEEDED, outputs=()))
+    polls = earlier_empty_polls + 1
+    assert decision.error_kind == NO_OUTPUTS
+    assert not decision.recovered  # the empty answers are one problem going on
+    if polls >= MAX_EMPTY_SUCCESS_POLLS:
+        assert (decision.state, decision.next_poll) == (JobState.FAILED, NextPoll.UNCHANGED)
+        assert f"{polls} polls in a row" in (decision.reason or "")
+    else:
+        assert (decision.state, decision.next_poll, decision.failures) == (None, NextPoll.INTERVAL, polls)
+        assert (decision.note is PollNote.EMPTY_SUCCESS) is (polls == 1)
+    assert decision.outputs == ()  # a job never completes empty
+
+
+@pytest.mark.parametrize("error_kind, resumes", [("timeout", False), ("unavailable", True), ("rate_limited", True)])
+def test_an_answer_after_failures_is_a_recovery_and_ends_a_service_wide_pause(error_kind: str, resumes: bool) -> None:
+    decision = after_status(FakeJob(failures=3, error_kind=error_kind), status(RemoteKind.RUNNING))
+    assert decision.recovered and decision.resume_service is resumes
+    assert (decision.failures, decision.error, decision.error_kind) == (0, None, None)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+ERRORS: dict[str, ServiceError] = {
+    "transient": Transient("read timed out", kind="timeout"),
+    "service_wide": Transient("maintenance", kind="unavailable", service_wide=True),
+    "job_limit": JobLimitReached("Only 3 jobs per user", limit=3),
+    "blocked": Blocked("token rejected", kind="unauthorized"),
+    "permanent": Permanent("panel unknown", kind="bad_request"),
+    "remote_not_found": Permanent("no such job", kind="remote_not_found"),
+}
+NON_TERMINAL = [state for state in JobState if state not in TERMINAL and state is not JobState.PENDING]
+
+
+def expected_action(state: JobState, error: str) -> ErrorAction:
+    """DESIGN.md's rules, spelled out once more as a table."""
+    if error == "job_limit":
+        return ErrorAction.WAIT_FOR_SLOT if state is JobState.SUBMITTING else ErrorAction.RETRY
+    if error in ("transient", "service_wide"):
+        return ErrorAction.RETRY
+    if error == "blocked":
+        keep = state in (JobState.DOWNLOADING, JobState.CANCEL_REQUESTED)
+        return ErrorAction.BLOCK_AND_RETRY if keep else ErrorAction.BLOCK_AND_PARK
+    return ErrorAction.CANCEL if state is JobState.CANCEL_REQUESTED else ErrorAction.FAIL
+
+
+@pytest.mark.parametrize("error", list(ERRORS))
+@pytest.mark.parametrize("state", NON_TERMINAL)
+def test_every_error_kind_in_every_working_state(state: JobState, error: str) -> None:
+    decision = after_error(FakeJob(state=state), ERRORS[error])
+    assert decision.action is expected_action(state, error)
+    if decision.action is ErrorAction.FAIL:
+        expired = error == "remote_not_found" and state in (JobState.QUEUED, JobState.RUNNING)
+        assert decision.error_kind == ("expired" if expired else ERRORS[error].kind)
+        assert str(ERRORS[error]) in (decision.reason or "")
+
+
+def test_a_transient_error_never_fails_a_job_however_often() -> None:
+    for failures in (0, 10, 10_000):
+        assert after_error(FakeJob(failures=failures), ERRORS["transient"]).action is ErrorAction.RETRY
+
+
+# ------------------------------------------------------------------------------------------------ backoff
+
+
+def test_backoff_grows_to_its_maximum_and_follows_retry_after() -> None:
+    delays = [retry_after_failure(FakeJob(failures=n), Transient("x"), initial=10, maximum=300, now=NOW).delay
+              for n in range(12)]
+    assert delays[0] <= 20 and max(delays) <= 300 and delays[-1] >= 150
+    told = retry_after_failure(FakeJob(), Transient("slow down", retry_after=120), initial=10, maximum=300, now=NOW)
+    assert told.delay >= 120 and told.failures == 1 and told.pause_service_until is None
+
+
+def test_a_service_wide_error_pauses_the_service_for_the_backoff() -> None:
+    outage = Transient("maintenance", kind="unavailable", service_wide=True)
+    retry = retry_after_failure(FakeJob(failures=2), outage, initial=10, maximum=300, now=NOW)
+    assert retry.failures == 3
+    assert retry.pause_service_until == NOW + dt.timedelta(seconds=retry.delay)
+
+
+# ------------------------------------------------------------------------------------------------ crashes
+
+
+def test_an_unreachable_database_or_a_local_fs_problem_is_waited_out() -> None:
+    job = FakeJob(failures=100, error_kind="internal", error="internal error: RuntimeError: x")
+    assert after_crash(job, signature="internal error: RuntimeError:", database_unreachable=True,
+                       environment_error=False).kind is CrashKind.DATABASE
+    assert after_crash(job, signature="internal error: RuntimeError:", database_unreachable=False,
+                       environment_error=True).kind is CrashKind.LOCAL_IO
+
+
+@pytest.mark.parametrize("earlier", range(MAX_STEP_CRASHES))
+def test_the_same_crash_in_a_row_fails_the_job_at_the_limit(earlier: int) -> None:
+    signature = "internal error: RuntimeError:"
+    job = FakeJob(failures=earlier, error_kind="internal" if earlier else None,
+                  error=f"{signature} boom" if earlier else None)
+    decision = after_crash(job, signature=signature, database_unreachable=False, environment_error=False)
+    assert decision.kind is CrashKind.INTERNAL
+    assert decision.crashes == earlier + 1 and decision.first is (earlier == 0)
+    assert decision.fail is (earlier + 1 >= MAX_STEP_CRASHES)
+
+
+def test_a_different_crash_starts_the_count_again() -> None:
+    job = FakeJob(failures=4, error_kind="internal", error="internal error: KeyError: 'x'")
+    decision = after_crash(job, signature="internal error: RuntimeError:", database_unreachable=False,
+                           environment_error=False)
+    assert (decision.crashes, decision.first, decision.fail) == (1, True, False)
