@@ -6,8 +6,9 @@ outbox on `job_events` (schema 0002):
 - The store writes every event into a terminal state (completed, failed, cancelled) or `blocked` with
   `notify_next_at = at`, in the transaction that changes the job: a state change and its pending notification exist
   together or not at all.
-- The `notify` tick claims due rows (`JobStore.claim_notifications`: `FOR UPDATE SKIP LOCKED` on PostgreSQL, the
-  `BEGIN IMMEDIATE` write lock on SQLite), which pushes their `notify_next_at` a lease ahead and counts an attempt;
+- The `notify` tick claims due rows (`NotificationOutbox.claim_notifications`: `FOR UPDATE SKIP LOCKED` on
+  PostgreSQL, the `BEGIN IMMEDIATE` write lock on SQLite), which pushes their `notify_next_at` a lease ahead and
+  counts an attempt;
   sends; then records the outcome only if that claim is still the latest (`notify_attempts` is the fencing token).
   A failure is retried with backoff (`scheduler.backoff_initial` doubling up to `scheduler.backoff_max`); a channel
   that delivered is recorded at once (`notified_via`) and not sent again when another channel is retried.
@@ -44,7 +45,7 @@ from daemon import __version__
 from daemon.backoff import backoff_delay
 from daemon.config import EmailConfig, NotificationsConfig, WebhookConfig
 from daemon.db.models import utcnow
-from daemon.db.store import JobStore, PendingNotification
+from daemon.db.outbox import NotificationOutbox, PendingNotification
 from daemon.headers import EVENT_HEADER, HeadersFileError, parse_headers_file
 from daemon.logging import register_secret
 from daemon.metrics import NO_METRICS, Metrics
@@ -224,7 +225,7 @@ class Notifier:
     """The notify tick: drain what is not wanted, claim what is due, send, record."""
     def __init__(
         self,
-        store: JobStore,
+        outbox: NotificationOutbox,
         config: NotificationsConfig,
         *,
         backoff_initial: float = 10.0,
@@ -233,7 +234,7 @@ class Notifier:
         senders: Sequence[Sender] | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
-        self.store = store
+        self.outbox = outbox
         self.config = config
         self.metrics = metrics
         self._backoff = (backoff_initial, backoff_max)
@@ -255,15 +256,15 @@ class Notifier:
     def tick(self) -> int:
         """One pass; returns how many notifications were completed (every channel delivered)."""
         if not self.sends:
-            dropped = self.store.drop_notifications("not sent: notifications are not configured")
+            dropped = self.outbox.drop_notifications("not sent: notifications are not configured")
             if dropped:
                 # Once at info: with notifications off every job's end is dropped, a line per job says nothing new.
                 say = log.debug if self._said_dropped else log.info
                 say("notifications_dropped", events=dropped, reason="notifications are not configured")
                 self._said_dropped = True
             return 0
-        self.store.drop_notifications("not sent: state not in notifications.on", keep_states=self.config.on)
-        batch = self.store.claim_notifications(states=self.config.on, limit=BATCH, lease_seconds=self._lease)
+        self.outbox.drop_notifications("not sent: state not in notifications.on", keep_states=self.config.on)
+        batch = self.outbox.claim_notifications(states=self.config.on, limit=BATCH, lease_seconds=self._lease)
         failing: dict[str, str] = {}
         return sum(self._deliver(item, failing) for item in batch)
 
@@ -277,7 +278,7 @@ class Notifier:
                    "state": item.state}
         if now - item.at > dt.timedelta(seconds=self.config.give_up_after):
             # Never tried (written while no daemon ran), or its retries outlived the limit: either way, too late.
-            self.store.finish_notification(item.event_id, item.attempt, delivered=item.notified_via, done=True,
+            self.outbox.finish_notification(item.event_id, item.attempt, delivered=item.notified_via, done=True,
                                            error="not sent: older than notifications.give_up_after")
             log.warning("notification_skipped", reason="event older than notifications.give_up_after",
                         attempt=item.attempt, error_kind="notification", **context)
@@ -309,22 +310,22 @@ class Notifier:
                 self.metrics.notification(sender.name, "failed")
                 continue
             delivered.add(sender.name)
-            self.store.note_notification_delivered(item.event_id, item.attempt, delivered)
+            self.outbox.note_notification_delivered(item.event_id, item.attempt, delivered)
             self.metrics.notification(sender.name, "sent")
             log.info("notification_sent", channel=sender.name, attempt=item.attempt, **context)
         if not errors:
-            self.store.finish_notification(item.event_id, item.attempt, delivered=delivered, done=True)
+            self.outbox.finish_notification(item.event_id, item.attempt, delivered=delivered, done=True)
             return True
         error = "; ".join(errors)
         if now - item.at >= dt.timedelta(seconds=self.config.give_up_after):
-            self.store.finish_notification(item.event_id, item.attempt, delivered=delivered, done=True,
+            self.outbox.finish_notification(item.event_id, item.attempt, delivered=delivered, done=True,
                                            error=f"gave up after {item.attempt} attempts: {error}")
             log.error("notification_given_up", reason=error, attempts=item.attempt, error_kind="notification",
                       **context)
             return False
         initial, maximum = self._backoff
         delay = backoff_delay(item.attempt, initial=initial, maximum=maximum) if tried else 0.0
-        self.store.finish_notification(item.event_id, item.attempt, delivered=delivered, done=False, error=error,
+        self.outbox.finish_notification(item.event_id, item.attempt, delivered=delivered, done=False, error=error,
                                        retry_at=now + dt.timedelta(seconds=delay))
         if tried:
             level = log.warning if item.attempt == 1 else log.debug

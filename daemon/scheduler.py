@@ -517,7 +517,7 @@ class Daemon:
     # ------------------------------------------------------------------ notifications, retention, health
 
     def _build_notifier(self, config: Config) -> Notifier:
-        return Notifier(self.store, config.notifications, backoff_initial=config.scheduler.backoff_initial,
+        return Notifier(self.store.outbox, config.notifications, backoff_initial=config.scheduler.backoff_initial,
                         backoff_max=config.scheduler.backoff_max, metrics=self.metrics)
 
     def notify_tick(self) -> None:
@@ -528,7 +528,7 @@ class Daemon:
         if keep_days is None or time.monotonic() - self._last_retention < RETENTION_INTERVAL:
             return
         self._last_retention = time.monotonic()
-        report = retention.cleanup(self.store, self.config.storage, keep_days)
+        report = retention.cleanup(self.store.expired, self.config.storage, keep_days)
         if report.deleted or report.skipped:
             log.info("retention_done", jobs_deleted=len(report.deleted), bytes_freed=report.bytes,
                      jobs_skipped=len(report.skipped), keep_days=keep_days)

@@ -1,11 +1,10 @@
-"""Every query the daemon and the CLI run against the jobs queue, named, in one place.
+"""The jobs queue: every query the daemon and the CLI run against jobs, their inputs, outputs and services, named,
+in one place (the notification outbox, the notifier's part, is `outbox.py`; the claim both use, `claims.py`).
 
 Work is handed out by *claims*: an atomic UPDATE that sets a lease (`lease_owner`, `lease_expires_at`) on due jobs
-nobody holds. On PostgreSQL the candidate rows are picked with `FOR UPDATE SKIP LOCKED`, so several daemons share one
-database without waiting on each other; on SQLite every write transaction is `BEGIN IMMEDIATE` (see `engine.py`), which
-serialises claimers, and the same `UPDATE … RETURNING` runs. A step's outcome is written with `finish()`, which
-only lands while the caller still holds the lease: a daemon whose lease expired (it hung, or another daemon took the
-job over) cannot overwrite newer state.
+nobody holds (`daemon.db.claims`). A step's outcome is written with `finish()`, which only lands while the caller
+still holds the lease: a daemon whose lease expired (it hung, or another daemon took the job over) cannot overwrite
+newer state.
 """
 
 from __future__ import annotations
@@ -23,8 +22,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, raiseload, selectinload
 from sqlalchemy.orm.strategy_options import _AbstractLoad
 
+from daemon.db.claims import claim, rowcount
 from daemon.db.engine import is_postgres, make_session_factory, read_only, single_write
+from daemon.db.expired import ExpiredJobs
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, integer_or_none, utcnow
+from daemon.db.outbox import NotificationOutbox
 from daemon.remote import JobParameters, RemoteOutput
 from daemon.states import IN_FLIGHT, NOTIFIABLE, TERMINAL, JobState, OutputState, check_transition
 
@@ -78,37 +80,6 @@ class PasswordSealer(Protocol):
     """What the store needs of `daemon.crypto.PasswordCipher`: seal a password before it is stored."""
 
     def seal(self, password: str | None) -> str | None: ...
-
-
-@dataclass(frozen=True)
-class PendingNotification:
-    """One claimed outbox row: a job event and what a notification says about its job."""
-
-    event_id: int
-    attempt: int  # the claim's fencing token for `finish_notification`
-    at: dt.datetime
-    from_state: str | None
-    state: str
-    reason: str | None
-    notified_via: frozenset[str]
-    job_id: uuid.UUID
-    group_id: uuid.UUID
-    name: str | None
-    service: str
-    result_dir: str | None
-    finished_at: dt.datetime | None
-
-
-@dataclass(frozen=True)
-class ExpiredJob:
-    """A finished job past the retention period (`expired_jobs`)."""
-
-    id: uuid.UUID
-    service: str
-    state: JobState
-    name: str | None
-    finished_at: dt.datetime
-    result_dir: str | None
 
 
 def _load_options() -> tuple[_AbstractLoad, ...]:
@@ -201,11 +172,6 @@ _FORGET_LOWERED_LIMIT = (
 )
 
 
-def _rowcount(result: sa.Result[Any]) -> int:
-    """The rows an UPDATE or DELETE matched (its result is a CursorResult; `Session.execute` is typed for any)."""
-    return cast(sa.CursorResult[Any], result).rowcount
-
-
 class JobStore:
     def __init__(self, engine: sa.Engine, *, sealer: PasswordSealer | None = None) -> None:
         self._engine = engine
@@ -220,6 +186,10 @@ class JobStore:
         self._postgres = is_postgres(engine)
         #: Seals job passwords before they are stored; None stores them as given.
         self._sealer = sealer
+        #: The notification outbox: the notifier's part of the store.
+        self.outbox = NotificationOutbox(engine)
+        #: Finished jobs past the retention period: the retention's part of the store.
+        self.expired = ExpiredJobs(engine)
 
     # ------------------------------------------------------------------ submission and operator actions
 
@@ -438,26 +408,20 @@ class JobStore:
         now = now or utcnow()
         expires = now + dt.timedelta(seconds=lease_seconds)
         candidates = (
-            sa.select(Job.id)
+            sa.select(_jobs.c.id)
             .where(
-                Job.state.in_(list(states)),
-                Job.next_poll_at <= now,
-                Job.service.in_(list(services)),
-                sa.or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
+                _jobs.c.state.in_(list(states)),
+                _jobs.c.next_poll_at <= now,
+                _jobs.c.service.in_(list(services)),
+                sa.or_(_jobs.c.lease_expires_at.is_(None), _jobs.c.lease_expires_at < now),
             )
-            .order_by(Job.next_poll_at)
+            .order_by(_jobs.c.next_poll_at)
             .limit(limit)
-            .with_for_update(skip_locked=True)
         )
         with self._engine.begin() as conn:
             # One statement leases the rows; nothing else happens while this holds SQLite's write lock, which every
             # worker's bookkeeping waits for.
-            ids = conn.execute(
-                sa.update(_jobs)
-                .where(_jobs.c.id.in_(candidates.scalar_subquery()))
-                .values(lease_owner=owner, lease_expires_at=expires)
-                .returning(_jobs.c.id)
-            ).scalars().all()
+            ids = conn.execute(claim(_jobs, candidates, lease_owner=owner, lease_expires_at=expires)).scalars().all()
         if not ids:
             return []
         with self._reading() as session:
@@ -500,7 +464,7 @@ class JobStore:
                 .values(lease_expires_at=expires)
                 .execution_options(synchronize_session=False)
             )
-            return _rowcount(result)
+            return rowcount(result)
 
     def release(self, job_id: uuid.UUID, owner: str) -> None:
         with self._session() as session, session.begin():
@@ -534,7 +498,7 @@ class JobStore:
                 .values(lease_owner=None, lease_expires_at=None)
                 .execution_options(synchronize_session=False)
             )
-            return _rowcount(result)
+            return rowcount(result)
 
     # ------------------------------------------------------------------ writing a step's outcome
 
@@ -765,150 +729,6 @@ class JobStore:
         with self._reading() as session:
             session.execute(sa.select(1)).one()
 
-    # ------------------------------------------------------------------ notification outbox
-
-    def claim_notifications(
-        self,
-        *,
-        states: Collection[str],
-        limit: int,
-        lease_seconds: float,
-        now: dt.datetime | None = None,
-    ) -> list[PendingNotification]:
-        """Claim up to `limit` due outbox rows for `states`: push their `notify_next_at` a lease ahead and count an
-        attempt, so no other notifier takes them until the lease runs out (PostgreSQL: `FOR UPDATE SKIP LOCKED`;
-        SQLite: the write lock of `BEGIN IMMEDIATE`)."""
-        if limit <= 0 or not states:
-            return []
-        now = now or utcnow()
-        candidates = (
-            sa.select(JobEvent.id)
-            .where(JobEvent.notify_next_at <= now, JobEvent.to_state.in_(list(states)))
-            .order_by(JobEvent.notify_next_at, JobEvent.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        with self._session() as session, session.begin():
-            claimed = session.execute(
-                sa.update(JobEvent)
-                .where(JobEvent.id.in_(candidates.scalar_subquery()))
-                .values(
-                    notify_next_at=now + dt.timedelta(seconds=lease_seconds),
-                    notify_attempts=sa.func.coalesce(JobEvent.notify_attempts, 0) + 1,
-                )
-                .returning(JobEvent.id)
-                .execution_options(synchronize_session=False)
-            ).scalars().all()
-            if not claimed:
-                return []
-            rows = session.execute(
-                sa.select(JobEvent, Job).join(Job, Job.id == JobEvent.job_id).where(JobEvent.id.in_(list(claimed)))
-                .order_by(JobEvent.id)
-            ).all()
-            return [
-                PendingNotification(
-                    event_id=event.id, attempt=event.notify_attempts or 0, at=event.at, from_state=event.from_state,
-                    state=event.to_state, reason=event.reason,
-                    notified_via=frozenset(filter(None, (event.notified_via or "").split(","))),
-                    job_id=job.id, group_id=job.group_id, name=job.name, service=job.service,
-                    result_dir=job.result_dir, finished_at=job.finished_at,
-                )
-                for event, job in rows
-            ]
-
-    def note_notification_delivered(self, event_id: int, attempt: int, delivered: Collection[str]) -> bool:
-        """Record the channels that have delivered a claimed notification while its other channels are still being
-        tried, so that nothing that happens to those (a hang past the lease, a crash) sends these again. Lands only
-        for the claim that made attempt `attempt`; returns whether it did."""
-        with self._session() as session, session.begin():
-            result = session.execute(
-                sa.update(JobEvent)
-                .where(JobEvent.id == event_id, JobEvent.notify_attempts == attempt)
-                .values(notified_via=",".join(sorted(delivered)) or None)
-                .execution_options(synchronize_session=False)
-            )
-            return _rowcount(result) == 1
-
-    def finish_notification(
-        self,
-        event_id: int,
-        attempt: int,
-        *,
-        delivered: Collection[str],
-        done: bool,
-        error: str | None = None,
-        retry_at: dt.datetime | None = None,
-        now: dt.datetime | None = None,
-    ) -> bool:
-        """Record a claimed notification's outcome: `done` takes it out of the outbox, otherwise it is due again at
-        `retry_at`. Lands only for the claim that made attempt `attempt`; returns whether it did."""
-        now = now or utcnow()
-        values: dict[str, Any] = {
-            "notified_via": ",".join(sorted(delivered)) or None,
-            "notify_error": error,
-            "notify_next_at": None if done else retry_at,
-        }
-        if done and delivered:
-            values["notified_at"] = now
-        with self._session() as session, session.begin():
-            result = session.execute(
-                sa.update(JobEvent)
-                .where(JobEvent.id == event_id, JobEvent.notify_attempts == attempt)
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            return _rowcount(result) == 1
-
-    def drop_notifications(
-        self, reason: str, *, keep_states: Collection[str] = (), now: dt.datetime | None = None
-    ) -> int:
-        """Take due outbox rows out without sending anything (their state is not wanted, or notifications are off),
-        except those for `keep_states`. Returns how many."""
-        now = now or utcnow()
-        query = sa.update(JobEvent).where(JobEvent.notify_next_at <= now)
-        if keep_states:
-            query = query.where(JobEvent.to_state.not_in(list(keep_states)))
-        with self._session() as session, session.begin():
-            result = session.execute(
-                query.values(notify_next_at=None, notify_error=reason).execution_options(synchronize_session=False)
-            )
-            return _rowcount(result)
-
-    # ------------------------------------------------------------------ retention
-
-    def expired_jobs(self, cutoff: dt.datetime, *, limit: int = 1000) -> list[ExpiredJob]:
-        """Finished jobs (completed, failed, cancelled) that finished before `cutoff`, oldest first."""
-        with self._reading() as session:
-            rows = session.execute(
-                sa.select(Job.id, Job.service, Job.state, Job.name, Job.finished_at, Job.result_dir)
-                .where(Job.state.in_(list(TERMINAL)), Job.finished_at < cutoff)
-                .order_by(Job.finished_at)
-                .limit(limit)
-            ).all()
-        return [ExpiredJob(id=row.id, service=row.service, state=row.state, name=row.name,
-                           finished_at=cast(dt.datetime, row.finished_at), result_dir=row.result_dir)
-                for row in rows]
-
-    def delete_expired_job(
-        self, job_id: uuid.UUID, cutoff: dt.datetime, *, before_delete: Callable[[Job], None] | None = None
-    ) -> bool:
-        """Delete one finished job's row (inputs, outputs and events go with it) if it is still finished before
-        `cutoff` and nobody holds it; `before_delete(job)` runs first, inside the transaction holding the row (it
-        removes the files; when it raises, the row stays). Returns whether the row was deleted."""
-        with self._session() as session, session.begin():
-            job = session.scalars(
-                sa.select(Job)
-                .where(Job.id == job_id, Job.state.in_(list(TERMINAL)), Job.finished_at < cutoff)
-                .with_for_update(skip_locked=True)
-            ).one_or_none()
-            if job is None:
-                return False
-            if before_delete is not None:
-                before_delete(job)
-            # The database's ON DELETE CASCADE removes inputs, outputs and events without loading them.
-            session.execute(sa.delete(Job).where(Job.id == job_id).execution_options(synchronize_session=False))
-            return True
-
     # ------------------------------------------------------------------ internals
 
     def _lock(self, session: Session, job_id: uuid.UUID) -> Job:
@@ -968,7 +788,6 @@ def job_snapshot(job: Job) -> dict[str, Any]:
 
 
 __all__ = [
-    "ExpiredJob",
     "JobNotFound",
     "JobRow",
     "JobStore",
@@ -977,7 +796,6 @@ __all__ = [
     "NewJob",
     "Outcome",
     "PasswordSealer",
-    "PendingNotification",
     "Promotion",
     "job_snapshot",
 ]

@@ -91,7 +91,7 @@ def test_one_webhook_per_state_change_with_its_fields(store: JobStore) -> None:
     move(store, failed, JobState.FAILED, reason="remote job failed: bad VCF")
     store.request_cancel(cancelled)
     with WebhookReceiver() as hook:
-        notifier = Notifier(store, webhook_config(hook.url), **FAST_BACKOFF)
+        notifier = Notifier(store.outbox, webhook_config(hook.url), **FAST_BACKOFF)
         try:
             drain(notifier, lambda: len(hook.delivered()) == 3)
             for _ in range(3):
@@ -118,7 +118,7 @@ def test_a_webhook_failing_twice_is_delivered_once_on_the_third_try(store: JobSt
     job = new_job(store)
     complete(store, job)
     with WebhookReceiver(fail_first=2) as hook:
-        notifier = Notifier(store, webhook_config(hook.url), **FAST_BACKOFF)
+        notifier = Notifier(store.outbox, webhook_config(hook.url), **FAST_BACKOFF)
         try:
             drain(notifier, lambda: hook.delivered())
             for _ in range(5):
@@ -144,7 +144,7 @@ def test_racing_notifiers_deliver_each_event_exactly_once(db_url: str, notifiers
             setup.request_cancel(job)
     stores = [make_store(db_url) for _ in range(notifiers)]
     with WebhookReceiver(delay=0.01, fail_first=3) as hook:
-        workers = [Notifier(s, webhook_config(hook.url), **FAST_BACKOFF) for s, _ in stores]
+        workers = [Notifier(s.outbox, webhook_config(hook.url), **FAST_BACKOFF) for s, _ in stores]
         start = threading.Barrier(notifiers)
         errors: list[BaseException] = []
 
@@ -178,7 +178,7 @@ def test_a_redirect_or_an_unreachable_receiver_is_a_failure_to_retry(store: JobS
     job = new_job(store)
     store.request_cancel(job)
     with WebhookReceiver(status=302) as hook:
-        notifier = Notifier(store, webhook_config(hook.url), backoff_initial=60, backoff_max=60)
+        notifier = Notifier(store.outbox, webhook_config(hook.url), backoff_initial=60, backoff_max=60)
         try:
             assert notifier.tick() == 0
         finally:
@@ -242,7 +242,7 @@ def test_headers_file_is_sent_and_its_values_are_redacted(store: JobStore, tmp_p
     store.request_cancel(job)
     with WebhookReceiver() as hook:
         config = NotificationsConfig(webhook=WebhookConfig(url=hook.url, headers_file=headers))
-        notifier = Notifier(store, config, **FAST_BACKOFF)
+        notifier = Notifier(store.outbox, config, **FAST_BACKOFF)
         try:
             drain(notifier, lambda: hook.delivered())
         finally:
@@ -258,7 +258,7 @@ def test_a_broken_headers_file_fails_the_channel_until_fixed(store: JobStore, tm
     store.request_cancel(job)
     with WebhookReceiver() as hook:
         config = NotificationsConfig(webhook=WebhookConfig(url=hook.url, headers_file=headers))
-        notifier = Notifier(store, config, **FAST_BACKOFF)
+        notifier = Notifier(store.outbox, config, **FAST_BACKOFF)
         try:
             assert notifier.tick() == 0
             [row] = outbox(store)
@@ -275,11 +275,11 @@ def test_a_broken_headers_file_fails_the_channel_until_fixed(store: JobStore, tm
 def test_without_notifications_due_events_are_dropped_so_turning_them_on_sends_no_backlog(store: JobStore) -> None:
     old = new_job(store)
     store.request_cancel(old)
-    Notifier(store, NotificationsConfig()).tick()  # a daemon running without notifications
+    Notifier(store.outbox, NotificationsConfig()).tick()  # a daemon running without notifications
     later = new_job(store)
     store.request_cancel(later)
     with WebhookReceiver() as hook:
-        notifier = Notifier(store, webhook_config(hook.url), **FAST_BACKOFF)
+        notifier = Notifier(store.outbox, webhook_config(hook.url), **FAST_BACKOFF)
         try:
             drain(notifier, lambda: hook.delivered())
             notifier.tick()
@@ -294,7 +294,7 @@ def test_without_notifications_due_events_are_dropped_so_turning_them_on_sends_n
 
 
 def test_without_notifications_the_drop_is_said_once_at_info(store: JobStore) -> None:
-    notifier = Notifier(store, NotificationsConfig())
+    notifier = Notifier(store.outbox, NotificationsConfig())
     with structlog.testing.capture_logs() as logs:
         for _ in range(3):
             store.request_cancel(new_job(store))
@@ -310,7 +310,7 @@ def test_states_not_listed_in_on_are_not_sent(store: JobStore) -> None:
     store.block_service("sim", "token rejected")  # parks the pending job: a `blocked` event
     assert store.get(blocked).state is JobState.BLOCKED
     with WebhookReceiver() as hook:
-        notifier = Notifier(store, webhook_config(hook.url, on=("blocked",)), **FAST_BACKOFF)
+        notifier = Notifier(store.outbox, webhook_config(hook.url, on=("blocked",)), **FAST_BACKOFF)
         try:
             drain(notifier, lambda: hook.delivered())
             notifier.tick()
@@ -325,7 +325,7 @@ def test_an_event_older_than_give_up_after_is_not_sent(store: JobStore) -> None:
     store.request_cancel(job)
     later = utcnow() + dt.timedelta(hours=2)
     with WebhookReceiver() as hook:
-        notifier = Notifier(store, webhook_config(hook.url, give_up_after=3600), clock=lambda: later)
+        notifier = Notifier(store.outbox, webhook_config(hook.url, give_up_after=3600), clock=lambda: later)
         try:
             notifier.tick()
         finally:
@@ -339,12 +339,12 @@ def test_an_outcome_from_a_claim_that_was_taken_over_does_not_land(store: JobSto
     job = new_job(store)
     store.request_cancel(job)
     now = utcnow()
-    [first] = store.claim_notifications(states=["cancelled"], limit=10, lease_seconds=1, now=now)
+    [first] = store.outbox.claim_notifications(states=["cancelled"], limit=10, lease_seconds=1, now=now)
     later = now + dt.timedelta(seconds=2)  # the first claim's lease ran out; another notifier claims again
-    [second] = store.claim_notifications(states=["cancelled"], limit=10, lease_seconds=30, now=later)
+    [second] = store.outbox.claim_notifications(states=["cancelled"], limit=10, lease_seconds=30, now=later)
     assert second.event_id == first.event_id and second.attempt == first.attempt + 1
-    assert not store.finish_notification(first.event_id, first.attempt, delivered={"webhook"}, done=True)
-    assert store.finish_notification(second.event_id, second.attempt, delivered={"webhook"}, done=True)
+    assert not store.outbox.finish_notification(first.event_id, first.attempt, delivered={"webhook"}, done=True)
+    assert store.outbox.finish_notification(second.event_id, second.attempt, delivered={"webhook"}, done=True)
 
 
 # ------------------------------------------------------------------------------------------------------ e-mail
@@ -359,7 +359,7 @@ def test_email_is_sent_over_smtp_with_login(store: JobStore, tmp_path: Path) -> 
         config = NotificationsConfig(email=EmailConfig(
             host="127.0.0.1", port=smtp.port, starttls=False, sender="imputationd@example.org",
             to=("lab@example.org", "pi@example.org"), username="imputation", password_file=password_file))
-        notifier = Notifier(store, config, **FAST_BACKOFF)
+        notifier = Notifier(store.outbox, config, **FAST_BACKOFF)
         drain(notifier, lambda: smtp.received())
         notifier.tick()
         [message] = smtp.received()
@@ -382,7 +382,7 @@ def test_a_channel_that_delivered_is_not_sent_again_when_another_is_retried(stor
             webhook=WebhookConfig(url=hook.url),
             email=EmailConfig(host="127.0.0.1", port=smtp.port, starttls=False, sender="d@example.org",
                               to=("lab@example.org",)))
-        notifier = Notifier(store, config, **FAST_BACKOFF)
+        notifier = Notifier(store.outbox, config, **FAST_BACKOFF)
         try:
             drain(notifier, lambda: smtp.received())
             notifier.tick()
@@ -442,7 +442,7 @@ def test_a_name_with_line_breaks_reaches_no_header_raw_and_stops_nothing(store: 
     for job in (first, bad, last):
         store.request_cancel(job)
     with WebhookReceiver() as hook, SmtpServer() as smtp:
-        notifier = Notifier(store, both_channels(hook, smtp), **FAST_BACKOFF)
+        notifier = Notifier(store.outbox, both_channels(hook, smtp), **FAST_BACKOFF)
         try:
             drain(notifier, lambda: len(smtp.received()) == 3 and len(hook.delivered()) == 3)
             for _ in range(3):
@@ -494,7 +494,7 @@ def test_a_channel_raising_for_one_event_stops_no_other_and_sends_nothing_twice(
     with WebhookReceiver() as hook:
         webhook = WebhookSender(WebhookConfig(url=hook.url, timeout=5.0))
         exploding = ExplodingSender(store, "victim")
-        notifier = Notifier(store, webhook_config(hook.url), senders=[webhook, exploding], **FAST_BACKOFF)
+        notifier = Notifier(store.outbox, webhook_config(hook.url), senders=[webhook, exploding], **FAST_BACKOFF)
         try:
             drain(notifier, lambda: len(exploding.seen_delivered) >= 3 and len(exploding.sent) == 3)
         finally:
@@ -515,7 +515,7 @@ def test_a_failing_channel_is_tried_once_per_tick_while_the_other_serves_the_who
     for job in jobs:
         store.request_cancel(job)
     with WebhookReceiver(status=503) as hook, SmtpServer() as smtp:
-        notifier = Notifier(store, both_channels(hook, smtp), backoff_initial=60, backoff_max=60)
+        notifier = Notifier(store.outbox, both_channels(hook, smtp), backoff_initial=60, backoff_max=60)
         try:
             assert notifier.tick() == 0
         finally:
