@@ -469,11 +469,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     store = _store(args, config)
     everything = 1_000_000
     if args.dry_run:
-        candidates = retention.plan(store, config.storage, keep_days, limit=everything)
+        candidates = retention.plan(store.expired, config.storage, keep_days, limit=everything)
         doomed = [c for c in candidates if c.problem is None]
         left = [c for c in candidates if c.problem is not None]
     else:
-        report = retention.cleanup(store, config.storage, keep_days, limit=everything)
+        report = retention.cleanup(store.expired, config.storage, keep_days, limit=everything)
         doomed, left = report.deleted, report.skipped
     if args.json:
         def item(c: Any) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from pathlib import Path
 import structlog
 
 from daemon.config import StorageConfig
+from daemon.db.expired import ExpiredJob, ExpiredJobs
 from daemon.db.models import Job, utcnow
-from daemon.db.store import ExpiredJob, JobStore
 
 log = structlog.get_logger("daemon.retention")
 
@@ -82,18 +82,18 @@ def _candidate(storage: StorageConfig, job: ExpiredJob) -> Candidate:
     return Candidate(job, path, _size(path))
 
 
-def plan(store: JobStore, storage: StorageConfig, keep_days: int, *, now: dt.datetime | None = None,
+def plan(expired: ExpiredJobs, storage: StorageConfig, keep_days: int, *, now: dt.datetime | None = None,
          limit: int = BATCH) -> list[Candidate]:
     """What a cleanup would do now (`cleanup --dry-run`)."""
-    return [_candidate(storage, job) for job in store.expired_jobs(cutoff(keep_days, now), limit=limit)]
+    return [_candidate(storage, job) for job in expired.finished_before(cutoff(keep_days, now), limit=limit)]
 
 
-def cleanup(store: JobStore, storage: StorageConfig, keep_days: int, *, now: dt.datetime | None = None,
+def cleanup(expired: ExpiredJobs, storage: StorageConfig, keep_days: int, *, now: dt.datetime | None = None,
             limit: int = BATCH) -> Report:
     """Delete what `plan` lists, job by job; a job that changed meanwhile (retried, taken) is skipped."""
     limit_at = cutoff(keep_days, now)
     report = Report()
-    for candidate in plan(store, storage, keep_days, now=now, limit=limit):
+    for candidate in plan(expired, storage, keep_days, now=now, limit=limit):
         if candidate.problem is not None:
             report.skipped.append(candidate)
             log.warning("retention_skipped", job_id=str(candidate.job.id), reason=candidate.problem,
@@ -112,7 +112,7 @@ def cleanup(store: JobStore, storage: StorageConfig, keep_days: int, *, now: dt.
                     pass
 
         try:
-            deleted = store.delete_expired_job(candidate.job.id, limit_at, before_delete=remove_files)
+            deleted = expired.delete(candidate.job.id, limit_at, before_delete=remove_files)
         except (OSError, OutsideResults) as exc:
             problem = f"could not delete {candidate.path}: {getattr(exc, 'strerror', None) or exc}"
             report.skipped.append(Candidate(candidate.job, candidate.path, candidate.size, problem))

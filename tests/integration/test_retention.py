@@ -140,7 +140,7 @@ def test_cleanup_deletes_folders_and_rows(world: World, capsys) -> None:
 
 def test_a_job_retried_meanwhile_is_not_deleted(world: World) -> None:
     world.store.retry(world.old_failed)  # failed -> pending between the listing and the deletion
-    report = retention.cleanup(world.store, world.config.storage, 30)
+    report = retention.cleanup(world.store.expired, world.config.storage, 30)
     assert [c.job.id for c in report.deleted] == [world.old_completed]
     assert world.exists(world.old_failed)
 
