@@ -61,7 +61,7 @@ class Subject:
                 conn.exec_driver_sql("VACUUM ANALYZE jobs")
                 conn.exec_driver_sql("VACUUM ANALYZE job_events")
         self.store = JobStore(self.engine)
-        self.store.ensure_services(c.SERVICES)
+        self.store.services.ensure_services(c.SERVICES)
         self.limits = {s: self.in_flight(s) + FREE_SLOTS for s in c.SERVICES}
         self.times: dict[str, list[float]] = {t: [] for t in TICKS}
         self.cpu: dict[str, list[float]] = {t: [] for t in TICKS}
@@ -72,7 +72,7 @@ class Subject:
         return self.store.in_flight_count(service)
 
     def usable(self) -> list[str]:
-        return [n for n, s in self.store.service_statuses().items() if s.blocked_reason is None]
+        return [n for n, s in self.store.services.service_statuses().items() if s.blocked_reason is None]
 
     # ---------------------------------------------------------------- one iteration
     def tick_once(self, reset: bool = True) -> None:

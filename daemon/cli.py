@@ -394,7 +394,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_services(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _store(args, config)
-    statuses = store.service_statuses()
+    statuses = store.services.service_statuses()
     counts = store.counts_by_service()
     result = []
     for name, service in sorted(config.services.items()):

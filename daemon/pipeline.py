@@ -314,7 +314,7 @@ class Pipeline:
         decision = after_status(job, status)
         if decision.recovered:
             log.info("recovered", after_failures=job.failures)
-            if decision.resume_service and self.store.resume_service(job.service):
+            if decision.resume_service and self.store.services.resume_service(job.service):
                 log.info("service_resumed", service=job.service)
         fields: dict[str, Any] = {
             "remote_state": status.raw_state,
@@ -499,7 +499,7 @@ class Pipeline:
                 if exc.limit is not None:
                     limit = min(limit, exc.limit)
                 # One line when the limit goes down; more refusals at the same limit are the same problem.
-                lowered = self.store.lower_limit(job.service, limit)
+                lowered = self.store.services.lower_limit(job.service, limit)
                 news = lowered and self._job_limit_told.get(job.service) != max(1, limit)
                 self._job_limit_told[job.service] = max(1, limit)
                 (log.warning if news else log.debug)(
@@ -563,7 +563,7 @@ class Pipeline:
                                     now=utcnow())
         failures, delay = retry.failures, retry.delay
         if retry.pause_service_until is not None:
-            if self.store.pause_service(job.service, retry.pause_service_until, str(exc),
+            if self.store.services.pause_service(job.service, retry.pause_service_until, str(exc),
                                         continuing_within=scheduler.backoff_max):
                 log.warning("service_paused", reason=str(exc), error_kind=exc.kind, seconds=round(delay, 1))
         elif not quiet:

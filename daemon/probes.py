@@ -84,7 +84,7 @@ class ServiceProbes:
             log.warning("service_unreachable", service=name, reason=check.message)
             self._checked[name] -= TOKEN_CHECK_INTERVAL - config.scheduler.blocked_probe_max  # sooner
             return
-        self.store.record_token(name, expires=check.token_expires)
+        self.store.services.record_token(name, expires=check.token_expires)
         if check.token_valid is False:
             # Every call with this token would answer 401: block the service now, as a 401 from a job would,
             # and say so once whichever of the two notices first.

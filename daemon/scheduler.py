@@ -152,7 +152,7 @@ class Daemon:
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
-        self.store.ensure_services(self.config.services)
+        self.store.services.ensure_services(self.config.services)
         released = self.store.release_owners(_owner_is_dead_local)
         if released:
             log.info("released_dead_leases", owners=len(released))
@@ -296,7 +296,7 @@ class Daemon:
         usable = []
         blocked = {}
         now = utcnow()
-        for name, status in self.store.service_statuses().items():
+        for name, status in self.store.services.service_statuses().items():
             if name not in self.adapters:
                 continue
             if status.blocked_reason is not None:
@@ -439,7 +439,7 @@ class Daemon:
         expired = self.store.clear_expired_leases()
         if expired:
             log.info("expired_leases_returned", jobs=expired)
-        statuses = self.store.service_statuses()
+        statuses = self.store.services.service_statuses()
         for name, adapter in list(self.adapters.items()):
             status = statuses.get(name)
             if status is None or status.blocked_reason is None:  # a blocked one is the probe tick's
@@ -502,7 +502,7 @@ class Daemon:
         for name in set(adapters) - set(new.services):
             self._retired_adapters.append(adapters.pop(name))
             log.warning("service_removed", service=name, reason="its jobs wait until it is configured again")
-        self.store.ensure_services(new.services)
+        self.store.services.ensure_services(new.services)
         self.config = new
         self.adapters = adapters
         self.pipeline.adapters = adapters
@@ -537,7 +537,7 @@ class Daemon:
         """`/healthz`: the database answers and the ticks run; blocked or paused services are told, not failed."""
 
         def services() -> dict[str, Any]:
-            statuses = self.store.service_statuses()
+            statuses = self.store.services.service_statuses()
             now = utcnow()
             report: dict[str, str] = {}
             for name in sorted(self.adapters):

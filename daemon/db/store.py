@@ -12,13 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, cast
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, raiseload, selectinload
 from sqlalchemy.orm.strategy_options import _AbstractLoad
 
@@ -27,6 +25,7 @@ from daemon.db.engine import is_postgres, make_session_factory, read_only, singl
 from daemon.db.expired import ExpiredJobs
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, integer_or_none, utcnow
 from daemon.db.outbox import NotificationOutbox
+from daemon.db.service_status import ServiceStatuses, service_row
 from daemon.remote import JobParameters, RemoteOutput
 from daemon.states import IN_FLIGHT, NOTIFIABLE, TERMINAL, JobState, OutputState, check_transition
 
@@ -190,6 +189,8 @@ class JobStore:
         self.outbox = NotificationOutbox(engine)
         #: Finished jobs past the retention period: the retention's part of the store.
         self.expired = ExpiredJobs(engine)
+        #: Each service's pause, lowered limit and token check: what the scheduler and the probes read and write.
+        self.services = ServiceStatuses(engine)
 
     # ------------------------------------------------------------------ submission and operator actions
 
@@ -338,24 +339,6 @@ class JobStore:
         with self._session() as session, session.begin():
             job = self._lock(session, job_id)
             session.add(JobEvent(job_id=job.id, at=utcnow(), from_state=job.state, to_state=job.state, reason=reason))
-
-    def ensure_services(self, names: Iterable[str]) -> None:
-        """Make sure each configured service has a status row (dispatch locks it on PostgreSQL)."""
-        names = list(names)
-        if not names:
-            return
-        insert = postgresql_insert if self._postgres else sqlite_insert
-        now = utcnow()
-        with self._session() as session, session.begin():
-            session.execute(
-                insert(ServiceStatus)
-                .values([{"name": n, "updated_at": now} for n in names])
-                .on_conflict_do_nothing(index_elements=["name"])
-            )
-
-    def service_statuses(self) -> dict[str, ServiceStatus]:
-        with self._reading() as session:
-            return {s.name: s for s in session.scalars(sa.select(ServiceStatus)).all()}
 
     def in_flight_count(self, service: str) -> int:
         with self._reader.connect() as conn:
@@ -644,7 +627,7 @@ class JobStore:
         error and parks its job itself."""
         now = utcnow()
         with self._session() as session, session.begin():
-            status = self._service_row(session, service)
+            status = service_row(session, service)
             newly = status.blocked_reason is None
             status.blocked_reason, status.blocked_at = reason, status.blocked_at if not newly else now
             jobs = session.scalars(
@@ -668,7 +651,7 @@ class JobStore:
         """The service works again: blocked jobs return to where they can go on (pending, or polled again)."""
         now = utcnow()
         with self._session() as session, session.begin():
-            status = self._service_row(session, service)
+            status = service_row(session, service)
             status.blocked_reason = status.blocked_at = None
             jobs = session.scalars(
                 sa.select(Job).where(Job.service == service, Job.state == JobState.BLOCKED).with_for_update()
@@ -679,48 +662,6 @@ class JobStore:
                 job.next_poll_at = now
                 job.failures = 0
             return len(jobs)
-
-    def pause_service(
-        self, service: str, until: dt.datetime, reason: str, *, continuing_within: float = 0.0
-    ) -> bool:
-        """Hold every call to a service until `until` (maintenance, rate limit). Returns True if newly paused.
-
-        An expired pause stays recorded until `resume_service`: a pause starting at most `continuing_within`
-        seconds after the last one ended is the same outage (a maintenance window retried with backoff), not a
-        new one."""
-        with self._session() as session, session.begin():
-            status = self._service_row(session, service)
-            now = utcnow()
-            ended_long_ago = now - dt.timedelta(seconds=continuing_within)
-            newly = status.paused_until is None or status.paused_until <= ended_long_ago
-            if newly or status.paused_until is None or until > status.paused_until:
-                status.paused_until, status.pause_reason = until, reason
-            return newly
-
-    def resume_service(self, service: str) -> bool:
-        """A call to the service worked again: forget its pause. Returns True if it had one."""
-        with self._session() as session, session.begin():
-            status = self._service_row(session, service)
-            was_paused = status.paused_until is not None
-            status.paused_until = status.pause_reason = None
-            return was_paused
-
-    def lower_limit(self, service: str, limit: int) -> bool:
-        """The server refused a job for too many running ones: use at most `limit` slots until a job finishes.
-
-        Returns True when that lowered the service's limit (False: it was already this low)."""
-        with self._session() as session, session.begin():
-            status = self._service_row(session, service)
-            limit = max(1, limit)
-            lowered = status.effective_limit is None or status.effective_limit > limit
-            status.effective_limit = limit if lowered else status.effective_limit
-            return lowered
-
-    def record_token(self, service: str, *, expires: dt.datetime | None) -> None:
-        with self._session() as session, session.begin():
-            status = self._service_row(session, service)
-            status.token_expires_at = expires
-            status.token_checked_at = utcnow()
 
     # ------------------------------------------------------------------ health
 
@@ -746,15 +687,6 @@ class JobStore:
         if current.lease_owner != owner:
             raise LeaseLost(f"job {job_id} is no longer leased by this daemon")
         return cast(JobRow, current)
-
-    def _service_row(self, session: Session, service: str) -> ServiceStatus:
-        status = session.scalars(
-            sa.select(ServiceStatus).where(ServiceStatus.name == service).with_for_update()
-        ).one_or_none()
-        if status is None:
-            status = ServiceStatus(name=service, updated_at=utcnow())
-            session.add(status)
-        return status
 
     @staticmethod
     def _job_left_service(conn: sa.Connection, service: str) -> None:

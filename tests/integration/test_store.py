@@ -90,7 +90,7 @@ def test_group_submission_shares_group_and_records_first_event(store: JobStore) 
 
 
 def test_promote_fills_only_free_slots_in_submission_order(store: JobStore) -> None:
-    store.ensure_services(["mis"])
+    store.services.ensure_services(["mis"])
     ids = add_jobs(store, 5)
     assert store.promote_pending("mis", 3) == (3, True)  # every slot used: more may be waiting
     assert [store.get(i).state for i in ids] == [JobState.SUBMITTING] * 3 + [JobState.PENDING] * 2
@@ -108,7 +108,7 @@ def test_promote_fills_only_free_slots_in_submission_order(store: JobStore) -> N
 
 def test_promote_with_nothing_pending_does_not_wait_for_writers(sqlite_url: str) -> None:
     store = make_store(sqlite_url)
-    store.ensure_services(["mis"])
+    store.services.ensure_services(["mis"])
     [job_id] = add_jobs(store, 1)
     force(store, [job_id], state=JobState.QUEUED)
     with store._engine.begin():  # a writer holds the write turn for as long as this block runs
@@ -121,13 +121,13 @@ def test_promote_with_nothing_pending_does_not_wait_for_writers(sqlite_url: str)
 
 
 def test_lowered_limit_applies_until_a_job_finishes(store: JobStore) -> None:
-    store.ensure_services(["mis"])
+    store.services.ensure_services(["mis"])
     ids = add_jobs(store, 3)
-    store.lower_limit("mis", 1)
+    store.services.lower_limit("mis", 1)
     assert store.promote_pending("mis", 3).promoted == 1
     claimed = store.claim_due("me", states={JobState.SUBMITTING}, services=["mis"], limit=5, lease_seconds=60)
     store.finish(claimed[0].id, "me", Outcome(state=JobState.FAILED, reason="x"))
-    assert store.service_statuses()["mis"].effective_limit is None
+    assert store.services.service_statuses()["mis"].effective_limit is None
     assert store.promote_pending("mis", 3).promoted == 2
     assert {store.get(i).state for i in ids[1:]} == {JobState.SUBMITTING}
 
@@ -219,7 +219,7 @@ def test_renew_extends_only_our_leases(store: JobStore) -> None:
 
 
 def test_block_parks_waiting_jobs_and_unblock_returns_them(store: JobStore) -> None:
-    store.ensure_services(["mis"])
+    store.services.ensure_services(["mis"])
     pending, remote = add_jobs(store, 2)
     force(store, [remote], state=JobState.RUNNING, remote_id="job-1")
     newly, parked = store.block_service("mis", "HTTP 401: token expired")
@@ -228,7 +228,7 @@ def test_block_parks_waiting_jobs_and_unblock_returns_them(store: JobStore) -> N
     assert store.unblock_service("mis", "token replaced") == 2
     assert store.get(pending).state is JobState.PENDING
     assert store.get(remote).state is JobState.QUEUED
-    assert store.service_statuses()["mis"].blocked_reason is None
+    assert store.services.service_statuses()["mis"].blocked_reason is None
 
 
 def test_outputs_keep_verified_state_when_recorded_again(store: JobStore) -> None:
@@ -335,7 +335,7 @@ def test_claimers_in_separate_processes_never_share_a_job(db_url: str) -> None:
 
 def test_concurrent_promotion_never_overfills_a_service(db_url: str) -> None:
     store = make_store(db_url)
-    store.ensure_services(["mis"])
+    store.services.ensure_services(["mis"])
     add_jobs(store, 40)
     start = threading.Barrier(5, timeout=30)
 

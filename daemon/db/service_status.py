@@ -1,0 +1,93 @@
+"""Each service's status row: a pause (maintenance, rate limit), a lowered job limit (the server's "Only N jobs"),
+when its token was checked and expires. What the scheduler, the pipeline and the probes read and write; the block
+of a service, which moves its jobs, is the queue's (`JobStore.block_service`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from daemon.db.engine import is_postgres, make_session_factory, read_only
+from daemon.db.models import ServiceStatus, utcnow
+
+
+class ServiceStatuses:
+    def __init__(self, engine: sa.Engine) -> None:
+        self._session = make_session_factory(engine)
+        self._reading = make_session_factory(read_only(engine))
+        self._postgres = is_postgres(engine)
+
+    def ensure_services(self, names: Iterable[str]) -> None:
+        """Make sure each configured service has a status row (dispatch locks it on PostgreSQL)."""
+        names = list(names)
+        if not names:
+            return
+        insert = postgresql_insert if self._postgres else sqlite_insert
+        now = utcnow()
+        with self._session() as session, session.begin():
+            session.execute(
+                insert(ServiceStatus)
+                .values([{"name": n, "updated_at": now} for n in names])
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+
+    def service_statuses(self) -> dict[str, ServiceStatus]:
+        with self._reading() as session:
+            return {s.name: s for s in session.scalars(sa.select(ServiceStatus)).all()}
+
+    def pause_service(
+        self, service: str, until: dt.datetime, reason: str, *, continuing_within: float = 0.0
+    ) -> bool:
+        """Hold every call to a service until `until` (maintenance, rate limit). Returns True if newly paused.
+
+        An expired pause stays recorded until `resume_service`: a pause starting at most `continuing_within`
+        seconds after the last one ended is the same outage (a maintenance window retried with backoff), not a
+        new one."""
+        with self._session() as session, session.begin():
+            status = service_row(session, service)
+            now = utcnow()
+            ended_long_ago = now - dt.timedelta(seconds=continuing_within)
+            newly = status.paused_until is None or status.paused_until <= ended_long_ago
+            if newly or status.paused_until is None or until > status.paused_until:
+                status.paused_until, status.pause_reason = until, reason
+            return newly
+
+    def resume_service(self, service: str) -> bool:
+        """A call to the service worked again: forget its pause. Returns True if it had one."""
+        with self._session() as session, session.begin():
+            status = service_row(session, service)
+            was_paused = status.paused_until is not None
+            status.paused_until = status.pause_reason = None
+            return was_paused
+
+    def lower_limit(self, service: str, limit: int) -> bool:
+        """The server refused a job for too many running ones: use at most `limit` slots until a job finishes.
+
+        Returns True when that lowered the service's limit (False: it was already this low)."""
+        with self._session() as session, session.begin():
+            status = service_row(session, service)
+            limit = max(1, limit)
+            lowered = status.effective_limit is None or status.effective_limit > limit
+            status.effective_limit = limit if lowered else status.effective_limit
+            return lowered
+
+    def record_token(self, service: str, *, expires: dt.datetime | None) -> None:
+        with self._session() as session, session.begin():
+            status = service_row(session, service)
+            status.token_expires_at = expires
+            status.token_checked_at = utcnow()
+
+
+def service_row(session: Session, service: str) -> ServiceStatus:
+    status = session.scalars(
+        sa.select(ServiceStatus).where(ServiceStatus.name == service).with_for_update()
+    ).one_or_none()
+    if status is None:
+        status = ServiceStatus(name=service, updated_at=utcnow())
+        session.add(status)
+    return status
