@@ -6,6 +6,7 @@ from a file, and `check-config` and daemon start-up both go through it.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -29,6 +30,15 @@ CONFIG_ENV = "IMPUTATIOND_CONFIG"
 #: (possibly S3) before it says a word, so a healthy submit of a few GB can take many minutes. It is also how long
 #: a server may still be turning a submit into a job after we stopped waiting: the default `submit_settle`.
 SUBMIT_ANSWER_TIMEOUT = 1800.0
+
+
+def credentials_path(path: Path) -> Path | None:
+    """Where a relative secret file (a token, the SMTP password, webhook headers) lives when systemd provides
+    `$CREDENTIALS_DIRECTORY` (`LoadCredential=`); None for an absolute path, or when there is no such directory."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if path.is_absolute() or not directory:
+        return None
+    return Path(directory) / path
 
 
 class ConfigError(Exception):
@@ -205,10 +215,7 @@ class ServiceConfig:
         `LoadCredential=`) when that is set. None when the token comes from the environment or nowhere."""
         if self.token_file is None:
             return None
-        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not self.token_file.is_absolute() and credentials:
-            return Path(credentials) / self.token_file
-        return self.token_file
+        return credentials_path(self.token_file) or self.token_file
 
     def read_token(self) -> str | None:
         """The service's token from its file (`token_path`) or environment variable, stripped; None when neither
@@ -496,8 +503,6 @@ def _join(where: str, key: Any) -> str:
 
 
 def _unknown_key(key: str, schema: Mapping[str, Any]) -> str:
-    import difflib  # only for a config with a mistake in it: a daemon running a good one never needs it
-
     match = difflib.get_close_matches(key, list(schema), n=1)
     if match:
         return f"unknown key (did you mean '{match[0]}'?)"
@@ -644,11 +649,7 @@ def _token_file(value: Any, path: str, ctx: _Context) -> Path:
         raise _Invalid("must be the path of a file that holds only the token")
     if _JWT.search(value):
         raise _Invalid("holds a token, not a file name; put the token in a file and name that file here")
-    candidate = Path(value.strip()).expanduser()
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not candidate.is_absolute() and credentials:
-        return Path(credentials) / candidate
-    return _path(value, path, ctx)
+    return credentials_path(Path(value.strip()).expanduser()) or _path(value, path, ctx)
 
 
 def _env_name(value: Any, path: str, ctx: _Context) -> str:
@@ -1030,11 +1031,7 @@ def _credential_file(value: Any, path: str, ctx: _Context) -> Path:
     """Like `_token_file`: relative paths live under `$CREDENTIALS_DIRECTORY` when systemd provides one."""
     if not isinstance(value, str) or not value.strip():
         raise _Invalid("must be the path of a file that holds only the secret")
-    candidate = Path(value.strip()).expanduser()
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not candidate.is_absolute() and credentials:
-        return Path(credentials) / candidate
-    return _path(value, path, ctx)
+    return credentials_path(Path(value.strip()).expanduser()) or _path(value, path, ctx)
 
 
 def _address(value: Any, path: str, ctx: _Context) -> str:
