@@ -123,18 +123,6 @@ def wes_kind(state: str) -> RemoteKind:
     return WES_STATES.get(state, RemoteKind.UNKNOWN)
 
 
-#: Where a job goes when its remote job reports a kind (DEAD, EXPIRED, UNKNOWN and FAILED need more than a
-#: lookup and are handled by the pipeline).
-REMOTE_TO_JOB: dict[RemoteKind, JobState] = {
-    RemoteKind.QUEUED: JobState.QUEUED,
-    RemoteKind.RUNNING: JobState.RUNNING,
-    RemoteKind.SUCCEEDED: JobState.DOWNLOADING,
-    RemoteKind.FAILED: JobState.FAILED,
-    RemoteKind.CANCELLED: JobState.CANCELLED,
-    RemoteKind.EXPIRED: JobState.FAILED,
-}
-
-
 class OutputState(enum.StrEnum):
     PENDING = "pending"
     VERIFIED = "verified"
