@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from daemon.backoff import backoff_delay
+from daemon.outcome import JobColumns, Outcome, OutputColumns
 from daemon.remote import RemoteOutput, RemoteStatus
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
-from daemon.states import JobState, RemoteKind
+from daemon.states import JobState, OutputState, RemoteKind
+from daemon.text import counted, printable
 
 #: Polls in a row that may find the remote job finished without any result file listed before our job fails: a
 #: server may publish the files a moment after it says SUCCESS, but a job completed without them would never
@@ -26,6 +29,10 @@ NO_OUTPUTS = "no_outputs"
 #: Steps in a row that may fail with the same unexpected error (a bug, or something in the job's own data that
 #: nothing here handles) before that fails the job: retrying a deterministic failure only repeats it, forever.
 MAX_STEP_CRASHES = 5
+#: Served downloads of one file that came out unusable (`downloads.BadDownload`: cut off, short, corrupt) tolerated
+#: before that file is given up: each spent one of the server's limited download counts (Cloudgene: 10 per file).
+#: Failures before the server answered spend none that we can know of, and never give a file up.
+MAX_INTEGRITY_ATTEMPTS = 3
 #: Error kinds that pause the whole service (`Transient.service_wide`); a job recovering from one ends the pause.
 SERVICE_WIDE_KINDS = frozenset({"unavailable", "rate_limited"})
 
@@ -45,6 +52,10 @@ class JobView(Protocol):
     def remote_state(self) -> str | None: ...
     @property
     def restart_attempts(self) -> int: ...
+    @property
+    def submit_attempts(self) -> int: ...
+    @property
+    def submitted_at(self) -> dt.datetime | None: ...
 
 
 class NextPoll(enum.Enum):
@@ -210,3 +221,97 @@ def after_crash(job: JobView, *, signature: str, database_unreachable: bool, env
     same = job.error_kind == "internal" and (job.error or "").startswith(signature)
     crashes = job.failures + 1 if same else 1
     return CrashDecision(CrashKind.INTERNAL, crashes=crashes, fail=crashes >= MAX_STEP_CRASHES, first=crashes == 1)
+
+
+# ------------------------------------------------------------------------------------------------ submit
+
+
+def submitted(remote_id: str, how: str, *, poll_interval: float, now: dt.datetime) -> Outcome:
+    """The outcome of a job the server now has as `remote_id` (`how`: sent now, or found from an earlier send)."""
+    return Outcome(
+        state=JobState.QUEUED,
+        reason=f"{how} as {remote_id}",
+        next_poll_in=min(10.0, poll_interval),
+        columns=JobColumns(remote_id=remote_id, submitted_at=now, failures=0, error=None, error_kind=None),
+    )
+
+
+def after_submit_error(exc: ServiceError, *, now: dt.datetime) -> JobColumns:
+    """The submit bookkeeping written with a failed submit's outcome. A refusal created no remote job, so the next
+    attempt needs no lookup; a request whose outcome is unknown (a lost answer, a proxy's 504) may still become a
+    job, so it is looked up from now on, and sent again only once `submit_settle` has passed since `now`."""
+    if not exc.may_have_created:
+        return JobColumns(submit_attempts=0, submitted_at=None)
+    return JobColumns(submitted_at=now)
+
+
+@dataclass(frozen=True)
+class SettleDecision:
+    """After a lookup found no trace of an earlier submit on the server."""
+
+    #: Look again after this outcome (sooner at first, backing off, the last look when the window closes); None:
+    #: the window has closed and the request can no longer become a job.
+    outcome: Outcome | None
+    #: The daemon died while the server had the request: when it was sent is unknown, so the window starts now.
+    died_in_flight: bool = False
+
+
+def after_lookup_missed(job: JobView, *, settle: float, now: dt.datetime, initial: float, maximum: float
+                        ) -> SettleDecision:
+    """Whether an earlier submit (`job.submit_attempts` > 0) may still become a job (Cloudgene copies the whole
+    upload before it creates one) and when to look for it again; `settle`: the service's `submit_settle`."""
+    since = job.submitted_at or now
+    left = (since + dt.timedelta(seconds=settle) - now).total_seconds()
+    if left <= 0:
+        return SettleDecision(None)
+    failures = job.failures + 1
+    wait = min(left, backoff_delay(failures, initial=initial, maximum=maximum))
+    return SettleDecision(Outcome(next_poll_in=wait, columns=JobColumns(failures=failures, submitted_at=since)),
+                          died_in_flight=job.submitted_at is None)
+
+
+# ------------------------------------------------------------------------------------------------ downloads
+
+
+class FileView(Protocol):
+    """What the decisions read of a result file (a `daemon.db.models.JobOutput` is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def state(self) -> OutputState: ...
+    @property
+    def size(self) -> int | None: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def bad_downloads(self) -> int: ...
+
+
+def after_bad_download(file: FileView, problem: str) -> OutputColumns:
+    """What a served download that came out unusable (cut off, short, corrupt: `downloads.BadDownload`) makes of its
+    file: another try later, or given up after MAX_INTEGRITY_ATTEMPTS, since each spent one of the few downloads
+    the server allows."""
+    bad = file.bad_downloads + 1
+    if bad >= MAX_INTEGRITY_ATTEMPTS:
+        reason = f"{problem} (gave up after {bad} attempts, each spending one of the downloads the server allows)"
+        return OutputColumns(state=OutputState.FAILED, error=reason, attempts=file.attempts + 1, bad_downloads=bad)
+    return OutputColumns(error=problem, attempts=file.attempts + 1, bad_downloads=bad)
+
+
+def after_downloads(files: Sequence[FileView], result_dir: str) -> Outcome:
+    """The job's outcome once every file had its try this step: more to fetch (at once), failed when a file could
+    not be had, completed when all are verified (the reason counts them)."""
+    columns = JobColumns(result_dir=result_dir, failures=0, error=None, error_kind=None)
+    if any(f.state is OutputState.PENDING for f in files):
+        return Outcome(next_poll_in=0, columns=columns)
+    failed = [f for f in files if f.state is OutputState.FAILED]
+    if failed:
+        # A server-given name may hold control characters (terminal escapes): show it escaped.
+        names = ", ".join(printable(f.name) for f in failed[:5]) + (" …" if len(failed) > 5 else "")
+        reason = f"{len(failed)} of {len(files)} result files could not be downloaded: {names}"
+        return Outcome(state=JobState.FAILED, reason=reason,
+                       columns=columns | JobColumns(error=reason, error_kind="download_failed"))
+    total = sum(f.size or 0 for f in files)
+    reason = f"{counted(len(files), 'file')} downloaded and verified ({counted(total, 'byte')})"
+    return Outcome(state=JobState.COMPLETED, reason=reason, columns=columns)

@@ -3,26 +3,25 @@
 A step runs on a pool thread with the job leased to this daemon. It talks to the service through the adapter, asks
 `daemon.decisions` what the answer or the error means (the rules of DESIGN.md: transient errors back off and never
 fail a job, a blocked service parks its jobs, a permanent error fails the job with the server's reason), applies
-that decision, and writes the outcome with `JobStore.finish`.
+that decision, and writes the typed outcome (`daemon.outcome`) with `JobStore.finish`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import errno
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
 import structlog
 
-from daemon.backoff import backoff_delay, jittered
+from daemon.backoff import jittered
 from daemon.config import Config, ServiceConfig
 from daemon.crypto import PasswordCipher, SecretKeyError
 from daemon.db.engine import DatabaseUnavailable
 from daemon.db.models import Job, JobOutput, integer_or_none, utcnow
-from daemon.db.store import JobRow, JobStore, LeaseLost, Outcome
+from daemon.db.store import JobRow, JobStore, LeaseLost
 from daemon.decisions import (
     MAX_EMPTY_SUCCESS_POLLS,
     MAX_STEP_CRASHES,
@@ -30,26 +29,27 @@ from daemon.decisions import (
     ErrorAction,
     NextPoll,
     PollNote,
+    after_bad_download,
     after_crash,
+    after_downloads,
     after_error,
+    after_lookup_missed,
     after_status,
+    after_submit_error,
     retry_after_failure,
+    submitted,
 )
 from daemon.logging import bind_job, register_secret, scrub
 from daemon.metrics import NO_METRICS, Metrics
+from daemon.outcome import JobColumns, Outcome, OutputColumns
 from daemon.remote import RemoteOutput, SubmitRequest, parameters_of
 from daemon.services import scrubbing
 from daemon.services.base import ServiceAdapter
 from daemon.services.errors import JobLimitReached, Permanent, ServiceError, Transient
 from daemon.states import JobState, OutputState
-from daemon.text import counted, printable
 
 log = structlog.get_logger("daemon.pipeline")
 
-#: Served downloads of one file that came out unusable (`downloads.BadDownload`: cut off, short, corrupt) tolerated
-#: before that file is given up: each spent one of the server's limited download counts (Cloudgene: 10 per file).
-#: Failures before the server answered spend none that we can know of, and never give a file up.
-MAX_INTEGRITY_ATTEMPTS = 3
 #: Local failures that need an operator, not another job: retried with backoff however long they last, like an
 #: outage of the server (a database that cannot be reached is one too).
 ENVIRONMENT_ERRNOS = frozenset({
@@ -249,43 +249,28 @@ class Pipeline:
         """After a lookup that found nothing: an Outcome that looks again later while the earlier submit may still
         become a job (sooner at first, backing off, the last look when the window closes); None once it cannot
         (`then`: what the caller does next, for the log)."""
-        now = utcnow()
-        # None: the daemon died while it waited for the answer; when exactly is unknown, so the window starts now.
-        since = job.submitted_at or now
         settle = self._service(job).settle_seconds
-        left = (since + dt.timedelta(seconds=settle) - now).total_seconds()
-        if left <= 0:
+        scheduler = self.config.scheduler
+        decision = after_lookup_missed(job, settle=settle, now=utcnow(), initial=scheduler.backoff_initial,
+                                       maximum=scheduler.backoff_max)
+        if decision.outcome is None:
             log.warning("lost_submit_not_found", reason=f"not on the server {settle:g} s after the attempt; {then}",
                         attempts=job.submit_attempts)
-            return None
-        failures = job.failures + 1
-        scheduler = self.config.scheduler
-        wait = min(left, backoff_delay(failures, initial=scheduler.backoff_initial, maximum=scheduler.backoff_max))
-        if job.submitted_at is None:
+        elif decision.died_in_flight:
             log.info("submit_outcome_unknown", reason="the daemon stopped while the server had the submit; looking "
                      "the job up until the server can no longer create it", settle=settle)
-        return Outcome(next_poll_in=wait, fields={"failures": failures, "submitted_at": since})
+        return decision.outcome
 
     def _submit_failed(self, job: Job, exc: ServiceError) -> Outcome | None:
-        if not exc.may_have_created:
-            # A refusal: no remote job exists, so the next attempt needs no lookup.
-            return self._on_error(job, exc, fields={"submit_attempts": 0, "submitted_at": None})
-        # The server may still make a job of this request (a lost answer, a proxy's 504): from now on it is looked
-        # up, and nothing is sent again before `submit_settle` has passed since this moment.
-        log.info("submit_outcome_unknown", reason="looking the job up until the server can no longer create it",
-                 error_kind=exc.kind, settle=self._service(job).settle_seconds)
-        return self._on_error(job, exc, fields={"submitted_at": utcnow()})
+        if exc.may_have_created:
+            log.info("submit_outcome_unknown", reason="looking the job up until the server can no longer create it",
+                     error_kind=exc.kind, settle=self._service(job).settle_seconds)
+        return self._on_error(job, exc, also=after_submit_error(exc, now=utcnow()))
 
     def _submitted(self, job: Job, remote_id: str, how: str) -> Outcome:
         structlog.contextvars.bind_contextvars(remote_id=remote_id)
         self.metrics.submitted(job.service)
-        return Outcome(
-            state=JobState.QUEUED,
-            reason=f"{how} as {remote_id}",
-            next_poll_in=min(10.0, self._service(job).poll_interval),
-            fields={"remote_id": remote_id, "submitted_at": utcnow(), "failures": 0, "error": None,
-                    "error_kind": None},
-        )
+        return submitted(remote_id, how, poll_interval=self._service(job).poll_interval, now=utcnow())
 
     def _submit_request(self, job: Job, carried: str) -> SubmitRequest:
         service = self._service(job)
@@ -316,17 +301,17 @@ class Pipeline:
             log.info("recovered", after_failures=job.failures)
             if decision.resume_service and self.store.services.resume_service(job.service):
                 log.info("service_resumed", service=job.service)
-        fields: dict[str, Any] = {
-            "remote_state": status.raw_state,
-            "queue_position": integer_or_none(status.queue_position),
-            "progress": status.progress,
-            "failures": decision.failures,
-            "error": decision.error,
-            "error_kind": decision.error_kind,
-        }
+        columns = JobColumns(
+            remote_state=status.raw_state,
+            queue_position=integer_or_none(status.queue_position),
+            progress=status.progress,
+            failures=decision.failures,
+            error=decision.error,
+            error_kind=decision.error_kind,
+        )
         if decision.restart:
             adapter.restart(job.remote_id)
-            fields["restart_attempts"] = 1
+            columns |= JobColumns(restart_attempts=1)
         match decision.note:
             case PollNote.UNKNOWN_STATE:
                 log.warning(decision.note.value, remote_state=status.raw_state,
@@ -343,7 +328,7 @@ class Pipeline:
                 next_poll_in = jittered(self._service(job).poll_interval)
             case NextPoll.UNCHANGED:
                 next_poll_in = None
-        return Outcome(state=decision.state, reason=decision.reason, next_poll_in=next_poll_in, fields=fields,
+        return Outcome(state=decision.state, reason=decision.reason, next_poll_in=next_poll_in, columns=columns,
                        outputs=decision.outputs)
 
     # ------------------------------------------------------------------ cancel
@@ -363,7 +348,7 @@ class Pipeline:
                 # Gone or finished remotely: there is nothing left to cancel.
                 log.info("remote_cancel_refused", reason=str(exc))
         return Outcome(state=JobState.CANCELLED, reason="cancelled on request",
-                       fields={"remote_id": remote_id})
+                       columns=JobColumns(remote_id=remote_id))
 
     # ------------------------------------------------------------------ download
 
@@ -382,7 +367,7 @@ class Pipeline:
                 if row.state is not OutputState.PENDING:
                     continue
                 if self.stopping():
-                    return Outcome(next_poll_in=0, fields={"result_dir": str(result_dir)})
+                    return Outcome(next_poll_in=0, columns=JobColumns(result_dir=str(result_dir)))
                 problem = self._download_one(job, adapter, row, result_dir)
                 if problem is not None:
                     return problem
@@ -409,30 +394,22 @@ class Pipeline:
                 keep_partial_dir=True,
             )
         except downloads.DownloadInterrupted:
-            return Outcome(next_poll_in=0, fields={"result_dir": str(result_dir)})
+            return Outcome(next_poll_in=0, columns=JobColumns(result_dir=str(result_dir)))
         except Permanent as exc:
-            self._save_output(row, state=OutputState.FAILED, error=str(exc), attempts=row.attempts + 1)
+            self._save_output(row, OutputColumns(state=OutputState.FAILED, error=str(exc), attempts=row.attempts + 1))
             log.error("download_failed", file=row.name, reason=str(exc), error_kind=exc.kind)
             return None
         except downloads.BadDownload as exc:
-            bad = row.bad_downloads + 1
-            if bad >= MAX_INTEGRITY_ATTEMPTS:
-                reason = f"{exc} (gave up after {bad} attempts, each spending one of the downloads the server allows)"
-                self._save_output(row, state=OutputState.FAILED, error=reason, attempts=row.attempts + 1,
-                                  bad_downloads=bad)
-                log.error("download_failed", file=row.name, reason=reason, error_kind=exc.kind)
+            changes = after_bad_download(row, str(exc))
+            self._save_output(row, changes)
+            if changes.state is OutputState.FAILED:
+                log.error("download_failed", file=row.name, reason=changes.error, error_kind=exc.kind)
                 return None
-            self._save_output(row, error=str(exc), attempts=row.attempts + 1, bad_downloads=bad)
-            outcome = self._backoff(job, exc)
-            outcome.fields["result_dir"] = str(result_dir)
-            return outcome
+            return self._backoff(job, exc).setting(JobColumns(result_dir=str(result_dir)))
         except Transient as exc:
-            self._save_output(row, error=str(exc), attempts=row.attempts + 1)
-            outcome = self._backoff(job, exc)
-            outcome.fields["result_dir"] = str(result_dir)
-            return outcome
-        self._save_output(
-            row,
+            self._save_output(row, OutputColumns(error=str(exc), attempts=row.attempts + 1))
+            return self._backoff(job, exc).setting(JobColumns(result_dir=str(result_dir)))
+        self._save_output(row, OutputColumns(
             state=OutputState.VERIFIED,
             size=got.size,
             sha256=got.sha256,
@@ -440,55 +417,42 @@ class Pipeline:
             verified_at=utcnow(),
             error=None,
             attempts=row.attempts + 1,
-        )
+        ))
         log.info("file_downloaded", file=row.name, size=got.size, sha256=got.sha256)
         self.metrics.downloaded(job.service, got.size)
         return None
 
-    def _save_output(self, row: JobOutput, **fields: object) -> None:
+    def _save_output(self, row: JobOutput, changes: OutputColumns) -> None:
         """Store what became of one file (its own transaction: a verified file is never fetched again, whatever
         happens to the rest of the job) and keep the loaded row the same."""
-        self.store.update_output(row.id, **fields)
-        for name, value in fields.items():
+        self.store.update_output(row.id, changes)
+        for name, value in changes.values().items():
             setattr(row, name, value)
 
     def _downloads_done(self, job: Job, rows: list[JobOutput], result_dir: Path) -> Outcome:
         from daemon import unpack
 
-        failed = [r for r in rows if r.state is OutputState.FAILED]
-        pending = [r for r in rows if r.state is OutputState.PENDING]
-        fields = {"result_dir": str(result_dir), "failures": 0, "error": None, "error_kind": None}
-        if pending:
-            return Outcome(next_poll_in=0, fields=fields)
-        if failed:
-            # A server-given name may hold control characters (terminal escapes): show it escaped.
-            names = ", ".join(printable(r.name) for r in failed[:5]) + (" …" if len(failed) > 5 else "")
-            reason = f"{len(failed)} of {len(rows)} result files could not be downloaded: {names}"
-            return Outcome(state=JobState.FAILED, reason=reason,
-                           fields={**fields, "error": reason, "error_kind": "download_failed"})
-        total = sum(r.size or 0 for r in rows)
-        reason = f"{counted(len(rows), 'file')} downloaded and verified ({counted(total, 'byte')})"
-        if self.config.storage.extract:
+        outcome = after_downloads(rows, str(result_dir))
+        if outcome.state is JobState.COMPLETED and self.config.storage.extract:
             # Never fails the job: what went wrong is logged and told in the reason of the completed event.
             storage = self.config.storage
-            reason += "; " + unpack.unpack_outputs(
+            summary = unpack.unpack_outputs(
                 rows, result_dir, self._password(job), max_bytes=storage.extract_max_gib << 30,
                 max_ratio=storage.extract_max_ratio,
             ).summary()
-        return Outcome(state=JobState.COMPLETED, reason=reason, fields=fields)
+            outcome = dataclasses.replace(outcome, reason=f"{outcome.reason}; {summary}")
+        return outcome
 
     # ------------------------------------------------------------------ errors, in one place
 
-    def _on_error(self, job: Job, exc: ServiceError, *, fields: dict[str, object] | None = None) -> Outcome | None:
-        """The outcome of a step that raised `exc`; `fields`: more columns to write with it (a submit's
+    def _on_error(self, job: Job, exc: ServiceError, *, also: JobColumns | None = None) -> Outcome | None:
+        """The outcome of a step that raised `exc`; `also`: more columns to write with it (a submit's
         bookkeeping)."""
-        fields = fields or {}
-        outcome = self._error_outcome(job, exc, fields=fields)
-        if outcome is not None:
-            outcome.fields.update(fields)
-        return outcome
+        also = also or JobColumns()
+        outcome = self._error_outcome(job, exc, also=also)
+        return None if outcome is None else outcome.setting(also)
 
-    def _error_outcome(self, job: Job, exc: ServiceError, *, fields: dict[str, object]) -> Outcome | None:
+    def _error_outcome(self, job: Job, exc: ServiceError, *, also: JobColumns) -> Outcome | None:
         self.metrics.error(job.service, exc.kind)
         decision = after_error(job, exc)
         match decision.action:
@@ -506,9 +470,8 @@ class Pipeline:
                 (log.warning if news else log.debug)(
                     "service_job_limit", reason=str(exc), error_kind=exc.kind, lowered_to=max(1, limit)
                 )
-                outcome = self._backoff(job, exc, quiet=True)
-                outcome.state, outcome.reason = JobState.PENDING, "service has no free job slot; waiting"
-                return outcome
+                return dataclasses.replace(self._backoff(job, exc, quiet=True), state=JobState.PENDING,
+                                           reason="service has no free job slot; waiting")
             case ErrorAction.RETRY:
                 assert isinstance(exc, Transient)
                 return self._backoff(job, exc)
@@ -518,13 +481,13 @@ class Pipeline:
                     log.error("service_blocked", reason=str(exc), error_kind=exc.kind, jobs_waiting=parked + 1)
                 if decision.action is ErrorAction.BLOCK_AND_RETRY:
                     return self._backoff(job, Transient(str(exc), kind=exc.kind), quiet=True)
-                self.store.park_blocked(job.id, self.owner, str(exc), fields=fields)
+                self.store.park_blocked(job.id, self.owner, str(exc), columns=also)
                 return None
             case ErrorAction.CANCEL:
                 return Outcome(state=JobState.CANCELLED, reason=decision.reason)
             case ErrorAction.FAIL:
                 return Outcome(state=JobState.FAILED, reason=decision.reason,
-                               fields={"error": decision.reason, "error_kind": decision.error_kind})
+                               columns=JobColumns(error=decision.reason, error_kind=decision.error_kind))
 
     def _crashed(self, job: Job, exc: Exception, *, what: str = "internal error") -> Outcome:
         """The outcome of a step that raised something other than a service error.
@@ -553,10 +516,10 @@ class Pipeline:
         message = f"{what}: {text}"
         if decision.fail:
             reason = f"the {job.state} step failed {decision.crashes} times in a row ({message})"
-            return Outcome(state=JobState.FAILED, reason=reason, fields={"error": reason, "error_kind": "internal"})
-        outcome = self._backoff(job, Transient(message, kind="internal"), quiet=True)
-        outcome.fields["failures"] = decision.crashes
-        return outcome
+            return Outcome(state=JobState.FAILED, reason=reason,
+                           columns=JobColumns(error=reason, error_kind="internal"))
+        return self._backoff(job, Transient(message, kind="internal"), quiet=True).setting(
+            JobColumns(failures=decision.crashes))
 
     def _backoff(self, job: Job, exc: Transient, *, quiet: bool = False) -> Outcome:
         scheduler = self.config.scheduler
@@ -572,13 +535,12 @@ class Pipeline:
             level = log.warning if job.failures == 0 else log.debug
             level("step_failed_will_retry", step=str(job.state), reason=str(exc), error_kind=exc.kind,
                   failures=failures, retry_in=round(delay, 1))
-        return Outcome(next_poll_in=delay,
-                       fields={"failures": failures, "error": str(exc), "error_kind": exc.kind})
+        return Outcome(next_poll_in=delay, columns=JobColumns(failures=failures, error=str(exc), error_kind=exc.kind))
 
     def _log_transition(self, before: Job, after: JobRow, outcome: Outcome) -> None:
         level = log.error if outcome.state is JobState.FAILED else log.info
         level("job_state", from_state=str(before.state), to_state=str(outcome.state), reason=outcome.reason,
-              remote_id=after.remote_id, error_kind=outcome.fields.get("error_kind"))
+              remote_id=after.remote_id, error_kind=after.error_kind)
 
 
 def _unreachable_database(exc: BaseException) -> bool:

@@ -206,7 +206,7 @@ class JobOutput(Base):
     error: Mapped[str | None] = mapped_column(sa.Text)
     verified_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     #: Downloads the server served (each spent one of its download counts) that came out unusable: cut off, short,
-    #: long or a corrupt zip. The file is given up after `pipeline.MAX_INTEGRITY_ATTEMPTS` of them.
+    #: long or a corrupt zip. The file is given up after `decisions.MAX_INTEGRITY_ATTEMPTS` of them.
     bad_downloads: Mapped[int] = mapped_column(sa.Integer, default=0)
 
     job: Mapped[Job] = relationship(back_populates="outputs")

@@ -13,7 +13,7 @@ import datetime as dt
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, cast
 
 import sqlalchemy as sa
@@ -26,6 +26,7 @@ from daemon.db.expired import ExpiredJobs
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, ServiceStatus, integer_or_none, utcnow
 from daemon.db.outbox import NotificationOutbox
 from daemon.db.service_status import ServiceStatuses, service_row
+from daemon.outcome import JobColumns, Outcome, OutputColumns
 from daemon.remote import JobParameters, RemoteOutput
 from daemon.states import IN_FLIGHT, NOTIFIABLE, TERMINAL, JobState, OutputState, check_transition
 
@@ -41,17 +42,6 @@ class NewInput:
 class NewJob(JobParameters):
     service: str
     inputs: Sequence[NewInput]
-
-
-@dataclass
-class Outcome:
-    """What one step decided about a job; `finish()` writes it in one transaction."""
-
-    state: JobState | None = None  # None: unchanged
-    reason: str | None = None  # for the event row when the state changes
-    next_poll_in: float | None = None  # seconds; None leaves next_poll_at unchanged
-    fields: dict[str, Any] = field(default_factory=dict)  # other job columns to set
-    outputs: Sequence[RemoteOutput] = ()  # files a finished remote job offers, recorded as `record_outputs` does
 
 
 #: A job's columns as a statement returned them: read like a `Job` (`.state`, `.next_poll_at`), no relationships.
@@ -533,7 +523,7 @@ class JobStore:
     ) -> dict[str, Any]:
         """The columns `finish` sets for `outcome` on a job in state `current` (raises on a transition the state
         machine forbids)."""
-        values: dict[str, Any] = dict(outcome.fields)
+        values: dict[str, Any] = outcome.columns.values()
         if outcome.state is not None and outcome.state != current:
             check_transition(current, outcome.state)
             values["state"] = outcome.state
@@ -607,9 +597,9 @@ class JobStore:
         if refreshed:
             conn.execute(_REFRESH_OUTPUT, refreshed)
 
-    def update_output(self, output_id: int, **fields: Any) -> None:
+    def update_output(self, output_id: int, changes: OutputColumns) -> None:
         with self._single.begin() as conn:
-            conn.execute(_UPDATE_OUTPUT, {"b_output_id": output_id, **fields})
+            conn.execute(_UPDATE_OUTPUT, {"b_output_id": output_id, **changes.values()})
 
     def outputs(self, job_id: uuid.UUID) -> list[JobOutput]:
         """The job's files in the order they were recorded, as objects no session holds. A Core read: a poll that
@@ -643,9 +633,8 @@ class JobStore:
                 self._transition(session, job, JobState.BLOCKED, reason, now)
             return newly, len(jobs)
 
-    def park_blocked(self, job_id: uuid.UUID, owner: str, reason: str, *, fields: dict[str, Any] | None = None
-                     ) -> None:
-        self.finish(job_id, owner, Outcome(state=JobState.BLOCKED, reason=reason, fields=dict(fields or {})))
+    def park_blocked(self, job_id: uuid.UUID, owner: str, reason: str, *, columns: JobColumns | None = None) -> None:
+        self.finish(job_id, owner, Outcome(state=JobState.BLOCKED, reason=reason, columns=columns or JobColumns()))
 
     def unblock_service(self, service: str, reason: str) -> int:
         """The service works again: blocked jobs return to where they can go on (pending, or polled again)."""
@@ -726,7 +715,6 @@ __all__ = [
     "LeaseLost",
     "NewInput",
     "NewJob",
-    "Outcome",
     "PasswordSealer",
     "Promotion",
     "job_snapshot",

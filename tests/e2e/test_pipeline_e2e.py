@@ -23,8 +23,8 @@ import daemon.pipeline
 import daemon.scheduler
 from daemon import cli
 from daemon.db.schema import upgrade_url
-from daemon.db.store import Outcome
-from daemon.pipeline import MAX_EMPTY_SUCCESS_POLLS, MAX_INTEGRITY_ATTEMPTS, MAX_STEP_CRASHES
+from daemon.decisions import MAX_EMPTY_SUCCESS_POLLS, MAX_INTEGRITY_ATTEMPTS, MAX_STEP_CRASHES
+from daemon.outcome import JobColumns, Outcome
 from daemon.simulator import State, Timings
 from daemon.simulator.results import ResultFile
 from daemon.states import JobState
@@ -883,7 +883,7 @@ def test_an_outcome_the_database_refuses_ends_the_job_instead_of_losing_every_st
     job, _remote_id = stalled_job(h)
 
     def unstorable_poll(self, job, adapter):  # type: ignore[no-untyped-def]
-        return Outcome(next_poll_in=0.1, fields={"queue_position": 2**70})
+        return Outcome(next_poll_in=0.1, columns=JobColumns(queue_position=2**70))
 
     monkeypatch.setattr(daemon.pipeline.Pipeline, "_poll", unstorable_poll)
     job = h.wait_state(job.id, "failed")

@@ -13,7 +13,8 @@ from daemon.cli import _group_state, main
 from daemon.config import load_config
 from daemon.db.engine import make_engine
 from daemon.db.schema import upgrade
-from daemon.db.store import JobStore, Outcome
+from daemon.db.store import JobStore
+from daemon.outcome import Outcome
 from daemon.states import JobState
 
 

@@ -28,9 +28,10 @@ from support.ops_support import (
 from daemon.config import EmailConfig, NotificationsConfig, WebhookConfig
 from daemon.db.engine import make_engine
 from daemon.db.models import JobEvent, utcnow
-from daemon.db.store import JobStore, NewInput, NewJob, Outcome
+from daemon.db.store import JobStore, NewInput, NewJob
 from daemon.logging import scrub
 from daemon.notify import EVENT_HEADER, EmailSender, Notifier, NotifyFailed, WebhookSender, read_headers_file
+from daemon.outcome import JobColumns, Outcome
 from daemon.simulator import SimulatedCloudgene, Timings
 from daemon.states import JobState
 from daemon.submission import Submission, submit
@@ -60,7 +61,7 @@ def move(store: JobStore, job_id: uuid.UUID, *states: JobState, reason: str = "t
     """Walk a job through `states` the way the pipeline writes outcomes (claim, then finish)."""
     for state in states:
         assert store.claim_one(job_id, "tester", lease_seconds=30) is not None
-        store.finish(job_id, "tester", Outcome(state=state, reason=reason, fields={"result_dir": "/results/x"}))
+        store.finish(job_id, "tester", Outcome(state=state, reason=reason, columns=JobColumns(result_dir="/results/x")))
 
 
 def complete(store: JobStore, job_id: uuid.UUID) -> None:

@@ -17,7 +17,8 @@ from daemon.cli import main
 from daemon.config import Config, load_config
 from daemon.db.engine import make_engine
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, utcnow
-from daemon.db.store import JobNotFound, JobStore, NewInput, NewJob, Outcome
+from daemon.db.store import JobNotFound, JobStore, NewInput, NewJob
+from daemon.outcome import JobColumns, Outcome
 from daemon.states import JobState
 
 
@@ -57,7 +58,7 @@ class World:
             self.store.claim_one(job.id, "t", lease_seconds=30)
             self.store.finish(job.id, "t", Outcome(state=JobState.FAILED if state is JobState.FAILED else
                                                    JobState.CANCELLED if state is JobState.CANCELLED else
-                                                   JobState.SUBMITTING, fields={"result_dir": str(folder)}))
+                                                   JobState.SUBMITTING, columns=JobColumns(result_dir=str(folder))))
             if state is JobState.COMPLETED:
                 for step in (JobState.DOWNLOADING, JobState.COMPLETED):
                     self.store.claim_one(job.id, "t", lease_seconds=30)

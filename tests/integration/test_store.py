@@ -14,7 +14,8 @@ import sqlalchemy as sa
 
 from daemon.db.engine import make_engine
 from daemon.db.models import Job, JobEvent, utcnow
-from daemon.db.store import JobNotFound, JobStore, LeaseLost, NewInput, NewJob, Outcome
+from daemon.db.store import JobNotFound, JobStore, LeaseLost, NewInput, NewJob
+from daemon.outcome import JobColumns, Outcome, OutputColumns
 from daemon.remote import RemoteOutput
 from daemon.states import InvalidTransition, JobState, OutputState
 
@@ -180,7 +181,7 @@ def test_finish_writes_an_event_only_when_the_state_changes(store: JobStore) -> 
     force(store, [job_id], state=JobState.QUEUED, next_poll_at=utcnow())
     for _ in range(3):
         [job] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
-        store.finish(job.id, "me", Outcome(state=JobState.QUEUED, next_poll_in=0, fields={"queue_position": 4}))
+        store.finish(job.id, "me", Outcome(state=JobState.QUEUED, next_poll_in=0, columns=JobColumns(queue_position=4)))
     [job] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
     store.finish(job.id, "me", Outcome(state=JobState.RUNNING, reason="remote RUNNING", next_poll_in=0))
     assert events(store, job_id) == [(None, "pending"), ("queued", "running")]
@@ -236,7 +237,7 @@ def test_outputs_keep_verified_state_when_recorded_again(store: JobStore) -> Non
     outputs = [RemoteOutput(name="chr_20.zip", url="http://x/share/results/h1/chr_20.zip", remote_hash="h1")]
     store.record_outputs(job_id, outputs)
     [row] = store.outputs(job_id)
-    store.update_output(row.id, state=OutputState.VERIFIED, sha256="cd" * 32, size=10)
+    store.update_output(row.id, OutputColumns(state=OutputState.VERIFIED, sha256="cd" * 32, size=10))
     store.record_outputs(job_id, [RemoteOutput(name="chr_20.zip", url="http://x/new", remote_hash="h2")])
     [row] = store.outputs(job_id)
     assert row.state is OutputState.VERIFIED and row.url.endswith("/h1/chr_20.zip")

@@ -9,20 +9,27 @@ import pytest
 
 from daemon.decisions import (
     MAX_EMPTY_SUCCESS_POLLS,
+    MAX_INTEGRITY_ATTEMPTS,
     MAX_STEP_CRASHES,
     NO_OUTPUTS,
     CrashKind,
     ErrorAction,
     NextPoll,
     PollNote,
+    after_bad_download,
     after_crash,
+    after_downloads,
     after_error,
+    after_lookup_missed,
     after_status,
+    after_submit_error,
     retry_after_failure,
+    submitted,
 )
+from daemon.outcome import KEEP, JobColumns, OutputColumns
 from daemon.remote import RemoteOutput, RemoteStatus
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
-from daemon.states import TERMINAL, TRANSITIONS, JobState, RemoteKind
+from daemon.states import TERMINAL, TRANSITIONS, JobState, OutputState, RemoteKind
 
 NOW = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.UTC)
 FILE = RemoteOutput(name="chr_20.zip", url="https://x/share/results/h/chr_20.zip", remote_hash="h")
@@ -36,6 +43,17 @@ class FakeJob:
     error_kind: str | None = None
     remote_state: str | None = "2"
     restart_attempts: int = 0
+    submit_attempts: int = 0
+    submitted_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class FakeFile:
+    name: str = "chr_20.zip"
+    state: OutputState = OutputState.PENDING
+    size: int | None = None
+    attempts: int = 0
+    bad_downloads: int = 0
 
 
 def status(kind: RemoteKind, *, raw: str = "x", outputs: tuple[RemoteOutput, ...] = (FILE,),
@@ -207,3 +225,107 @@ def test_a_different_crash_starts_the_count_again() -> None:
     decision = after_crash(job, signature="internal error: RuntimeError:", database_unreachable=False,
                            environment_error=False)
     assert (decision.crashes, decision.first, decision.fail) == (1, True, False)
+
+
+# ------------------------------------------------------------------------------------------------ submit
+
+
+def test_a_submitted_job_is_queued_with_its_remote_id_and_its_failures_cleared() -> None:
+    outcome = submitted("job-1", "submitted", poll_interval=60, now=NOW)
+    assert (outcome.state, outcome.reason, outcome.next_poll_in) == (JobState.QUEUED, "submitted as job-1", 10.0)
+    assert outcome.columns == JobColumns(remote_id="job-1", submitted_at=NOW, failures=0, error=None,
+                                         error_kind=None)
+    assert submitted("job-1", "found", poll_interval=2, now=NOW).next_poll_in == 2
+
+
+@pytest.mark.parametrize("may_have_created, columns", [
+    (False, JobColumns(submit_attempts=0, submitted_at=None)),  # refused: nothing to look up next time
+    (True, JobColumns(submitted_at=NOW)),  # unknown: looked up until the settle window from now closes
+])
+def test_a_failed_submit_says_whether_the_next_attempt_looks_the_job_up(
+    may_have_created: bool, columns: JobColumns
+) -> None:
+    exc = Transient("timed out", kind="timeout")
+    exc.may_have_created = may_have_created
+    assert after_submit_error(exc, now=NOW) == columns
+
+
+@pytest.mark.parametrize("sent_ago, failures, shortest, longest", [
+    (0, 0, 2.5, 5.0),  # just sent: the first look is soon
+    (60, 3, 20.0, 40.0),  # backing off: 5 s × 2³, jittered
+    (290, 6, 10.0, 10.0),  # the last look when the window closes, not later
+])
+def test_a_submit_not_found_yet_is_looked_up_again_within_the_settle_window(
+    sent_ago: float, failures: int, shortest: float, longest: float
+) -> None:
+    since = NOW - dt.timedelta(seconds=sent_ago)
+    job = FakeJob(state=JobState.SUBMITTING, submit_attempts=1, submitted_at=since, failures=failures)
+    decision = after_lookup_missed(job, settle=300, now=NOW, initial=5, maximum=600)
+    assert decision.outcome is not None and not decision.died_in_flight
+    assert decision.outcome.state is None
+    assert decision.outcome.next_poll_in is not None
+    assert shortest - 1e-9 <= decision.outcome.next_poll_in <= longest + 1e-9
+    assert decision.outcome.columns == JobColumns(failures=failures + 1, submitted_at=since)
+
+
+def test_a_submit_not_found_once_the_window_closed_is_sent_again() -> None:
+    job = FakeJob(state=JobState.SUBMITTING, submit_attempts=2, submitted_at=NOW - dt.timedelta(seconds=300))
+    assert after_lookup_missed(job, settle=300, now=NOW, initial=5, maximum=600).outcome is None
+
+
+def test_a_submit_whose_daemon_died_in_flight_starts_its_window_now() -> None:
+    job = FakeJob(state=JobState.SUBMITTING, submit_attempts=1, submitted_at=None)
+    decision = after_lookup_missed(job, settle=300, now=NOW, initial=5, maximum=600)
+    assert decision.died_in_flight and decision.outcome is not None
+    assert decision.outcome.columns.submitted_at == NOW
+
+
+# ------------------------------------------------------------------------------------------------ downloads
+
+
+@pytest.mark.parametrize("earlier", range(MAX_INTEGRITY_ATTEMPTS))
+def test_a_file_served_unusable_is_given_up_at_the_limit(earlier: int) -> None:
+    changes = after_bad_download(FakeFile(attempts=earlier + 2, bad_downloads=earlier), "zip is corrupt")
+    assert (changes.bad_downloads, changes.attempts) == (earlier + 1, earlier + 3)
+    if earlier + 1 >= MAX_INTEGRITY_ATTEMPTS:
+        assert changes.state is OutputState.FAILED
+        assert changes.error == (f"zip is corrupt (gave up after {earlier + 1} attempts, each spending one of the "
+                                 "downloads the server allows)")
+    else:
+        assert (changes.state, changes.error) == (KEEP, "zip is corrupt")
+
+
+def test_downloads_go_on_while_a_file_is_pending() -> None:
+    files = [FakeFile(name="a", state=OutputState.VERIFIED, size=1), FakeFile(name="b")]
+    outcome = after_downloads(files, "/results/j")
+    assert (outcome.state, outcome.next_poll_in) == (None, 0)
+    assert outcome.columns == JobColumns(result_dir="/results/j", failures=0, error=None, error_kind=None)
+
+
+def test_a_job_whose_file_could_not_be_had_fails_naming_it_escaped() -> None:
+    files = [FakeFile(name="a", state=OutputState.VERIFIED, size=1),
+             FakeFile(name="b\x1b[2J", state=OutputState.FAILED)]
+    outcome = after_downloads(files, "/results/j")
+    assert outcome.state is JobState.FAILED
+    assert outcome.reason == "1 of 2 result files could not be downloaded: b\\x1b[2J"
+    assert (outcome.columns.error, outcome.columns.error_kind) == (outcome.reason, "download_failed")
+
+
+def test_a_job_with_every_file_verified_completes_counting_them() -> None:
+    files = [FakeFile(name="a", state=OutputState.VERIFIED, size=1), FakeFile(name="b", state=OutputState.VERIFIED,
+                                                                               size=2047)]
+    outcome = after_downloads(files, "/results/j")
+    assert (outcome.state, outcome.reason) == (JobState.COMPLETED, "2 files downloaded and verified (2048 bytes)")
+
+
+# ------------------------------------------------------------------------------------------------ typed columns
+
+
+def test_columns_a_step_leaves_alone_are_not_written_but_none_is() -> None:
+    assert JobColumns(error=None, failures=0).values() == {"error": None, "failures": 0}
+    assert OutputColumns().values() == {}
+
+
+def test_later_columns_are_written_over_earlier_ones() -> None:
+    merged = JobColumns(failures=1, error="x") | JobColumns(error=None, result_dir="/r")
+    assert merged == JobColumns(failures=1, error=None, result_dir="/r")
