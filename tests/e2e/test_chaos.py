@@ -31,7 +31,7 @@ seeds, one on SQLite and one on PostgreSQL, each killing once in every mode, so 
 schedules that passed before.
 
 Defaults fit CI (about 1–2.5 minutes on 2 cores for the random run, depending on load). Bigger runs:
-IMPUTATIOND_CHAOS_ROUNDS (kills, default 24), IMPUTATIOND_CHAOS_JOBS (default 200), IMPUTATIOND_CHAOS_SEED (to
+IMPUTATIOND_CHAOS_ROUNDS (kills, default 20), IMPUTATIOND_CHAOS_JOBS (default 200), IMPUTATIOND_CHAOS_SEED (to
 replay a run's kill schedule), IMPUTATIOND_CHAOS_MODES (a comma-separated subset of the modes above).
 """
 
@@ -57,7 +57,7 @@ from support.daemon_harness import PANEL, PANEL_ID, DaemonConfig, DaemonProcess,
 from daemon.simulator import write_sample_vcf
 from daemon.states import JobState
 
-ROUNDS = int(os.environ.get("IMPUTATIOND_CHAOS_ROUNDS", "24"))
+ROUNDS = int(os.environ.get("IMPUTATIOND_CHAOS_ROUNDS", "20"))
 JOBS = int(os.environ.get("IMPUTATIOND_CHAOS_JOBS", "200"))
 SEED = int(os.environ.get("IMPUTATIOND_CHAOS_SEED") or random.SystemRandom().randrange(10**9))
 MODES = tuple(os.environ.get("IMPUTATIOND_CHAOS_MODES", "random,early,submit,held,download,commit").split(","))
