@@ -69,7 +69,7 @@ class Subject:
         self.promoted: list[int] = []
 
     def in_flight(self, service: str) -> int:
-        return self.store.in_flight_count(service)
+        return self.store.queue.in_flight_count(service)
 
     def usable(self) -> list[str]:
         return [n for n, s in self.store.services.service_statuses().items() if s.blocked_reason is None]
@@ -79,15 +79,15 @@ class Subject:
         clock, cpu = time.perf_counter, time.thread_time  # wall, and this thread's CPU (the client side)
         w0, c0 = clock(), cpu()
         services = self.usable()
-        promoted = sum(self.store.promote_pending(s, self.limits[s]).promoted for s in services)
-        sub = self.store.claim_due(OWNER, states={JobState.SUBMITTING}, services=services, limit=self.workers,
-                                   lease_seconds=120)
+        promoted = sum(self.store.queue.promote_pending(s, self.limits[s]).promoted for s in services)
+        sub = self.store.queue.claim_due(OWNER, states={JobState.SUBMITTING}, services=services, limit=self.workers,
+                                         lease_seconds=120)
         w1, c1 = clock(), cpu()
-        polled = self.store.claim_due(OWNER, states=POLLED, services=self.usable(), limit=self.workers,
-                                      lease_seconds=120)
+        polled = self.store.queue.claim_due(OWNER, states=POLLED, services=self.usable(), limit=self.workers,
+                                            lease_seconds=120)
         w2, c2 = clock(), cpu()
-        down = self.store.claim_due(OWNER, states={JobState.DOWNLOADING}, services=list(c.SERVICES),
-                                    limit=self.workers, lease_seconds=120)
+        down = self.store.queue.claim_due(OWNER, states={JobState.DOWNLOADING}, services=list(c.SERVICES),
+                                          limit=self.workers, lease_seconds=120)
         w3, c3 = clock(), cpu()
         for tick, wall, used, got in (("dispatch", w1 - w0, c1 - c0, sub), ("poll", w2 - w1, c2 - c1, polled),
                                       ("download", w3 - w2, c3 - c2, down)):

@@ -41,16 +41,17 @@ SERVICE = "sim"
 
 
 def make_jobs(db_url: str, n: int, vcf: Path) -> None:
-    from daemon.db.store import JobStore, NewInput, NewJob
+    from daemon.db.admin import NewInput, NewJob
+    from daemon.db.store import JobStore
 
     engine = c.migrated_engine(db_url)
     store = JobStore(engine)
     data = vcf.read_bytes()
     item = NewInput(path=str(vcf), size=len(data), sha256=hashlib.sha256(data).hexdigest())
     for i in range(n):
-        store.create_group([NewJob(service=SERVICE, panel="1000g-phase3", build="hg19", inputs=[item],
-                                   population="eur", phasing="eagle", r2_filter="0.3", mode="imputation",
-                                   name=f"bench {i}")])
+        store.admin.create_group([NewJob(service=SERVICE, panel="1000g-phase3", build="hg19", inputs=[item],
+                                         population="eur", phasing="eagle", r2_filter="0.3", mode="imputation",
+                                         name=f"bench {i}")])
     engine.dispose()
 
 

@@ -34,10 +34,12 @@ from daemon.config import (
     load_config,
 )
 from daemon.crypto import PasswordCipher, SecretKeyError
+from daemon.db.admin import job_snapshot
 from daemon.db.engine import DatabaseUnavailable, describe_url, make_engine
 from daemon.db.models import Job
 from daemon.db.revision import UPGRADE_HINT, SchemaOutdated, ensure_current, upgrade_url
-from daemon.db.store import JobNotFound, JobStore, job_snapshot
+from daemon.db.store import JobStore
+from daemon.db.transitions import JobNotFound
 from daemon.demo import run_demo
 from daemon.logging import configure_logging
 from daemon.pipeline import Pipeline
@@ -96,7 +98,7 @@ def _schema_problem(args: argparse.Namespace, exc: Exception) -> str:
 
 def _resolve(store: JobStore, text: str) -> uuid.UUID:
     try:
-        return store.resolve_id(text)
+        return store.admin.resolve_id(text)
     except JobNotFound as exc:
         raise CliError(str(exc)) from None
 
@@ -239,10 +241,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             raise CliError(f"--status {args.status}: states are {', '.join(s.value for s in JobState)}",
                            EXIT_USAGE) from None
     # A service taken out of the config may still have jobs in the database: those can be listed too.
-    if args.service and args.service not in config.services and args.service not in store.counts_by_service():
+    if args.service and args.service not in config.services and args.service not in store.admin.counts_by_service():
         known = ", ".join(sorted(config.services)) or "none configured"
         raise CliError(f"--service {args.service}: not a configured service (configured: {known})", EXIT_USAGE)
-    jobs = store.list_jobs(states=states, service=args.service, limit=args.limit)
+    jobs = store.admin.list_jobs(states=states, service=args.service, limit=args.limit)
     if args.json:
         _print_json([job_snapshot(j) for j in jobs])
         return 0
@@ -295,7 +297,7 @@ def _show_passwords(config: Config, store: JobStore, jobs: Sequence[Job]) -> int
     except SecretKeyError as exc:
         raise CliError(f"storage.secret_key_file: {exc}") from None
     for job in locked:
-        store.note(job.id, PASSWORD_SHOWN)
+        store.admin.note(job.id, PASSWORD_SHOWN)
     if len(set(passwords)) == 1:
         print(passwords[0])
     else:
@@ -308,9 +310,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _store(args, config)
     job_id = _resolve(store, args.id)
-    jobs = store.group(job_id)
+    jobs = store.admin.group(job_id)
     if len(jobs) <= 1 or all(j.id != job_id for j in jobs):
-        jobs = [store.get(job_id, with_events=True)]
+        jobs = [store.admin.get(job_id, with_events=True)]
     if args.password:
         return _show_passwords(config, store, jobs)
     details = [_job_detail(j) for j in jobs]
@@ -352,8 +354,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _store(args, config)
     job_id = _resolve(store, args.id)
-    before = store.get(job_id).state
-    state = store.request_cancel(job_id)
+    before = store.admin.get(job_id).state
+    state = store.admin.request_cancel(job_id)
     if state in (JobState.COMPLETED, JobState.FAILED):  # finished before the request (or while it was made)
         raise CliError(f"{job_id}: the job is {state.value}; only an unfinished job can be cancelled")
     if before is JobState.CANCELLED:
@@ -362,16 +364,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if state is JobState.CANCEL_REQUESTED:
         # Cancel on the server now if no daemon is working on the job; otherwise the daemon's next poll does it.
         owner = f"cli-{make_owner()}"
-        job = store.claim_one(job_id, owner, lease_seconds=60)
+        job = store.queue.claim_one(job_id, owner, lease_seconds=60)
         if job is not None and job.service in config.services:
             adapter = build_adapter(config.services[job.service], max_connections=2)
             try:
-                finished = Pipeline(store, {job.service: adapter}, config, owner=owner).run(job)
+                finished = Pipeline(store.queue, store.services, {job.service: adapter}, config, owner=owner).run(job)
             finally:
                 adapter.close()
-            state = finished.state if finished is not None else store.get(job_id).state
+            state = finished.state if finished is not None else store.admin.get(job_id).state
         elif job is not None:
-            store.release(job_id, owner)
+            store.queue.release(job_id, owner)
     if state is JobState.CANCEL_REQUESTED:
         print(f"{job_id}: cancel requested; the daemon will cancel the remote job")
     else:
@@ -384,7 +386,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     store = _store(args, config)
     job_id = _resolve(store, args.id)
     try:
-        job = store.retry(job_id)
+        job = store.admin.retry(job_id)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     print(f"{job.id}: {job.state.value}")
@@ -395,7 +397,7 @@ def cmd_services(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _store(args, config)
     statuses = store.services.service_statuses()
-    counts = store.counts_by_service()
+    counts = store.admin.counts_by_service()
     result = []
     for name, service in sorted(config.services.items()):
         status = statuses.get(name)

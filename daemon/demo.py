@@ -109,7 +109,7 @@ def _run(root: Path, timeout: float) -> int:
         daemon.start()
         try:
             while time.monotonic() - started < timeout:
-                current = daemon.store.get(job.id)
+                current = daemon.store.admin.get(job.id)
                 if current.state in TERMINAL:
                     break
                 time.sleep(0.2)
@@ -117,7 +117,7 @@ def _run(root: Path, timeout: float) -> int:
             daemon.request_stop()
             daemon.stop()
         elapsed = time.monotonic() - started
-        job = daemon.store.get(job.id, with_events=True)
+        job = daemon.store.admin.get(job.id, with_events=True)
         return _report(job, server, elapsed)
 
 

@@ -73,7 +73,7 @@ class OutputColumns(_Columns):
 
 @dataclass(frozen=True, kw_only=True)
 class Outcome:
-    """What one step decided about a job; `JobStore.finish()` writes it in one transaction."""
+    """What one step decided about a job; `JobQueue.finish()` writes it in one transaction."""
 
     state: JobState | None = None  # None: unchanged
     reason: str | None = None  # for the event row when the state changes

@@ -3,7 +3,7 @@
 A step runs on a pool thread with the job leased to this daemon. It talks to the service through the adapter, asks
 `daemon.decisions` what the answer or the error means (the rules of DESIGN.md: transient errors back off and never
 fail a job, a blocked service parks its jobs, a permanent error fails the job with the server's reason), applies
-that decision, and writes the typed outcome (`daemon.outcome`) with `JobStore.finish`.
+that decision, and writes the typed outcome (`daemon.outcome`) with `JobQueue.finish`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from daemon.config import Config, ServiceConfig
 from daemon.crypto import PasswordCipher, SecretKeyError
 from daemon.db.engine import DatabaseUnavailable
 from daemon.db.models import Job, JobOutput, integer_or_none, utcnow
-from daemon.db.store import JobRow, JobStore, LeaseLost
+from daemon.db.queue import JobQueue, JobRow, LeaseLost
+from daemon.db.service_status import ServiceStatuses
 from daemon.decisions import (
     MAX_EMPTY_SUCCESS_POLLS,
     MAX_STEP_CRASHES,
@@ -80,7 +81,8 @@ def remote_output(row: JobOutput) -> RemoteOutput:
 class Pipeline:
     def __init__(
         self,
-        store: JobStore,
+        queue: JobQueue,
+        services: ServiceStatuses,
         adapters: Mapping[str, ServiceAdapter],
         config: Config,
         *,
@@ -89,7 +91,8 @@ class Pipeline:
         metrics: Metrics = NO_METRICS,
         passwords: PasswordCipher | None = None,
     ) -> None:
-        self.store = store
+        self.queue = queue
+        self.services = services
         self.adapters = adapters
         self.config = config
         self.owner = owner
@@ -117,7 +120,7 @@ class Pipeline:
                 return finished
             try:
                 # The job as `finish` wrote it, with the outputs the poll recorded: what a download claim loads.
-                outputs = self.store.outputs(job.id)
+                outputs = self.queue.outputs(job.id)
                 job = Job(**finished._mapping)
                 job.outputs = outputs
             except Exception:
@@ -147,7 +150,7 @@ class Pipeline:
                 and not self.stopping()
             )
             try:
-                finished = self.store.finish(job.id, self.owner, outcome, keep_lease=go_on, expected=job.state)
+                finished = self.queue.finish(job.id, self.owner, outcome, keep_lease=go_on, expected=job.state)
             except LeaseLost:
                 log.warning("lease_lost", reason="another daemon took the job over; dropping this step's result")
                 return None, False
@@ -161,7 +164,7 @@ class Pipeline:
                 # fail again, so the failure is written instead, counted like any other unexpected error.
                 outcome, go_on = self._crashed(job, exc, what="its outcome could not be saved"), False
                 try:
-                    finished = self.store.finish(job.id, self.owner, outcome, expected=job.state)
+                    finished = self.queue.finish(job.id, self.owner, outcome, expected=job.state)
                 except Exception:
                     log.exception("step_result_not_saved", state=str(job.state), error_kind="database")
                     return None, False
@@ -181,7 +184,7 @@ class Pipeline:
             case JobState.CANCEL_REQUESTED:
                 return self._cancel(job, adapter)
         # Another daemon moved the job on between claim and now; nothing to do but let go of it.
-        self.store.release(job.id, self.owner)
+        self.queue.release(job.id, self.owner)
         return None
 
     def _adapter(self, job: Job) -> ServiceAdapter:
@@ -238,7 +241,7 @@ class Pipeline:
         request = self._submit_request(job, carried)
         # Committed before the POST: after a crash from here on, the next attempt looks the job up first, not
         # before the service's request timeout has passed (the lookup would only find nothing yet).
-        self.store.note_submit_attempt(job.id, self.owner, settle=self._service(job).timeout)
+        self.queue.note_submit_attempt(job.id, self.owner, settle=self._service(job).timeout)
         try:
             remote_id = adapter.submit(request)
         except ServiceError as exc:
@@ -299,7 +302,7 @@ class Pipeline:
         decision = after_status(job, status)
         if decision.recovered:
             log.info("recovered", after_failures=job.failures)
-            if decision.resume_service and self.store.services.resume_service(job.service):
+            if decision.resume_service and self.services.resume_service(job.service):
                 log.info("service_resumed", service=job.service)
         columns = JobColumns(
             remote_state=status.raw_state,
@@ -425,7 +428,7 @@ class Pipeline:
     def _save_output(self, row: JobOutput, changes: OutputColumns) -> None:
         """Store what became of one file (its own transaction: a verified file is never fetched again, whatever
         happens to the rest of the job) and keep the loaded row the same."""
-        self.store.update_output(row.id, changes)
+        self.queue.update_output(row.id, changes)
         for name, value in changes.values().items():
             setattr(row, name, value)
 
@@ -460,11 +463,11 @@ class Pipeline:
                 assert isinstance(exc, JobLimitReached)
                 # What we hold besides this job, and never more than the server's own "Only N": each wrong guess
                 # costs a whole upload before the server says no.
-                limit = self.store.in_flight_count(job.service) - 1
+                limit = self.queue.in_flight_count(job.service) - 1
                 if exc.limit is not None:
                     limit = min(limit, exc.limit)
                 # One line when the limit goes down; more refusals at the same limit are the same problem.
-                lowered = self.store.services.lower_limit(job.service, limit)
+                lowered = self.services.lower_limit(job.service, limit)
                 news = lowered and self._job_limit_told.get(job.service) != max(1, limit)
                 self._job_limit_told[job.service] = max(1, limit)
                 (log.warning if news else log.debug)(
@@ -476,12 +479,12 @@ class Pipeline:
                 assert isinstance(exc, Transient)
                 return self._backoff(job, exc)
             case ErrorAction.BLOCK_AND_RETRY | ErrorAction.BLOCK_AND_PARK:
-                newly, parked = self.store.block_service(job.service, str(exc))
+                newly, parked = self.queue.block_service(job.service, str(exc))
                 if newly:
                     log.error("service_blocked", reason=str(exc), error_kind=exc.kind, jobs_waiting=parked + 1)
                 if decision.action is ErrorAction.BLOCK_AND_RETRY:
                     return self._backoff(job, Transient(str(exc), kind=exc.kind), quiet=True)
-                self.store.park_blocked(job.id, self.owner, str(exc), columns=also)
+                self.queue.park_blocked(job.id, self.owner, str(exc), columns=also)
                 return None
             case ErrorAction.CANCEL:
                 return Outcome(state=JobState.CANCELLED, reason=decision.reason)
@@ -527,7 +530,7 @@ class Pipeline:
                                     now=utcnow())
         failures, delay = retry.failures, retry.delay
         if retry.pause_service_until is not None:
-            if self.store.services.pause_service(job.service, retry.pause_service_until, str(exc),
+            if self.services.pause_service(job.service, retry.pause_service_until, str(exc),
                                         continuing_within=scheduler.backoff_max):
                 log.warning("service_paused", reason=str(exc), error_kind=exc.kind, seconds=round(delay, 1))
         elif not quiet:

@@ -17,7 +17,8 @@ import structlog
 
 from daemon.config import Config
 from daemon.db.models import utcnow
-from daemon.db.store import JobStore
+from daemon.db.queue import JobQueue
+from daemon.db.service_status import ServiceStatuses
 from daemon.metrics import Metrics
 from daemon.services.base import ServiceAdapter
 
@@ -32,8 +33,10 @@ class ServiceProbes:
     maintenance and probe ticks (one thread each; a service is checked by only one of them at a time, since a
     blocked service is the probe tick's and an unblocked one the maintenance tick's)."""
 
-    def __init__(self, store: JobStore, metrics: Metrics, *, on_unblocked: Callable[[str], None]) -> None:
-        self.store = store
+    def __init__(self, queue: JobQueue, services: ServiceStatuses, metrics: Metrics, *,
+                 on_unblocked: Callable[[str], None]) -> None:
+        self.queue = queue
+        self.services = services
         self.metrics = metrics
         self._on_unblocked = on_unblocked
         self._checked: dict[str, float] = {}
@@ -64,7 +67,7 @@ class ServiceProbes:
         self._checked[name] = time.monotonic()
         check = adapter.check()
         if check.reachable and check.token_valid is not False:
-            returned = self.store.unblock_service(name, "service usable again")
+            returned = self.queue.unblock_service(name, "service usable again")
             self._probe_wait.pop(name, None)
             log.info("service_unblocked", service=name, jobs_returned=returned,
                      why="token changed" if changed else "token verified")
@@ -84,12 +87,12 @@ class ServiceProbes:
             log.warning("service_unreachable", service=name, reason=check.message)
             self._checked[name] -= TOKEN_CHECK_INTERVAL - config.scheduler.blocked_probe_max  # sooner
             return
-        self.store.services.record_token(name, expires=check.token_expires)
+        self.services.record_token(name, expires=check.token_expires)
         if check.token_valid is False:
             # Every call with this token would answer 401: block the service now, as a 401 from a job would,
             # and say so once whichever of the two notices first.
             reason = f"token rejected by the server's token check: {check.message or 'invalid'}"
-            newly, parked = self.store.block_service(name, reason)
+            newly, parked = self.queue.block_service(name, reason)
             if newly:
                 log.error("service_blocked", service=name, reason=reason, error_kind="unauthorized",
                           jobs_waiting=parked)

@@ -129,15 +129,17 @@ class Daemon:
         #: Seals job passwords at rest (key read or created on first use).
         self.passwords = PasswordCipher(config.storage.secret_key_path)
         self.store = JobStore(self.engine, sealer=self.passwords)
-        self.metrics: Metrics = PrometheusMetrics(self.store.counts_by_service) if config.metrics.listen else NO_METRICS
+        self.metrics: Metrics = (
+            PrometheusMetrics(self.store.admin.counts_by_service) if config.metrics.listen else NO_METRICS
+        )
         self.metrics_server: MetricsServer | None = None
         self.notifier = self._build_notifier(config)
-        self.probes = ServiceProbes(self.store, self.metrics, on_unblocked=self._unblocked)
+        self.probes = ServiceProbes(self.store.queue, self.store.services, self.metrics, on_unblocked=self._unblocked)
         self._retired_notifiers: list[Notifier] = []
         self._last_retention = -RETENTION_INTERVAL
         self.adapters: dict[str, ServiceAdapter] = self._build_adapters(config)
-        self.pipeline = Pipeline(self.store, self.adapters, config, owner=self.owner, stopping=self._stop.is_set,
-                                 metrics=self.metrics, passwords=self.passwords)
+        self.pipeline = Pipeline(self.store.queue, self.store.services, self.adapters, config, owner=self.owner,
+                                 stopping=self._stop.is_set, metrics=self.metrics, passwords=self.passwords)
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.scheduler.workers, thread_name_prefix="imputationd-worker"
         )
@@ -153,7 +155,7 @@ class Daemon:
 
     def start(self) -> None:
         self.store.services.ensure_services(self.config.services)
-        released = self.store.release_owners(_owner_is_dead_local)
+        released = self.store.queue.release_owners(_owner_is_dead_local)
         if released:
             log.info("released_dead_leases", owners=len(released))
         self._start_metrics_server()
@@ -264,11 +266,11 @@ class Daemon:
             held = [job.id for jobs in self._held.values() for job in jobs]
             self._held.clear()
         for job_id in held:  # never started: given back untouched
-            self.store.release(job_id, self.owner)
+            self.store.queue.release(job_id, self.owner)
         for job_id in leftover:
             # Released, not finished: the next daemon (or this one after a restart) picks the job up again; a
             # submit in flight is looked up on the server before any resubmission.
-            self.store.release(job_id, self.owner)
+            self.store.queue.release(job_id, self.owner)
         if leftover:
             log.warning("released_unfinished_steps", jobs=len(leftover))
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -337,7 +339,7 @@ class Daemon:
             with self._lock:
                 self._backlog.add(tick)
             return 0
-        jobs = self.store.claim_due(
+        jobs = self.store.queue.claim_due(
             self.owner, states=states, services=services, limit=free,
             lease_seconds=self.config.scheduler.lease_seconds,
         )
@@ -353,7 +355,7 @@ class Daemon:
     def _run_on_pool(self, job: Job) -> None:
         with self._lock:
             if self._stop.is_set():
-                self.store.release(job.id, self.owner)
+                self.store.queue.release(job.id, self.owner)
                 return
             if self._pooled[job.service] >= self.config.worker_share(job.service):
                 self._held[job.service].append(job)  # handed on when one of its service's steps ends
@@ -379,7 +381,7 @@ class Daemon:
 
     def _work(self, job: Job) -> None:
         if self._stop.is_set():  # queued behind other steps when the daemon began to stop: give it back untouched
-            self.store.release(job.id, self.owner)
+            self.store.queue.release(job.id, self.owner)
             with self._lock:
                 self._step_ended_locked(job)
             return
@@ -414,7 +416,7 @@ class Daemon:
     def dispatch_tick(self) -> None:
         services = self._usable_services()
         for name in services:
-            promotion = self.store.promote_pending(name, self.config.services[name].max_concurrent_jobs)
+            promotion = self.store.queue.promote_pending(name, self.config.services[name].max_concurrent_jobs)
             with self._lock:
                 (self._slot_wanted.add if promotion.waiting else self._slot_wanted.discard)(name)
         self._claim_and_run("dispatch", {JobState.SUBMITTING}, services)
@@ -430,13 +432,13 @@ class Daemon:
         with self._lock:
             ids = [*self._in_flight, *(job.id for jobs in self._held.values() for job in jobs)]
         if ids:
-            self.store.renew_leases(self.owner, ids, lease_seconds=self.config.scheduler.lease_seconds)
+            self.store.queue.renew_leases(self.owner, ids, lease_seconds=self.config.scheduler.lease_seconds)
 
     def maintenance_tick(self) -> None:
-        released = self.store.release_owners(_owner_is_dead_local)
+        released = self.store.queue.release_owners(_owner_is_dead_local)
         if released:
             log.info("released_dead_leases", owners=len(released))
-        expired = self.store.clear_expired_leases()
+        expired = self.store.queue.clear_expired_leases()
         if expired:
             log.info("expired_leases_returned", jobs=expired)
         statuses = self.store.services.service_statuses()
@@ -462,7 +464,7 @@ class Daemon:
         if now - self._last_summary < SUMMARY_INTERVAL and self._last_summary:
             return
         self._last_summary = now
-        counts = self.store.counts_by_service()
+        counts = self.store.admin.counts_by_service()
         active = sum(n for by_state in counts.values() for s, n in by_state.items()
                      if JobState(s) not in TERMINAL)
         log.info("jobs_summary", jobs=counts, active=active)

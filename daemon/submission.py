@@ -15,8 +15,9 @@ from pathlib import Path
 
 from daemon.config import BUILDS, MODES, PHASING, R2_FILTERS, Config
 from daemon.crypto import MAX_PASSWORD_LENGTH
+from daemon.db.admin import NewInput, NewJob
 from daemon.db.models import Job
-from daemon.db.store import JobStore, NewInput, NewJob
+from daemon.db.store import JobStore
 from daemon.preflight import PreflightError, preflight
 from daemon.remote import JobParameters, parameters_of
 from daemon.services.cloudgene import password_problem
@@ -120,7 +121,7 @@ def submit(config: Config, store: JobStore, request: Submission) -> list[Job]:
     # Without a password the server invents one and only e-mails it: we could neither check nor open the zips.
     password = request.password or secrets.token_urlsafe(18)
     new_inputs = [NewInput(path=str(i.path), size=i.size, sha256=i.sha256) for i in inputs]
-    return store.create_group(
+    return store.admin.create_group(
         [
             NewJob(service=name, inputs=new_inputs, **parameters_of(request, password=password))
             for name in request.services

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,26 @@ def is_postgres(engine: Engine | sa.Connection) -> bool:
 
 def is_sqlite(engine: Engine | sa.Connection) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+@dataclass(frozen=True)
+class Connections:
+    """The ways a part of the store reaches one database, built once and shared by the parts."""
+
+    #: Transactions that write (on SQLite: `BEGIN IMMEDIATE`).
+    engine: Engine
+    #: ORM sessions for what reads or writes whole jobs; the statements every step runs use `engine` directly.
+    session: sessionmaker[Session]
+    #: Connections and sessions that only read: on SQLite they neither take nor wait for the write lock, which the
+    #: daemon's steps take turns on (a read that queued behind them was a good part of a busy daemon's wait for it).
+    reader: Engine
+    reading: sessionmaker[Session]
+    #: For blocks of one writing statement (`single_write`).
+    single: Engine
+    postgres: bool
+
+    @classmethod
+    def of(cls, engine: Engine) -> Connections:
+        reader = read_only(engine)
+        return cls(engine=engine, session=make_session_factory(engine), reader=reader,
+                   reading=make_session_factory(reader), single=single_write(engine), postgres=is_postgres(engine))

@@ -1,8 +1,8 @@
 """The notification outbox: state changes worth telling (`job_events` rows with `notify_next_at` set when the event
 is written, in the same transaction as the change) and their delivery, claimed by the notifier alone.
 
-A claim pushes a row's `notify_next_at` a lease ahead and counts an attempt (`daemon.db.claims`); the attempt is the
-claim's fencing token: an outcome lands only for the claim that made it.
+A claim pushes a row's `notify_next_at` a lease ahead and counts an attempt (`queries.claim_notifications`); the
+attempt is the claim's fencing token: an outcome lands only for the claim that made it.
 """
 
 from __future__ import annotations
@@ -11,15 +11,12 @@ import datetime as dt
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import sqlalchemy as sa
-
-from daemon.db.claims import claim, rowcount
-from daemon.db.engine import make_session_factory
-from daemon.db.models import Job, JobEvent, utcnow
-
-_events = cast(sa.Table, JobEvent.__table__)
+from daemon.db import queries
+from daemon.db.engine import Connections
+from daemon.db.models import utcnow
+from daemon.db.queries import rowcount
 
 
 @dataclass(frozen=True)
@@ -42,8 +39,8 @@ class PendingNotification:
 
 
 class NotificationOutbox:
-    def __init__(self, engine: sa.Engine) -> None:
-        self._session = make_session_factory(engine)
+    def __init__(self, connections: Connections) -> None:
+        self._session = connections.session
 
     def claim_notifications(
         self,
@@ -59,24 +56,13 @@ class NotificationOutbox:
         if limit <= 0 or not states:
             return []
         now = now or utcnow()
-        candidates = (
-            sa.select(_events.c.id)
-            .where(_events.c.notify_next_at <= now, _events.c.to_state.in_(list(states)))
-            .order_by(_events.c.notify_next_at, _events.c.id)
-            .limit(limit)
-        )
         with self._session() as session, session.begin():
-            claimed = session.execute(claim(
-                _events, candidates,
-                notify_next_at=now + dt.timedelta(seconds=lease_seconds),
-                notify_attempts=sa.func.coalesce(_events.c.notify_attempts, 0) + 1,
-            )).scalars().all()
+            claimed = session.execute(
+                queries.claim_notifications(states=states, limit=limit, now=now, lease_seconds=lease_seconds)
+            ).scalars().all()
             if not claimed:
                 return []
-            rows = session.execute(
-                sa.select(JobEvent, Job).join(Job, Job.id == JobEvent.job_id).where(JobEvent.id.in_(list(claimed)))
-                .order_by(JobEvent.id)
-            ).all()
+            rows = session.execute(queries.events_with_jobs(claimed)).all()
             return [
                 PendingNotification(
                     event_id=event.id, attempt=event.notify_attempts or 0, at=event.at, from_state=event.from_state,
@@ -93,12 +79,8 @@ class NotificationOutbox:
         tried, so that nothing that happens to those (a hang past the lease, a crash) sends these again. Lands only
         for the claim that made attempt `attempt`; returns whether it did."""
         with self._session() as session, session.begin():
-            result = session.execute(
-                sa.update(JobEvent)
-                .where(JobEvent.id == event_id, JobEvent.notify_attempts == attempt)
-                .values(notified_via=",".join(sorted(delivered)) or None)
-                .execution_options(synchronize_session=False)
-            )
+            result = session.execute(queries.update_claimed_notification(
+                event_id, attempt, notified_via=",".join(sorted(delivered)) or None))
             return rowcount(result) == 1
 
     def finish_notification(
@@ -123,12 +105,7 @@ class NotificationOutbox:
         if done and delivered:
             values["notified_at"] = now
         with self._session() as session, session.begin():
-            result = session.execute(
-                sa.update(JobEvent)
-                .where(JobEvent.id == event_id, JobEvent.notify_attempts == attempt)
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
+            result = session.execute(queries.update_claimed_notification(event_id, attempt, **values))
             return rowcount(result) == 1
 
     def drop_notifications(
@@ -136,12 +113,6 @@ class NotificationOutbox:
     ) -> int:
         """Take due outbox rows out without sending anything (their state is not wanted, or notifications are off),
         except those for `keep_states`. Returns how many."""
-        now = now or utcnow()
-        query = sa.update(JobEvent).where(JobEvent.notify_next_at <= now)
-        if keep_states:
-            query = query.where(JobEvent.to_state.not_in(list(keep_states)))
+        statement = queries.drop_due_notifications(reason, now=now or utcnow(), keep_states=keep_states)
         with self._session() as session, session.begin():
-            result = session.execute(
-                query.values(notify_next_at=None, notify_error=reason).execution_options(synchronize_session=False)
-            )
-            return rowcount(result)
+            return rowcount(session.execute(statement))

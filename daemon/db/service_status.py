@@ -1,24 +1,24 @@
 """Each service's status row: a pause (maintenance, rate limit), a lowered job limit (the server's "Only N jobs"),
 when its token was checked and expires. What the scheduler, the pipeline and the probes read and write; the block
-of a service, which moves its jobs, is the queue's (`JobStore.block_service`)."""
+of a service, which moves its jobs, is the queue's (`JobQueue.block_service`)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from daemon.db.engine import is_postgres, make_session_factory, read_only
+from daemon.db import queries
+from daemon.db.engine import Connections
 from daemon.db.models import ServiceStatus, utcnow
 
 
 class ServiceStatuses:
-    def __init__(self, engine: sa.Engine) -> None:
-        self._session = make_session_factory(engine)
-        self._reading = make_session_factory(read_only(engine))
-        self._postgres = is_postgres(engine)
+    def __init__(self, connections: Connections) -> None:
+        self._session = connections.session
+        self._reading = connections.reading
+        self._postgres = connections.postgres
 
     def ensure_services(self, names: Iterable[str]) -> None:
         """Make sure each configured service has a status row (dispatch locks it on PostgreSQL)."""
@@ -26,25 +26,13 @@ class ServiceStatuses:
         if not names:
             return
         now = utcnow()
-        rows = [{"name": n, "updated_at": now} for n in names]
-        # Each dialect's own INSERT … ON CONFLICT, imported here and not at the top: SQLAlchemy's PostgreSQL
-        # dialect is 2.9 MiB of a daemon's RSS that one on SQLite never needs (bench/memory.py, and the ratio to
-        # the Celery stack has no room for it).
-        statement: sa.Executable
-        if self._postgres:
-            from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-
-            statement = postgresql_insert(ServiceStatus).values(rows).on_conflict_do_nothing(index_elements=["name"])
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            statement = sqlite_insert(ServiceStatus).values(rows).on_conflict_do_nothing(index_elements=["name"])
+        statement = queries.add_services([{"name": n, "updated_at": now} for n in names], postgres=self._postgres)
         with self._session() as session, session.begin():
             session.execute(statement)
 
     def service_statuses(self) -> dict[str, ServiceStatus]:
         with self._reading() as session:
-            return {s.name: s for s in session.scalars(sa.select(ServiceStatus)).all()}
+            return {s.name: s for s in session.scalars(queries.SERVICE_STATUSES).all()}
 
     def pause_service(
         self, service: str, until: dt.datetime, reason: str, *, continuing_within: float = 0.0
@@ -90,9 +78,7 @@ class ServiceStatuses:
 
 
 def service_row(session: Session, service: str) -> ServiceStatus:
-    status = session.scalars(
-        sa.select(ServiceStatus).where(ServiceStatus.name == service).with_for_update()
-    ).one_or_none()
+    status = session.scalars(queries.locked_service(service)).one_or_none()
     if status is None:
         status = ServiceStatus(name=service, updated_at=utcnow())
         session.add(status)

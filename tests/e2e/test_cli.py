@@ -16,10 +16,11 @@ from alembic import command
 
 from daemon.cli import PASSWORD_SHOWN, build_parser, main
 from daemon.config import load_config
+from daemon.db.admin import NewInput, NewJob
 from daemon.db.engine import make_engine
 from daemon.db.models import Job
 from daemon.db.schema import alembic_config, upgrade_url
-from daemon.db.store import JobStore, NewInput, NewJob
+from daemon.db.store import JobStore
 from daemon.simulator import SimulatedCloudgene, Timings, write_sample_vcf
 
 TOKEN = "cli-test-token-0123456789"
@@ -246,7 +247,7 @@ def _insert_job(config: Path, **fields) -> str:
     """A job stored as an application inserting rows itself would (no CLI validation), with `fields` set after."""
     engine = make_engine(load_config(config).database.url)
     try:
-        [job] = JobStore(engine).create_group([NewJob(
+        [job] = JobStore(engine).admin.create_group([NewJob(
             service="mis", panel="1000g", build="hg19", name=fields.pop("name", None),
             inputs=[NewInput(path="/data/chr20.vcf.gz", size=1, sha256="0" * 64)])])
         if fields:

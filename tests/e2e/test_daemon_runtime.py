@@ -331,7 +331,7 @@ def test_sighup_reload_applies_a_good_file_and_keeps_the_config_on_a_bad_one(tmp
             ids = create_jobs(cfg, 3, db=db)
             [first] = db.wait_any(ids, {"queued"}, 20)
             # The first job has been polled twice: several dispatch ticks went by with a slot taken.
-            remote = db.store.get(first).remote_id
+            remote = db.store.admin.get(first).remote_id
             wait_until(lambda: len(rec.status_times().get(remote, [])) >= 2, 10)
             assert sum(submissions_of(sim, ids).values()) == 1
             extra_job = create_jobs(cfg.db_url, 1, service="extra", root=tmp_path, db=db)

@@ -82,7 +82,7 @@ def run_scenario(kind: str, root: Path, url: str) -> None:
                         finish(db, sim, job_id, last)
             assert sim.submissions(str(job_id)) == 1, f"{kind}: {sim.submissions(str(job_id))} remote jobs"
             # The job was created well after the daemon stopped waiting for it, and found, not sent again.
-            job = db.store.get(job_id, with_events=True)
+            job = db.store.admin.get(job_id, with_events=True)
             assert job.submit_attempts == 1
             assert any("found the earlier submission" in (e.reason or "") for e in job.events), job.events
             assert_results_match(sim, db, [job_id])

@@ -907,7 +907,7 @@ def test_cancel_of_a_submit_whose_answer_was_lost_waits_for_the_job_and_cancels_
     [job] = h.submit()
     h.start()
     h.wait_until(lambda: h.sim.submits_being_copied() == 1, what="the upload (answered with a 504)")
-    h.store.request_cancel(job.id)
+    h.store.admin.request_cancel(job.id)
     job = h.wait_state(job.id, "cancelled", timeout=30)
     h.stop_daemon()
     assert h.sim.submissions(str(job.id)) == 1

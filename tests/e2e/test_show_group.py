@@ -52,13 +52,13 @@ def test_show_group_lists_each_child_and_the_group_state(tmp_path: Path, capsys)
 
     # a completes, b fails: the group is partly failed.
     for state in (JobState.SUBMITTING, JobState.DOWNLOADING, JobState.COMPLETED):
-        store.claim_one(child["a"], "t", lease_seconds=30)
-        store.finish(child["a"], "t", Outcome(state=state, reason="test"))
+        store.queue.claim_one(child["a"], "t", lease_seconds=30)
+        store.queue.finish(child["a"], "t", Outcome(state=state, reason="test"))
     assert main(["show", "-c", str(config), group_id]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"group {group_id}: in progress")
-    store.claim_one(child["b"], "t", lease_seconds=30)
-    store.finish(child["b"], "t", Outcome(state=JobState.FAILED, reason="remote job failed"))
+    store.queue.claim_one(child["b"], "t", lease_seconds=30)
+    store.queue.finish(child["b"], "t", Outcome(state=JobState.FAILED, reason="remote job failed"))
 
     assert main(["show", "-c", str(config), group_id[:8]]) == 0
     out = capsys.readouterr().out

@@ -55,7 +55,7 @@ def vcf(tmp_path: Path) -> Path:
 def run_until(daemon: Daemon, job_id, done, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = daemon.store.get(job_id, with_events=True)
+        job = daemon.store.admin.get(job_id, with_events=True)
         if done(job):
             return job
         time.sleep(0.1)
@@ -107,7 +107,7 @@ def test_wes_cancel_reaches_the_server(tmp_path, sqlite_url, sapporo: SapporoSer
     daemon, job = start(config, vcf)
     try:
         job = run_until(daemon, job.id, lambda j: j.state is JobState.RUNNING)
-        daemon.store.request_cancel(job.id)
+        daemon.store.admin.request_cancel(job.id)
         job = run_until(daemon, job.id, lambda j: j.state in TERMINAL)
     finally:
         daemon.request_stop()

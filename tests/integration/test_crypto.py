@@ -76,13 +76,16 @@ def test_another_key_or_a_damaged_value_says_so(tmp_path: Path) -> None:
 def test_a_pipeline_without_the_key_waits_instead_of_failing(tmp_path: Path) -> None:
     sealed = PasswordCipher(tmp_path / "a.key").seal("pw-123456")
     job = Job(id=uuid.uuid4(), service="s", password=sealed)
+
+    def pipeline(passwords: PasswordCipher | None) -> Pipeline:
+        return Pipeline(None, None, {}, None, owner="o", passwords=passwords)  # type: ignore[arg-type]
+
     with pytest.raises(Transient) as raised:
-        Pipeline(None, {}, None, owner="o")._password(job)  # type: ignore[arg-type]
+        pipeline(None)._password(job)
     assert raised.value.kind == "secret_key"
     with pytest.raises(Transient):
-        Pipeline(None, {}, None, owner="o", passwords=PasswordCipher(tmp_path / "b.key"))._password(job)  # type: ignore[arg-type]
-    assert Pipeline(None, {}, None, owner="o", passwords=PasswordCipher(tmp_path / "a.key"))._password(job) \
-        == "pw-123456"  # type: ignore[arg-type]
+        pipeline(PasswordCipher(tmp_path / "b.key"))._password(job)
+    assert pipeline(PasswordCipher(tmp_path / "a.key"))._password(job) == "pw-123456"
 
 
 def test_submit_stores_the_password_sealed(tmp_path: Path, capsys) -> None:

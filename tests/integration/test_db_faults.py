@@ -165,15 +165,15 @@ def test_a_step_whose_outcome_the_database_refuses_is_logged_not_raised(tmp_path
     logs = LogCapture(level="debug")
     try:
         store = JobStore(engine)
-        store.promote_pending("sim", 5)
-        [job] = store.claim_due("test-owner", states={JobState.SUBMITTING}, services=["sim"], limit=1,
-                                lease_seconds=30)
+        store.queue.promote_pending("sim", 5)
+        [job] = store.queue.claim_due("test-owner", states={JobState.SUBMITTING}, services=["sim"], limit=1,
+                                      lease_seconds=30)
 
         def database_gone(*args: object, **kwargs: object) -> None:
             raise sa.exc.OperationalError("UPDATE jobs SET …", {}, Exception("server closed the connection"))
 
-        monkeypatch.setattr(store, "finish", database_gone)
-        assert Pipeline(store, {"sim": Adapter()}, config, owner="test-owner").run(job) is None
+        monkeypatch.setattr(store.queue, "finish", database_gone)
+        assert Pipeline(store.queue, store.services, {"sim": Adapter()}, config, owner="test-owner").run(job) is None
         lost = logs.select(event="step_result_not_saved")
         assert lost and lost[0]["error_kind"] == "database" and "OperationalError" in lost[0]["exception"]
     finally:

@@ -229,8 +229,8 @@ def test_a_running_daemon_serves_metrics_and_health(db_url: str, tmp_path: Path,
         with running_daemon(config) as daemon:
             [job] = submit(config, daemon.store, Submission(services=["sim"], panel=PANEL, build="hg19",
                                                             files=[sample_vcf(tmp_path)]))
-            wait_until(lambda: daemon.store.get(job.id).state is JobState.COMPLETED, 60)
-            outputs = daemon.store.outputs(job.id)
+            wait_until(lambda: daemon.store.admin.get(job.id).state is JobState.COMPLETED, 60)
+            outputs = daemon.store.queue.outputs(job.id)
 
             ticks = ("dispatch", "poll", "download", "maintenance", "notify")
 

@@ -26,9 +26,10 @@ from support.ops_support import (
 )
 
 from daemon.config import EmailConfig, NotificationsConfig, WebhookConfig
+from daemon.db.admin import NewInput, NewJob
 from daemon.db.engine import make_engine
 from daemon.db.models import JobEvent, utcnow
-from daemon.db.store import JobStore, NewInput, NewJob
+from daemon.db.store import JobStore
 from daemon.logging import scrub
 from daemon.notify import EVENT_HEADER, EmailSender, Notifier, NotifyFailed, WebhookSender, read_headers_file
 from daemon.outcome import JobColumns, Outcome
@@ -52,16 +53,17 @@ def store(db_url: str):
 
 
 def new_job(store: JobStore, name: str = "job") -> uuid.UUID:
-    [job] = store.create_group([NewJob(service="sim", panel="p", build="hg19", name=name,
-                                       inputs=[NewInput(path="/x.vcf.gz", size=1, sha256="0" * 64)])])
+    [job] = store.admin.create_group([NewJob(service="sim", panel="p", build="hg19", name=name,
+                                             inputs=[NewInput(path="/x.vcf.gz", size=1, sha256="0" * 64)])])
     return job.id
 
 
 def move(store: JobStore, job_id: uuid.UUID, *states: JobState, reason: str = "test") -> None:
     """Walk a job through `states` the way the pipeline writes outcomes (claim, then finish)."""
     for state in states:
-        assert store.claim_one(job_id, "tester", lease_seconds=30) is not None
-        store.finish(job_id, "tester", Outcome(state=state, reason=reason, columns=JobColumns(result_dir="/results/x")))
+        assert store.queue.claim_one(job_id, "tester", lease_seconds=30) is not None
+        store.queue.finish(job_id, "tester",
+                           Outcome(state=state, reason=reason, columns=JobColumns(result_dir="/results/x")))
 
 
 def complete(store: JobStore, job_id: uuid.UUID) -> None:
@@ -78,7 +80,7 @@ def drain(notifier: Notifier, until: callable, timeout: float = 10.0) -> None:
 
 
 def outbox(store: JobStore) -> list[JobEvent]:
-    with store._session() as session:  # a test looking at the raw rows
+    with store._db.session() as session:  # a test looking at the raw rows
         return list(session.scalars(sa.select(JobEvent).where(JobEvent.notify_attempts.is_not(None))
                                     .order_by(JobEvent.id)))
 
@@ -90,7 +92,7 @@ def test_one_webhook_per_state_change_with_its_fields(store: JobStore) -> None:
     done, failed, cancelled = new_job(store, "a"), new_job(store, "b"), new_job(store, "c")
     complete(store, done)
     move(store, failed, JobState.FAILED, reason="remote job failed: bad VCF")
-    store.request_cancel(cancelled)
+    store.admin.request_cancel(cancelled)
     with WebhookReceiver() as hook:
         notifier = Notifier(store.outbox, webhook_config(hook.url), **FAST_BACKOFF)
         try:
@@ -142,7 +144,7 @@ def test_racing_notifiers_deliver_each_event_exactly_once(db_url: str, notifiers
         if i % 2:
             move(setup, job, JobState.FAILED)
         else:
-            setup.request_cancel(job)
+            setup.admin.request_cancel(job)
     stores = [make_store(db_url) for _ in range(notifiers)]
     with WebhookReceiver(delay=0.01, fail_first=3) as hook:
         workers = [Notifier(s.outbox, webhook_config(hook.url), **FAST_BACKOFF) for s, _ in stores]
@@ -177,7 +179,7 @@ def test_racing_notifiers_deliver_each_event_exactly_once(db_url: str, notifiers
 
 def test_a_redirect_or_an_unreachable_receiver_is_a_failure_to_retry(store: JobStore, tmp_path: Path) -> None:
     job = new_job(store)
-    store.request_cancel(job)
+    store.admin.request_cancel(job)
     with WebhookReceiver(status=302) as hook:
         notifier = Notifier(store.outbox, webhook_config(hook.url), backoff_initial=60, backoff_max=60)
         try:
@@ -240,7 +242,7 @@ def test_headers_file_is_sent_and_its_values_are_redacted(store: JobStore, tmp_p
     assert read_headers_file(headers) == {"Authorization": "Bearer s3cr3t-hook-token", "X-Team": "genomics"}
     assert "s3cr3t-hook-token" not in scrub("sent Bearer s3cr3t-hook-token")
     job = new_job(store)
-    store.request_cancel(job)
+    store.admin.request_cancel(job)
     with WebhookReceiver() as hook:
         config = NotificationsConfig(webhook=WebhookConfig(url=hook.url, headers_file=headers))
         notifier = Notifier(store.outbox, config, **FAST_BACKOFF)
@@ -256,7 +258,7 @@ def test_a_broken_headers_file_fails_the_channel_until_fixed(store: JobStore, tm
     headers = tmp_path / "hook.headers"
     headers.write_text("not a header line\n")
     job = new_job(store)
-    store.request_cancel(job)
+    store.admin.request_cancel(job)
     with WebhookReceiver() as hook:
         config = NotificationsConfig(webhook=WebhookConfig(url=hook.url, headers_file=headers))
         notifier = Notifier(store.outbox, config, **FAST_BACKOFF)
@@ -275,10 +277,10 @@ def test_a_broken_headers_file_fails_the_channel_until_fixed(store: JobStore, tm
 
 def test_without_notifications_due_events_are_dropped_so_turning_them_on_sends_no_backlog(store: JobStore) -> None:
     old = new_job(store)
-    store.request_cancel(old)
+    store.admin.request_cancel(old)
     Notifier(store.outbox, NotificationsConfig()).tick()  # a daemon running without notifications
     later = new_job(store)
-    store.request_cancel(later)
+    store.admin.request_cancel(later)
     with WebhookReceiver() as hook:
         notifier = Notifier(store.outbox, webhook_config(hook.url), **FAST_BACKOFF)
         try:
@@ -287,7 +289,7 @@ def test_without_notifications_due_events_are_dropped_so_turning_them_on_sends_n
         finally:
             notifier.close()
         assert [body["job_id"] for body in hook.delivered()] == [str(later)]
-    with store._session() as session:
+    with store._db.session() as session:
         dropped = session.scalars(sa.select(JobEvent).where(JobEvent.job_id == old,
                                                              JobEvent.to_state == "cancelled")).one()
     assert dropped.notify_next_at is None and dropped.notified_at is None
@@ -298,7 +300,7 @@ def test_without_notifications_the_drop_is_said_once_at_info(store: JobStore) ->
     notifier = Notifier(store.outbox, NotificationsConfig())
     with structlog.testing.capture_logs() as logs:
         for _ in range(3):
-            store.request_cancel(new_job(store))
+            store.admin.request_cancel(new_job(store))
             notifier.tick()
     said = [(line["log_level"], line["events"]) for line in logs if line["event"] == "notifications_dropped"]
     assert said == [("info", 1), ("debug", 1), ("debug", 1)]
@@ -306,10 +308,10 @@ def test_without_notifications_the_drop_is_said_once_at_info(store: JobStore) ->
 
 def test_states_not_listed_in_on_are_not_sent(store: JobStore) -> None:
     cancelled = new_job(store)
-    store.request_cancel(cancelled)
+    store.admin.request_cancel(cancelled)
     blocked = new_job(store)
-    store.block_service("sim", "token rejected")  # parks the pending job: a `blocked` event
-    assert store.get(blocked).state is JobState.BLOCKED
+    store.queue.block_service("sim", "token rejected")  # parks the pending job: a `blocked` event
+    assert store.admin.get(blocked).state is JobState.BLOCKED
     with WebhookReceiver() as hook:
         notifier = Notifier(store.outbox, webhook_config(hook.url, on=("blocked",)), **FAST_BACKOFF)
         try:
@@ -323,7 +325,7 @@ def test_states_not_listed_in_on_are_not_sent(store: JobStore) -> None:
 
 def test_an_event_older_than_give_up_after_is_not_sent(store: JobStore) -> None:
     job = new_job(store)
-    store.request_cancel(job)
+    store.admin.request_cancel(job)
     later = utcnow() + dt.timedelta(hours=2)
     with WebhookReceiver() as hook:
         notifier = Notifier(store.outbox, webhook_config(hook.url, give_up_after=3600), clock=lambda: later)
@@ -338,7 +340,7 @@ def test_an_event_older_than_give_up_after_is_not_sent(store: JobStore) -> None:
 
 def test_an_outcome_from_a_claim_that_was_taken_over_does_not_land(store: JobStore) -> None:
     job = new_job(store)
-    store.request_cancel(job)
+    store.admin.request_cancel(job)
     now = utcnow()
     [first] = store.outbox.claim_notifications(states=["cancelled"], limit=10, lease_seconds=1, now=now)
     later = now + dt.timedelta(seconds=2)  # the first claim's lease ran out; another notifier claims again
@@ -416,7 +418,7 @@ def test_the_daemon_notifies_a_completed_job_once_across_a_restart(db_url: str, 
             [job] = submit(config, daemon.store, Submission(services=["sim"], panel=PANEL, build="hg19",
                                                             files=[sample_vcf(tmp_path)], name="cohort"))
             wait_until(lambda: hook.delivered(), 60, message=lambda: f"no webhook; got {hook.all()}")
-            assert daemon.store.get(job.id).state is JobState.COMPLETED
+            assert daemon.store.admin.get(job.id).state is JobState.COMPLETED
         with running_daemon(config) as daemon:  # a restart: the outbox says the event is done
             started = time.monotonic()
             wait_until(lambda: daemon._last_tick.get("notify", 0.0) > started, 10)
@@ -441,7 +443,7 @@ def test_a_name_with_line_breaks_reaches_no_header_raw_and_stops_nothing(store: 
     hostile = "cohort\r\nBcc: victim@example.org\n\nfake body\x1b[31m\u2028end"
     first, bad, last = new_job(store, "before"), new_job(store, hostile), new_job(store, "after")
     for job in (first, bad, last):
-        store.request_cancel(job)
+        store.admin.request_cancel(job)
     with WebhookReceiver() as hook, SmtpServer() as smtp:
         notifier = Notifier(store.outbox, both_channels(hook, smtp), **FAST_BACKOFF)
         try:
@@ -491,7 +493,7 @@ class ExplodingSender:
 def test_a_channel_raising_for_one_event_stops_no_other_and_sends_nothing_twice(store: JobStore) -> None:
     jobs = [new_job(store, name) for name in ("a", "victim", "c", "d")]
     for job in jobs:
-        store.request_cancel(job)
+        store.admin.request_cancel(job)
     with WebhookReceiver() as hook:
         webhook = WebhookSender(WebhookConfig(url=hook.url, timeout=5.0))
         exploding = ExplodingSender(store, "victim")
@@ -514,7 +516,7 @@ def test_a_channel_raising_for_one_event_stops_no_other_and_sends_nothing_twice(
 def test_a_failing_channel_is_tried_once_per_tick_while_the_other_serves_the_whole_batch(store: JobStore) -> None:
     jobs = [new_job(store, f"j{i}") for i in range(4)]
     for job in jobs:
-        store.request_cancel(job)
+        store.admin.request_cancel(job)
     with WebhookReceiver(status=503) as hook, SmtpServer() as smtp:
         notifier = Notifier(store.outbox, both_channels(hook, smtp), backoff_initial=60, backoff_max=60)
         try:

@@ -15,9 +15,11 @@ import yaml
 from daemon import retention
 from daemon.cli import main
 from daemon.config import Config, load_config
+from daemon.db.admin import NewInput, NewJob
 from daemon.db.engine import make_engine
 from daemon.db.models import Job, JobEvent, JobInput, JobOutput, utcnow
-from daemon.db.store import JobNotFound, JobStore, NewInput, NewJob
+from daemon.db.store import JobStore
+from daemon.db.transitions import JobNotFound
 from daemon.outcome import JobColumns, Outcome
 from daemon.states import JobState
 
@@ -47,22 +49,21 @@ class World:
 
     def job(self, state: JobState | None, finished: dt.datetime | None, *, files: bool,
             result_dir: Path | None = None, created: dt.datetime | None = None) -> uuid.UUID:
-        [job] = self.store.create_group([NewJob(service="sim", panel="p", build="hg19",
-                                                inputs=[NewInput(path="/in.vcf.gz", size=1, sha256="0" * 64)])])
+        [job] = self.store.admin.create_group([NewJob(service="sim", panel="p", build="hg19",
+                                                      inputs=[NewInput(path="/in.vcf.gz", size=1, sha256="0" * 64)])])
         folder = result_dir or self.config.storage.results_dir / str(job.id)
         if files:
             (folder / "statistics").mkdir(parents=True)
             (folder / "chr_20.zip").write_bytes(b"z" * 1000)
             (folder / "statistics" / "summary.txt").write_bytes(b"s" * 24)
         if state is not None:
-            self.store.claim_one(job.id, "t", lease_seconds=30)
-            self.store.finish(job.id, "t", Outcome(state=JobState.FAILED if state is JobState.FAILED else
-                                                   JobState.CANCELLED if state is JobState.CANCELLED else
-                                                   JobState.SUBMITTING, columns=JobColumns(result_dir=str(folder))))
+            self.store.queue.claim_one(job.id, "t", lease_seconds=30)
+            first = state if state in (JobState.FAILED, JobState.CANCELLED) else JobState.SUBMITTING
+            self.store.queue.finish(job.id, "t", Outcome(state=first, columns=JobColumns(result_dir=str(folder))))
             if state is JobState.COMPLETED:
                 for step in (JobState.DOWNLOADING, JobState.COMPLETED):
-                    self.store.claim_one(job.id, "t", lease_seconds=30)
-                    self.store.finish(job.id, "t", Outcome(state=step))
+                    self.store.queue.claim_one(job.id, "t", lease_seconds=30)
+                    self.store.queue.finish(job.id, "t", Outcome(state=step))
         with self.engine.begin() as conn:
             values = {}
             if finished is not None:
@@ -75,7 +76,7 @@ class World:
 
     def exists(self, job_id: uuid.UUID) -> bool:
         try:
-            self.store.get(job_id)
+            self.store.admin.get(job_id)
         except JobNotFound:
             return False
         return True
@@ -132,7 +133,7 @@ def test_cleanup_deletes_folders_and_rows(world: World, capsys) -> None:
     for kept in (world.recent, world.old_pending, world.outside):
         assert world.exists(kept)
     assert world.folder(world.recent).is_dir()
-    outside = Path(world.store.get(world.outside).result_dir)
+    outside = Path(world.store.admin.get(world.outside).result_dir)
     assert (outside / "chr_20.zip").is_file()
 
     code, out, _ = run(capsys, "cleanup", "--keep-days", "1", "--json", "-c", str(world.config_path))
@@ -140,7 +141,7 @@ def test_cleanup_deletes_folders_and_rows(world: World, capsys) -> None:
 
 
 def test_a_job_retried_meanwhile_is_not_deleted(world: World) -> None:
-    world.store.retry(world.old_failed)  # failed -> pending between the listing and the deletion
+    world.store.admin.retry(world.old_failed)  # failed -> pending between the listing and the deletion
     report = retention.cleanup(world.store.expired, world.config.storage, 30)
     assert [c.job.id for c in report.deleted] == [world.old_completed]
     assert world.exists(world.old_failed)

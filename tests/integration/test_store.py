@@ -12,9 +12,12 @@ from collections.abc import Callable
 import pytest
 import sqlalchemy as sa
 
+from daemon.db.admin import NewInput, NewJob
 from daemon.db.engine import make_engine
 from daemon.db.models import Job, JobEvent, utcnow
-from daemon.db.store import JobNotFound, JobStore, LeaseLost, NewInput, NewJob
+from daemon.db.queue import LeaseLost
+from daemon.db.store import JobStore
+from daemon.db.transitions import JobNotFound
 from daemon.outcome import JobColumns, Outcome, OutputColumns
 from daemon.remote import RemoteOutput
 from daemon.states import InvalidTransition, JobState, OutputState
@@ -65,17 +68,17 @@ def new_job(service: str = "mis", **overrides) -> NewJob:
 
 
 def add_jobs(store: JobStore, n: int, service: str = "mis") -> list[uuid.UUID]:
-    return [store.create_group([new_job(service)])[0].id for _ in range(n)]
+    return [store.admin.create_group([new_job(service)])[0].id for _ in range(n)]
 
 
 def force(store: JobStore, job_ids, **values) -> None:
     """Put rows into a state directly (test setup only)."""
-    with store._session() as session, session.begin():
+    with store._db.session() as session, session.begin():
         session.execute(sa.update(Job).where(Job.id.in_(list(job_ids))).values(**values))
 
 
 def events(store: JobStore, job_id: uuid.UUID) -> list[tuple[str | None, str]]:
-    with store._session() as session:
+    with store._db.session() as session:
         rows = session.execute(
             sa.select(JobEvent.from_state, JobEvent.to_state).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
         ).all()
@@ -83,27 +86,27 @@ def events(store: JobStore, job_id: uuid.UUID) -> list[tuple[str | None, str]]:
 
 
 def test_group_submission_shares_group_and_records_first_event(store: JobStore) -> None:
-    jobs = store.create_group([new_job("mis"), new_job("topmed")])
+    jobs = store.admin.create_group([new_job("mis"), new_job("topmed")])
     assert {j.group_id for j in jobs} == {jobs[0].id}
-    assert [j.service for j in store.group(jobs[0].id)] == ["mis", "topmed"]
+    assert [j.service for j in store.admin.group(jobs[0].id)] == ["mis", "topmed"]
     assert events(store, jobs[1].id) == [(None, "pending")]
-    assert store.get(jobs[1].id).inputs[0].sha256 == "ab" * 32
+    assert store.admin.get(jobs[1].id).inputs[0].sha256 == "ab" * 32
 
 
 def test_promote_fills_only_free_slots_in_submission_order(store: JobStore) -> None:
     store.services.ensure_services(["mis"])
     ids = add_jobs(store, 5)
-    assert store.promote_pending("mis", 3) == (3, True)  # every slot used: more may be waiting
-    assert [store.get(i).state for i in ids] == [JobState.SUBMITTING] * 3 + [JobState.PENDING] * 2
-    assert store.promote_pending("mis", 3) == (0, True)  # all three slots taken, two jobs waiting
+    assert store.queue.promote_pending("mis", 3) == (3, True)  # every slot used: more may be waiting
+    assert [store.admin.get(i).state for i in ids] == [JobState.SUBMITTING] * 3 + [JobState.PENDING] * 2
+    assert store.queue.promote_pending("mis", 3) == (0, True)  # all three slots taken, two jobs waiting
     force(store, ids[:1], state=JobState.COMPLETED)
-    assert store.promote_pending("mis", 3) == (1, True)
-    assert store.get(ids[3]).state is JobState.SUBMITTING
+    assert store.queue.promote_pending("mis", 3) == (1, True)
+    assert store.admin.get(ids[3]).state is JobState.SUBMITTING
     force(store, ids[1:2], state=JobState.COMPLETED)
-    assert store.promote_pending("mis", 3) == (1, True)
-    assert store.promote_pending("mis", 3) == (0, False)  # full, and nobody waits for a slot
+    assert store.queue.promote_pending("mis", 3) == (1, True)
+    assert store.queue.promote_pending("mis", 3) == (0, False)  # full, and nobody waits for a slot
     force(store, ids[2:3], state=JobState.COMPLETED)
-    assert store.promote_pending("mis", 3) == (0, False)  # a free slot and nothing to put in it
+    assert store.queue.promote_pending("mis", 3) == (0, False)  # a free slot and nothing to put in it
     assert events(store, ids[0])[1] == ("pending", "submitting")
 
 
@@ -112,25 +115,25 @@ def test_promote_with_nothing_pending_does_not_wait_for_writers(sqlite_url: str)
     store.services.ensure_services(["mis"])
     [job_id] = add_jobs(store, 1)
     force(store, [job_id], state=JobState.QUEUED)
-    with store._engine.begin():  # a writer holds the write turn for as long as this block runs
+    with store._db.engine.begin():  # a writer holds the write turn for as long as this block runs
         done = threading.Event()
-        thread = threading.Thread(target=lambda: (store.promote_pending("mis", 3), done.set()))
+        thread = threading.Thread(target=lambda: (store.queue.promote_pending("mis", 3), done.set()))
         thread.start()
         assert done.wait(5)  # nothing to promote: answered without a turn at the write lock
         thread.join(5)
-    store._engine.dispose()
+    store._db.engine.dispose()
 
 
 def test_lowered_limit_applies_until_a_job_finishes(store: JobStore) -> None:
     store.services.ensure_services(["mis"])
     ids = add_jobs(store, 3)
     store.services.lower_limit("mis", 1)
-    assert store.promote_pending("mis", 3).promoted == 1
-    claimed = store.claim_due("me", states={JobState.SUBMITTING}, services=["mis"], limit=5, lease_seconds=60)
-    store.finish(claimed[0].id, "me", Outcome(state=JobState.FAILED, reason="x"))
+    assert store.queue.promote_pending("mis", 3).promoted == 1
+    claimed = store.queue.claim_due("me", states={JobState.SUBMITTING}, services=["mis"], limit=5, lease_seconds=60)
+    store.queue.finish(claimed[0].id, "me", Outcome(state=JobState.FAILED, reason="x"))
     assert store.services.service_statuses()["mis"].effective_limit is None
-    assert store.promote_pending("mis", 3).promoted == 2
-    assert {store.get(i).state for i in ids[1:]} == {JobState.SUBMITTING}
+    assert store.queue.promote_pending("mis", 3).promoted == 2
+    assert {store.admin.get(i).state for i in ids[1:]} == {JobState.SUBMITTING}
 
 
 def test_claim_respects_due_time_lease_and_service(store: JobStore) -> None:
@@ -139,7 +142,7 @@ def test_claim_respects_due_time_lease_and_service(store: JobStore) -> None:
     force(store, [due, later, leased, other], state=JobState.QUEUED, next_poll_at=now - dt.timedelta(seconds=1))
     force(store, [later], next_poll_at=now + dt.timedelta(hours=1))
     force(store, [leased], lease_owner="other", lease_expires_at=now + dt.timedelta(minutes=5))
-    claimed = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=10, lease_seconds=60)
+    claimed = store.queue.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=10, lease_seconds=60)
     assert [j.id for j in claimed] == [due]
     assert claimed[0].lease_owner == "me"
     with pytest.raises(sa.exc.InvalidRequestError):  # a poll reads no inputs: not loaded, and reading them says so
@@ -150,63 +153,65 @@ def test_claim_loads_what_the_step_reads(store: JobStore) -> None:
     submit, download = add_jobs(store, 2)
     force(store, [submit], state=JobState.SUBMITTING, next_poll_at=utcnow())
     force(store, [download], state=JobState.DOWNLOADING, next_poll_at=utcnow())
-    store.record_outputs(download, [RemoteOutput(name="a.txt", url="http://x/a", remote_hash="h", size_text="1 KB",
-                                                 downloads_left=10)])
-    [claimed] = store.claim_due("me", states={JobState.SUBMITTING}, services=["mis"], limit=5, lease_seconds=60)
+    store.queue.record_outputs(download, [RemoteOutput(name="a.txt", url="http://x/a", remote_hash="h",
+                                                       size_text="1 KB", downloads_left=10)])
+    [claimed] = store.queue.claim_due("me", states={JobState.SUBMITTING}, services=["mis"], limit=5,
+                                      lease_seconds=60)
     assert [i.path for i in claimed.inputs] == ["/data/chr20.vcf.gz"]  # usable detached
-    [claimed] = store.claim_due("me", states={JobState.DOWNLOADING}, services=["mis"], limit=5, lease_seconds=60)
+    [claimed] = store.queue.claim_due("me", states={JobState.DOWNLOADING}, services=["mis"], limit=5, lease_seconds=60)
     assert [o.name for o in claimed.outputs] == ["a.txt"]
 
 
 def test_expired_lease_is_taken_over_and_old_owner_cannot_write(store: JobStore) -> None:
     [job_id] = add_jobs(store, 1)
     force(store, [job_id], state=JobState.RUNNING, next_poll_at=utcnow())
-    [first] = store.claim_due("dead", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
-    assert store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60) == []
+    [first] = store.queue.claim_due("dead", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
+    assert store.queue.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60) == []
     force(store, [job_id], lease_expires_at=utcnow() - dt.timedelta(seconds=1))
-    [again] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
+    [again] = store.queue.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
     assert again.id == first.id
     files = [RemoteOutput(name="chr_20.zip", url="http://x/share/results/h1/chr_20.zip", remote_hash="h1")]
     with pytest.raises(LeaseLost):
-        store.finish(job_id, "dead", Outcome(state=JobState.DOWNLOADING, reason="stale", outputs=files))
-    assert store.outputs(job_id) == []  # nothing of the stale outcome lands, its files neither
-    done = store.finish(job_id, "me", Outcome(state=JobState.DOWNLOADING, reason="done", next_poll_in=0,
-                                              outputs=files))
+        store.queue.finish(job_id, "dead", Outcome(state=JobState.DOWNLOADING, reason="stale", outputs=files))
+    assert store.queue.outputs(job_id) == []  # nothing of the stale outcome lands, its files neither
+    done = store.queue.finish(job_id, "me", Outcome(state=JobState.DOWNLOADING, reason="done", next_poll_in=0,
+                                                    outputs=files))
     assert done.state is JobState.DOWNLOADING and done.lease_owner is None
-    assert [(o.name, o.state) for o in store.outputs(job_id)] == [("chr_20.zip", OutputState.PENDING)]
+    assert [(o.name, o.state) for o in store.queue.outputs(job_id)] == [("chr_20.zip", OutputState.PENDING)]
 
 
 def test_finish_writes_an_event_only_when_the_state_changes(store: JobStore) -> None:
     [job_id] = add_jobs(store, 1)
     force(store, [job_id], state=JobState.QUEUED, next_poll_at=utcnow())
     for _ in range(3):
-        [job] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
-        store.finish(job.id, "me", Outcome(state=JobState.QUEUED, next_poll_in=0, columns=JobColumns(queue_position=4)))
-    [job] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
-    store.finish(job.id, "me", Outcome(state=JobState.RUNNING, reason="remote RUNNING", next_poll_in=0))
+        [job] = store.queue.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
+        store.queue.finish(job.id, "me",
+                           Outcome(state=JobState.QUEUED, next_poll_in=0, columns=JobColumns(queue_position=4)))
+    [job] = store.queue.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
+    store.queue.finish(job.id, "me", Outcome(state=JobState.RUNNING, reason="remote RUNNING", next_poll_in=0))
     assert events(store, job_id) == [(None, "pending"), ("queued", "running")]
     with pytest.raises(InvalidTransition):
-        [job] = store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
-        store.finish(job.id, "me", Outcome(state=JobState.PENDING))
+        [job] = store.queue.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
+        store.queue.finish(job.id, "me", Outcome(state=JobState.PENDING))
 
 
 @pytest.mark.parametrize("expected", [None, JobState.QUEUED])
 def test_finish_with_the_expected_state_or_without(store: JobStore, expected: JobState | None) -> None:
     ours, cancelled, lost = add_jobs(store, 3)
     force(store, [ours, cancelled, lost], state=JobState.QUEUED, next_poll_at=utcnow())
-    store.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=3, lease_seconds=60)
+    store.queue.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=3, lease_seconds=60)
     finished = Outcome(state=JobState.DOWNLOADING, reason="remote done", next_poll_in=0)
-    row = store.finish(ours, "me", finished, expected=expected)
+    row = store.queue.finish(ours, "me", finished, expected=expected)
     assert (row.state, row.lease_owner) == (JobState.DOWNLOADING, None)
     assert events(store, ours)[-1] == ("queued", "downloading")
     # An operator's cancel while the step ran: the event starts from the state the job is in now.
-    assert store.request_cancel(cancelled) is JobState.CANCEL_REQUESTED
-    assert store.finish(cancelled, "me", finished, expected=expected).state is JobState.DOWNLOADING
+    assert store.admin.request_cancel(cancelled) is JobState.CANCEL_REQUESTED
+    assert store.queue.finish(cancelled, "me", finished, expected=expected).state is JobState.DOWNLOADING
     assert events(store, cancelled)[-2:] == [("queued", "cancel_requested"), ("cancel_requested", "downloading")]
     force(store, [lost], lease_owner="other")
     with pytest.raises(LeaseLost):
-        store.finish(lost, "me", finished, expected=expected)
-    assert store.get(lost).state is JobState.QUEUED and events(store, lost) == [(None, "pending")]
+        store.queue.finish(lost, "me", finished, expected=expected)
+    assert store.admin.get(lost).state is JobState.QUEUED and events(store, lost) == [(None, "pending")]
 
 
 def test_renew_extends_only_our_leases(store: JobStore) -> None:
@@ -214,32 +219,32 @@ def test_renew_extends_only_our_leases(store: JobStore) -> None:
     soon = utcnow() + dt.timedelta(seconds=5)
     force(store, [a], lease_owner="me", lease_expires_at=soon)
     force(store, [b], lease_owner="other", lease_expires_at=soon)
-    assert store.renew_leases("me", [a, b], lease_seconds=600) == 1
-    assert store.get(a).lease_expires_at > soon + dt.timedelta(seconds=500)
-    assert store.get(b).lease_expires_at == soon
+    assert store.queue.renew_leases("me", [a, b], lease_seconds=600) == 1
+    assert store.admin.get(a).lease_expires_at > soon + dt.timedelta(seconds=500)
+    assert store.admin.get(b).lease_expires_at == soon
 
 
 def test_block_parks_waiting_jobs_and_unblock_returns_them(store: JobStore) -> None:
     store.services.ensure_services(["mis"])
     pending, remote = add_jobs(store, 2)
     force(store, [remote], state=JobState.RUNNING, remote_id="job-1")
-    newly, parked = store.block_service("mis", "HTTP 401: token expired")
+    newly, parked = store.queue.block_service("mis", "HTTP 401: token expired")
     assert (newly, parked) == (True, 2)
-    assert store.block_service("mis", "HTTP 401 again") == (False, 0)
-    assert store.unblock_service("mis", "token replaced") == 2
-    assert store.get(pending).state is JobState.PENDING
-    assert store.get(remote).state is JobState.QUEUED
+    assert store.queue.block_service("mis", "HTTP 401 again") == (False, 0)
+    assert store.queue.unblock_service("mis", "token replaced") == 2
+    assert store.admin.get(pending).state is JobState.PENDING
+    assert store.admin.get(remote).state is JobState.QUEUED
     assert store.services.service_statuses()["mis"].blocked_reason is None
 
 
 def test_outputs_keep_verified_state_when_recorded_again(store: JobStore) -> None:
     [job_id] = add_jobs(store, 1)
     outputs = [RemoteOutput(name="chr_20.zip", url="http://x/share/results/h1/chr_20.zip", remote_hash="h1")]
-    store.record_outputs(job_id, outputs)
-    [row] = store.outputs(job_id)
-    store.update_output(row.id, OutputColumns(state=OutputState.VERIFIED, sha256="cd" * 32, size=10))
-    store.record_outputs(job_id, [RemoteOutput(name="chr_20.zip", url="http://x/new", remote_hash="h2")])
-    [row] = store.outputs(job_id)
+    store.queue.record_outputs(job_id, outputs)
+    [row] = store.queue.outputs(job_id)
+    store.queue.update_output(row.id, OutputColumns(state=OutputState.VERIFIED, sha256="cd" * 32, size=10))
+    store.queue.record_outputs(job_id, [RemoteOutput(name="chr_20.zip", url="http://x/new", remote_hash="h2")])
+    [row] = store.queue.outputs(job_id)
     assert row.state is OutputState.VERIFIED and row.url.endswith("/h1/chr_20.zip")
 
 
@@ -247,21 +252,21 @@ def test_cancel_and_retry(store: JobStore) -> None:
     pending, running, failed = add_jobs(store, 3)
     force(store, [running], state=JobState.RUNNING, remote_id="job-2")
     force(store, [failed], state=JobState.FAILED, remote_id="job-3", submit_attempts=1, error="boom")
-    assert store.request_cancel(pending) is JobState.CANCELLED
-    assert store.request_cancel(running) is JobState.CANCEL_REQUESTED
-    job = store.retry(failed)
+    assert store.admin.request_cancel(pending) is JobState.CANCELLED
+    assert store.admin.request_cancel(running) is JobState.CANCEL_REQUESTED
+    job = store.admin.retry(failed)
     assert (job.state, job.remote_id, job.submit_attempts, job.retries, job.error) == (
         JobState.PENDING, None, 0, 1, None)
     with pytest.raises(ValueError, match="only failed jobs"):
-        store.retry(pending)
+        store.admin.retry(pending)
 
 
 def test_cancel_of_a_blocked_job_whose_submit_may_exist_remotely_is_left_to_the_daemon(store: JobStore) -> None:
     refused, lost = add_jobs(store, 2)
     force(store, [refused], state=JobState.BLOCKED, submit_attempts=0)
     force(store, [lost], state=JobState.BLOCKED, submit_attempts=1)
-    assert store.request_cancel(refused) is JobState.CANCELLED
-    assert store.request_cancel(lost) is JobState.CANCEL_REQUESTED
+    assert store.admin.request_cancel(refused) is JobState.CANCELLED
+    assert store.admin.request_cancel(lost) is JobState.CANCEL_REQUESTED
 
 
 def test_cancel_of_an_unblocked_job_whose_submit_may_exist_remotely_is_left_to_the_daemon(store: JobStore) -> None:
@@ -270,20 +275,20 @@ def test_cancel_of_an_unblocked_job_whose_submit_may_exist_remotely_is_left_to_t
     refused, lost = add_jobs(store, 2)
     force(store, [refused], state=JobState.BLOCKED, submit_attempts=0)
     force(store, [lost], state=JobState.BLOCKED, submit_attempts=1)
-    store.unblock_service("mis", "token works again")
-    assert [store.get(j).state for j in (refused, lost)] == [JobState.PENDING, JobState.PENDING]
-    assert store.request_cancel(refused) is JobState.CANCELLED
-    assert store.request_cancel(lost) is JobState.CANCEL_REQUESTED
+    store.queue.unblock_service("mis", "token works again")
+    assert [store.admin.get(j).state for j in (refused, lost)] == [JobState.PENDING, JobState.PENDING]
+    assert store.admin.request_cancel(refused) is JobState.CANCELLED
+    assert store.admin.request_cancel(lost) is JobState.CANCEL_REQUESTED
 
 
 def test_resolve_id_accepts_unique_prefixes(store: JobStore) -> None:
     [job_id] = add_jobs(store, 1)
-    assert store.resolve_id(str(job_id)[:8]) == job_id
-    assert store.resolve_id(str(job_id).upper()) == job_id
+    assert store.admin.resolve_id(str(job_id)[:8]) == job_id
+    assert store.admin.resolve_id(str(job_id).upper()) == job_id
     with pytest.raises(JobNotFound):
-        store.resolve_id("zzzz")
+        store.admin.resolve_id("zzzz")
     with pytest.raises(JobNotFound):
-        store.resolve_id("0000000")
+        store.admin.resolve_id("0000000")
 
 
 def test_concurrent_claimers_never_share_a_job(db_url: str) -> None:
@@ -297,7 +302,8 @@ def test_concurrent_claimers_never_share_a_job(db_url: str) -> None:
         mine = make_store(db_url)
         start.wait()
         while True:
-            jobs = mine.claim_due(f"w{index}", states=WORKABLE_POLL, services=["mis"], limit=7, lease_seconds=600)
+            jobs = mine.queue.claim_due(f"w{index}", states=WORKABLE_POLL, services=["mis"], limit=7,
+                                        lease_seconds=600)
             if not jobs:
                 return
             claimed[index].extend(j.id for j in jobs)
@@ -311,7 +317,7 @@ def _claim_in_process(url: str, owner: str, queue) -> None:
     store = make_store(url)
     got = []
     while True:
-        jobs = store.claim_due(owner, states={JobState.QUEUED}, services=["mis"], limit=5, lease_seconds=600)
+        jobs = store.queue.claim_due(owner, states={JobState.QUEUED}, services=["mis"], limit=5, lease_seconds=600)
         if not jobs:
             break
         got.extend(str(j.id) for j in jobs)
@@ -344,7 +350,7 @@ def test_concurrent_promotion_never_overfills_a_service(db_url: str) -> None:
         mine = make_store(db_url)
         start.wait()
         for _ in range(10):
-            mine.promote_pending("mis", 3)
+            mine.queue.promote_pending("mis", 3)
 
     run_threads(promoter, [() for _ in range(5)])
-    assert store.in_flight_count("mis") == 3
+    assert store.queue.in_flight_count("mis") == 3

@@ -169,9 +169,9 @@ def test_the_daemon_extracts_after_completion_and_a_failure_leaves_the_job_compl
             # Something in the way of one extracted file: a directory with its name.
             (config.storage.results_dir / str(blocked.id) / "chr20.dose.vcf.gz").mkdir(parents=True)
             for job_id in (good.id, blocked.id):
-                wait_until(lambda job_id=job_id: daemon.store.get(job_id).state in (JobState.COMPLETED,
+                wait_until(lambda job_id=job_id: daemon.store.admin.get(job_id).state in (JobState.COMPLETED,
                                                                                    JobState.FAILED), 60)
-            good, blocked = (daemon.store.get(j.id, with_events=True) for j in (good, blocked))
+            good, blocked = (daemon.store.admin.get(j.id, with_events=True) for j in (good, blocked))
 
     assert good.state is JobState.COMPLETED
     result_dir = Path(good.result_dir)

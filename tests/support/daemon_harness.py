@@ -47,9 +47,10 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 import yaml
 
+from daemon.db.admin import NewInput, NewJob
 from daemon.db.engine import make_engine
 from daemon.db.models import Job, JobEvent, JobOutput
-from daemon.db.store import JobStore, NewInput, NewJob
+from daemon.db.store import JobStore
 from daemon.downloads import PARTIAL_DIR
 from daemon.simulator import SimulatedCloudgene, Timings, write_sample_vcf
 
@@ -269,7 +270,7 @@ class JobDB:
         self.close()
 
     def _rows(self, query: Any) -> list[Any]:
-        with self.store._session() as session:
+        with self.store._db.session() as session:
             return list(session.execute(query).all())
 
     def states(self, ids: Collection[uuid.UUID] | None = None) -> dict[uuid.UUID, str]:
@@ -291,7 +292,7 @@ class JobDB:
         return {i: (owner, expires) for i, owner, expires in self._rows(query)}
 
     def jobs(self, ids: Collection[uuid.UUID]) -> list[Job]:
-        return [self.store.get(i) for i in ids]
+        return [self.store.admin.get(i) for i in ids]
 
     def events(self, ids: Collection[uuid.UUID] | None = None) -> list[tuple[uuid.UUID, dt.datetime, str | None, str]]:
         query = sa.select(JobEvent.job_id, JobEvent.at, JobEvent.from_state, JobEvent.to_state).order_by(JobEvent.id)
@@ -300,7 +301,7 @@ class JobDB:
         return [(i, at, str(f) if f is not None else None, str(t)) for i, at, f, t in self._rows(query)]
 
     def outputs(self, job_id: uuid.UUID) -> list[JobOutput]:
-        return self.store.outputs(job_id)
+        return self.store.queue.outputs(job_id)
 
     def wait_states(self, ids: Collection[uuid.UUID], states: Collection[str], timeout: float,
                     *, also: Callable[[], Any] | None = None) -> dict[uuid.UUID, str]:
@@ -347,8 +348,8 @@ def create_jobs(config: DaemonConfig | str, n: int, *, vcf: Path | None = None, 
     try:
         ids = []
         for k in range(n):
-            [job] = db.store.create_group([NewJob(service=service, panel=PANEL, build="hg19", inputs=[new_input],
-                                                  population="eur", name=f"harness job {k}")])
+            [job] = db.store.admin.create_group([NewJob(service=service, panel=PANEL, build="hg19", inputs=[new_input],
+                                                        population="eur", name=f"harness job {k}")])
             ids.append(job.id)
         return ids
     finally:

@@ -318,7 +318,7 @@ class Harness:
                             what=f"ticks {', '.join(names)}")
 
     def job(self, job_id: uuid.UUID) -> Job:
-        return self.store.get(job_id, with_events=True)
+        return self.store.admin.get(job_id, with_events=True)
 
     def wait_state(self, job_id: uuid.UUID, *states: str | JobState, timeout: float = 20.0) -> Job:
         """Wait until the job is in one of `states` (default: any terminal state); a job that reaches another

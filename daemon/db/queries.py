@@ -1,0 +1,355 @@
+"""Every statement the store runs, in one place: the store's parts (`queue`, `admin`, `outbox`, `service_status`,
+`expired`) hold transactions and turn rows into values; what they send to the database is read here.
+
+The statements every step or tick runs are built once, at import; the rest are built by functions of what varies.
+Where a statement takes the values to set at execution, its own parameters are named b_* so they cannot collide
+with the column names.
+
+A claim is one statement: `UPDATE … SET <the claim> WHERE id IN (<due candidates> FOR UPDATE SKIP LOCKED)
+RETURNING id`. On PostgreSQL the candidates another claimer has locked are skipped, so several daemons share one
+database without waiting on each other; on SQLite every write transaction is `BEGIN IMMEDIATE` (see `engine.py`),
+which serialises claimers, and the same statement runs. The queue (job leases) and the outbox (notification
+attempts) both claim with `claim()`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Collection, Sequence
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.orm import raiseload, selectinload
+from sqlalchemy.orm.strategy_options import _AbstractLoad
+
+from daemon.db.models import Job, JobEvent, JobOutput, ServiceStatus
+from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState
+
+# The models' tables as Core tables: `__table__` is typed as any FromClause.
+jobs = cast(sa.Table, Job.__table__)
+outputs = cast(sa.Table, JobOutput.__table__)
+events = cast(sa.Table, JobEvent.__table__)
+services = cast(sa.Table, ServiceStatus.__table__)
+
+
+def claim(table: sa.Table, candidates: sa.Select[Any], **values: Any) -> sa.Update:
+    """The claim of `table`'s rows whose ids `candidates` selects (ordered and limited as the caller wants):
+    `values` set on each, their ids returned."""
+    locked = candidates.with_for_update(skip_locked=True).scalar_subquery()
+    return sa.update(table).where(table.c.id.in_(locked)).values(**values).returning(table.c.id)
+
+
+def rowcount(result: sa.Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched (its result is a CursorResult; `Session.execute` is typed for any)."""
+    return cast(sa.CursorResult[Any], result).rowcount
+
+
+# ------------------------------------------------------------------ loading whole jobs
+
+
+def job_load_options() -> tuple[_AbstractLoad, ...]:
+    """What a whole job is read with: its inputs and outputs."""
+    return (selectinload(Job.inputs), selectinload(Job.outputs))
+
+
+def step_load_options(states: Collection[JobState]) -> tuple[_AbstractLoad, ...]:
+    """What the pipeline's step for jobs in `states` reads besides the job's own columns: loaded so the jobs are
+    usable detached; reading another relationship raises instead of silently finding nothing."""
+    options = [selectinload(Job.inputs) if JobState.SUBMITTING in states else raiseload(Job.inputs),
+               selectinload(Job.outputs) if JobState.DOWNLOADING in states else raiseload(Job.outputs)]
+    return (*options, raiseload(Job.events))
+
+
+# ------------------------------------------------------------------ dispatch (every service, every tick)
+
+_DUE_PENDING = (
+    (jobs.c.service == sa.bindparam("of_service"))
+    & (jobs.c.state == JobState.PENDING)
+    & sa.or_(jobs.c.next_poll_at.is_(None), jobs.c.next_poll_at <= sa.bindparam("now"))
+)
+ANY_DUE_PENDING = sa.select(jobs.c.id).where(_DUE_PENDING).limit(1)
+#: The service's lowered limit, locking its status row: whoever promotes into this service waits for us.
+SERVICE_LIMIT = (
+    sa.select(ServiceStatus.effective_limit).where(ServiceStatus.name == sa.bindparam("service")).with_for_update()
+)
+IN_FLIGHT_COUNT = (
+    sa.select(sa.func.count())
+    .select_from(jobs)
+    .where(jobs.c.service == sa.bindparam("service"), jobs.c.state.in_(sorted(IN_FLIGHT)))
+)
+#: Oldest due pending jobs of a service → submitting, at most `free` of them; rows another daemon is promoting
+#: are skipped (PostgreSQL), the SQLite write lock serialises promoters anyway.
+PROMOTE = (
+    sa.update(jobs)
+    .where(
+        jobs.c.id.in_(
+            sa.select(jobs.c.id)
+            .where(_DUE_PENDING)
+            .order_by(jobs.c.created_at)
+            .limit(sa.bindparam("free"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(state=JobState.SUBMITTING, next_poll_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
+    .returning(jobs.c.id)
+)
+
+
+# ------------------------------------------------------------------ leases
+
+
+def claim_due_jobs(
+    owner: str, *, states: Collection[JobState], services: Collection[str], limit: int, now: dt.datetime,
+    expires: dt.datetime,
+) -> sa.Update:
+    """Lease up to `limit` jobs in `states` whose `next_poll_at` is due and that nobody holds, soonest due first."""
+    candidates = (
+        sa.select(jobs.c.id)
+        .where(
+            jobs.c.state.in_(list(states)),
+            jobs.c.next_poll_at <= now,
+            jobs.c.service.in_(list(services)),
+            sa.or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now),
+        )
+        .order_by(jobs.c.next_poll_at)
+        .limit(limit)
+    )
+    return claim(jobs, candidates, lease_owner=owner, lease_expires_at=expires)
+
+
+def leased_jobs(ids: Sequence[uuid.UUID], states: Collection[JobState]) -> sa.Select[Job]:
+    """The jobs just leased, with what their step reads (`step_load_options`)."""
+    return sa.select(Job).where(Job.id.in_(ids)).order_by(Job.next_poll_at).options(*step_load_options(states))
+
+
+def claim_job(job_id: uuid.UUID, owner: str, *, now: dt.datetime, expires: dt.datetime) -> sa.Update:
+    """Lease one given job if nobody holds it."""
+    return (
+        sa.update(jobs)
+        .where(jobs.c.id == job_id, sa.or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now))
+        .values(lease_owner=owner, lease_expires_at=expires)
+        .returning(jobs.c.id)
+    )
+
+
+def renew_leases(owner: str, job_ids: Collection[uuid.UUID], *, expires: dt.datetime) -> sa.Update:
+    return sa.update(jobs).where(jobs.c.id.in_(list(job_ids)), jobs.c.lease_owner == owner).values(
+        lease_expires_at=expires)
+
+
+def release(job_id: uuid.UUID, owner: str) -> sa.Update:
+    return sa.update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner).values(
+        lease_owner=None, lease_expires_at=None)
+
+
+LEASE_OWNERS = sa.select(jobs.c.lease_owner).where(jobs.c.lease_owner.is_not(None)).distinct()
+
+
+def release_owners(gone: Collection[str]) -> sa.Update:
+    return sa.update(jobs).where(jobs.c.lease_owner.in_(list(gone))).values(lease_owner=None, lease_expires_at=None)
+
+
+def clear_expired_leases(now: dt.datetime) -> sa.Update:
+    return sa.update(jobs).where(jobs.c.lease_expires_at < now).values(lease_owner=None, lease_expires_at=None)
+
+
+# ------------------------------------------------------------------ a step's outcome (every step of every job)
+
+LOCK_JOB = (
+    sa.select(jobs.c.state, jobs.c.lease_owner, jobs.c.service)
+    .where(jobs.c.id == sa.bindparam("b_job_id"))
+    .with_for_update()
+)
+INSERT_EVENT = sa.insert(events)
+#: SET takes whatever columns the parameters name.
+UPDATE_JOB_RETURNING = sa.update(jobs).where(jobs.c.id == sa.bindparam("b_job_id")).returning(*jobs.c)
+#: The same, only while `b_owner` holds the lease and the job is in `b_state`.
+UPDATE_LEASED_JOB_RETURNING = (
+    sa.update(jobs)
+    .where(
+        jobs.c.id == sa.bindparam("b_job_id"),
+        jobs.c.lease_owner == sa.bindparam("b_owner"),
+        jobs.c.state == sa.bindparam("b_state"),
+    )
+    .returning(*jobs.c)
+)
+COUNT_SUBMIT_ATTEMPT = (
+    sa.update(jobs)
+    .where(jobs.c.id == sa.bindparam("b_job_id"), jobs.c.lease_owner == sa.bindparam("b_owner"))
+    .values(submit_attempts=jobs.c.submit_attempts + 1)
+    .returning(jobs.c.submit_attempts)
+)
+OUTPUT_STATES = sa.select(outputs.c.name, outputs.c.state).where(outputs.c.job_id == sa.bindparam("b_job_id"))
+JOB_OUTPUTS = sa.select(outputs).where(outputs.c.job_id == sa.bindparam("b_job_id")).order_by(outputs.c.id)
+INSERT_OUTPUTS = sa.insert(outputs)
+REFRESH_OUTPUT = sa.update(outputs).where(
+    outputs.c.job_id == sa.bindparam("b_job_id"), outputs.c.name == sa.bindparam("b_name")
+)
+UPDATE_OUTPUT = sa.update(outputs).where(outputs.c.id == sa.bindparam("b_output_id"))
+#: A finished job frees a slot: a limit lowered by "Only N jobs" is forgotten, so the next dispatch probes again.
+FORGET_LOWERED_LIMIT = (
+    sa.update(services)
+    .where(services.c.name == sa.bindparam("b_service"), services.c.effective_limit.is_not(None))
+    .values(effective_limit=None)
+)
+
+
+# ------------------------------------------------------------------ jobs moved by a service's block
+
+
+def blockable_jobs(service: str, now: dt.datetime) -> sa.Select[Job]:
+    """The service's waiting jobs nobody holds (a lease holder meets the block itself), locked."""
+    return (
+        sa.select(Job)
+        .where(
+            Job.service == service,
+            Job.state.in_([JobState.PENDING, JobState.QUEUED, JobState.RUNNING]),
+            sa.or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
+        )
+        .with_for_update(skip_locked=True)
+    )
+
+
+def blocked_jobs(service: str) -> sa.Select[Job]:
+    return sa.select(Job).where(Job.service == service, Job.state == JobState.BLOCKED).with_for_update()
+
+
+# ------------------------------------------------------------------ the operator's reads and actions
+
+
+def locked_job(job_id: uuid.UUID) -> sa.Select[Job]:
+    return sa.select(Job).where(Job.id == job_id).with_for_update()
+
+
+def job_ids_starting(hexed: str, *, postgres: bool) -> sa.Select[uuid.UUID]:
+    """At most two job ids that start with the hex digits `hexed` (two: enough to call a prefix ambiguous)."""
+    # UUIDs are stored as 32 hex digits on SQLite and natively on PostgreSQL; compare on text.
+    column: sa.ColumnElement[str] = sa.cast(Job.id, sa.String)
+    if postgres:
+        column = sa.func.replace(column, "-", "", type_=sa.String)
+    return sa.select(Job.id).where(column.like(f"{hexed}%")).limit(2)
+
+
+def newest_jobs(
+    *, states: Collection[JobState] | None, service: str | None, limit: int
+) -> sa.Select[Job]:
+    query = sa.select(Job).order_by(Job.created_at.desc()).limit(limit)
+    if states:
+        query = query.where(Job.state.in_(list(states)))
+    if service:
+        query = query.where(Job.service == service)
+    return query.options(selectinload(Job.outputs))
+
+
+def group_jobs(group_id: uuid.UUID) -> sa.Select[Job]:
+    return (
+        sa.select(Job)
+        .where(Job.group_id == group_id)
+        .order_by(Job.created_at, Job.service)
+        .options(*job_load_options(), selectinload(Job.events))
+    )
+
+
+COUNTS_BY_SERVICE = sa.select(Job.service, Job.state, sa.func.count()).group_by(Job.service, Job.state)
+
+
+def unverified_outputs(job_id: uuid.UUID) -> sa.Delete:
+    """A retried job's files from the failed attempt, except those verified (kept on disk, not fetched again)."""
+    return sa.delete(JobOutput).where(JobOutput.job_id == job_id, JobOutput.state != OutputState.VERIFIED)
+
+
+# ------------------------------------------------------------------ the notification outbox
+
+
+def claim_notifications(
+    *, states: Collection[str], limit: int, now: dt.datetime, lease_seconds: float
+) -> sa.Update:
+    """Push the `notify_next_at` of up to `limit` due outbox rows for `states` a lease ahead and count an attempt."""
+    candidates = (
+        sa.select(events.c.id)
+        .where(events.c.notify_next_at <= now, events.c.to_state.in_(list(states)))
+        .order_by(events.c.notify_next_at, events.c.id)
+        .limit(limit)
+    )
+    return claim(
+        events, candidates,
+        notify_next_at=now + dt.timedelta(seconds=lease_seconds),
+        notify_attempts=sa.func.coalesce(events.c.notify_attempts, 0) + 1,
+    )
+
+
+def events_with_jobs(event_ids: Collection[int]) -> sa.Select[JobEvent, Job]:
+    return (
+        sa.select(JobEvent, Job).join(Job, Job.id == JobEvent.job_id).where(JobEvent.id.in_(list(event_ids)))
+        .order_by(JobEvent.id)
+    )
+
+
+def update_claimed_notification(event_id: int, attempt: int, **values: Any) -> sa.Update:
+    """Set `values` on an outbox row only while the claim that made attempt `attempt` is its latest."""
+    return (
+        sa.update(JobEvent)
+        .where(JobEvent.id == event_id, JobEvent.notify_attempts == attempt)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def drop_due_notifications(reason: str, *, now: dt.datetime, keep_states: Collection[str]) -> sa.Update:
+    query = sa.update(JobEvent).where(JobEvent.notify_next_at <= now)
+    if keep_states:
+        query = query.where(JobEvent.to_state.not_in(list(keep_states)))
+    return query.values(notify_next_at=None, notify_error=reason).execution_options(synchronize_session=False)
+
+
+# ------------------------------------------------------------------ service status rows
+
+SERVICE_STATUSES = sa.select(ServiceStatus)
+
+
+def locked_service(service: str) -> sa.Select[ServiceStatus]:
+    return sa.select(ServiceStatus).where(ServiceStatus.name == service).with_for_update()
+
+
+def add_services(rows: list[dict[str, Any]], *, postgres: bool) -> sa.Executable:
+    """Insert status rows, leaving those that exist: each dialect's own INSERT … ON CONFLICT DO NOTHING."""
+    # Imported here and not at the top: SQLAlchemy's PostgreSQL dialect is 2.9 MiB of a daemon's RSS that one on
+    # SQLite never needs (bench/memory.py, and the ratio to the Celery stack has no room for it).
+    if postgres:
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(ServiceStatus).values(rows).on_conflict_do_nothing(index_elements=["name"])
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(ServiceStatus).values(rows).on_conflict_do_nothing(index_elements=["name"])
+
+
+# ------------------------------------------------------------------ retention
+
+
+def finished_before(
+    cutoff: dt.datetime, *, limit: int
+) -> sa.Select[uuid.UUID, str, JobState, str | None, dt.datetime | None, str | None]:
+    """Finished jobs (completed, failed, cancelled) that finished before `cutoff`, oldest first."""
+    return (
+        sa.select(Job.id, Job.service, Job.state, Job.name, Job.finished_at, Job.result_dir)
+        .where(Job.state.in_(list(TERMINAL)), Job.finished_at < cutoff)
+        .order_by(Job.finished_at)
+        .limit(limit)
+    )
+
+
+def expired_job(job_id: uuid.UUID, cutoff: dt.datetime) -> sa.Select[Job]:
+    """The job if it is still finished before `cutoff` and nobody holds its row, locked."""
+    return (
+        sa.select(Job)
+        .where(Job.id == job_id, Job.state.in_(list(TERMINAL)), Job.finished_at < cutoff)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def delete_job(job_id: uuid.UUID) -> sa.Delete:
+    # The database's ON DELETE CASCADE removes inputs, outputs and events without loading them.
+    return sa.delete(Job).where(Job.id == job_id).execution_options(synchronize_session=False)
