@@ -16,10 +16,12 @@ What a run gets (`POST /runs`, multipart): `workflow_url`, `workflow_type`, `wor
 characters other than letters, digits, ".", "_" and "-" replaced by "_", the same name `{files}` gives). The
 Cloudgene-only request fields (`password`, `aes_encryption`, `meta`) mean nothing to WES and are not sent.
 
-Finding a lost submit (`find_submitted`): WES has no idempotency key. The adapter walks `GET /runs` (paged) over
-the first `find_limit` runs the server lists (servers list newest first in practice; the spec does not say) and
-compares our tag: from the list entry when the server includes `tags` there (WES 1.1 `RunSummary`, sapporo),
-else from `GET /runs/{id}` `request.tags`, one run at a time.
+Finding a lost submit (`find_submitted`): WES has no idempotency key. The adapter walks every page of `GET /runs`
+(servers list in no fixed order, so no prefix of the list is enough) and compares our tag: from the list entry when
+the server includes `tags` there (WES 1.1 `RunSummary`, sapporo), else from `GET /runs/{id}` `request.tags`, one run
+at a time, remembering each run's tag so that the next lookup asks only about runs it has not seen. The list may
+come under `workflows` (WES 0.3; the reference server `wes-service`) instead of `runs`; an answer with neither is a
+bad response, never an empty server, or a lost submit would be sent again.
 
 Outputs: the spec leaves `RunLog.outputs` free-form, so `parse_outputs` reads the shapes servers use (sapporo's
 list of `{file_name, file_url}`, a mapping of output name to URL, to `{location|url|path}` or to CWL File and
@@ -287,8 +289,12 @@ def _bad(call: str, what: str) -> Transient:
 class WesAdapter:
     """One GA4GH WES 1.1 server. Thread-safe: pool threads share one instance (and its httpx client)."""
 
-    #: How many of the runs the server lists `find_submitted` examines (see the module docstring).
-    find_limit: int = 100
+    #: Pages of `GET /runs` one walk reads at most: far more than a server's runs fill, and an end to a server
+    #: that hands out fresh page tokens for ever. Reaching it is a bad response (the lookup is retried later), not
+    #: "not found", which would submit the job again.
+    max_list_pages: int = 10_000
+    #: Runs whose tag `find_submitted` has read remembered at most (a run's tags never change).
+    max_known_tags: int = 100_000
 
     def __init__(
         self,
@@ -308,6 +314,8 @@ class WesAdapter:
         self._root: str | None = None if self._origin_fallback else self._standard_root
         self._root_lock = threading.Lock()
         self._origin = self._origin_key(self._standard_root)
+        #: run id → our job id tag (None: not one of ours), read from run logs by `find_submitted`.
+        self._known_tags: dict[str, str | None] = {}
         #: The calling thread's client (`ClientPerThread`), or the one given.
         self._client: Callable[[], httpx.Client] = (lambda: client) if client is not None else ClientPerThread(
             lambda: make_client(self._standard_root, timeout=config.timeout, max_connections=max_connections)
@@ -394,11 +402,15 @@ class WesAdapter:
         return self._run_id(body.get("run_id"), call)
 
     def find_submitted(self, job_id: str) -> str | None:
-        """The run tagged with our `job_id` among the first `find_limit` runs the server lists, if any."""
-        for entry in self._iter_runs(self.find_limit):
+        """The run tagged with our `job_id` among every run the server lists, if any."""
+        for entry in self._iter_runs():
             run_id: str = entry["run_id"]
             tags = entry.get("tags")
-            if not isinstance(tags, Mapping):
+            if isinstance(tags, Mapping):
+                tag = tags.get(TAG_JOB_ID)
+            elif run_id in self._known_tags:
+                tag = self._known_tags[run_id]
+            else:
                 try:
                     log = self._run_log(run_id)
                 except Permanent as exc:
@@ -406,8 +418,11 @@ class WesAdapter:
                         continue
                     raise
                 request = log.get("request")
-                tags = _tags(request.get("tags")) if isinstance(request, Mapping) else {}
-            if tags.get(TAG_JOB_ID) == job_id:
+                tag = (_tags(request.get("tags")) if isinstance(request, Mapping) else {}).get(TAG_JOB_ID)
+                if len(self._known_tags) >= self.max_known_tags:
+                    self._known_tags.clear()
+                self._known_tags[run_id] = tag if isinstance(tag, str) else None
+            if tag == job_id:
                 return run_id
         return None
 
@@ -586,22 +601,25 @@ class WesAdapter:
         call = f"GET /runs/{run_id}"
         return json_object(self._send("GET", self._url("runs", run_id), call), call)
 
-    def _iter_runs(self, limit: int) -> Iterator[dict[str, Any]]:
-        """Entries of GET /runs (each with a valid run_id), page by page, at most `limit` of them."""
+    def _iter_runs(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Entries of GET /runs (each with a valid run_id), page by page until the last page, or until `limit` of
+        them."""
         call = "GET /runs"
         yielded = 0
         page_token: str | None = None
         seen_tokens: set[str] = set()
-        while yielded < limit:
-            params: dict[str, Any] = {"page_size": max(1, min(self._wes.page_size, limit - yielded))}
+        for _ in range(self.max_list_pages):
+            wanted = self._wes.page_size if limit is None else min(self._wes.page_size, limit - yielded)
+            params: dict[str, Any] = {"page_size": max(1, wanted)}
             if page_token:
                 params["page_token"] = page_token
             body = json_object(self._send("GET", self._url("runs"), call, params=params), call)
-            runs = body.get("runs")
+            key = "runs" if "runs" in body else "workflows"  # WES 0.3 servers (wes-service) say `workflows`
+            runs = body.get(key)
             if runs is None:
-                runs = []
+                raise _bad(call, "the answer lists no runs (neither runs nor workflows)")
             if not isinstance(runs, list):
-                raise _bad(call, f"runs is a {type(runs).__name__}, not a list")
+                raise _bad(call, f"{key} is a {type(runs).__name__}, not a list")
             for entry in runs:
                 if not isinstance(entry, Mapping):
                     raise _bad(call, f"a runs entry is a {type(entry).__name__}, not an object")
@@ -609,13 +627,14 @@ class WesAdapter:
                 entry["run_id"] = self._run_id(entry.get("run_id"), call)
                 yield entry
                 yielded += 1
-                if yielded >= limit:
+                if limit is not None and yielded >= limit:
                     return
             next_token = body.get("next_page_token")
             if not runs or not isinstance(next_token, str) or not next_token or next_token in seen_tokens:
                 return
             seen_tokens.add(next_token)
             page_token = next_token
+        raise _bad(call, f"the run list goes on past {self.max_list_pages} pages")
 
     def _failure_message(self, state: str, log: Mapping[str, Any], run_id: str) -> str:
         logged = log.get("run_log")

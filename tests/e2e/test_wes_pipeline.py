@@ -148,3 +148,27 @@ def test_wes_run_the_server_records_after_a_504_is_found_not_submitted_again(tmp
     assert ours == [job.remote_id]
     assert job.state is JobState.COMPLETED, job.error
     assert any("found the earlier submission" in (e.reason or "") for e in job.events)
+
+
+def test_wes_run_answered_too_late_is_found_on_a_server_that_lists_workflows(tmp_path, sqlite_url,
+                                                                            sapporo: SapporoServer, vcf) -> None:
+    """The server creates the run at once but answers the submit only after 8 s, past the service's 3 s timeout,
+    and lists its runs as the reference server `wes-service` does (under `workflows`, unpaged, unordered, without
+    tags). The daemon must find the run there, not read the list as empty and submit a second run once
+    submit_settle has passed."""
+    with LateProxy(sapporo.origin, delay=8, lost="after", wes03_listing=True) as proxy:
+        config = make_config(tmp_path, sqlite_url, sapporo)
+        service = dataclasses.replace(config.services["wes"], base_url=proxy.origin, timeout=3.0, submit_settle=10.0)
+        daemon, job = start(dataclasses.replace(config, services={"wes": service}), vcf)
+        try:
+            job = run_until(daemon, job.id, lambda j: j.state in TERMINAL, timeout=90)
+        finally:
+            daemon.request_stop()
+            daemon.stop()
+        forwarded = proxy.forwarded_submits
+    assert forwarded == 1, f"{forwarded} runs submitted ({job.state}: {job.error})"
+    runs = httpx.get(f"{sapporo.api_root}/runs", params={"page_size": 1000}, timeout=10).json()["runs"]
+    ours = [r["run_id"] for r in runs if (r.get("tags") or {}).get(TAG_JOB_ID) == str(job.id)]
+    assert ours == [job.remote_id], (job.state, job.error, [e.reason for e in job.events])
+    assert job.state is JobState.COMPLETED, job.error
+    assert any("found the earlier submission" in (e.reason or "") for e in job.events)

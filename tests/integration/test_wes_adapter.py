@@ -524,16 +524,58 @@ def test_find_submitted_fetches_run_logs_when_the_list_has_no_tags(router: respx
     assert third.called
 
 
-def test_find_submitted_is_bounded(router: respx.MockRouter) -> None:
-    pages = [runs_page([{"run_id": run_id(n)} for n in range(p * 10, p * 10 + 10)], f"t{p + 1}") for p in range(10)]
+def test_find_submitted_reads_every_page_whatever_the_order(router: respx.MockRouter) -> None:
+    """Servers list runs in no fixed order: ours may be the last of 250, so no prefix of the list is enough."""
+    ids = [run_id(n) for n in range(250)]
+    pages = [runs_page([{"run_id": i} for i in ids[p * 100:(p + 1) * 100]], f"t{p + 1}" if p < 2 else "")
+             for p in range(3)]
     listing = router.get(f"{API}/runs").mock(side_effect=pages)
+    details = router.get(url__regex=rf"^{API}/runs/[0-9a-f-]+$").mock(
+        side_effect=lambda request: httpx.Response(200, json={"request": {"tags": {
+            TAG_JOB_ID: "42" if request.url.path.endswith(ids[-1]) else "other"}}}))
+    adapter = WesAdapter(make_config(page_size=100), token=lambda: None)
+    assert adapter.find_submitted("42") == ids[-1]
+    assert listing.call_count == 3 and details.call_count == 250
+
+
+def test_find_submitted_asks_about_each_run_once(router: respx.MockRouter) -> None:
+    """A run's tags never change: a second lookup reads the list again but no run log it has read before."""
+    listing = router.get(f"{API}/runs").respond(200, json={"workflows": [{"run_id": run_id(1)},
+                                                                         {"run_id": run_id(2)}]})
     details = router.get(url__regex=rf"^{API}/runs/[0-9a-f-]+$").respond(200, json={"request": {"tags": {}}})
-    adapter = WesAdapter(make_config(page_size=10), token=lambda: None)
-    adapter.find_limit = 25
+    adapter = WesAdapter(make_config(), token=lambda: None)
     assert adapter.find_submitted("42") is None
-    assert details.call_count == 25
-    assert listing.call_count == 3
-    assert dict(listing.calls.last.request.url.params) == {"page_size": "5", "page_token": "t2"}
+    assert adapter.find_submitted("43") is None
+    assert listing.call_count == 2 and details.call_count == 2
+
+
+def test_find_submitted_reads_a_wes03_list_of_workflows(router: respx.MockRouter) -> None:
+    """The GA4GH reference server `wes-service` lists under `workflows`, unpaged, with neither tags nor a token."""
+    router.get(f"{API}/runs").respond(200, json={"workflows": [
+        {"run_id": run_id(2), "state": "COMPLETE"}, {"run_id": run_id(1), "state": "RUNNING"}]})
+    router.get(f"{API}/runs/{run_id(2)}").respond(200, json={"request": {"tags": {TAG_JOB_ID: "7"}}})
+    router.get(f"{API}/runs/{run_id(1)}").respond(200, json={"request": {"tags": json.dumps({TAG_JOB_ID: "42"})}})
+    assert WesAdapter(make_config(), token=lambda: None).find_submitted("42") == run_id(1)
+
+
+@pytest.mark.parametrize("body", [{}, {"next_page_token": ""}, {"items": []}])
+def test_a_run_list_without_runs_is_a_bad_response_not_an_empty_server(router: respx.MockRouter,
+                                                                       body: dict[str, Any]) -> None:
+    """Read as "no runs", a lost submit would be sent again: a second run of the same job."""
+    router.get(f"{API}/runs").respond(200, json=body)
+    with pytest.raises(Transient, match="^GET /runs: the answer lists no runs") as caught:
+        WesAdapter(make_config(), token=lambda: None).find_submitted("42")
+    assert caught.value.kind == "bad_response"
+
+
+def test_a_run_list_that_pages_for_ever_is_a_bad_response(router: respx.MockRouter) -> None:
+    counter = iter(range(10**6))
+    router.get(f"{API}/runs").mock(
+        side_effect=lambda request: runs_page([{"run_id": run_id(1), "tags": {}}], f"t{next(counter)}"))
+    adapter = WesAdapter(make_config(), token=lambda: None)
+    adapter.max_list_pages = 5
+    with pytest.raises(Transient, match="goes on past 5 pages"):
+        adapter.find_submitted("42")
 
 
 def test_find_submitted_stops_on_a_repeated_page_token(router: respx.MockRouter) -> None:
@@ -550,7 +592,8 @@ def test_find_submitted_stops_on_a_repeated_page_token(router: respx.MockRouter)
 
 @pytest.mark.parametrize(
     "body",
-    [{"runs": "x"}, {"runs": [17]}, {"runs": [{"state": "RUNNING"}]}, {"runs": [{"run_id": "a/b"}]}],
+    [{"runs": "x"}, {"runs": [17]}, {"runs": [{"state": "RUNNING"}]}, {"runs": [{"run_id": "a/b"}]},
+     {"workflows": {"run_id": "x"}}],
 )
 def test_find_submitted_garbled_list_is_transient(router: respx.MockRouter, body: dict[str, Any]) -> None:
     router.get(f"{API}/runs").respond(200, json=body)

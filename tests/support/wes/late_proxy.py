@@ -1,8 +1,16 @@
-"""A reverse proxy for tests that gives up on the first `POST …/runs` before the server has it.
+"""A reverse proxy for tests in front of a real WES server (sapporo) that loses the answer to the first
+`POST …/runs`, and can list runs the way other WES servers do.
 
-In front of a real WES server (sapporo): the first run submission is answered at once with the proxy's 504 page,
-and reaches the server only `delay` seconds later (a proxy whose upstream is slow to accept the upload; the run
-then appears on the server long after the client was told it failed). Every other request is relayed as it is.
+`lost="before"`: the first run submission is answered at once with the proxy's 504 page, and reaches the server
+only `delay` seconds later (a proxy whose upstream is slow to accept the upload; the run then appears on the
+server long after the client was told it failed). `lost="after"`: the first submission reaches the server at once
+and the server's answer is held `delay` seconds before it is relayed (a server slow to answer: the client gives up
+waiting while the run already exists).
+
+`wes03_listing=True`: `GET …/runs` answers as the GA4GH reference server `wes-service` does: every run under
+`workflows` (the WES 0.3 name), unpaged, in no fixed order, each entry only `run_id` and `state` (no tags).
+
+Every other request is relayed as it is.
 
     with LateProxy(sapporo.origin, delay=15) as proxy:
         config = sapporo.service_config(base_url=proxy.origin)
@@ -13,8 +21,12 @@ then appears on the server long after the client was told it failed). Every othe
 
 from __future__ import annotations
 
+import json
+import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -26,9 +38,12 @@ _NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "cont
 
 
 class LateProxy:
-    def __init__(self, upstream: str, *, delay: float) -> None:
+    def __init__(self, upstream: str, *, delay: float, lost: Literal["before", "after"] = "before",
+                 wes03_listing: bool = False) -> None:
         self.upstream = upstream.rstrip("/")
         self.delay = delay
+        self.lost = lost
+        self.wes03_listing = wes03_listing
         self.forwarded_submits = 0
         self._held_back = False
         self._lock = threading.Lock()
@@ -75,12 +90,24 @@ class LateProxy:
         body = handler.rfile.read(length) if length else b""
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _NOT_RELAYED}
         request = (handler.command, self.upstream + handler.path, headers, body)
-        submit = handler.command == "POST" and handler.path.rstrip("/").endswith("/runs")
+        runs = urlsplit(handler.path).path.rstrip("/").endswith("/runs")
+        submit = handler.command == "POST" and runs
         with self._lock:
             hold = submit and not self._held_back
             self._held_back = self._held_back or hold
-            if submit and not hold:
+            if submit and (not hold or self.lost == "after"):
                 self.forwarded_submits += 1
+        if handler.command == "GET" and runs and self.wes03_listing:
+            self._list_as_wes03(handler, headers)
+            return
+        if hold and self.lost == "after":
+            method, url, headers, body = request
+            answer = self._client.request(method, url, headers=headers, content=body)
+            self._late_done.set()
+            self._stopping.wait(self.delay)
+            relayed = [(k, v) for k, v in answer.headers.items() if k.lower() not in _NOT_RELAYED]
+            self._answer(handler, answer.status_code, relayed, answer.content)
+            return
         if hold:
             late = threading.Thread(target=self._forward_late, args=(request,), daemon=True)
             self._late.append(late)
@@ -91,6 +118,24 @@ class LateProxy:
         answer = self._client.request(method, url, headers=headers, content=body)
         relayed = [(k, v) for k, v in answer.headers.items() if k.lower() not in _NOT_RELAYED]
         self._answer(handler, answer.status_code, relayed, answer.content)
+
+    def _list_as_wes03(self, handler: BaseHTTPRequestHandler, headers: dict[str, str]) -> None:
+        path = urlsplit(handler.path).path
+        entries: list[dict[str, str]] = []
+        params = {"page_size": 1000}
+        while True:  # every page of the upstream's list, relayed as one
+            answer = self._client.get(self.upstream + path, params=params, headers=headers)
+            if answer.status_code != 200:
+                self._answer(handler, answer.status_code, [("Content-Type", "application/json")], answer.content)
+                return
+            page = answer.json()
+            entries += [{"run_id": run["run_id"], "state": run["state"]} for run in page["runs"]]
+            if not page.get("next_page_token"):
+                break
+            params = {"page_size": 1000, "page_token": page["next_page_token"]}
+        random.shuffle(entries)
+        body = json.dumps({"workflows": entries}).encode()
+        self._answer(handler, 200, [("Content-Type", "application/json")], body)
 
     def wait_for_late_submit(self, timeout: float) -> None:
         """Until the held-back submission has been answered by the server (AssertionError after `timeout`)."""
