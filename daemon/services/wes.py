@@ -66,6 +66,7 @@ from daemon.services.http import (
 )
 from daemon.states import wes_kind
 from daemon.templates import PLACEHOLDERS, TemplateError, render_params, template_problems
+from daemon.text import strip_ansi
 
 API_PATH = "/ga4gh/wes/v1"
 #: The tag that carries our job id on the server.
@@ -272,7 +273,8 @@ def jwt_expiry(token: str) -> dt.datetime | None:
 
 
 def _excerpt(text: str) -> str:
-    lines = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
+    """The last lines of a run's log, without the terminal escapes a workflow engine colours them with."""
+    lines = [line.rstrip() for line in strip_ansi(text).strip().splitlines() if line.strip()]
     tail = "\n".join(lines[-STDERR_LINES:])
     if len(tail) > STDERR_CHARS:
         tail = "…" + tail[-STDERR_CHARS:]

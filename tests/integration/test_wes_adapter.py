@@ -711,6 +711,17 @@ def test_status_stderr_echoing_secrets_is_scrubbed_at_the_boundary(router: respx
     assert message.endswith("auth Bearer [redacted] for zip password [redacted]")
 
 
+def test_status_stderr_is_stored_without_terminal_escapes(router: respx.MockRouter, adapter: WesAdapter) -> None:
+    """cwltool and nextflow colour their logs: the message (the job's error, `show`, notifications) holds the words,
+    not the escape sequences that would repaint an operator's terminal."""
+    stderr = ("\x1b[1;30mINFO\x1b[0m starting\n"
+              "\x1b]0;cwltool\x07\x1b[31mERROR\x1b[0m panel \x1b[1mhrc\x1b[0m missing\x1bc")
+    router.get(f"{API}/runs/{RUN}/status").respond(200, json={"run_id": RUN, "state": "EXECUTOR_ERROR"})
+    router.get(f"{API}/runs/{RUN}").respond(
+        200, json=sapporo_log("EXECUTOR_ERROR", run_log={"stderr": stderr, "exit_code": 1}))
+    assert adapter.status(RUN).message == "EXECUTOR_ERROR (exit code 1): INFO starting\nERROR panel hrc missing"
+
+
 def test_status_error_message_is_bounded(router: respx.MockRouter, adapter: WesAdapter) -> None:
     router.get(f"{API}/runs/{RUN}/status").respond(200, json={"run_id": RUN, "state": "EXECUTOR_ERROR"})
     router.get(f"{API}/runs/{RUN}").respond(
