@@ -374,7 +374,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             state = finished.state if finished is not None else store.admin.get(job_id).state
         elif job is not None:
             store.queue.release(job_id, owner)
-    if state is JobState.CANCEL_REQUESTED:
+    if state is JobState.CANCEL_REQUESTED and store.admin.get(job_id).cancel_sent_at is not None:
+        print(f"{job_id}: cancel sent; the daemon polls the server until it confirms the remote job is cancelled")
+    elif state is JobState.CANCEL_REQUESTED:
         print(f"{job_id}: cancel requested; the daemon will cancel the remote job")
     else:
         print(f"{job_id}: {state.value}")

@@ -204,6 +204,9 @@ class ServiceConfig:
     #: mid-request) may still become a remote job, counted from when we stopped waiting for it: until they pass, the
     #: job is looked up on the server and never sent again. None: `settle_seconds`' default.
     submit_settle: float | None = None
+    #: Seconds a sent cancel may go unconfirmed (the remote job not yet reported cancelled) before the job says,
+    #: once, that the server is ignoring it. The job stays `cancel_requested` and polled either way.
+    cancel_timeout: float = 600.0
 
     @property
     def settle_seconds(self) -> float:
@@ -1012,6 +1015,7 @@ _SERVICE: dict[str, _Convert] = {
     "poll_interval": _seconds(86400),
     "timeout": _seconds(3600),
     "submit_settle": _seconds(7 * 86400),
+    "cancel_timeout": _seconds(7 * 86400),
     "max_upload_mb": _integer(1, 1_000_000),
     "min_samples": _integer(1, 10_000_000),
     "max_samples": _integer(1, 10_000_000),

@@ -18,7 +18,7 @@ from daemon.backoff import backoff_delay
 from daemon.outcome import JobColumns, Outcome, OutputColumns
 from daemon.remote import RemoteOutput, RemoteStatus
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
-from daemon.states import JobState, OutputState, RemoteKind
+from daemon.states import CANCELLED_WHEN_ASKED, JobState, OutputState, RemoteKind
 from daemon.text import counted, printable
 
 #: Polls in a row that may find the remote job finished without any result file listed before our job fails: a
@@ -33,6 +33,8 @@ MAX_STEP_CRASHES = 5
 #: before that file is given up: each spent one of the server's limited download counts (Cloudgene: 10 per file).
 #: Failures before the server answered spend none that we can know of, and never give a file up.
 MAX_INTEGRITY_ATTEMPTS = 3
+#: The error kind of a job whose sent cancel the server has not carried out within the service's cancel_timeout.
+CANCEL_IGNORED = "cancel_ignored"
 #: Error kinds that pause the whole service (`Transient.service_wide`); a job recovering from one ends the pause.
 SERVICE_WIDE_KINDS = frozenset({"unavailable", "rate_limited"})
 
@@ -56,6 +58,8 @@ class JobView(Protocol):
     def submit_attempts(self) -> int: ...
     @property
     def submitted_at(self) -> dt.datetime | None: ...
+    @property
+    def cancel_sent_at(self) -> dt.datetime | None: ...
 
 
 class NextPoll(enum.Enum):
@@ -70,6 +74,7 @@ class PollNote(enum.Enum):
     UNKNOWN_STATE = "unknown_remote_state"  # a state we do not know, new since the last poll
     EMPTY_SUCCESS = "remote_success_without_outputs"  # the first success without files
     DEAD_RESTART = "remote_job_dead"  # a dead remote job: ask the server to restart it
+    CANCEL_IGNORED = "remote_cancel_ignored"  # the cancel went unconfirmed past the service's cancel_timeout
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,34 @@ def _status_decision(job: JobView, status: RemoteStatus, empty_success: bool) ->
         case _:
             note = PollNote.UNKNOWN_STATE if raw != job.remote_state else None
             return PollDecision(None, None, NextPoll.INTERVAL, note=note)
+
+
+def after_cancel_status(job: JobView, status: RemoteStatus, *, now: dt.datetime, cancel_timeout: float
+                        ) -> PollDecision:
+    """The decision for a job whose cancel was sent (`cancel_requested`, `cancel_sent_at` set) given the remote
+    job's status. It is cancelled only when the server says so: a server may acknowledge a cancel and run on. A
+    remote job that finishes anyway completes (downloaded) or fails as any other, its history saying that the cancel
+    was ignored; one still running past `cancel_timeout` seconds is reported once and polled on."""
+    raw = status.raw_state
+    if status.kind is RemoteKind.CANCELLED or (status.kind is RemoteKind.FAILED and raw in CANCELLED_WHEN_ASKED):
+        return PollDecision(JobState.CANCELLED, f"cancelled on the server ({raw})", NextPoll.UNCHANGED)
+    if status.kind is RemoteKind.DEAD:
+        return PollDecision(JobState.CANCELLED, f"cancelled; the remote job died ({raw})", NextPoll.UNCHANGED)
+    if status.kind in (RemoteKind.SUCCEEDED, RemoteKind.FAILED, RemoteKind.EXPIRED):
+        decision = after_status(job, status)
+        if decision.state is None:  # a success that lists no files yet: polled again, as any other
+            return decision
+        return dataclasses.replace(decision, reason=f"the server ignored the cancel; {decision.reason}")
+    if job.error_kind == CANCEL_IGNORED:  # said already: kept, not said again
+        return PollDecision(None, None, NextPoll.INTERVAL, failures=job.failures, error=job.error,
+                            error_kind=CANCEL_IGNORED)
+    waited = (now - (job.cancel_sent_at or now)).total_seconds()
+    if waited < cancel_timeout:
+        return PollDecision(None, None, NextPoll.INTERVAL)
+    message = (f"the server has not cancelled the remote job {waited:.0f} s after the cancel was sent (it says "
+               f"{raw}); still polling it")
+    return PollDecision(None, None, NextPoll.INTERVAL, error=message, error_kind=CANCEL_IGNORED,
+                        note=PollNote.CANCEL_IGNORED)
 
 
 class ErrorAction(enum.Enum):

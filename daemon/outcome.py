@@ -45,6 +45,7 @@ class JobColumns(_Columns):
     remote_id: str | None | Keep = KEEP
     submitted_at: dt.datetime | None | Keep = KEEP
     submit_attempts: int | Keep = KEEP
+    cancel_sent_at: dt.datetime | None | Keep = KEEP
     restart_attempts: int | Keep = KEEP
     remote_state: str | None | Keep = KEEP
     queue_position: int | None | Keep = KEEP

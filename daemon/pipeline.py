@@ -31,6 +31,7 @@ from daemon.decisions import (
     NextPoll,
     PollNote,
     after_bad_download,
+    after_cancel_status,
     after_crash,
     after_downloads,
     after_error,
@@ -46,7 +47,7 @@ from daemon.outcome import JobColumns, Outcome, OutputColumns
 from daemon.remote import RemoteOutput, SubmitRequest, parameters_of
 from daemon.services import scrubbing
 from daemon.services.base import ServiceAdapter
-from daemon.services.errors import JobLimitReached, Permanent, ServiceError, Transient
+from daemon.services.errors import NOT_FOUND_KINDS, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.states import JobState, OutputState
 
 log = structlog.get_logger("daemon.pipeline")
@@ -144,7 +145,7 @@ class Pipeline:
             if outcome is None:
                 return None, False
             go_on = (
-                job.state in (JobState.QUEUED, JobState.RUNNING)
+                job.state in (JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED)
                 and outcome.state is JobState.DOWNLOADING
                 and outcome.next_poll_in == 0
                 and not self.stopping()
@@ -299,7 +300,10 @@ class Pipeline:
         assert job.remote_id is not None
         status = adapter.status(job.remote_id)
         self.metrics.polled(job.service)
-        decision = after_status(job, status)
+        if job.state is JobState.CANCEL_REQUESTED:
+            decision = after_cancel_status(job, status, now=utcnow(), cancel_timeout=self._service(job).cancel_timeout)
+        else:
+            decision = after_status(job, status)
         if decision.recovered:
             log.info("recovered", after_failures=job.failures)
             if decision.resume_service and self.services.resume_service(job.service):
@@ -324,6 +328,8 @@ class Pipeline:
                             reason=f"polling again, up to {MAX_EMPTY_SUCCESS_POLLS} times, before failing the job")
             case PollNote.DEAD_RESTART:
                 log.warning(decision.note.value, action="restart requested")
+            case PollNote.CANCEL_IGNORED:
+                log.warning(decision.note.value, remote_state=status.raw_state, reason=decision.error)
         match decision.next_poll:
             case NextPoll.NOW:
                 next_poll_in: float | None = 0
@@ -344,14 +350,21 @@ class Pipeline:
             settling = None if remote_id is not None else self._settling(job, then="nothing to cancel there")
             if settling is not None:
                 return settling
-        if remote_id is not None:
-            try:
-                adapter.cancel(remote_id)
-            except Permanent as exc:
-                # Gone or finished remotely: there is nothing left to cancel.
-                log.info("remote_cancel_refused", reason=str(exc))
-        return Outcome(state=JobState.CANCELLED, reason="cancelled on request",
-                       columns=JobColumns(remote_id=remote_id))
+        if remote_id is None:
+            return Outcome(state=JobState.CANCELLED, reason="cancelled on request", columns=JobColumns(remote_id=None))
+        if job.cancel_sent_at is not None:
+            return self._poll(job, adapter)
+        try:
+            adapter.cancel(remote_id)
+        except Permanent as exc:
+            log.info("remote_cancel_refused", reason=str(exc))
+            if exc.kind in NOT_FOUND_KINDS:  # the server no longer has the remote job: nothing is left to cancel
+                return Outcome(state=JobState.CANCELLED, reason=f"cancelled; the server answered: {exc}",
+                               columns=JobColumns(remote_id=remote_id))
+            # Finished remotely, most likely: the remote job's status, polled next, says how.
+        # Cancelled only once the server says so (`after_cancel_status`): a server may acknowledge and run on.
+        return Outcome(next_poll_in=min(10.0, self._service(job).poll_interval),
+                       columns=JobColumns(remote_id=remote_id, cancel_sent_at=utcnow()))
 
     # ------------------------------------------------------------------ download
 

@@ -98,6 +98,11 @@ CLOUDGENE_STATES: dict[int, tuple[str, RemoteKind]] = {
 }
 
 
+#: Remote states that mean "cancelled" for a job whose cancel we sent, though they say "failed" otherwise: Cloudgene
+#: moves a job it cancelled to 9 (FAILED_NOTIFIED) as well as a failed one (reference/cloudgene-api.md).
+CANCELLED_WHEN_ASKED = frozenset({"FAILED_NOTIFIED"})
+
+
 def cloudgene_kind(state: int) -> tuple[str, RemoteKind]:
     """Name and meaning of a Cloudgene state number; unknown numbers are kept raw and polled again."""
     return CLOUDGENE_STATES.get(state, (str(state), RemoteKind.UNKNOWN))

@@ -165,7 +165,7 @@ class JobAdmin:
             transition(session, job, JobState.PENDING, "retried by operator", now)
             job.retries += 1
             job.remote_id = job.remote_state = job.progress = job.error = job.error_kind = None
-            job.queue_position = job.next_poll_at = job.finished_at = job.submitted_at = None
+            job.queue_position = job.next_poll_at = job.finished_at = job.submitted_at = job.cancel_sent_at = None
             job.submit_attempts = job.restart_attempts = job.failures = 0
             # Verified files from the failed attempt stay on disk and are not re-fetched by name.
             session.execute(queries.unverified_outputs(job.id))

@@ -16,7 +16,7 @@ from daemon.states import JobState, OutputState
 
 #: The Alembic revision whose schema these models describe: the head of daemon/db/migrations/versions (a test holds
 #: the two together). A database at it is ready; the daemon learns that without loading Alembic (`daemon.db.revision`).
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 
 def utcnow() -> dt.datetime:
@@ -126,6 +126,9 @@ class Job(Base):
     #: unknown, from which its `submit_settle` window runs; None while it is in flight (see `Pipeline._submit`).
     submitted_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    #: When the cancel of the remote job was sent: the job stays `cancel_requested`, polled, until the server says
+    #: the remote job is cancelled (or it ends otherwise); None while no cancel has gone out.
+    cancel_sent_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
 
     inputs: Mapped[list[JobInput]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobInput.id"

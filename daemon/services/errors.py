@@ -71,3 +71,8 @@ class Blocked(ServiceError):
 
 class Permanent(ServiceError):
     kind = "permanent"
+
+
+#: The kinds of `Permanent` that say the server does not know the remote job (any more): Cloudgene's 404 "Job X not
+#: found", any other service's HTTP 404.
+NOT_FOUND_KINDS = frozenset({"remote_not_found", "http_404"})

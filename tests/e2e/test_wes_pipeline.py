@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.e2e_support import LogCapture
 from support.wes.late_proxy import LateProxy
 from support.wes.sapporo_server import DEFAULT_PARAMS, SapporoServer
 
@@ -113,17 +114,46 @@ def test_wes_cancel_reaches_the_server(tmp_path, sqlite_url, sapporo: SapporoSer
         daemon.request_stop()
         daemon.stop()
     assert job.state is JobState.CANCELLED
-    # The daemon counts the job cancelled once the server accepted POST /runs/{id}/cancel, without waiting for the
-    # server to finish: sapporo then says CANCELING until its run.sh got the signal and stopped the
-    # workflow (about a second here), and CANCELED after. A cancel that never reached the run stays CANCELING.
-    deadline = time.monotonic() + 25
-    state = "CANCELING"
-    while state == "CANCELING" and time.monotonic() < deadline:
-        time.sleep(0.2)
-        state = httpx.get(f"{sapporo.api_root}/runs/{job.remote_id}/status", timeout=5).json()["state"]
+    # Cancelled only once the server said so: sapporo says CANCELING until its run.sh got the signal and stopped
+    # the workflow, and CANCELED after.
+    assert job.events[-1].reason == "cancelled on the server (CANCELED)"
+    assert job.cancel_sent_at is not None
+    state = httpx.get(f"{sapporo.api_root}/runs/{job.remote_id}/status", timeout=5).json()["state"]
     assert state == "CANCELED"
     run_log = httpx.get(f"{sapporo.api_root}/runs/{job.remote_id}", timeout=5).json()["run_log"]
     assert run_log["end_time"], run_log  # the run's process really ended
+
+
+def test_wes_cancel_the_server_ignores_is_never_called_cancelled(tmp_path, sqlite_url, sapporo: SapporoServer,
+                                                                  vcf) -> None:
+    """A server that acknowledges the cancel and runs on: the job stays cancel_requested (said once, after the
+    service's cancel_timeout) and, the run completing anyway, ends completed with its results, its history saying
+    the cancel was ignored."""
+    logs = LogCapture()
+    try:
+        with LateProxy(sapporo.origin, lost=None, ignore_cancel=True) as proxy:
+            config = make_config(tmp_path, sqlite_url, sapporo, {**DEFAULT_PARAMS, "sleep": 4})
+            service = dataclasses.replace(config.services["wes"], base_url=proxy.origin, cancel_timeout=1.0)
+            daemon, job = start(dataclasses.replace(config, services={"wes": service}), vcf)
+            try:
+                job = run_until(daemon, job.id, lambda j: j.state is JobState.RUNNING)
+                daemon.store.admin.request_cancel(job.id)
+                told = run_until(daemon, job.id, lambda j: j.error_kind == "cancel_ignored")
+                job = run_until(daemon, job.id, lambda j: j.state in TERMINAL)
+            finally:
+                daemon.request_stop()
+                daemon.stop()
+            ignored = list(proxy.ignored_cancels)
+    finally:
+        logs.close()
+    assert told.state is JobState.CANCEL_REQUESTED
+    assert told.error.startswith("the server has not cancelled the remote job ")
+    assert ignored == [job.remote_id]
+    assert job.state is JobState.COMPLETED, job.error
+    assert [o.state for o in job.outputs] and all(o.state is OutputState.VERIFIED for o in job.outputs)
+    assert any((e.reason or "").startswith("the server ignored the cancel; remote job finished (COMPLETE)")
+               for e in job.events), [e.reason for e in job.events]
+    assert len([line for line in logs.lines() if line["event"] == "remote_cancel_ignored"]) == 1
 
 
 

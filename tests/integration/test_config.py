@@ -435,6 +435,8 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
     ("settle-text", michigan(submit_settle="30m"), "services.michigan.submit_settle", "got '30m'"),
     ("settle-below-timeout", michigan(submit_settle=20, timeout=30), "services.michigan.submit_settle",
      "at least the service's timeout (30 s)"),
+    ("cancel-timeout-zero", michigan(cancel_timeout=0), "services.michigan.cancel_timeout", "greater than 0"),
+    ("cancel-timeout-text", michigan(cancel_timeout="10m"), "services.michigan.cancel_timeout", "got '10m'"),
     ("panels-text", michigan(panels="hrc"), "services.michigan.panels", "must be a mapping of panel name"),
     ("panel-name", michigan(panels={"hrc panel!": {"id": "x"}}), "services.michigan.panels.hrc panel!",
      "panel names must be"),

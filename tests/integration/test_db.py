@@ -345,7 +345,8 @@ def test_0003_keeps_every_row_and_stores_server_values_of_any_length(empty_engin
         ), {"job": job_key})
 
     _migrate(empty_engine, "upgrade", "0003")
-    assert schema.current_revision(empty_engine) == HEAD == "0003"
+    assert schema.current_revision(empty_engine) == "0003"
+    _migrate(empty_engine, "upgrade", "head")  # the models read every column of the head
     factory = make_session_factory(empty_engine)
     with factory.begin() as session:
         job = session.get(Job, job_id)
@@ -364,7 +365,7 @@ def test_0003_keeps_every_row_and_stores_server_values_of_any_length(empty_engin
 
     with pytest.raises(RuntimeError, match=r"jobs\.remote_state are longer than 64 characters"):
         _migrate(empty_engine, "downgrade", "0002")
-    assert schema.current_revision(empty_engine) == "0003"
+    assert schema.current_revision(empty_engine) == HEAD  # the refused downgrade changed nothing: one transaction
     with empty_engine.begin() as conn:
         conn.execute(sa.text("UPDATE jobs SET remote_id = 'job-1', remote_state = 'SUCCESS'"))
         conn.execute(sa.text("UPDATE job_outputs SET remote_hash = 'h', size_text = NULL, remote_checksum = NULL"))
@@ -373,6 +374,26 @@ def test_0003_keeps_every_row_and_stores_server_values_of_any_length(empty_engin
     assert "bad_downloads" not in columns and columns["remote_hash"]["type"].length == 200
     with empty_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM job_outputs")).scalar() == 2
+
+
+def test_0004_gives_jobs_a_cancel_sent_at_and_keeps_them(empty_engine: sa.Engine) -> None:
+    """A job stored before 0004 keeps its row and has sent no cancel; a downgrade takes the column away again."""
+    _migrate(empty_engine, "upgrade", "0003")
+    job_id = uuid.uuid4()
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO jobs (id, group_id, service, panel, build, state, remote_id, submit_attempts,"
+            " restart_attempts, retries, failures, created_at, updated_at) VALUES (:id, :id, 'michigan', 'p',"
+            " 'hg19', 'cancel_requested', 'job-1', 1, 0, 0, 0, :now, :now)"
+        ), {"id": job_id.hex if empty_engine.dialect.name == "sqlite" else job_id, "now": dt.datetime.now(dt.UTC)})
+    _migrate(empty_engine, "upgrade", "0004")
+    with make_session_factory(empty_engine)() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.remote_id, job.cancel_sent_at) == (JobState.CANCEL_REQUESTED, "job-1", None)
+    _migrate(empty_engine, "downgrade", "0003")
+    assert "cancel_sent_at" not in {c["name"] for c in sa.inspect(empty_engine).get_columns("jobs")}
+    with empty_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 1
 
 
 # -- models -------------------------------------------------------------------------------------------------------

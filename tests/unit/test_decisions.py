@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from daemon.decisions import (
+    CANCEL_IGNORED,
     MAX_EMPTY_SUCCESS_POLLS,
     MAX_INTEGRITY_ATTEMPTS,
     MAX_STEP_CRASHES,
@@ -17,6 +18,7 @@ from daemon.decisions import (
     NextPoll,
     PollNote,
     after_bad_download,
+    after_cancel_status,
     after_crash,
     after_downloads,
     after_error,
@@ -45,6 +47,7 @@ class FakeJob:
     restart_attempts: int = 0
     submit_attempts: int = 0
     submitted_at: dt.datetime | None = None
+    cancel_sent_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -329,3 +332,43 @@ def test_columns_a_step_leaves_alone_are_not_written_but_none_is() -> None:
 def test_later_columns_are_written_over_earlier_ones() -> None:
     merged = JobColumns(failures=1, error="x") | JobColumns(error=None, result_dir="/r")
     assert merged == JobColumns(failures=1, error=None, result_dir="/r")
+
+
+# ------------------------------------------------------------------------------------------------ a sent cancel
+
+
+def cancelling(seconds_ago: float = 5, **fields: object) -> FakeJob:
+    return FakeJob(state=JobState.CANCEL_REQUESTED, cancel_sent_at=NOW - dt.timedelta(seconds=seconds_ago),
+                   **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kind", "raw", "state", "reason"), [
+    (RemoteKind.CANCELLED, "CANCELED", JobState.CANCELLED, "cancelled on the server (CANCELED)"),
+    # Cloudgene moves a job it cancelled to 9, as it does a failed one: asked to cancel, that is the cancel.
+    (RemoteKind.FAILED, "FAILED_NOTIFIED", JobState.CANCELLED, "cancelled on the server (FAILED_NOTIFIED)"),
+    (RemoteKind.DEAD, "DEAD", JobState.CANCELLED, "cancelled; the remote job died (DEAD)"),
+    (RemoteKind.SUCCEEDED, "COMPLETE", JobState.DOWNLOADING,
+     "the server ignored the cancel; remote job finished (COMPLETE); 1 files"),
+    (RemoteKind.FAILED, "EXECUTOR_ERROR", JobState.FAILED, "the server ignored the cancel; boom"),
+])
+def test_a_cancelled_job_ends_as_the_server_says(kind: RemoteKind, raw: str, state: JobState, reason: str) -> None:
+    decision = after_cancel_status(cancelling(), status(kind, raw=raw, message="boom"), now=NOW, cancel_timeout=60)
+    assert (decision.state, decision.reason) == (state, reason)
+    assert decision.outputs == ((FILE,) if state is JobState.DOWNLOADING else ())
+
+
+@pytest.mark.parametrize("kind", [RemoteKind.QUEUED, RemoteKind.RUNNING, RemoteKind.UNKNOWN])
+def test_a_cancel_not_carried_out_yet_is_polled_and_never_called_cancelled(kind: RemoteKind) -> None:
+    decision = after_cancel_status(cancelling(30), status(kind, raw="RUNNING"), now=NOW, cancel_timeout=60)
+    assert (decision.state, decision.next_poll, decision.note, decision.error) == (None, NextPoll.INTERVAL, None, None)
+
+
+def test_a_cancel_the_server_ignores_is_said_once_and_the_job_polled_on() -> None:
+    running = status(RemoteKind.RUNNING, raw="RUNNING")
+    first = after_cancel_status(cancelling(61), running, now=NOW, cancel_timeout=60)
+    assert (first.state, first.note, first.error_kind) == (None, PollNote.CANCEL_IGNORED, CANCEL_IGNORED)
+    assert first.error == ("the server has not cancelled the remote job 61 s after the cancel was sent (it says "
+                           "RUNNING); still polling it")
+    told = cancelling(3600, error=first.error, error_kind=CANCEL_IGNORED)
+    again = after_cancel_status(told, running, now=NOW, cancel_timeout=60)
+    assert (again.state, again.note, again.error, again.error_kind) == (None, None, first.error, CANCEL_IGNORED)

@@ -7,6 +7,11 @@ server long after the client was told it failed). `lost="after"`: the first subm
 and the server's answer is held `delay` seconds before it is relayed (a server slow to answer: the client gives up
 waiting while the run already exists).
 
+`lost=None`: every submission is relayed as it is.
+
+`ignore_cancel=True`: `POST …/runs/{id}/cancel` is acknowledged (200, `{"run_id": id}`) and never reaches the server:
+the run goes on, as on servers that accept a cancel and ignore it.
+
 `wes03_listing=True`: `GET …/runs` answers as the GA4GH reference server `wes-service` does: every run under
 `workflows` (the WES 0.3 name), unpaged, in no fixed order, each entry only `run_id` and `state` (no tags).
 
@@ -38,12 +43,15 @@ _NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "cont
 
 
 class LateProxy:
-    def __init__(self, upstream: str, *, delay: float, lost: Literal["before", "after"] = "before",
-                 wes03_listing: bool = False) -> None:
+    def __init__(self, upstream: str, *, delay: float = 0.0, lost: Literal["before", "after"] | None = "before",
+                 wes03_listing: bool = False, ignore_cancel: bool = False) -> None:
         self.upstream = upstream.rstrip("/")
         self.delay = delay
         self.lost = lost
         self.wes03_listing = wes03_listing
+        self.ignore_cancel = ignore_cancel
+        #: Run ids whose cancel the proxy acknowledged without relaying it.
+        self.ignored_cancels: list[str] = []
         self.forwarded_submits = 0
         self._held_back = False
         self._lock = threading.Lock()
@@ -92,8 +100,14 @@ class LateProxy:
         request = (handler.command, self.upstream + handler.path, headers, body)
         runs = urlsplit(handler.path).path.rstrip("/").endswith("/runs")
         submit = handler.command == "POST" and runs
+        parts = urlsplit(handler.path).path.rstrip("/").split("/")
+        if self.ignore_cancel and handler.command == "POST" and parts[-1] == "cancel" and len(parts) >= 3:
+            self.ignored_cancels.append(parts[-2])
+            body = json.dumps({"run_id": parts[-2]}).encode()
+            self._answer(handler, 200, [("Content-Type", "application/json")], body)
+            return
         with self._lock:
-            hold = submit and not self._held_back
+            hold = submit and self.lost is not None and not self._held_back
             self._held_back = self._held_back or hold
             if submit and (not hold or self.lost == "after"):
                 self.forwarded_submits += 1
