@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 
-#: Terminal escape sequences (ECMA-48): CSI (colours, cursor moves: ESC [ … or the 8-bit CSI), OSC (window titles,
-#: hyperlinks: ESC ] … ended by BEL or ESC backslash), the other string controls (DCS, SOS, PM, APC), and the escapes of
-#: one character after ESC (a reset, a saved cursor).
+#: Terminal escape sequences (ECMA-48), as a remote program's coloured log holds them: CSI `ESC [ … final` (colours,
+#: cursor moves, line erases), the strings OSC `ESC ] …` (window titles, hyperlinks), DCS `ESC P …`, SOS `ESC X …`,
+#: PM `ESC ^ …` and APC `ESC _ …` up to BEL or ST, the one-character C1 forms of these introducers, and the short
+#: escapes (`ESC c`, `ESC 7`, `ESC ( B`). A string whose terminator never comes ends at the end of its line, so that a
+#: cut-off sequence cannot swallow the rest of a log. A lone ESC goes as well.
 _ANSI = re.compile(
     r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
-    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"
-    r"|\x1b[PX^_][^\x1b]*\x1b\\"
-    r"|\x1b[0-~]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c\n]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]"
+    r"|\x1b"
 )
 
 
@@ -32,9 +34,9 @@ def printable(text: str, limit: int | None = 120) -> str:
 
 
 def strip_ansi(text: str) -> str:
-    """`text` without terminal escape sequences: a tool's coloured output (a workflow engine's stderr) stored and
-    shown as the words it shows on a terminal. Stray control characters that are not part of a sequence stay, for
-    `printable` to escape."""
+    """`text` without terminal escape sequences (see `_ANSI`): a tool's coloured output (a workflow engine's stderr)
+    stored and shown as the words it shows on a terminal. Line breaks and the text between sequences stay;
+    `printable` is still what makes the rest safe to show."""
     return _ANSI.sub("", text)
 
 

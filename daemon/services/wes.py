@@ -632,7 +632,9 @@ class WesAdapter:
                 if limit is not None and yielded >= limit:
                     return
             next_token = body.get("next_page_token")
-            if not runs or not isinstance(next_token, str) or not next_token or next_token in seen_tokens:
+            # The token, not the length of the page, says whether more follow: an empty page with a new token is
+            # read past.
+            if not isinstance(next_token, str) or not next_token or next_token in seen_tokens:
                 return
             seen_tokens.add(next_token)
             page_token = next_token

@@ -538,6 +538,14 @@ def test_find_submitted_reads_every_page_whatever_the_order(router: respx.MockRo
     assert listing.call_count == 3 and details.call_count == 250
 
 
+def test_find_submitted_reads_past_an_empty_page_that_names_a_next_one(router: respx.MockRouter) -> None:
+    router.get(f"{API}/runs").mock(side_effect=[
+        runs_page([], "t1"),
+        runs_page([{"run_id": run_id(1), "tags": {TAG_JOB_ID: "42"}}]),
+    ])
+    assert WesAdapter(make_config(), token=lambda: None).find_submitted("42") == run_id(1)
+
+
 def test_find_submitted_asks_about_each_run_once(router: respx.MockRouter) -> None:
     """A run's tags never change: a second lookup reads the list again but no run log it has read before."""
     listing = router.get(f"{API}/runs").respond(200, json={"workflows": [{"run_id": run_id(1)},
