@@ -23,12 +23,12 @@ from daemon.simulator.model import (
     APP_ID,
     APP_NAME,
     BUILDS,
-    MODES,
     PHASING,
     POPULATIONS,
     R2_FILTERS,
     Account,
     ApiError,
+    Panel,
     Simulation,
     escape_html,
 )
@@ -51,7 +51,8 @@ MAINTENANCE_MESSAGE = "This functionality is currently under maintenance."
 INPUTS = ("files", "refpanel", "build", "r2Filter", "phasing", "population", "mode", "aesEncryption", "meta",
           "password")
 CHECKBOXES = ("aesEncryption", "meta")
-DEFAULTS = {"build": "hg19", "r2Filter": "0", "phasing": "eagle", "population": "off", "mode": "imputation"}
+#: What the workflow assumes for a value left out; population has no default (AfriGen's workflow fails without it).
+DEFAULTS = {"build": "hg19", "r2Filter": "0", "phasing": "eagle", "mode": "imputation"}
 
 
 @dataclass
@@ -406,29 +407,30 @@ class CloudgeneApi:
                 raise ApiError(400, f"Parameter '{escape_html(key)}' not found.")
 
         problems: list[str] = []
-        allowed = {"build": BUILDS, "r2Filter": R2_FILTERS, "phasing": PHASING, "population": POPULATIONS,
-                   "mode": MODES}
-        values = {k: props.get(k, DEFAULTS[k]) for k in allowed}
-        for key, options in allowed.items():
-            if values[key] not in options:
-                problems.append(f"Parameter '{key}' has an invalid value '{values[key]}'.")
-        refpanel = props.get("refpanel", "")
-        if not refpanel:
+        # Cloudgene checks list values only where the app's workflow does: the build is, while r2Filter, phasing,
+        # population and mode reach the workflow as sent (imputationserver2's main.nf), and the panel is resolved
+        # when the job runs. What the workflow refuses fails the job then (`_late_problems`).
+        values = {k: props.get(k, DEFAULTS.get(k, "")) for k in ("build", "r2Filter", "phasing", "population", "mode")}
+        if values["build"] not in BUILDS:
+            problems.append(f"Parameter 'build' has an invalid value '{values['build']}'.")
+        requested = props.get("refpanel", "")
+        if not requested:
             problems.append("Parameter 'refpanel' is required.")
-        elif refpanel not in self.sim.panels:
-            problems.append(f"Parameter 'refpanel' has an invalid value '{refpanel}' (unknown reference panel).")
         if not form.files:
             problems.append("Parameter 'files' is required: upload at least one *.vcf.gz file.")
         if problems and self.strict:
             raise ApiError(400, problems[0])
+        refpanel = self.sim.resolve_panel(requested) or requested
+        problems += _late_problems(values, refpanel, self.sim.panels.get(refpanel))
         password = props.get("password", "")
         params = JobParams(
             refpanel=refpanel,
             build=values["build"],
-            r2_filter=float(values["r2Filter"]) if values["r2Filter"] in R2_FILTERS else 0.0,
+            r2_filter=_number(values["r2Filter"]),
             phasing=values["phasing"],
             population=values["population"],
-            mode=values["mode"],
+            # main.nf tests `mode == 'imputation'`: anything else (the app's `qc_only`, the docs' `qconly`) is QC.
+            mode="imputation" if values["mode"] == "imputation" else "qc_only",
             aes="aesEncryption" in props,
             meta="meta" in props,
             password=password or generate_password(),
@@ -481,6 +483,35 @@ class CloudgeneApi:
             errors.append(f"Population '{params.population}' is not supported by reference panel "
                           f"'{params.refpanel}'.")
         return errors, warnings, summaries
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
+def _late_problems(values: dict[str, str], refpanel: str, panel: Panel | None) -> list[str]:
+    """What imputationserver2's workflow refuses of the submitted values once the job runs (the job fails)."""
+    if panel is None:
+        return [f"Application '{refpanel}' not installed or wrong permissions."]
+    problems = []
+    if not values["population"]:
+        # AfriGen's workflow: a job submitted without population fails at its first step.
+        problems.append("Expected parameter for option '--population'")
+    r2 = values["r2Filter"]
+    try:
+        valid_r2 = 0 <= float(r2) < 1
+    except ValueError:
+        valid_r2 = False
+    if not valid_r2:
+        problems.append(f"Invalid r2Filter '{r2}': expected a number from 0 to below 1.")
+    if values["phasing"] not in PHASING:
+        problems.append(f"Unknown phasing method '{values['phasing']}'.")
+    elif values["phasing"] == "beagle" and not panel.beagle:
+        problems.append(f"Phasing with beagle is not available for reference panel '{refpanel}'.")
+    return problems
 
 
 class _TooLarge(Exception):

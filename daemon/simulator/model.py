@@ -14,6 +14,7 @@ import hashlib
 import html
 import html.entities
 import math
+import re
 import secrets
 import shutil
 import threading
@@ -36,7 +37,6 @@ BUILDS = ("hg19", "hg38")
 R2_FILTERS = ("0", "0.001", "0.1", "0.2", "0.3")
 PHASING = ("eagle", "beagle", "no_phasing")
 POPULATIONS = ("eur", "afr", "amr", "eas", "sas", "asn", "AA", "mixed", "all", "off")
-MODES = ("imputation", "qc_only")
 
 
 class State(enum.IntEnum):
@@ -88,13 +88,25 @@ class Panel:
     id: str  #: the full refpanel value, "apps@<panel>@<version>"
     label: str
     populations: tuple[str, ...]
+    #: Beagle phasing is offered (imputationserver2: the HRC and 1000 Genomes panels only).
+    beagle: bool = False
+
+    @property
+    def name(self) -> str:
+        """The id without `apps@` and without the version: what an unversioned refpanel names."""
+        return self.id.removeprefix("apps@").split("@", 1)[0]
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        text = self.id.removeprefix("apps@").partition("@")[2]
+        return tuple(int(part) for part in re.findall(r"\d+", text))
 
 
 DEFAULT_PANELS: tuple[Panel, ...] = (
     Panel("apps@hapmap-2@2.0.0", "HapMap 2", ("eur", "afr", "asn", "mixed", "off")),
     Panel("apps@1000g-phase-3-v5@2.0.0", "1000 Genomes Phase 3 (Version 5)",
-          ("afr", "amr", "eur", "eas", "sas", "all", "mixed", "off")),
-    Panel("apps@hrc-r1.1@2.0.0", "HRC r1.1 2016", ("eur", "mixed", "off")),
+          ("afr", "amr", "eur", "eas", "sas", "all", "mixed", "off"), beagle=True),
+    Panel("apps@hrc-r1.1@2.0.0", "HRC r1.1 2016", ("eur", "mixed", "off"), beagle=True),
     Panel("apps@caapa@2.0.0", "CAAPA - African American Panel", ("AA", "off")),
     Panel("apps@topmed-r3@1.0.0", "TOPMed (Version R3 on GRCh38)", ("all", "mixed", "off")),
     Panel("apps@h3africa-v6hc-s@1.0.0", "H3Africa Reference Panel (v6)", ("afr", "mixed", "all", "off")),
@@ -489,6 +501,17 @@ class Simulation:
         for d in job.downloads:
             self._by_hash.pop(d.hash, None)
         shutil.rmtree(job.workdir, ignore_errors=True)
+
+    def resolve_panel(self, refpanel: str) -> str | None:
+        """The installed panel a submitted refpanel names (`X`, `apps@X` or `apps@X@version`; without a version,
+        the newest installed), as its full id; None when none is installed."""
+        if refpanel in self.panels:
+            return refpanel
+        name, _, version = refpanel.removeprefix("apps@").partition("@")
+        matching = [p for p in self.panels.values() if p.name == name]
+        if version:
+            matching = [p for p in matching if p.id.removeprefix("apps@").partition("@")[2] == version]
+        return max(matching, key=lambda p: p.version).id if matching else None
 
     def cancel(self, job: Job) -> None:
         with self.lock:

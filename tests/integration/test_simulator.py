@@ -72,7 +72,8 @@ def client(sim: SimulatedCloudgene):
 
 
 def submit(client: httpx.Client, files: list[Path] | None, app: str = "imputationserver2", **fields: str):
-    data = {"refpanel": PANEL, "build": "hg19", "password": "pw", **fields}
+    data = {"refpanel": PANEL, "build": "hg19", "population": "off", "password": "pw", **fields}
+    data = {key: value for key, value in data.items() if value is not None}  # None: the field left out
     parts = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in files or []]
     return client.post(f"/jobs/submit/{app}", data=data, files=parts or None)
 
@@ -237,22 +238,45 @@ def test_submit_accepts_input_prefix_and_checkboxes(client: httpx.Client, vcf: P
     assert status(client, job_id)["name"] == "named"
 
 
-@pytest.mark.parametrize(
-    ("fields", "needle"),
-    [
-        ({"build": "hg37"}, "'build'"),
-        ({"r2Filter": "0.5"}, "'r2Filter'"),
-        ({"phasing": "shapeit"}, "'phasing'"),
-        ({"population": "martian"}, "'population'"),
-        ({"mode": "fast"}, "'mode'"),
-        ({"refpanel": "apps@nope@1.0.0"}, "'refpanel'"),
-        ({"refpanel": ""}, "'refpanel'"),
-    ],
-)
+@pytest.mark.parametrize(("fields", "needle"), [({"build": "hg37"}, "'build'"), ({"refpanel": ""}, "'refpanel'")])
 def test_submit_rejects_bad_values(client: httpx.Client, vcf: Path, fields: dict, needle: str) -> None:
     r = submit(client, [vcf], **fields)
     assert r.status_code == 400
     assert r.json()["success"] is False and needle in r.json()["message"]
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    # Accepted, as imputationserver2 accepts them, and refused by its workflow once the job runs.
+    ({"refpanel": "apps@nope@1.0.0"}, "Application 'apps@nope@1.0.0' not installed or wrong permissions."),
+    ({"refpanel": "nope"}, "Application 'nope' not installed or wrong permissions."),
+    ({"population": None}, "Expected parameter for option '--population'"),  # AfriGen
+    ({"population": "martian"}, "Population 'martian' is not supported"),
+    ({"r2Filter": "1.5"}, "Invalid r2Filter '1.5'"),
+    ({"phasing": "shapeit"}, "Unknown phasing method 'shapeit'"),
+    ({"refpanel": "apps@hapmap-2", "population": "eur", "phasing": "beagle"},
+     "Phasing with beagle is not available for reference panel 'apps@hapmap-2@2.0.0'."),
+])
+def test_values_the_workflow_refuses_fail_the_job(client: httpx.Client, clock: FakeClock, vcf: Path, fields: dict,
+                                                 needle: str) -> None:
+    job = finish(client, clock, submit_ok(client, [vcf], **fields))
+    assert job["state"] == State.FAILED
+    errors = [m["message"] for s in job["steps"] for m in s["logMessages"] if m["type"] == 1]
+    assert any(needle in e for e in errors), errors
+
+
+@pytest.mark.parametrize(("fields", "imputed"), [
+    ({"r2Filter": "0.8"}, True),  # TOPMed users' filter: not in the app's list, accepted and used
+    ({"refpanel": "apps@1000g-phase-3-v5"}, True),  # no version: the newest installed
+    ({"refpanel": "1000g-phase-3-v5"}, True),  # no apps@ either
+    ({"phasing": "beagle"}, True),  # offered by the 1000 Genomes panel
+    ({"mode": "qconly"}, False),  # the docs' spelling of QC only
+    ({"mode": "qc_only"}, False),  # the app's
+])
+def test_values_the_workflow_takes(client: httpx.Client, clock: FakeClock, vcf: Path, fields: dict,
+                                   imputed: bool) -> None:
+    job = finish(client, clock, submit_ok(client, [vcf], **fields))
+    assert job["state"] == State.SUCCESS, job["steps"]
+    assert any(name.startswith("chr_") for name in files_of(job)) is imputed
 
 
 def test_submit_needs_files(client: httpx.Client) -> None:
@@ -292,6 +316,7 @@ def test_submit_chunked_upload(sim: SimulatedCloudgene, client: httpx.Client, vc
     boundary = "XyZ123"
     body = (
         f"--{boundary}\r\nContent-Disposition: form-data; name=\"refpanel\"\r\n\r\n{PANEL}\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"population\"\r\n\r\noff\r\n"
         f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"chr20.vcf.gz\"\r\n"
         f"Content-Type: application/gzip\r\n\r\n"
     ).encode() + vcf.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
@@ -515,7 +540,8 @@ def test_result_zip_aes(sim: SimulatedCloudgene, client: httpx.Client, clock: Fa
 
 def test_invented_password_and_escaped_password(sim: SimulatedCloudgene, client: httpx.Client, clock: FakeClock,
                                                 vcf: Path) -> None:
-    r = client.post(SUBMIT, data={"refpanel": PANEL}, files=[("files", (vcf.name, vcf.read_bytes()))])
+    r = client.post(SUBMIT, data={"refpanel": PANEL, "population": "off"},
+                    files=[("files", (vcf.name, vcf.read_bytes()))])
     job = finish(client, clock, r.json()["id"])
     password = sim.job_password(job["id"])
     assert len(password) >= 12
