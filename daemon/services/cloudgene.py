@@ -128,11 +128,11 @@ class CloudgeneAdapter:
         problem = None if request.password is None else password_problem(request.password)
         if problem is not None:
             raise Permanent(f"{call}: {problem}", kind="bad_password")
-        data = {"refpanel": request.panel, "build": request.build}
+        # Population always goes: `off` skips the frequency check, and AfriGen's workflow fails a job without it.
+        data = {"refpanel": request.panel, "build": request.build, "population": request.population or "off"}
         optional = {
             "r2Filter": request.r2_filter,
             "phasing": request.phasing,
-            "population": request.population,
             "mode": request.mode,
             "password": request.password,
         }

@@ -251,18 +251,22 @@ def test_coalesced_body_passes_big_pieces_through_uncopied():
     assert list(_Coalesced(httpx.ByteStream(b""))) == [b""]
 
 
-def test_submit_sends_true_checkboxes_and_omits_unset_optionals(mock, adapter, vcfs):
+def test_submit_sends_true_checkboxes_population_off_and_omits_unset_optionals(mock, adapter, vcfs):
+    """Population always goes (AfriGen fails a job without it; `off` skips the frequency check); phasing, r2Filter
+    and mode left unset are the server's defaults."""
     seen = {}
 
     def answer(request):
-        seen["names"] = [name for name, _, _ in multipart(request)]
+        seen["parts"] = {name: payload for name, _, payload in multipart(request)}
         return httpx.Response(200, json={"success": True, "id": "job-2"})
 
     mock.post(SUBMIT).mock(side_effect=answer)
     request = SubmitRequest(job_id="j", files=vcfs[:1], panel="apps@hapmap-2@2.0.0", build="hg38",
                             aes_encryption=True, meta=True)
     assert adapter.submit(request) == "job-2"
-    assert sorted(seen["names"]) == sorted(["refpanel", "build", "aesEncryption", "meta", "job-name", "files"])
+    assert sorted(seen["parts"]) == sorted(["refpanel", "build", "population", "aesEncryption", "meta", "job-name",
+                                            "files"])
+    assert seen["parts"]["population"] == b"off"
 
 
 def test_submit_uses_the_configured_app(mock, vcfs):
