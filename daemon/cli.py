@@ -550,8 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--population", metavar="POP",
                         help="population for the allele-frequency check (one the panel offers in the config)")
     submit.add_argument("--phasing", choices=PHASING, help="phasing engine (default: the server's)")
-    submit.add_argument("--r2-filter", choices=R2_FILTERS,
-                        help="drop imputed variants with an r² below this (default: the server's)")
+    submit.add_argument("--r2-filter", metavar="R2",
+                        help="drop imputed variants with an r² below this: a number from 0 to below 1, such as "
+                             f"{', '.join(R2_FILTERS[1:])} or 0.8 (default: the server's)")
     submit.add_argument("--mode", choices=MODES, help="impute, or only check the input (default: the server's)")
     submit.add_argument("--name", help="a name for humans")
     secret = submit.add_mutually_exclusive_group()

@@ -23,6 +23,7 @@ import yaml
 from daemon.headers import HeadersFileError, parse_headers_file
 from daemon.states import NOTIFIABLE, TERMINAL, JobState
 from daemon.templates import template_problems
+from daemon.text import printable
 
 DEFAULT_CONFIG_PATH = Path("/etc/imputationd/config.yaml")
 CONFIG_ENV = "IMPUTATIOND_CONFIG"
@@ -157,12 +158,37 @@ class NotificationsConfig:
         return self.webhook is not None or self.email is not None
 
 
+BUILDS = ("hg19", "hg38")
+#: The remaining choices of a submission (`imputationd submit`); here rather than in `daemon.submission` so that the
+#: CLI's parser gets them without importing the submission path (the VCF preflight).
+PHASING = ("eagle", "beagle", "no_phasing")
+#: Phasing a panel offers when its config does not say: beagle is offered by a few panels only (imputationserver2:
+#: the HRC and 1000 Genomes ones), so a panel lists it to allow it.
+DEFAULT_PANEL_PHASING = ("eagle", "no_phasing")
+#: Cloudgene runs the QC only for any mode but `imputation`; the app's yaml spells it `qc_only`, the docs and
+#: imputationbot `qconly`: either is sent as given.
+MODES = ("imputation", "qconly", "qc_only")
+#: The r² filters the app lists; the server checks none of them, and any number from 0 to below 1 is used as given
+#: (TOPMed users send 0.8 and 0.9).
+R2_FILTERS = ("0", "0.001", "0.1", "0.2", "0.3")
+POPULATIONS = ("eur", "afr", "amr", "eas", "sas", "asn", "AA", "mixed", "all", "off")
+
+
+def r2_filter_problem(text: str) -> str | None:
+    """What is wrong with an r² filter (`submit --r2-filter`), or None: a plain decimal number in [0, 1)."""
+    if not re.fullmatch(r"0|0?\.[0-9]+", text):
+        examples = ", ".join(R2_FILTERS[1:])
+        return f"must be a number from 0 to below 1 such as {examples} or 0.8, got '{printable(text, 40)}'"
+    return None
+
+
 @dataclass(frozen=True)
 class PanelConfig:
     name: str  # ours, used on the command line
     remote_id: str  # the service's id, e.g. "apps@1000g-phase-3-v5@2.0.0"
     builds: tuple[str, ...] = ("hg19", "hg38")
     populations: tuple[str, ...] = ()
+    phasing: tuple[str, ...] = DEFAULT_PANEL_PHASING
 
 
 @dataclass(frozen=True)
@@ -766,13 +792,6 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+\.")  # Cloudgene's API tokens are JWTs
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _PANEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-BUILDS = ("hg19", "hg38")
-#: The remaining choices of a submission (`imputationd submit`); here rather than in `daemon.submission` so that the
-#: CLI's parser gets them without importing the submission path (the VCF preflight).
-PHASING = ("eagle", "beagle", "no_phasing")
-R2_FILTERS = ("0", "0.001", "0.1", "0.2", "0.3")
-MODES = ("imputation", "qc_only")
-POPULATIONS = ("eur", "afr", "amr", "eas", "sas", "asn", "AA", "mixed", "all", "off")
 
 _TOP_LEVEL: dict[str, _Convert] = {
     name: _as_is
@@ -826,6 +845,7 @@ _PANEL: dict[str, _Convert] = {
     "id": _text,
     "builds": _subset(BUILDS, non_empty=True),
     "populations": _subset(POPULATIONS, non_empty=False),
+    "phasing": _subset(PHASING, non_empty=True),
 }
 
 _WES_REQUIRED = ("workflow_url", "workflow_type", "workflow_type_version")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.config import BUILDS, MODES, PHASING, R2_FILTERS, Config
+from daemon.config import BUILDS, MODES, PHASING, Config, r2_filter_problem
 from daemon.crypto import MAX_PASSWORD_LENGTH
 from daemon.db.admin import NewInput, NewJob
 from daemon.db.models import Job
@@ -51,8 +51,9 @@ def validate(config: Config, request: Submission) -> list[str]:
         problems.append(f"--build: must be one of {', '.join(BUILDS)}, got '{request.build}'")
     if request.phasing is not None and request.phasing not in PHASING:
         problems.append(f"--phasing: must be one of {', '.join(PHASING)}, got '{request.phasing}'")
-    if request.r2_filter is not None and request.r2_filter not in R2_FILTERS:
-        problems.append(f"--r2-filter: must be one of {', '.join(R2_FILTERS)}, got '{request.r2_filter}'")
+    r2_problem = None if request.r2_filter is None else r2_filter_problem(request.r2_filter)
+    if r2_problem is not None:
+        problems.append(f"--r2-filter: {r2_problem}")
     if request.mode is not None and request.mode not in MODES:
         problems.append(f"--mode: must be one of {', '.join(MODES)}, got '{request.mode}'")
     if request.password is not None and len(request.password) > MAX_PASSWORD_LENGTH:
@@ -80,6 +81,9 @@ def validate(config: Config, request: Submission) -> list[str]:
         if request.build not in panel.builds:
             problems.append(f"--build {request.build}: panel '{request.panel}' on '{name}' offers "
                             f"{', '.join(panel.builds)}")
+        if request.phasing is not None and request.phasing in PHASING and request.phasing not in panel.phasing:
+            problems.append(f"--phasing {request.phasing}: panel '{request.panel}' on '{name}' offers "
+                            f"{', '.join(panel.phasing)} (a panel lists beagle in its phasing to offer it)")
         if request.population and panel.populations and request.population not in panel.populations:
             problems.append(f"--population {request.population}: panel '{request.panel}' on '{name}' offers "
                             f"{', '.join(panel.populations)}")

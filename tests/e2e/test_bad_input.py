@@ -274,8 +274,10 @@ def test_bad_arguments_exit_2_naming_the_argument(site: Path, capsys: pytest.Cap
     cases = [
         (["submit", *cfg, "--panel", PANEL, "--build", "hg19", good], ("--service",)),
         (["submit", *cfg, "--service", "sim", "--panel", PANEL, "--build", "hg20", good], ("--build", "hg20")),
-        (["submit", *cfg, "--service", "sim", "--panel", PANEL, "--build", "hg19", "--r2-filter", "0.5", good],
-         ("--r2-filter",)),
+        (["submit", *cfg, "--service", "sim", "--panel", PANEL, "--build", "hg19", "--r2-filter", "1.5", good],
+         ("--r2-filter: must be a number from 0 to below 1", "got '1.5'")),
+        (["submit", *cfg, "--service", "sim", "--panel", PANEL, "--build", "hg19", "--phasing", "beagle", good],
+         ("--phasing beagle: panel '1000g-phase3' on 'sim' offers eagle, no_phasing",)),
         (["submit", *cfg, "--service", "sim", "--panel", PANEL, "--build", "hg19", "--password", "a",
           "--password-file", "f", good], ("--password-file", "not allowed with")),
         (["submit", *cfg, "--service", "sim", "--panel", PANEL, "--build", "hg19"], ("FILE",)),

@@ -87,6 +87,20 @@ def test_happy_path(e2e, db_url):
     assert len(h.logs.select(event="file_downloaded", job_id=str(job.id))) == len(job.outputs)
 
 
+def test_what_cloudgene_takes_beyond_its_lists_reaches_it_as_sent(e2e):
+    """No population (sent `off`: AfriGen fails a job without one), TOPMed's r² filter 0.8 (outside the app's list,
+    which the server does not check) and the docs' `qconly`: the jobs complete, the QC-only one without zips."""
+    h = e2e()
+    [imputed] = h.submit(population=None, r2_filter="0.8")
+    [checked] = h.submit(mode="qconly")
+    h.start()
+    imputed, checked = (h.wait_state(job.id, "completed") for job in (imputed, checked))
+    h.stop_daemon()
+    assert any(o.name.startswith("chr_") for o in h.job(imputed.id).outputs)
+    assert not any(o.name.startswith("chr_") for o in h.job(checked.id).outputs)
+    assert h.logs.problems() == [], h.logs.dump()
+
+
 def test_multi_file_outputs_keep_their_subfolders(e2e):
     h = e2e()
     [job] = h.submit([h.vcf("20"), h.vcf("21", seed=1)])

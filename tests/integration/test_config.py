@@ -208,10 +208,14 @@ services:
 def test_example_file_loads() -> None:
     config = load_config(EXAMPLE)
     assert set(config.services) == {"michigan", "topmed", "afrigen"}
-    assert config.services["michigan"].panels["1000g-phase-3-v5"].remote_id == "apps@1000g-phase-3-v5@2.0.0"
-    assert config.services["michigan"].panels["hrc"].remote_id == "apps@hrc-r1.1@2.0.0"
-    assert config.services["topmed"].panels["topmed-r3"].remote_id == "apps@topmed-r3@1.0.0"
-    assert config.services["afrigen"].panels["h3africa"].remote_id == "apps@h3africa-v6hc-s@1.0.0"
+    # Unversioned: the server resolves them to its newest panel, so an upgrade of the panel breaks nothing.
+    assert config.services["michigan"].panels["1000g-phase-3-v5"].remote_id == "apps@1000g-phase-3-v5"
+    assert config.services["michigan"].panels["hrc"].remote_id == "apps@hrc-r1.1"
+    assert config.services["topmed"].panels["topmed-r3"].remote_id == "apps@topmed-r3"
+    assert config.services["afrigen"].panels["h3africa"].remote_id == "apps@h3africa-v6hc-s"
+    assert config.services["michigan"].panels["hrc"].phasing == ("eagle", "beagle", "no_phasing")
+    assert config.services["topmed"].panels["topmed-r3"].phasing == ("eagle", "no_phasing")
+    assert (config.services["michigan"].max_samples, config.services["topmed"].max_samples) == (110000, 199999)
     for service in config.services.values():
         assert service.type == "cloudgene"
         assert service.token_file is not None and service.token_env is None
@@ -449,6 +453,8 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
     ("panel-build-twice", panel(builds=["hg19", "hg19"]), "services.michigan.panels.hrc.builds", "more than once"),
     ("panel-population", panel(populations=["EUR"]), "services.michigan.panels.hrc.populations", "unknown 'EUR'"),
     ("panel-population-off", panel(populations=[False]), "services.michigan.panels.hrc.populations", "quote 'off'"),
+    ("panel-phasing", panel(phasing=["shapeit"]), "services.michigan.panels.hrc.phasing", "unknown 'shapeit'"),
+    ("panel-phasing-none", panel(phasing=[]), "services.michigan.panels.hrc.phasing", "at least one"),
     ("panel-typo", panel(population=["eur"]), "services.michigan.panels.hrc.population", "did you mean"),
     ("wes-on-cloudgene", michigan(wes=WES_SERVICE["wes"]), "services.michigan.wes", "only for services of type wes"),
     ("wes-missing", michigan(type="wes"), "services.michigan.wes", "required for services of type wes"),
