@@ -469,7 +469,7 @@ class Simulation:
                         continue
                     return min(job.deleted_on, job.since + t.notify)
                 return job.deleted_on
-            elif s == State.FAILED:
+            elif s in (State.FAILED, State.CANCELED):  # Cloudgene's 9 holds cancelled jobs too
                 if t.notify is not None:
                     if now >= job.since + t.notify:
                         job.state = State.FAILED_NOTIFIED

@@ -463,6 +463,18 @@ def test_instant_timings_and_notified_state(tmp_path: Path) -> None:
             assert files_of(job)
 
 
+def test_a_cancelled_job_is_moved_to_9_with_the_failed_ones(tmp_path: Path) -> None:
+    """Reference: state 9 (FAILED_NOTIFIED) is also used for cancelled jobs; their log says they were cancelled."""
+    vcf = write_sample_vcf(tmp_path / "chr20.vcf.gz")
+    with SimulatedCloudgene({"t": "u"}, timings=Timings(queue=60, notify=0)) as sim:
+        with httpx.Client(base_url=sim.api_url, headers={"X-Auth-Token": "t"}) as c:
+            job_id = submit_ok(c, [vcf])
+            assert c.get(f"/jobs/{job_id}/cancel").status_code == 200
+            job = status(c, job_id)
+            assert job["state"] == State.FAILED_NOTIFIED
+            assert any("canceled" in m["message"] for s in job["steps"] for m in s["logMessages"])
+
+
 # --------------------------------------------------------------------------------------------------- results
 
 
