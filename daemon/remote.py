@@ -95,6 +95,8 @@ class RemoteStatus:
     progress: str | None = None  # latest step / log message, for humans
     message: str | None = None  # the failure reason when kind is FAILED
     outputs: tuple[RemoteOutput, ...] = ()
+    #: When the server will delete the results (Cloudgene `deletedOn`, set once the deletion is scheduled).
+    retires_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import datetime as dt
 import html
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -61,6 +62,11 @@ PROGRESS_LIMIT = 200
 MESSAGE_LIMIT = 2000
 
 LOG_ERROR = 1  # logMessages[].type: 0 OK, 1 ERROR, 2 WARNING, 3 RUNNING
+#: Cloudgene's state 9 (FAILED_NOTIFIED) is also where it moves a cancelled job: its log then says so.
+FAILED_NOTIFIED = 9
+_CANCELLED_WORDS = re.compile(r"\bcancell?ed\b", re.IGNORECASE)
+#: How long the app's panel list (`GET /server/apps/{app}`) is trusted before a submit asks again.
+PANELS_TTL = 3600.0
 
 _JOB_LIMIT = re.compile(r"Only\s+(\d+)\s+jobs?\s+per\s+user", re.IGNORECASE)
 _DOWNLOADS_EXHAUSTED = re.compile(r"max(imum)?\s+downloads?\s+exceeded", re.IGNORECASE)
@@ -105,6 +111,8 @@ class CloudgeneAdapter:
         self._submit_timeout = httpx.Timeout(
             config.timeout, connect=min(config.timeout, 10.0), read=max(config.timeout, SUBMIT_READ_TIMEOUT)
         )
+        #: The app's panel ids and when they were read (`time.monotonic`), for the check before an upload.
+        self._panels: tuple[tuple[str, ...], float] | None = None
 
     # -- the adapter interface -------------------------------------------------------------------------------
 
@@ -128,6 +136,7 @@ class CloudgeneAdapter:
         problem = None if request.password is None else password_problem(request.password)
         if problem is not None:
             raise Permanent(f"{call}: {problem}", kind="bad_password")
+        self._check_panel(request.panel)
         # Population always goes: `off` skips the frequency check, and AfriGen's workflow fails a job without it.
         data = {"refpanel": request.panel, "build": request.build, "population": request.population or "off"}
         optional = {
@@ -293,6 +302,21 @@ class CloudgeneAdapter:
             message=message,
         )
 
+    def _check_panel(self, panel: str) -> None:
+        """Refuse, before anything is uploaded, a panel the app does not offer: Cloudgene accepts any refpanel
+        and fails the job only once it runs ("Application … not installed"), after the upload and the queue."""
+        now = time.monotonic()
+        if self._panels is None or now - self._panels[1] > PANELS_TTL:
+            call = f"GET /server/apps/{self.config.app}"
+            body = self._api("GET", self._path("server", "apps", self.config.app), call)
+            self._panels = _parse_panels(body, call), now
+        offered = self._panels[0]
+        if not offered_panel(panel, offered):
+            raise Permanent(
+                f"panel '{panel}' is not offered by {self.config.app} on this server (it offers: "
+                f"{', '.join(offered) or 'none'}); nothing was uploaded", kind="unknown_panel",
+            )
+
     def close(self) -> None:
         """Close the client this adapter made (a client passed in belongs to the caller)."""
         if isinstance(self._client, ClientPerThread):
@@ -452,6 +476,17 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def offered_panel(panel: str, offered: tuple[str, ...]) -> bool:
+    """Whether a refpanel (`X`, `apps@X` or `apps@X@version`) names one of the app's panels: without a version, any
+    version of it (the server takes the newest)."""
+    name, _, version = panel.removeprefix("apps@").partition("@")
+    for key in offered:
+        offered_name, _, offered_version = key.removeprefix("apps@").partition("@")
+        if offered_name == name and (not version or version == offered_version):
+            return True
+    return False
+
+
 def _parse_status(body: dict[str, Any], call: str, root: str) -> RemoteStatus:
     state = body.get("state")
     if not _is_int(state):
@@ -460,6 +495,11 @@ def _parse_status(body: dict[str, Any], call: str, root: str) -> RemoteStatus:
     position = body.get("positionInQueue")
     steps = body.get("steps")
     steps = [step for step in steps if isinstance(step, dict)] if isinstance(steps, list) else []
+    if state == FAILED_NOTIFIED and any(
+        isinstance(log.get("message"), str) and _CANCELLED_WORDS.search(log["message"])
+        for step in steps for log in _logs(step)
+    ):
+        kind = RemoteKind.CANCELLED  # cancelled (by us or in the web UI), then moved to 9 with the failed jobs
     message = None
     if kind is RemoteKind.FAILED:
         errors = [
@@ -479,7 +519,15 @@ def _parse_status(body: dict[str, Any], call: str, root: str) -> RemoteStatus:
         progress=_progress(steps),
         message=message,
         outputs=_parse_outputs(body.get("outputParams"), call, root),
+        retires_at=_retirement(body.get("deletedOn")),
     )
+
+
+def _retirement(deleted_on: object) -> dt.datetime | None:
+    """`deletedOn`: epoch milliseconds once the deletion of the results is scheduled, 0 or -1 before."""
+    if not _is_int(deleted_on) or deleted_on <= 0:
+        return None
+    return _parse_time(deleted_on)
 
 
 def _logs(step: dict[str, Any]) -> list[dict[str, Any]]:

@@ -221,6 +221,23 @@ def test_cancelled_remotely(e2e):
     assert h.logs.problems() == [], h.logs.dump()
 
 
+@pytest.mark.parametrize("by", ["daemon", "web UI"])
+def test_a_cancelled_job_that_the_server_moves_to_state_9_ends_cancelled(e2e, by):
+    """Cloudgene moves cancelled jobs to 9 (FAILED_NOTIFIED) with the failed ones (here at once: notify=0). Asked
+    by us, 9 is our cancel; cancelled in the web UI, the job's log says so. Neither may end `failed`."""
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=0.1, notify=0.0))
+    job, remote_id = stalled_job(h)
+    if by == "daemon":
+        h.store.admin.request_cancel(job.id)
+    else:
+        answer = httpx.get(f"{h.sim.api_url}/jobs/{remote_id}/cancel", headers={"X-Auth-Token": h.service.token})
+        assert answer.status_code == 200
+    job = h.wait_state(job.id, "cancelled")
+    h.stop_daemon()
+    assert job.remote_state == "FAILED_NOTIFIED" and h.sim.job_state(remote_id) == State.FAILED_NOTIFIED
+    assert h.logs.problems() == [], h.logs.dump()
+
+
 def test_results_retired_before_download(e2e):
     # Retention 0: the server deletes the results the moment the job succeeds, before any poll sees SUCCESS.
     h = e2e(timings=Timings(queue=0.1, run=0.1, export=0.1, retention=0.0))

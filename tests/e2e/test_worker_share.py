@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from support.daemon_harness import DaemonConfig, DaemonProcess, JobDB, create_jobs, simulator
-from support.hostile_server import HostileServer, Request, drip, json_answer
+from support.hostile_server import HostileServer, Request, drip, json_answer, with_cloudgene_app
 
 SUBMIT = "POST /api/v2/jobs/submit/imputationserver2"
 
@@ -22,7 +22,7 @@ def dripping(request: Request):
 def test_a_service_whose_server_drips_takes_at_most_its_share_of_the_workers(tmp_path, sqlite_url):
     # Two workers, two services: each may occupy one. The dripping service's calls are long (its timeout is 60 s,
     # so a call may take 120 s): while they last, the other service's job still runs on the other worker.
-    with simulator() as sim, HostileServer(dripping) as slow:
+    with simulator() as sim, HostileServer(with_cloudgene_app(dripping)) as slow:
         cfg = DaemonConfig(tmp_path, sqlite_url, sim, scheduler={"workers": 2},
                            extra_services={"slow": (sim, {"base_url": slow.url, "timeout": 60})})
         db = JobDB(sqlite_url)

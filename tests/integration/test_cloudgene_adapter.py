@@ -42,6 +42,9 @@ def make(token=TOKEN, base_url: str = ROOT, **kwargs) -> CloudgeneAdapter:
 @pytest.fixture
 def mock():
     with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+        # The panel list a submit checks its panel against; a test that mocks the same URL replaces this route.
+        for app in ("imputationserver2", "imputationserver2@2.0.7"):
+            router.get(f"{API}/server/apps/{app}").respond(json=APP)
         yield router
 
 
@@ -227,6 +230,8 @@ def test_submit_hands_the_body_to_the_socket_in_pieces_of_64_kib_or_more(tmp_pat
         """What the connection would be handed (respx and MockTransport read the whole body first)."""
 
         def handle_request(self, request: httpx.Request) -> httpx.Response:
+            if request.method == "GET":  # the panel check before the upload
+                return httpx.Response(200, json=APP)
             seen["pieces"] = list(request.stream)
             seen["length"] = int(request.headers["content-length"])
             return httpx.Response(200, json={"success": True, "id": "job-1"})
@@ -675,6 +680,40 @@ def test_status_maps_every_state(mock, adapter, state, raw, kind):
     assert (status.raw_state, status.kind) == (raw, kind)
     assert route.calls.last.request.headers["X-Auth-Token"] == TOKEN
     assert (status.message is not None) == (kind is RemoteKind.FAILED)
+
+
+def test_status_reads_when_the_results_retire(mock, adapter):
+    mock.get(f"{API}/jobs/job-1/status").respond(json=job(8, deletedOn=1704715200000))
+    assert adapter.status("job-1").retires_at == dt.datetime(2024, 1, 8, 12, 0, tzinfo=dt.UTC)
+    mock.get(f"{API}/jobs/job-1/status").respond(json=job(4, deletedOn=0))
+    assert adapter.status("job-1").retires_at is None
+
+
+@pytest.mark.parametrize(("message", "kind"), [
+    ("Job was canceled by user.", RemoteKind.CANCELLED),
+    ("Job cancelled.", RemoteKind.CANCELLED),
+    ("Imputation failed: chr20 has no variants", RemoteKind.FAILED),
+])
+def test_state_9_is_cancelled_when_its_log_says_so(mock, adapter, message, kind):
+    """Cloudgene moves cancelled jobs to 9 (FAILED_NOTIFIED) with the failed ones: its log tells them apart."""
+    steps = [{"id": 1, "name": "Canceled", "logMessages": [{"message": message, "type": 1, "time": 0}]}]
+    mock.get(f"{API}/jobs/job-1/status").respond(json=job(9, steps=steps))
+    status = adapter.status("job-1")
+    assert (status.kind, status.raw_state) == (kind, "FAILED_NOTIFIED")
+
+
+def test_submit_refuses_a_panel_the_server_does_not_offer_before_uploading(mock, adapter, vcfs):
+    """Cloudgene accepts any refpanel and fails the job only once it ran, after the upload and the queue."""
+    submit = mock.post(SUBMIT).respond(json={"success": True, "id": "job-9"})
+    with pytest.raises(Permanent, match=r"^panel 'apps@topmed-r3' is not offered by imputationserver2 on this "
+                                        r"server \(it offers: apps@1000g-phase-3-v5@2.0.0, apps@hapmap-2@2.0.0\)"
+                       ) as refused:
+        adapter.submit(submit_request(vcfs, panel="apps@topmed-r3"))
+    assert refused.value.kind == "unknown_panel" and refused.value.may_have_created is False
+    assert not submit.called
+    for panel in ("apps@1000g-phase-3-v5", "1000g-phase-3-v5", "apps@hapmap-2@2.0.0"):  # no version: the newest
+        assert adapter.submit(submit_request(vcfs, panel=panel)) == "job-9"
+    assert mock.routes[0].call_count == 1  # the panel list is read once and kept
 
 
 def test_status_queue_position(mock, adapter):

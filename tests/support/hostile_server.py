@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import socket
 import ssl
 import threading
@@ -59,6 +60,24 @@ def endless(head: bytes, piece: bytes = b" " * 65536, most: int = 64 << 20) -> I
 def json_answer(body: bytes, status: str = "200 OK", extra: str = "") -> bytes:
     return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}"
             "\r\n").encode() + body
+
+
+#: Cloudgene's app description (`GET /server/apps/{app}`), offering the panels the tests submit with.
+CLOUDGENE_APP = json.dumps({"id": "imputationserver2", "params": [{"id": "refpanel", "type": "app_list", "values": [
+    {"key": "p", "value": "test panel"}, {"key": "apps@1000g-phase-3-v5@2.0.0", "value": "1000 Genomes"}]}]}).encode()
+
+
+def with_cloudgene_app(answer: Callable[[Request], Iterable[bytes | Pause]]
+                       ) -> Callable[[Request], Iterable[bytes | Pause]]:
+    """`answer`, except that the app description a Cloudgene submit checks its panel against is answered at once:
+    the misbehaviour under test is the submit's (or the status's), not that of the panel list."""
+    def answering(request: Request) -> Iterable[bytes | Pause]:
+        if request.method == "GET" and "/server/apps/" in request.path:
+            # Said, so that the client opens a new connection for the call under test: this server answers one
+            # request per connection.
+            return [json_answer(CLOUDGENE_APP, extra="Connection: close\r\n")]
+        return answer(request)
+    return answering
 
 
 class HostileServer:
