@@ -222,8 +222,9 @@ class CloudgeneApi:
 
     def delete_job(self, request: Request, id: str) -> Response:
         self._user(request)
-        # Cloudgene deletes only for a browser session (access token), never for an API token.
-        raise ApiError(403, "Forbidden", json_body=False)
+        # Cloudgene deletes only for a browser session (access token): an API token, however valid, gets a 401 that
+        # says nothing about the token (reference: other calls).
+        raise ApiError(401, "The request requires user authentication.")
 
     def list_jobs(self, request: Request) -> Response:
         account = self._user(request)

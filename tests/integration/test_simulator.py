@@ -705,7 +705,9 @@ def test_unknown_and_foreign_jobs(sim: SimulatedCloudgene, client: httpx.Client,
         for call in ("", "/status", "/cancel", "/restart"):
             r = bob.get(f"/jobs/{job_id}{call}")
             assert r.status_code == 403 and r.json()["message"] == "Access denied."
-    assert client.delete(f"/jobs/{job_id}").status_code == 403  # needs a browser session
+    refused = client.delete(f"/jobs/{job_id}")  # needs a browser session's access token, never an API token's
+    assert refused.status_code == 401
+    assert refused.json() == {"success": False, "message": "The request requires user authentication."}
 
 
 def test_job_list_paging(clock: FakeClock, tmp_path: Path) -> None:
