@@ -45,6 +45,7 @@ from daemon.logging import configure_logging
 from daemon.pipeline import Pipeline
 from daemon.scheduler import Daemon, make_owner
 from daemon.services import build_adapter
+from daemon.services.errors import ServiceError
 from daemon.simulator import serve
 from daemon.states import TERMINAL, JobState
 from daemon.submission import Submission, SubmissionError, submit
@@ -196,14 +197,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def _password_argument(args: argparse.Namespace) -> str | None:
+    """`--password`, or the content of `--password-file`."""
+    if not args.password_file:
+        return str(args.password) if args.password is not None else None
+    try:
+        return Path(args.password_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise CliError(f"--password-file {args.password_file}: {exc.strerror}", EXIT_USAGE) from None
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     config = _load(args)
-    password = args.password
-    if args.password_file:
-        try:
-            password = Path(args.password_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise CliError(f"--password-file {args.password_file}: {exc.strerror}", EXIT_USAGE) from None
+    password = _password_argument(args)
     request = Submission(
         services=args.service,
         panel=args.panel,
@@ -228,6 +234,41 @@ def cmd_submit(args: argparse.Namespace) -> int:
     else:
         print(jobs[0].group_id)
     return 0
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    """Track jobs submitted elsewhere: each remote id is looked up on the server first, so that a typo or another
+    user's job is refused rather than polled for ever."""
+    config = _load(args)
+    service = config.services.get(args.service)
+    if service is None:
+        known = ", ".join(sorted(config.services)) or "none configured"
+        raise CliError(f"--service {args.service}: not a configured service (configured: {known})", EXIT_USAGE)
+    password = _password_argument(args)
+    store = _store(args, config)
+    adapter = build_adapter(service, max_connections=2)
+    failed = 0
+    try:
+        for remote_id in args.remote_ids:
+            shown = printable(remote_id, 200)
+            try:
+                status = adapter.status(remote_id)
+            except ServiceError as exc:
+                print(f"imputationd: {shown}: not adopted: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            try:
+                job, adopted = store.admin.adopt(service.name, remote_id, password=password, name=args.name,
+                                                 remote_state=status.raw_state)
+            except SecretKeyError as exc:
+                raise CliError(f"storage.secret_key_file: {exc} (adopt as the daemon's user)", EXIT_FAILED) from None
+            if adopted:
+                print(f"{job.id}: adopted {shown} ({status.raw_state})")
+            else:
+                print(f"{job.id}: already tracks {shown} ({job.state.value})")
+    finally:
+        adapter.close()
+    return EXIT_FAILED if failed else 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -574,6 +615,16 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--json", action="store_true", help="print the job (or group) as JSON")
     shown.add_argument("--password", action="store_true",
                        help="print the password of the job's result zips (the job's history records that it was shown)")
+
+    adopt = command("adopt", cmd_adopt, "track jobs submitted elsewhere (the web UI, another tool) by their remote ids")
+    adopt.add_argument("--service", required=True, metavar="S", help="the configured service the jobs run on")
+    adopt.add_argument("--name", help="a name for humans")
+    adopted = adopt.add_mutually_exclusive_group()
+    adopted.add_argument("--password", help="the password of the jobs' result zips, to check them (visible to `ps`: "
+                                            "prefer --password-file; without it encrypted zips are checked for "
+                                            "structure only)")
+    adopted.add_argument("--password-file", metavar="FILE", help="read the result zip password from FILE")
+    adopt.add_argument("remote_ids", nargs="+", metavar="REMOTE_ID", help="the server's job or run id")
 
     cancel = command("cancel", cmd_cancel, "cancel a job (remotely too, if it was submitted)")
     cancel.add_argument("id", metavar="ID", help="job id (a unique prefix is enough)")

@@ -13,6 +13,7 @@ from sqlalchemy.orm import selectinload
 from daemon.db import queries
 from daemon.db.engine import Connections
 from daemon.db.models import Job, JobEvent, JobInput, utcnow
+from daemon.db.service_status import service_row
 from daemon.db.transitions import JobNotFound, lock_job, transition
 from daemon.remote import JobParameters
 from daemon.states import TERMINAL, JobState
@@ -78,6 +79,32 @@ class JobAdmin:
                 session.add(job)
                 created.append(job)
         return created
+
+    def adopt(self, service: str, remote_id: str, *, password: str | None = None, name: str | None = None,
+              remote_state: str | None = None) -> tuple[Job, bool]:
+        """Track a job submitted elsewhere (the server's web UI, another tool) by its remote id: a `queued` job the
+        daemon polls and downloads like its own. Returns (the job, whether it was adopted now); a remote job that a
+        job of ours already tracks is that job, never a second one."""
+        now = utcnow()
+        with self._db.session() as session, session.begin():
+            # The service's status row, locked: adopters of one service take turns (PostgreSQL; SQLite's write
+            # lock serialises them anyway), so two cannot both find the remote job untracked.
+            service_row(session, service)
+            existing = session.scalars(queries.job_tracking(service, remote_id)).first()
+            if existing is not None:
+                return existing, False
+            job = Job(
+                id=uuid.uuid4(), service=service, panel="", build="", name=name, remote_id=remote_id,
+                remote_state=remote_state,
+                password=self._sealer.seal(password) if self._sealer else password,
+                state=JobState.QUEUED, created_at=now, updated_at=now, submitted_at=now, next_poll_at=now,
+                submit_attempts=0, restart_attempts=0, retries=0, failures=0,
+            )
+            job.group_id = job.id
+            job.events = [JobEvent(at=now, from_state=None, to_state=JobState.QUEUED,
+                                   reason=f"adopted from the server as {remote_id}")]
+            session.add(job)
+            return job, True
 
     # ------------------------------------------------------------------ reads
 
@@ -162,6 +189,8 @@ class JobAdmin:
             job = lock_job(session, job_id)
             if job.state is not JobState.FAILED:
                 raise ValueError(f"job {job.id} is {job.state}; only failed jobs can be retried")
+            if not job.inputs:
+                raise ValueError(f"job {job.id} was adopted from the server: there are no input files to submit again")
             transition(session, job, JobState.PENDING, "retried by operator", now)
             job.retries += 1
             job.remote_id = job.remote_state = job.progress = job.error = job.error_kind = None

@@ -252,6 +252,11 @@ def group_jobs(group_id: uuid.UUID) -> sa.Select[Job]:
     )
 
 
+def job_tracking(service: str, remote_id: str) -> sa.Select[Job]:
+    """The job of ours that tracks a service's remote job, if any."""
+    return sa.select(Job).where(Job.service == service, Job.remote_id == remote_id).order_by(Job.created_at)
+
+
 COUNTS_BY_SERVICE = sa.select(Job.service, Job.state, sa.func.count()).group_by(Job.service, Job.state)
 
 

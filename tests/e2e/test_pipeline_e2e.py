@@ -12,11 +12,12 @@ import errno
 import hashlib
 import itertools
 import time
+import uuid
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from support.e2e_support import Harness
+from support.e2e_support import PANEL_ID, Harness
 
 import daemon.downloads
 import daemon.pipeline
@@ -944,6 +945,40 @@ def test_cancel_of_a_submit_whose_answer_was_lost_waits_for_the_job_and_cancels_
     assert h.sim.submissions(str(job.id)) == 1
     assert job.remote_id is not None and h.sim.job_state(job.remote_id) == State.CANCELED
     assert h.requests["mis"].count(f"/api/v2/jobs/{job.remote_id}/cancel") == 1
+
+
+def test_a_job_submitted_in_the_web_ui_is_adopted_once_and_downloaded(e2e, capsys):
+    """`imputationd adopt`: the remote job is looked up, then tracked like ours (polled, each file downloaded once,
+    its zips checked with the password given); adopting it again names the job that tracks it; an id the server
+    does not know is refused."""
+    h = e2e()
+    vcf = h.vcf()
+    answer = httpx.post(f"{h.sim.api_url}/jobs/submit/imputationserver2", headers={"X-Auth-Token": h.service.token},
+                        data={"refpanel": PANEL_ID, "build": "hg19", "population": "eur", "password": "web-ui-pass-1"},
+                        files=[("files", (vcf.name, vcf.read_bytes()))])
+    remote_id = answer.json()["id"]
+    password_file = h.root / "zip.password"
+    password_file.write_text("web-ui-pass-1\n")
+    cfg = ["-c", str(h.config_path)]
+
+    assert cli.main(["adopt", *cfg, "--service", "mis", "--password-file", str(password_file), remote_id]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    job_id = uuid.UUID(line.split(":")[0])
+    assert line.startswith(f"{job_id}: adopted {remote_id} (")
+    h.start()
+    job = h.wait_state(job_id, "completed")
+    assert cli.main(["adopt", *cfg, "--service", "mis", remote_id]) == 0
+    assert capsys.readouterr().out == f"{job_id}: already tracks {remote_id} (completed)\n"
+    assert cli.main(["adopt", *cfg, "--service", "mis", "job-20200101-000000-000"]) == 1
+    assert "job-20200101-000000-000: not adopted: " in capsys.readouterr().err
+    h.stop_daemon()
+
+    assert job.remote_id == remote_id and job.events[0].reason == f"adopted from the server as {remote_id}"
+    assert [j.id for j in h.store.admin.list_jobs()] == [job.id]
+    h.assert_outputs_match(job)
+    for output in job.outputs:  # each file fetched once
+        assert len(h.downloads_of(job, output.name)) == 1
+    assert h.logs.problems() == [], h.logs.dump()
 
 
 def test_cancel_from_the_cli(e2e, capsys):

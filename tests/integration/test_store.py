@@ -354,3 +354,36 @@ def test_concurrent_promotion_never_overfills_a_service(db_url: str) -> None:
 
     run_threads(promoter, [() for _ in range(5)])
     assert store.queue.in_flight_count("mis") == 3
+
+
+def test_a_remote_job_is_adopted_once_even_by_racing_adopters(db_url: str) -> None:
+    """Two `imputationd adopt` of one remote job at once (each its own store, as two processes): one job."""
+    stores = [make_store(db_url) for _ in range(4)]
+    stores[0].services.ensure_services(["mis"])
+    start = threading.Barrier(len(stores))
+    results: list[tuple[uuid.UUID, bool]] = []
+
+    def adopt(store: JobStore) -> None:
+        start.wait()
+        job, adopted = store.admin.adopt("mis", "job-20260101-000000-007", password="pw", remote_state="WAITING")
+        results.append((job.id, adopted))
+
+    threads = [threading.Thread(target=adopt, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len({job_id for job_id, _ in results}) == 1 and sum(adopted for _, adopted in results) == 1
+    job = stores[0].admin.get(results[0][0], with_events=True)
+    assert (job.state, job.remote_id, job.remote_state, job.inputs) == (JobState.QUEUED, "job-20260101-000000-007",
+                                                                        "WAITING", [])
+    assert [e.reason for e in job.events] == ["adopted from the server as job-20260101-000000-007"]
+
+
+def test_an_adopted_job_that_failed_cannot_be_retried(store: JobStore) -> None:
+    """Retrying submits the inputs again: an adopted job has none."""
+    job, _ = store.admin.adopt("mis", "job-1")
+    assert store.queue.claim_one(job.id, "me", lease_seconds=30) is not None
+    store.queue.finish(job.id, "me", Outcome(state=JobState.FAILED, reason="remote job failed"))
+    with pytest.raises(ValueError, match="was adopted from the server: there are no input files to submit again"):
+        store.admin.retry(job.id)
