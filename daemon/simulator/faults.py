@@ -36,7 +36,7 @@ RESPONSE_KINDS = frozenset(
     {"error", "drop", "rate_limit", "html_200", "malformed_json", "truncate", "reset", "corrupt", "no_outputs"}
 )
 MODIFIER_KINDS = frozenset({"delay"})
-JOB_KINDS = frozenset({"fail_validation", "stall", "dead", "echo_secrets"})
+JOB_KINDS = frozenset({"fail_validation", "fail_imputation", "stall", "dead", "echo_secrets"})
 SUBMIT_KINDS = frozenset({"slow_submit"})
 KINDS = RESPONSE_KINDS | MODIFIER_KINDS | JOB_KINDS | SUBMIT_KINDS
 
@@ -177,6 +177,11 @@ class Faults:
 
     def fail_validation(self, times: int | None = 1, message: str | None = None) -> FaultRule:
         return self.add("fail_validation", times=times, message=message)
+
+    def fail_imputation(self, times: int | None = 1, message: str | None = None) -> FaultRule:
+        """The job passes validation and QC, then fails in its imputation step: a failure of the server's, not of
+        the input (what a resubmit may cure)."""
+        return self.add("fail_imputation", times=times, message=message)
 
     def stall(self, times: int | None = 1) -> FaultRule:
         return self.add("stall", times=times)

@@ -169,6 +169,8 @@ class Job:
     param_hashes: dict[str, str] = field(default_factory=dict)
     stalled: bool = False
     dies: bool = False
+    #: The imputation step fails with this message (the `fail_imputation` fault).
+    pipeline_error: str | None = None
     #: The token the job was submitted with, repeated in what the job says (`echo_secrets` fault); "" = it does not.
     echoed_token: str = ""
     #: Nothing can happen to the job by itself before this time (`Simulation.advance`); 0: look at it now.
@@ -364,6 +366,8 @@ class Simulation:
                 app_version=self.app_version, user_agent=user_agent, params=params, workdir=workdir,
                 submitted=now, since=now, errors=errors, warnings=warnings, validation_text=validation_text,
                 qc_text=qc_text, results=results, stalled="stall" in faults, dies="dead" in faults,
+                pipeline_error=(faults["fail_imputation"] or "Pipeline execution failed.")
+                if "fail_imputation" in faults else None,
                 echoed_token=account.token if "echo_secrets" in faults else "",
             )
             self.jobs[job_id] = job
@@ -437,6 +441,13 @@ class Simulation:
                 if now < due:
                     return due
                 if job.errors:
+                    job.state, job.since, job.end = State.FAILED, due, due
+                    continue
+                if job.pipeline_error is not None:
+                    for step in job.steps:
+                        for m in step.messages:
+                            if m["type"] == MessageType.RUNNING:
+                                m["type"], m["message"] = int(MessageType.ERROR), job.pipeline_error
                     job.state, job.since, job.end = State.FAILED, due, due
                     continue
                 for step in job.steps:
