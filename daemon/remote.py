@@ -97,6 +97,10 @@ class RemoteStatus:
     outputs: tuple[RemoteOutput, ...] = ()
     #: When the server will delete the results (Cloudgene `deletedOn`, set once the deletion is scheduled).
     retires_at: dt.datetime | None = None
+    #: When kind is FAILED: the step that failed, as the server names it, and whether it is the check of the input
+    #: (validation, quality control), which another submit of the same files would fail again.
+    failed_step: str | None = None
+    qc_failed: bool = False
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ LOG_ERROR = 1  # logMessages[].type: 0 OK, 1 ERROR, 2 WARNING, 3 RUNNING
 #: Cloudgene's state 9 (FAILED_NOTIFIED) is also where it moves a cancelled job: its log then says so.
 FAILED_NOTIFIED = 9
 _CANCELLED_WORDS = re.compile(r"\bcancell?ed\b", re.IGNORECASE)
+#: imputationserver2's steps that check the input: a failure there is the input's (another submit fails the same).
+QC_STEPS = frozenset({"Input Validation", "Quality Control"})
 #: How long the app's panel list (`GET /server/apps/{app}`) is trusted before a submit asks again.
 PANELS_TTL = 3600.0
 
@@ -500,8 +502,10 @@ def _parse_status(body: dict[str, Any], call: str, root: str) -> RemoteStatus:
         for step in steps for log in _logs(step)
     ):
         kind = RemoteKind.CANCELLED  # cancelled (by us or in the web UI), then moved to 9 with the failed jobs
-    message = None
+    message = failed_step = None
     if kind is RemoteKind.FAILED:
+        failed_step = next((step["name"] for step in steps if isinstance(step.get("name"), str) and any(
+            log.get("type") in (LOG_ERROR, str(LOG_ERROR)) for log in _logs(step))), None)
         errors = [
             _clean(log["message"], MESSAGE_LIMIT)
             for step in steps
@@ -520,6 +524,8 @@ def _parse_status(body: dict[str, Any], call: str, root: str) -> RemoteStatus:
         message=message,
         outputs=_parse_outputs(body.get("outputParams"), call, root),
         retires_at=_retirement(body.get("deletedOn")),
+        failed_step=_clean(failed_step, PROGRESS_LIMIT) if failed_step else None,
+        qc_failed=failed_step in QC_STEPS,
     )
 
 
