@@ -233,6 +233,10 @@ class ServiceConfig:
     #: Seconds a sent cancel may go unconfirmed (the remote job not yet reported cancelled) before the job says,
     #: once, that the server is ignoring it. The job stays `cancel_requested` and polled either way.
     cancel_timeout: float = 600.0
+    #: Remote failures (reason or remote state, searched case-insensitively) that the daemon submits again, up to
+    #: `resubmit_max` times per job; never a failure of the input's checks. Empty: never (the default).
+    resubmit_on: tuple[re.Pattern[str], ...] = ()
+    resubmit_max: int = 2
 
     @property
     def settle_seconds(self) -> float:
@@ -662,6 +666,19 @@ def _subset(options: tuple[str, ...], *, non_empty: bool) -> _Convert:
     return subset
 
 
+def _patterns(value: Any, path: str, ctx: _Context) -> tuple[re.Pattern[str], ...]:
+    """A list of regular expressions, searched case-insensitively (a plain phrase is one)."""
+    if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
+        raise _Invalid(f"must be a list of texts or regular expressions, got {_got(value)}")
+    compiled = []
+    for item in value:
+        try:
+            compiled.append(re.compile(item, re.IGNORECASE))
+        except re.error as exc:
+            raise _Invalid(f"{item!r} is not a regular expression: {exc}") from None
+    return tuple(compiled)
+
+
 def _path(value: Any, path: str, ctx: _Context) -> Path:
     text = _text(value, path, ctx)
     resolved = Path(text).expanduser()
@@ -1036,6 +1053,8 @@ _SERVICE: dict[str, _Convert] = {
     "timeout": _seconds(3600),
     "submit_settle": _seconds(7 * 86400),
     "cancel_timeout": _seconds(7 * 86400),
+    "resubmit_on": _patterns,
+    "resubmit_max": _integer(1, 20),
     "max_upload_mb": _integer(1, 1_000_000),
     "min_samples": _integer(1, 10_000_000),
     "max_samples": _integer(1, 10_000_000),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -55,6 +56,8 @@ class JobView(Protocol):
     @property
     def restart_attempts(self) -> int: ...
     @property
+    def retries(self) -> int: ...
+    @property
     def submit_attempts(self) -> int: ...
     @property
     def submitted_at(self) -> dt.datetime | None: ...
@@ -91,18 +94,43 @@ class PollDecision:
     outputs: tuple[RemoteOutput, ...] = ()
     #: Ask the server to restart the remote job (Cloudgene DEAD, the first time).
     restart: bool = False
+    #: The remote job failed in a way the service's resubmit policy sends again: the job goes back to pending,
+    #: its remote bookkeeping reset, `retries` counted up.
+    resubmit: bool = False
     #: The job had failed steps before this answer: they are over (and a service-wide pause with them).
     recovered: bool = False
     resume_service: bool = False
     note: PollNote | None = None
 
 
-def after_status(job: JobView, status: RemoteStatus) -> PollDecision:
+@dataclass(frozen=True)
+class ResubmitPolicy:
+    """A service's opt-in: remote failures whose reason (or remote state) matches one of `patterns` are submitted
+    again, up to `most` times per job; failures of the input's checks never are."""
+
+    patterns: tuple[re.Pattern[str], ...]
+    most: int
+
+
+def after_status(job: JobView, status: RemoteStatus, *, resubmit: ResubmitPolicy | None = None) -> PollDecision:
     """The decision for a job in a polled state (queued, running) given the remote job's status."""
     empty_success = status.kind is RemoteKind.SUCCEEDED and not status.outputs
     recovered = bool(job.failures) and not (empty_success and job.error_kind == NO_OUTPUTS)
-    return dataclasses.replace(_status_decision(job, status, empty_success), recovered=recovered,
+    decision = _status_decision(job, status, empty_success)
+    if decision.state is JobState.FAILED and resubmit is not None and _resubmitted(job, status, decision, resubmit):
+        reason = (f"the server failed the remote job ({decision.reason}); submitting it again "
+                  f"({job.retries + 1} of {resubmit.most})")
+        decision = PollDecision(JobState.PENDING, reason, NextPoll.NOW, error=decision.reason,
+                                error_kind=decision.error_kind, resubmit=True)
+    return dataclasses.replace(decision, recovered=recovered,
                                resume_service=recovered and job.error_kind in SERVICE_WIDE_KINDS)
+
+
+def _resubmitted(job: JobView, status: RemoteStatus, failed: PollDecision, policy: ResubmitPolicy) -> bool:
+    if job.retries >= policy.most or status.qc_failed or failed.error_kind not in ("remote_failed", "remote_dead"):
+        return False
+    said = failed.reason or ""
+    return any(pattern.search(said) or pattern.search(status.raw_state) for pattern in policy.patterns)
 
 
 def _status_decision(job: JobView, status: RemoteStatus, empty_success: bool) -> PollDecision:

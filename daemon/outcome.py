@@ -47,6 +47,8 @@ class JobColumns(_Columns):
     submit_attempts: int | Keep = KEEP
     cancel_sent_at: dt.datetime | None | Keep = KEEP
     restart_attempts: int | Keep = KEEP
+    #: Fresh remote submissions of the job (an operator's retry, a resubmit policy's).
+    retries: int | Keep = KEEP
     remote_state: str | None | Keep = KEEP
     queue_position: int | None | Keep = KEEP
     progress: str | None | Keep = KEEP

@@ -30,6 +30,7 @@ from daemon.decisions import (
     ErrorAction,
     NextPoll,
     PollNote,
+    ResubmitPolicy,
     after_bad_download,
     after_cancel_status,
     after_crash,
@@ -303,7 +304,7 @@ class Pipeline:
         if job.state is JobState.CANCEL_REQUESTED:
             decision = after_cancel_status(job, status, now=utcnow(), cancel_timeout=self._service(job).cancel_timeout)
         else:
-            decision = after_status(job, status)
+            decision = after_status(job, status, resubmit=self._resubmit_policy(job))
         if decision.recovered:
             log.info("recovered", after_failures=job.failures)
             if decision.resume_service and self.services.resume_service(job.service):
@@ -319,6 +320,12 @@ class Pipeline:
         if decision.restart:
             adapter.restart(job.remote_id)
             columns |= JobColumns(restart_attempts=1)
+        if decision.resubmit:
+            # A fresh remote submission, as an operator's retry makes: carried under a new name (`remote_job_name`),
+            # so the lookup of a lost submit never finds the failed remote job.
+            log.warning("remote_failure_resubmitted", reason=decision.error, retries=job.retries + 1)
+            columns |= JobColumns(remote_id=None, submitted_at=None, submit_attempts=0, restart_attempts=0,
+                                  queue_position=None, progress=None, retries=job.retries + 1, cancel_sent_at=None)
         match decision.note:
             case PollNote.UNKNOWN_STATE:
                 log.warning(decision.note.value, remote_state=status.raw_state,
@@ -339,6 +346,12 @@ class Pipeline:
                 next_poll_in = None
         return Outcome(state=decision.state, reason=decision.reason, next_poll_in=next_poll_in, columns=columns,
                        outputs=decision.outputs)
+
+    def _resubmit_policy(self, job: Job) -> ResubmitPolicy | None:
+        service = self._service(job)
+        if not service.resubmit_on or job.adopted:
+            return None
+        return ResubmitPolicy(service.resubmit_on, service.resubmit_max)
 
     # ------------------------------------------------------------------ cancel
 

@@ -189,7 +189,7 @@ class JobAdmin:
             job = lock_job(session, job_id)
             if job.state is not JobState.FAILED:
                 raise ValueError(f"job {job.id} is {job.state}; only failed jobs can be retried")
-            if not job.inputs:
+            if job.adopted:
                 raise ValueError(f"job {job.id} was adopted from the server: there are no input files to submit again")
             transition(session, job, JobState.PENDING, "retried by operator", now)
             job.retries += 1

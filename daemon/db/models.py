@@ -152,6 +152,13 @@ class Job(Base):
         return f"<Job {self.id} {self.service} {self.state}>"
 
 
+    @property
+    def adopted(self) -> bool:
+        """Submitted elsewhere and tracked by `imputationd adopt`: no panel and no inputs of ours, so never sent
+        again (neither retried nor resubmitted)."""
+        return self.panel == ""
+
+
 class JobInput(Base):
     __tablename__ = "job_inputs"
 

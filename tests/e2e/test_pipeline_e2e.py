@@ -239,6 +239,30 @@ def test_a_cancelled_job_that_the_server_moves_to_state_9_ends_cancelled(e2e, by
     assert h.logs.problems() == [], h.logs.dump()
 
 
+def test_a_server_failure_the_policy_lists_is_submitted_again_and_a_qc_failure_is_not(e2e):
+    """resubmit_on: the imputation step failing on the server ("Pipeline execution failed.") sends the job again,
+    once, under a new name, its history saying so; a failure of the input's validation is the input's own."""
+    h = e2e(service={"resubmit_on": ["pipeline execution failed"], "resubmit_max": 2})
+    h.sim.faults.fail_imputation()
+    [cured] = h.submit(name="cured")
+    h.start()
+    cured = h.wait_state(cured.id, "completed")
+    h.sim.faults.fail_validation(message="The provided VCF file is malformed.")
+    [bad] = h.submit(name="bad input")
+    bad = h.wait_state(bad.id, "failed")
+    h.stop_daemon()
+
+    assert h.states_visited(cured) == ["pending", "submitting", "queued", "running", "pending", "submitting",
+                                       "queued", "running", "downloading", "completed"]
+    assert any((e.reason or "").startswith("the server failed the remote job (Pipeline execution failed.); "
+                                           "submitting it again (1 of 2)") for e in cured.events)
+    assert cured.retries == 1
+    assert h.sim.submissions(str(cured.id)) == 1 and h.sim.submissions(f"{cured.id}.retry1") == 1
+    h.assert_outputs_match(cured)
+    assert bad.retries == 0 and "malformed" in bad.error
+    assert only_events(h.logs.problems()) == ["remote_failure_resubmitted", "job_state"], h.logs.dump()
+
+
 def test_results_retired_before_download(e2e):
     # Retention 0: the server deletes the results the moment the job succeeds, before any poll sees SUCCESS.
     h = e2e(timings=Timings(queue=0.1, run=0.1, export=0.1, retention=0.0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -17,6 +18,7 @@ from daemon.decisions import (
     ErrorAction,
     NextPoll,
     PollNote,
+    ResubmitPolicy,
     after_bad_download,
     after_cancel_status,
     after_crash,
@@ -45,6 +47,7 @@ class FakeJob:
     error_kind: str | None = None
     remote_state: str | None = "2"
     restart_attempts: int = 0
+    retries: int = 0
     submit_attempts: int = 0
     submitted_at: dt.datetime | None = None
     cancel_sent_at: dt.datetime | None = None
@@ -60,8 +63,8 @@ class FakeFile:
 
 
 def status(kind: RemoteKind, *, raw: str = "x", outputs: tuple[RemoteOutput, ...] = (FILE,),
-           message: str | None = None) -> RemoteStatus:
-    return RemoteStatus(kind=kind, raw_state=raw, outputs=outputs, message=message)
+           message: str | None = None, qc_failed: bool = False) -> RemoteStatus:
+    return RemoteStatus(kind=kind, raw_state=raw, outputs=outputs, message=message, qc_failed=qc_failed)
 
 
 # ------------------------------------------------------------------------------------------------ polls
@@ -372,3 +375,30 @@ def test_a_cancel_the_server_ignores_is_said_once_and_the_job_polled_on() -> Non
     told = cancelling(3600, error=first.error, error_kind=CANCEL_IGNORED)
     again = after_cancel_status(told, running, now=NOW, cancel_timeout=60)
     assert (again.state, again.note, again.error, again.error_kind) == (None, None, first.error, CANCEL_IGNORED)
+
+
+# ------------------------------------------------------------------------------------------------ resubmit policy
+
+POLICY = ResubmitPolicy((re.compile("pipeline execution failed", re.IGNORECASE), re.compile("DEAD")), most=2)
+
+
+@pytest.mark.parametrize(("job", "answer", "resubmitted"), [
+    (FakeJob(), status(RemoteKind.FAILED, raw="FAILED", message="Pipeline execution failed."), True),
+    (FakeJob(retries=1), status(RemoteKind.FAILED, raw="FAILED", message="Pipeline execution failed."), True),
+    (FakeJob(retries=2), status(RemoteKind.FAILED, raw="FAILED", message="Pipeline execution failed."), False),
+    (FakeJob(), status(RemoteKind.FAILED, raw="FAILED", message="chr20: no variants left"), False),  # not listed
+    (FakeJob(), status(RemoteKind.FAILED, raw="FAILED", message="Pipeline execution failed.", qc_failed=True),
+     False),  # the input's checks: another submit fails the same
+    (FakeJob(restart_attempts=1), status(RemoteKind.DEAD, raw="DEAD"), True),  # lost by the server, twice
+    (FakeJob(), status(RemoteKind.EXPIRED, raw="RETIRED"), False),  # results gone: nothing failed to run
+])
+def test_a_resubmit_policy_sends_listed_server_failures_again(job: FakeJob, answer: RemoteStatus,
+                                                             resubmitted: bool) -> None:
+    decision = after_status(job, answer, resubmit=POLICY)
+    if resubmitted:
+        assert (decision.state, decision.next_poll, decision.resubmit) == (JobState.PENDING, NextPoll.NOW, True)
+        assert decision.reason is not None and decision.reason.endswith(f"({job.retries + 1} of 2)")
+        assert decision.error is not None and decision.error_kind in ("remote_failed", "remote_dead")
+    else:
+        assert decision.state is not JobState.PENDING and not decision.resubmit
+    assert after_status(job, answer).state is not JobState.PENDING  # no policy: never
