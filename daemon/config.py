@@ -237,6 +237,9 @@ class ServiceConfig:
     #: `resubmit_max` times per job; never a failure of the input's checks. Empty: never (the default).
     resubmit_on: tuple[re.Pattern[str], ...] = ()
     resubmit_max: int = 2
+    #: A job whose results the server deletes within this many seconds (Cloudgene `deletedOn`) and that are not
+    #: downloaded yet is logged and notified loudly, once.
+    retirement_warning: float = 86400.0
 
     @property
     def settle_seconds(self) -> float:
@@ -1055,6 +1058,7 @@ _SERVICE: dict[str, _Convert] = {
     "cancel_timeout": _seconds(7 * 86400),
     "resubmit_on": _patterns,
     "resubmit_max": _integer(1, 20),
+    "retirement_warning": _seconds(30 * 86400),
     "max_upload_mb": _integer(1, 1_000_000),
     "min_samples": _integer(1, 10_000_000),
     "max_samples": _integer(1, 10_000_000),

@@ -63,6 +63,10 @@ class JobView(Protocol):
     def submitted_at(self) -> dt.datetime | None: ...
     @property
     def cancel_sent_at(self) -> dt.datetime | None: ...
+    @property
+    def retires_at(self) -> dt.datetime | None: ...
+    @property
+    def retirement_warned_at(self) -> dt.datetime | None: ...
 
 
 class NextPoll(enum.Enum):
@@ -376,3 +380,22 @@ def after_downloads(files: Sequence[FileView], result_dir: str) -> Outcome:
     total = sum(f.size or 0 for f in files)
     reason = f"{counted(len(files), 'file')} downloaded and verified ({counted(total, 'byte')})"
     return Outcome(state=JobState.COMPLETED, reason=reason, columns=columns)
+
+
+# ------------------------------------------------------------------------------------------------ retirement
+
+
+def retirement_warning(job: JobView, retires_at: dt.datetime | None, *, now: dt.datetime, within: float
+                       ) -> str | None:
+    """The warning, given once per job, that its results are deleted by the server within `within` seconds (or
+    were) while they are not downloaded yet; None when there is nothing to say (or it was said)."""
+    if retires_at is None or job.retirement_warned_at is not None:
+        return None
+    left = (retires_at - now).total_seconds()
+    if left >= within:
+        return None
+    when = retires_at.strftime("%Y-%m-%d %H:%M UTC")
+    if left <= 0:
+        return f"the server deleted (or is deleting) this job's results at {when}, before they were downloaded"
+    return (f"the server deletes this job's results at {when}, in {left / 3600:.1f} h, and they are not "
+            "downloaded yet")

@@ -5,7 +5,8 @@ outbox on `job_events` (schema 0002):
 
 - The store writes every event into a terminal state (completed, failed, cancelled) or `blocked` with
   `notify_next_at = at`, in the transaction that changes the job: a state change and its pending notification exist
-  together or not at all.
+  together or not at all. A warning (an event that changes no state: results about to be deleted before they are
+  downloaded) is written the same way and sent whatever `notifications.on` lists.
 - The `notify` tick claims due rows (`NotificationOutbox.claim_notifications`: `FOR UPDATE SKIP LOCKED` on
   PostgreSQL, the `BEGIN IMMEDIATE` write lock on SQLite), which pushes their `notify_next_at` a lease ahead and
   counts an attempt;
@@ -81,6 +82,8 @@ def payload(item: PendingNotification) -> dict[str, Any]:
     """The notification as JSON-ready data: the webhook body, and the facts of the e-mail."""
     return {
         "event_id": item.event_id,
+        # A warning changes no state (the job is still in `state`): results about to be deleted, say.
+        "kind": "warning" if item.from_state == item.state else "state_change",
         "job_id": str(item.job_id),
         "group_id": str(item.group_id),
         "name": item.name,
@@ -188,7 +191,9 @@ def _email_message(config: EmailConfig, message: Mapping[str, Any]) -> EmailMess
     reason = printable(message["reason"], limit=None) if message["reason"] else None
     label = printable(message["name"], limit=SUBJECT_NAME_LIMIT) if message["name"] else message["job_id"][:8]
     mail = EmailMessage()
-    mail["Subject"] = f"[imputationd] {label}: {message['state']} on {message['service']}"
+    warning = message.get("kind") == "warning"
+    what = f"WARNING, still {message['state']}" if warning else message["state"]
+    mail["Subject"] = f"[imputationd] {label}: {what} on {message['service']}"
     mail["From"] = config.sender
     mail["To"] = ", ".join(config.to)
     mail["Date"] = formatdate(localtime=False)
@@ -197,6 +202,8 @@ def _email_message(config: EmailConfig, message: Mapping[str, Any]) -> EmailMess
     mail["Message-ID"] = f"<imputationd.event-{message['event_id']}.{message['job_id']}@{domain}>"
     mail[EVENT_HEADER] = str(message["event_id"])
     lines = [
+        f"Job {message['job_id']} ({name or 'no name'}) on {message['service']} needs attention (it is "
+        f"{message['state']})." if warning else
         f"Job {message['job_id']} ({name or 'no name'}) on {message['service']} is now {message['state']}"
         + (f" (was {message['from_state']})." if message["from_state"] else "."),
         "",

@@ -46,6 +46,8 @@ class JobColumns(_Columns):
     submitted_at: dt.datetime | None | Keep = KEEP
     submit_attempts: int | Keep = KEEP
     cancel_sent_at: dt.datetime | None | Keep = KEEP
+    retires_at: dt.datetime | None | Keep = KEEP
+    retirement_warned_at: dt.datetime | None | Keep = KEEP
     restart_attempts: int | Keep = KEEP
     #: Fresh remote submissions of the job (an operator's retry, a resubmit policy's).
     retries: int | Keep = KEEP
@@ -83,6 +85,8 @@ class Outcome:
     next_poll_in: float | None = None  # seconds; None leaves next_poll_at unchanged
     columns: JobColumns = field(default_factory=JobColumns)
     outputs: Sequence[RemoteOutput] = ()  # files a finished remote job offers, recorded as `record_outputs` does
+    #: A warning for the job's history that is notified like a state change, though the state stays.
+    warning: str | None = None
 
     def setting(self, columns: JobColumns) -> Outcome:
         """This outcome, also writing `columns` (over its own)."""

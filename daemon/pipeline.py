@@ -39,17 +39,18 @@ from daemon.decisions import (
     after_lookup_missed,
     after_status,
     after_submit_error,
+    retirement_warning,
     retry_after_failure,
     submitted,
 )
 from daemon.logging import bind_job, register_secret, scrub
 from daemon.metrics import NO_METRICS, Metrics
-from daemon.outcome import JobColumns, Outcome, OutputColumns
+from daemon.outcome import KEEP, JobColumns, Keep, Outcome, OutputColumns
 from daemon.remote import RemoteOutput, SubmitRequest, parameters_of
 from daemon.services import scrubbing
 from daemon.services.base import ServiceAdapter
 from daemon.services.errors import NOT_FOUND_KINDS, JobLimitReached, Permanent, ServiceError, Transient
-from daemon.states import JobState, OutputState
+from daemon.states import TERMINAL, JobState, OutputState
 
 log = structlog.get_logger("daemon.pipeline")
 
@@ -145,6 +146,7 @@ class Pipeline:
                 outcome = self._crashed(job, exc)
             if outcome is None:
                 return None, False
+            outcome = self._warn_of_retirement(job, outcome)
             go_on = (
                 job.state in (JobState.QUEUED, JobState.RUNNING, JobState.CANCEL_REQUESTED)
                 and outcome.state is JobState.DOWNLOADING
@@ -173,6 +175,21 @@ class Pipeline:
             if outcome.state is not None and outcome.state != job.state:
                 self._log_transition(job, finished, outcome)
             return finished, go_on
+
+    def _warn_of_retirement(self, job: Job, outcome: Outcome) -> Outcome:
+        """`outcome`, with the once-only warning that the job's results retire before they are downloaded when that
+        is the case (`decisions.retirement_warning`) and the job is not finishing now."""
+        if job.state not in (JobState.QUEUED, JobState.RUNNING, JobState.DOWNLOADING) or (
+                outcome.state is not None and outcome.state in TERMINAL):
+            return outcome
+        retires_at = outcome.columns.retires_at
+        now = utcnow()
+        warning = retirement_warning(job, job.retires_at if isinstance(retires_at, Keep) else retires_at, now=now,
+                                     within=self._service(job).retirement_warning)
+        if warning is None:
+            return outcome
+        log.error("results_retiring", reason=warning)
+        return dataclasses.replace(outcome, warning=warning).setting(JobColumns(retirement_warned_at=now))
 
     def _step(self, job: Job) -> Outcome | None:
         adapter = self._adapter(job)
@@ -310,6 +327,7 @@ class Pipeline:
             if decision.resume_service and self.services.resume_service(job.service):
                 log.info("service_resumed", service=job.service)
         columns = JobColumns(
+            retires_at=status.retires_at if status.retires_at is not None else KEEP,
             remote_state=status.raw_state,
             queue_position=integer_or_none(status.queue_position),
             progress=status.progress,

@@ -16,7 +16,7 @@ from daemon.states import JobState, OutputState
 
 #: The Alembic revision whose schema these models describe: the head of daemon/db/migrations/versions (a test holds
 #: the two together). A database at it is ready; the daemon learns that without loading Alembic (`daemon.db.revision`).
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 
 def utcnow() -> dt.datetime:
@@ -129,6 +129,10 @@ class Job(Base):
     #: When the cancel of the remote job was sent: the job stays `cancel_requested`, polled, until the server says
     #: the remote job is cancelled (or it ends otherwise); None while no cancel has gone out.
     cancel_sent_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    #: When the server deletes the results (Cloudgene `deletedOn`): downloads go soonest-retiring first.
+    retires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    #: When the job warned (logged and notified) that its results may be deleted before they are downloaded.
+    retirement_warned_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
 
     inputs: Mapped[list[JobInput]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobInput.id"

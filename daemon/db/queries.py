@@ -113,7 +113,8 @@ def claim_due_jobs(
             jobs.c.service.in_(list(services)),
             sa.or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now),
         )
-        .order_by(jobs.c.next_poll_at)
+        # Results the server deletes soonest are fetched first (Cloudgene `deletedOn`); the rest as they fall due.
+        .order_by(jobs.c.retires_at.asc().nulls_last(), jobs.c.next_poll_at)
         .limit(limit)
     )
     return claim(jobs, candidates, lease_owner=owner, lease_expires_at=expires)
@@ -121,7 +122,10 @@ def claim_due_jobs(
 
 def leased_jobs(ids: Sequence[uuid.UUID], states: Collection[JobState]) -> sa.Select[Job]:
     """The jobs just leased, with what their step reads (`step_load_options`)."""
-    return sa.select(Job).where(Job.id.in_(ids)).order_by(Job.next_poll_at).options(*step_load_options(states))
+    return (
+        sa.select(Job).where(Job.id.in_(ids)).order_by(Job.retires_at.asc().nulls_last(), Job.next_poll_at)
+        .options(*step_load_options(states))
+    )
 
 
 def claim_job(job_id: uuid.UUID, owner: str, *, now: dt.datetime, expires: dt.datetime) -> sa.Update:
@@ -274,7 +278,7 @@ def claim_notifications(
     """Push the `notify_next_at` of up to `limit` due outbox rows for `states` a lease ahead and count an attempt."""
     candidates = (
         sa.select(events.c.id)
-        .where(events.c.notify_next_at <= now, events.c.to_state.in_(list(states)))
+        .where(events.c.notify_next_at <= now, _notified(events.c, states))
         .order_by(events.c.notify_next_at, events.c.id)
         .limit(limit)
     )
@@ -302,10 +306,15 @@ def update_claimed_notification(event_id: int, attempt: int, **values: Any) -> s
     )
 
 
+def _notified(columns: Any, states: Collection[str]) -> sa.ColumnElement[bool]:
+    """The outbox rows sent: state changes into `states`, and warnings (rows that change no state) always."""
+    return sa.or_(columns.to_state.in_(list(states)), columns.from_state == columns.to_state)
+
+
 def drop_due_notifications(reason: str, *, now: dt.datetime, keep_states: Collection[str]) -> sa.Update:
     query = sa.update(JobEvent).where(JobEvent.notify_next_at <= now)
     if keep_states:
-        query = query.where(JobEvent.to_state.not_in(list(keep_states)))
+        query = query.where(sa.not_(_notified(JobEvent, keep_states)))
     return query.values(notify_next_at=None, notify_error=reason).execution_options(synchronize_session=False)
 
 

@@ -22,7 +22,7 @@ from daemon.db.engine import Connections
 from daemon.db.models import Job, JobOutput, integer_or_none, utcnow
 from daemon.db.queries import rowcount
 from daemon.db.service_status import service_row
-from daemon.db.transitions import JobNotFound, event_row, transition
+from daemon.db.transitions import JobNotFound, event_row, transition, warning_row
 from daemon.outcome import JobColumns, Outcome, OutputColumns
 from daemon.remote import RemoteOutput
 from daemon.states import TERMINAL, JobState, OutputState, check_transition
@@ -191,6 +191,8 @@ class JobQueue:
                 conn.execute(queries.INSERT_EVENT, [event_row(job_id, before, outcome.state, outcome.reason, now)])
                 if row.state in TERMINAL:
                     conn.execute(queries.FORGET_LOWERED_LIMIT, {"b_service": row.service})
+            if outcome.warning is not None:
+                conn.execute(queries.INSERT_EVENT, [warning_row(job_id, row.state, outcome.warning, now)])
             if outcome.outputs:
                 _record_outputs(conn, job_id, outcome.outputs)
             return row

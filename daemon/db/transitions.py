@@ -25,6 +25,13 @@ def event_row(job_id: uuid.UUID, old: JobState | None, new: JobState, reason: st
             "notify_next_at": now if new in NOTIFIABLE else None}
 
 
+def warning_row(job_id: uuid.UUID, state: JobState, reason: str, now: dt.datetime) -> dict[str, Any]:
+    """A job_events row that changes no state (from `state` to itself) but enters the notification outbox: a
+    warning about the job that its owner must hear of, whatever states `notifications.on` lists."""
+    return {"job_id": job_id, "at": now, "from_state": state, "to_state": state, "reason": reason,
+            "notify_next_at": now}
+
+
 def transition(session: Session, job: Job, new: JobState, reason: str | None, now: dt.datetime) -> None:
     """Move a job loaded in `session` to `new` (raises on a transition the state machine forbids), with its event."""
     check_transition(job.state, new)

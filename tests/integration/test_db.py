@@ -387,13 +387,32 @@ def test_0004_gives_jobs_a_cancel_sent_at_and_keeps_them(empty_engine: sa.Engine
             " 'hg19', 'cancel_requested', 'job-1', 1, 0, 0, 0, :now, :now)"
         ), {"id": job_id.hex if empty_engine.dialect.name == "sqlite" else job_id, "now": dt.datetime.now(dt.UTC)})
     _migrate(empty_engine, "upgrade", "0004")
-    with make_session_factory(empty_engine)() as session:
-        job = session.get(Job, job_id)
-        assert (job.state, job.remote_id, job.cancel_sent_at) == (JobState.CANCEL_REQUESTED, "job-1", None)
+    with empty_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT state, remote_id, cancel_sent_at FROM jobs")).one()
+    assert tuple(row) == ("cancel_requested", "job-1", None)
     _migrate(empty_engine, "downgrade", "0003")
     assert "cancel_sent_at" not in {c["name"] for c in sa.inspect(empty_engine).get_columns("jobs")}
     with empty_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 1
+
+
+def test_0005_gives_jobs_their_retirement_and_keeps_them(empty_engine: sa.Engine) -> None:
+    """A job stored before 0005 keeps its row, with no retirement known or warned of; a downgrade takes both away."""
+    _migrate(empty_engine, "upgrade", "0004")
+    job_id = uuid.uuid4()
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO jobs (id, group_id, service, panel, build, state, remote_id, submit_attempts,"
+            " restart_attempts, retries, failures, created_at, updated_at) VALUES (:id, :id, 'michigan', 'p',"
+            " 'hg19', 'downloading', 'job-1', 1, 0, 0, 0, :now, :now)"
+        ), {"id": job_id.hex if empty_engine.dialect.name == "sqlite" else job_id, "now": dt.datetime.now(dt.UTC)})
+    _migrate(empty_engine, "upgrade", "0005")
+    with empty_engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT state, retires_at, retirement_warned_at FROM jobs")).one()
+    assert tuple(row) == ("downloading", None, None)
+    _migrate(empty_engine, "downgrade", "0004")
+    columns = {c["name"] for c in sa.inspect(empty_engine).get_columns("jobs")}
+    assert not {"retires_at", "retirement_warned_at"} & columns and "cancel_sent_at" in columns
 
 
 # -- models -------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and PostgreSQL; exactly one delivery per state change, through failures, races b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import http.server
 import threading
@@ -426,6 +427,33 @@ def test_the_daemon_notifies_a_completed_job_once_across_a_restart(db_url: str, 
         assert body["job_id"] == str(job.id) and body["state"] == "completed" and body["name"] == "cohort"
         assert body["result_dir"] and body["finished_at"]
         assert [status for status, _, _ in hook.all()] == [500, 204]  # one failure, one delivery, nothing after
+
+
+def test_results_retiring_before_their_download_are_warned_of_once_whatever_notifications_on_says(
+        db_url: str, tmp_path: Path) -> None:
+    """Cloudgene deletes a finished job's results at `deletedOn` (7 days here). With a retirement_warning longer
+    than that, the job is warned of, once: a history line, a webhook of kind "warning" (only failures are listed in
+    `on`), and it still completes."""
+    token = "notify-token-" + "x" * 20
+    with SimulatedCloudgene({token: "alice"}, timings=Timings(queue=0.1, run=0.1, export=0.1)) as sim, \
+            WebhookReceiver() as hook:
+        config = daemon_config(tmp_path, db_url, base_url=sim.base_url, token=token,
+                               notifications={"webhook": {"url": hook.url, "timeout": 5}, "on": ["failed"]})
+        service = dataclasses.replace(config.services["sim"], retirement_warning=8 * 86400.0)
+        config = dataclasses.replace(config, services={"sim": service})
+        with running_daemon(config) as daemon:
+            [job] = submit(config, daemon.store, Submission(services=["sim"], panel=PANEL, build="hg19",
+                                                            files=[sample_vcf(tmp_path)], name="cohort"))
+            wait_until(lambda: hook.delivered(), 60, message=lambda: f"no webhook; got {hook.all()}")
+            wait_until(lambda: daemon.store.admin.get(job.id).state is JobState.COMPLETED, 60)
+            job = daemon.store.admin.get(job.id, with_events=True)
+        [body] = hook.delivered()
+    assert body["kind"] == "warning" and body["job_id"] == str(job.id)
+    assert body["reason"].startswith("the server deletes this job's results at ")
+    assert body["reason"].endswith(" and they are not downloaded yet")
+    warnings = [e for e in job.events if e.from_state == e.to_state]
+    assert [e.reason for e in warnings] == [body["reason"]]
+    assert job.retires_at is not None and job.retirement_warned_at is not None
 
 
 # ------------------------------------------------------------------------------------------ hostile values

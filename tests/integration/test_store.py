@@ -192,7 +192,7 @@ def test_finish_writes_an_event_only_when_the_state_changes(store: JobStore) -> 
     assert events(store, job_id) == [(None, "pending"), ("queued", "running")]
     with pytest.raises(InvalidTransition):
         [job] = store.queue.claim_due("me", states=WORKABLE_POLL, services=["mis"], limit=1, lease_seconds=60)
-        store.queue.finish(job.id, "me", Outcome(state=JobState.PENDING))
+        store.queue.finish(job.id, "me", Outcome(state=JobState.SUBMITTING))
 
 
 @pytest.mark.parametrize("expected", [None, JobState.QUEUED])
@@ -387,3 +387,15 @@ def test_an_adopted_job_that_failed_cannot_be_retried(store: JobStore) -> None:
     store.queue.finish(job.id, "me", Outcome(state=JobState.FAILED, reason="remote job failed"))
     with pytest.raises(ValueError, match="was adopted from the server: there are no input files to submit again"):
         store.admin.retry(job.id)
+
+
+def test_downloads_are_claimed_soonest_retiring_first(store: JobStore) -> None:
+    """Results the server deletes soonest go first (Cloudgene `deletedOn`); those without a date after them."""
+    ids = add_jobs(store, 4)
+    now = utcnow()
+    retiring = {ids[0]: None, ids[1]: now + dt.timedelta(days=3), ids[2]: now + dt.timedelta(hours=2),
+                ids[3]: now + dt.timedelta(days=6)}
+    for job_id, retires_at in retiring.items():
+        force(store, [job_id], state=JobState.DOWNLOADING, next_poll_at=now, retires_at=retires_at)
+    claimed = store.queue.claim_due("me", states={JobState.DOWNLOADING}, services=["mis"], limit=3, lease_seconds=60)
+    assert [job.id for job in claimed] == [ids[2], ids[1], ids[3]]

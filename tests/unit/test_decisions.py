@@ -27,6 +27,7 @@ from daemon.decisions import (
     after_lookup_missed,
     after_status,
     after_submit_error,
+    retirement_warning,
     retry_after_failure,
     submitted,
 )
@@ -51,6 +52,8 @@ class FakeJob:
     submit_attempts: int = 0
     submitted_at: dt.datetime | None = None
     cancel_sent_at: dt.datetime | None = None
+    retires_at: dt.datetime | None = None
+    retirement_warned_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -402,3 +405,21 @@ def test_a_resubmit_policy_sends_listed_server_failures_again(job: FakeJob, answ
     else:
         assert decision.state is not JobState.PENDING and not decision.resubmit
     assert after_status(job, answer).state is not JobState.PENDING  # no policy: never
+
+
+# ------------------------------------------------------------------------------------------------ retirement
+
+
+@pytest.mark.parametrize(("hours_left", "warned", "said"), [
+    (None, False, None),  # no deletion scheduled
+    (48.0, False, None),  # far enough
+    (23.5, False, "the server deletes this job's results at 2026-12-06 11:30 UTC, in 23.5 h, and they are not "
+                  "downloaded yet"),
+    (-1.0, False, "the server deleted (or is deleting) this job's results at 2026-12-05 11:00 UTC, before they "
+                  "were downloaded"),
+    (1.0, True, None),  # said once already
+])
+def test_results_retiring_soon_are_warned_of_once(hours_left: float | None, warned: bool, said: str | None) -> None:
+    retires = None if hours_left is None else NOW + dt.timedelta(hours=hours_left)
+    job = FakeJob(retirement_warned_at=NOW if warned else None)
+    assert retirement_warning(job, retires, now=NOW, within=86400) == said
