@@ -49,7 +49,7 @@ from daemon.services.errors import ServiceError
 from daemon.simulator import serve
 from daemon.states import TERMINAL, JobState
 from daemon.submission import Submission, SubmissionError, submit
-from daemon.text import counted, printable
+from daemon.text import counted, printable, qc_summary
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -371,6 +371,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                   ("build", job.build), ("population", job.population), ("phasing", job.phasing),
                   ("r2 filter", job.r2_filter), ("mode", job.mode), ("name", job.name),
                   ("progress", job.progress), ("queue position", job.queue_position), ("error", job.error),
+                  ("qc", qc_summary(job.qc) if job.qc else None),
                   ("result dir", job.result_dir), ("created", _when(job.created_at)),
                   ("finished", _when(job.finished_at))]
         width = max(len(k) for k, _ in fields)
@@ -384,6 +385,9 @@ def cmd_show(args: argparse.Namespace) -> int:
                          [(o["name"], o["state"], o["size"], o["sha256"], o["error"]) for o in data["outputs"]]))
         if job.password is not None:
             print(f"results are encrypted; `{_command(args, 'show', str(job.id), '--password')}` prints the password")
+        if job.qc and job.qc.get("warnings"):
+            print("\nqc warnings")
+            print("\n".join(f"  {printable(warning, None)}" for warning in job.qc["warnings"]))
         print("\nhistory")
         print(_table(("AT", "FROM", "TO", "REASON"),
                      [(_when(e["at"]), e["from"] or "", e["to"], e["reason"] or "") for e in data["events"]]))

@@ -53,7 +53,7 @@ from daemon.metrics import NO_METRICS, Metrics
 from daemon.services.deadlines import Budget
 from daemon.services.errors import Transient
 from daemon.services.http import make_client, send
-from daemon.text import printable
+from daemon.text import printable, qc_summary
 
 log = structlog.get_logger("daemon.notify")
 
@@ -94,6 +94,7 @@ def payload(item: PendingNotification) -> dict[str, Any]:
         "result_dir": item.result_dir,
         "finished_at": item.finished_at.isoformat() if item.finished_at else None,
         "at": item.at.isoformat(),
+        "qc": item.qc,
     }
 
 
@@ -211,6 +212,7 @@ def _email_message(config: EmailConfig, message: Mapping[str, Any]) -> EmailMess
         f"group:       {message['group_id']}",
         f"result dir:  {message['result_dir'] or '-'}",
         f"finished at: {message['finished_at'] or '-'}",
+        f"qc:          {printable(qc_summary(message.get('qc')), limit=None)}",
         f"event:       {message['event_id']} at {message['at']}",
         "",
         f"imputationd show {message['job_id']}",

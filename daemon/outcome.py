@@ -48,6 +48,7 @@ class JobColumns(_Columns):
     cancel_sent_at: dt.datetime | None | Keep = KEEP
     retires_at: dt.datetime | None | Keep = KEEP
     retirement_warned_at: dt.datetime | None | Keep = KEEP
+    qc: dict[str, Any] | None | Keep = KEEP
     restart_attempts: int | Keep = KEEP
     #: Fresh remote submissions of the job (an operator's retry, a resubmit policy's).
     retries: int | Keep = KEEP

@@ -328,6 +328,7 @@ class Pipeline:
                 log.info("service_resumed", service=job.service)
         columns = JobColumns(
             retires_at=status.retires_at if status.retires_at is not None else KEEP,
+            qc=status.qc.as_dict() if status.qc is not None else KEEP,
             remote_state=status.raw_state,
             queue_position=integer_or_none(status.queue_position),
             progress=status.progress,

@@ -88,6 +88,31 @@ class ByteStream(Protocol):
 
 
 @dataclass(frozen=True)
+class QcReport:
+    """What the server's quality control said of the input, as figures (None: not reported)."""
+
+    #: Share of the input's variants that the reference panel holds, in percent.
+    reference_overlap: float | None = None
+    matched: int | None = None
+    allele_switches: int | None = None
+    strand_flips: int | None = None
+    strand_flips_and_allele_switches: int | None = None
+    snps_excluded: int | None = None
+    snps_remaining: int | None = None
+    chunks_excluded: int | None = None
+    #: The server's warnings about the input, one line each.
+    warnings: tuple[str, ...] = ()
+    #: The step that failed, when the job failed.
+    failed_step: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures reported, JSON-ready (what `show --json`, notifications and the database carry)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["warnings"] = list(self.warnings)
+        return {key: value for key, value in data.items() if value not in (None, [])}
+
+
+@dataclass(frozen=True)
 class RemoteStatus:
     kind: RemoteKind
     raw_state: str  # exactly what the server said, stored beside our state
@@ -101,6 +126,8 @@ class RemoteStatus:
     #: (validation, quality control), which another submit of the same files would fail again.
     failed_step: str | None = None
     qc_failed: bool = False
+    #: The quality control's figures and warnings, once the server reported any.
+    qc: QcReport | None = None
 
 
 @dataclass(frozen=True)

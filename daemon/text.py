@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 #: Terminal escape sequences (ECMA-48), as a remote program's coloured log holds them: CSI `ESC [ … final` (colours,
 #: cursor moves, line erases), the strings OSC `ESC ] …` (window titles, hyperlinks), DCS `ESC P …`, SOS `ESC X …`,
@@ -40,9 +41,33 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+#: How a QC report's figures are named for people, in the order they are shown.
+_QC_LABELS = (
+    ("reference_overlap", "reference overlap {:g} %"),
+    ("matched", "{:,} SNPs matched"),
+    ("snps_excluded", "{:,} excluded"),
+    ("allele_switches", "{:,} allele switches"),
+    ("strand_flips", "{:,} strand flips"),
+    ("strand_flips_and_allele_switches", "{:,} strand flips with allele switches"),
+    ("chunks_excluded", "{:,} chunks excluded"),
+    ("failed_step", "failed in {}"),
+)
+
+
+def qc_summary(qc: dict[str, Any] | None) -> str:
+    """A QC report (`remote.QcReport.as_dict`) in one line for people; "-" when there is none."""
+    if not qc:
+        return "-"
+    parts = [label.format(qc[key]) for key, label in _QC_LABELS if qc.get(key) is not None]
+    warnings = qc.get("warnings") or []
+    if warnings:
+        parts.append(counted(len(warnings), "warning"))
+    return ", ".join(parts) or "-"
+
+
 def counted(n: int, noun: str) -> str:
     """"1 file", "2 files": a count with its noun (a regular plural)."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-__all__ = ["counted", "printable", "strip_ansi"]
+__all__ = ["counted", "printable", "qc_summary", "strip_ansi"]

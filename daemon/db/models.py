@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -16,7 +17,7 @@ from daemon.states import JobState, OutputState
 
 #: The Alembic revision whose schema these models describe: the head of daemon/db/migrations/versions (a test holds
 #: the two together). A database at it is ready; the daemon learns that without loading Alembic (`daemon.db.revision`).
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 
 def utcnow() -> dt.datetime:
@@ -133,6 +134,8 @@ class Job(Base):
     retires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     #: When the job warned (logged and notified) that its results may be deleted before they are downloaded.
     retirement_warned_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    #: What the server's quality control reported of the input (`remote.QcReport.as_dict`), as last polled.
+    qc: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
 
     inputs: Mapped[list[JobInput]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobInput.id"

@@ -36,6 +36,8 @@ class PendingNotification:
     service: str
     result_dir: str | None
     finished_at: dt.datetime | None
+    #: What the server's quality control reported of the job's input (`jobs.qc`), if anything.
+    qc: dict[str, Any] | None = None
 
 
 class NotificationOutbox:
@@ -69,7 +71,7 @@ class NotificationOutbox:
                     state=event.to_state, reason=event.reason,
                     notified_via=frozenset(filter(None, (event.notified_via or "").split(","))),
                     job_id=job.id, group_id=job.group_id, name=job.name, service=job.service,
-                    result_dir=job.result_dir, finished_at=job.finished_at,
+                    result_dir=job.result_dir, finished_at=job.finished_at, qc=job.qc,
                 )
                 for event, job in rows
             ]

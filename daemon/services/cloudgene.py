@@ -34,7 +34,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from daemon.config import SUBMIT_ANSWER_TIMEOUT, ServiceConfig
-from daemon.remote import ByteStream, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.remote import ByteStream, QcReport, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.services.http import (
@@ -67,6 +67,22 @@ FAILED_NOTIFIED = 9
 _CANCELLED_WORDS = re.compile(r"\bcancell?ed\b", re.IGNORECASE)
 #: imputationserver2's steps that check the input: a failure there is the input's (another submit fails the same).
 QC_STEPS = frozenset({"Input Validation", "Quality Control"})
+LOG_WARNING = 2
+#: The lines of imputationserver2's "Quality Control" statistics that a QcReport holds, by their label.
+_QC_FIGURES = {
+    "reference overlap": "reference_overlap",
+    "match": "matched",
+    "allele switch": "allele_switches",
+    "strand flip": "strand_flips",
+    "strand flip and allele switch": "strand_flips_and_allele_switches",
+    "excluded sites in total": "snps_excluded",
+    "remaining sites in total": "snps_remaining",
+    "chunks excluded": "chunks_excluded",
+    "excluded chunks": "chunks_excluded",
+}
+_QC_LINE = re.compile(r"^\s*([A-Za-z][A-Za-z ,/<>%0-9]*?)\s*:\s*([0-9][0-9,]*(?:\.[0-9]+)?)\s*%?\s*$")
+#: Most warnings a QC report keeps.
+QC_WARNINGS = 20
 #: How long the app's panel list (`GET /server/apps/{app}`) is trusted before a submit asks again.
 PANELS_TTL = 3600.0
 
@@ -516,6 +532,9 @@ def _parse_status(body: dict[str, Any], call: str, root: str) -> RemoteStatus:
         message = _clean("; ".join(errors), MESSAGE_LIMIT) if errors else (
             f"the remote job failed ({raw_state}) without an error message in its log"
         )
+        if failed_step in QC_STEPS:  # the input's fault: one line that says where, and why
+            message = _clean(f"{failed_step} failed: {message}", MESSAGE_LIMIT)
+    qc = _qc_report(steps, failed_step)
     return RemoteStatus(
         kind=kind,
         raw_state=raw_state,
@@ -526,7 +545,37 @@ def _parse_status(body: dict[str, Any], call: str, root: str) -> RemoteStatus:
         retires_at=_retirement(body.get("deletedOn")),
         failed_step=_clean(failed_step, PROGRESS_LIMIT) if failed_step else None,
         qc_failed=failed_step in QC_STEPS,
+        qc=qc,
     )
+
+
+def _qc_report(steps: list[dict[str, Any]], failed_step: str | None) -> QcReport | None:
+    """The figures of the "Quality Control" step's statistics and the warnings of every step, as imputationserver2
+    logs them ("Strand flip: 12", "Reference Overlap: 99.95 %"); None when the job has reported none yet."""
+    figures: dict[str, int | float] = {}
+    warnings: list[str] = []
+    for step in steps:
+        for log in _logs(step):
+            text = log.get("message")
+            if not isinstance(text, str):
+                continue
+            if log.get("type") in (LOG_WARNING, str(LOG_WARNING)):
+                cleaned = _clean(text, PROGRESS_LIMIT)
+                if cleaned and len(warnings) < QC_WARNINGS:
+                    warnings.append(cleaned)
+            if step.get("name") != "Quality Control":
+                continue
+            for line in _unescape(_TAG.sub("\n", text)).splitlines():
+                match = _QC_LINE.match(line)
+                field = _QC_FIGURES.get(match.group(1).strip().lower()) if match else None
+                if match is None or field is None:
+                    continue
+                number = match.group(2).replace(",", "")
+                figures[field] = float(number) if field == "reference_overlap" else int(float(number))
+    if not figures and not warnings and failed_step is None:
+        return None
+    return QcReport(**figures, warnings=tuple(warnings),  # type: ignore[arg-type]
+                    failed_step=_clean(failed_step, PROGRESS_LIMIT) if failed_step else None)
 
 
 def _retirement(deleted_on: object) -> dt.datetime | None:

@@ -64,7 +64,7 @@ def stalled_job(h: Harness, **submit_options):
 # ---------------------------------------------------------------------------------------------------- happy paths
 
 
-def test_happy_path(e2e, db_url):
+def test_happy_path(e2e, db_url, capsys):
     h = e2e(db_url=db_url)
     [job] = h.submit(name="happy")
     h.start()
@@ -76,6 +76,10 @@ def test_happy_path(e2e, db_url):
     assert job.remote_state == "SUCCESS"  # the server's word, stored raw beside ours
     assert job.error is None and job.failures == 0 and job.finished_at is not None
     assert h.sim.submissions(str(job.id)) == 1  # our id travels as job-name
+    # The server's QC figures, kept and shown.
+    assert job.qc is not None and job.qc["reference_overlap"] == 100.0 and job.qc["matched"] > 0
+    assert cli.main(["show", str(job.id), "-c", str(h.config_path)]) == 0
+    assert f"reference overlap 100 %, {job.qc['matched']:,} SNPs matched" in capsys.readouterr().out
     h.assert_outputs_match(job)
     for output in job.outputs:  # each file fetched once: a download spends one of the server's counts
         assert len(h.downloads_of(job, output.name)) == 1

@@ -682,6 +682,54 @@ def test_status_maps_every_state(mock, adapter, state, raw, kind):
     assert (status.message is not None) == (kind is RemoteKind.FAILED)
 
 
+QC_STATISTICS = """Uploaded data is hg19 and reference is hg19.
+
+Statistics:
+Alternative allele frequency > 0.5 sites: 185,012
+Reference Overlap: 99.95 %
+Match: 7,654,321
+Allele switch: 123,456
+Strand flip: 12
+Strand flip and allele switch: 3
+A/T, C/G genotypes: 1,234
+Filtered sites:
+Filter flag set: 0
+Excluded sites in total: 1,234
+Remaining sites in total: 7,653,087
+Chunks excluded: 2"""
+
+
+def test_status_reads_the_quality_controls_figures_and_warnings(mock, adapter):
+    steps = [
+        {"id": 1, "name": "Input Validation", "logMessages": [
+            {"message": "2 valid VCF file(s) found.", "type": 0},
+            {"message": "<b>Warning:</b> 12 duplicated sites removed", "type": 2}]},
+        {"id": 2, "name": "Quality Control", "logMessages": [{"message": QC_STATISTICS, "type": 0}]},
+    ]
+    mock.get(f"{API}/jobs/job-1/status").respond(json=job(2, steps=steps))
+    qc = adapter.status("job-1").qc
+    assert qc is not None and qc.as_dict() == {
+        "reference_overlap": 99.95, "matched": 7654321, "allele_switches": 123456, "strand_flips": 12,
+        "strand_flips_and_allele_switches": 3, "snps_excluded": 1234, "snps_remaining": 7653087,
+        "chunks_excluded": 2, "warnings": ["Warning: 12 duplicated sites removed"],
+    }
+
+
+def test_a_qc_failure_says_in_one_line_where_and_why(mock, adapter):
+    steps = [
+        {"id": 1, "name": "Input Validation", "logMessages": [{"message": "2 valid VCF file(s) found.", "type": 0}]},
+        {"id": 2, "name": "Quality Control", "logMessages": [
+            {"message": "Alert! More than 100 obvious strand flips have been detected.\nPlease check strand.",
+             "type": 1}]},
+    ]
+    mock.get(f"{API}/jobs/job-1/status").respond(json=job(5, steps=steps))
+    status = adapter.status("job-1")
+    assert status.kind is RemoteKind.FAILED and status.qc_failed and status.failed_step == "Quality Control"
+    assert status.message == ("Quality Control failed: Alert! More than 100 obvious strand flips have been detected. "
+                              "Please check strand.")
+    assert status.qc is not None and status.qc.failed_step == "Quality Control"
+
+
 def test_status_reads_when_the_results_retire(mock, adapter):
     mock.get(f"{API}/jobs/job-1/status").respond(json=job(8, deletedOn=1704715200000))
     assert adapter.status("job-1").retires_at == dt.datetime(2024, 1, 8, 12, 0, tzinfo=dt.UTC)
@@ -761,7 +809,8 @@ def test_failure_message_from_error_logs(mock, adapter):
     mock.get(STATUS).respond(json=job(5, steps=steps))
     status = adapter.status("job-1")
     assert status.kind is RemoteKind.FAILED
-    assert status.message == "Error: No chr prefix detected. Build hg38 needs it.; Only 5 samples (minimum 20)."
+    assert status.message == ("Input Validation failed: Error: No chr prefix detected. Build hg38 needs it.; Only 5 "
+                              "samples (minimum 20).")
 
 
 def test_failure_without_error_logs_still_says_why(mock, adapter):

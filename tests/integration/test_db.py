@@ -415,6 +415,18 @@ def test_0005_gives_jobs_their_retirement_and_keeps_them(empty_engine: sa.Engine
     assert not {"retires_at", "retirement_warned_at"} & columns and "cancel_sent_at" in columns
 
 
+def test_0006_gives_jobs_a_qc_report_that_holds_json(empty_engine: sa.Engine) -> None:
+    _migrate(empty_engine, "upgrade", "0006")
+    job_id = uuid.uuid4()
+    with make_session_factory(empty_engine).begin() as session:
+        session.add(Job(id=job_id, group_id=job_id, service="m", panel="p", build="hg19", state=JobState.RUNNING,
+                        qc={"reference_overlap": 99.5, "warnings": ["12 duplicated sites"]}))
+    with make_session_factory(empty_engine)() as session:
+        assert session.get(Job, job_id).qc == {"reference_overlap": 99.5, "warnings": ["12 duplicated sites"]}
+    _migrate(empty_engine, "downgrade", "0005")
+    assert "qc" not in {c["name"] for c in sa.inspect(empty_engine).get_columns("jobs")}
+
+
 # -- models -------------------------------------------------------------------------------------------------------
 
 

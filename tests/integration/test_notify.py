@@ -426,6 +426,7 @@ def test_the_daemon_notifies_a_completed_job_once_across_a_restart(db_url: str, 
         [body] = hook.delivered()
         assert body["job_id"] == str(job.id) and body["state"] == "completed" and body["name"] == "cohort"
         assert body["result_dir"] and body["finished_at"]
+        assert body["qc"]["reference_overlap"] == 100.0 and body["qc"]["matched"] > 0  # the server's QC figures
         assert [status for status, _, _ in hook.all()] == [500, 204]  # one failure, one delivery, nothing after
 
 
