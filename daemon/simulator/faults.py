@@ -36,7 +36,7 @@ RESPONSE_KINDS = frozenset(
     {"error", "drop", "rate_limit", "html_200", "malformed_json", "truncate", "reset", "corrupt", "no_outputs"}
 )
 MODIFIER_KINDS = frozenset({"delay"})
-JOB_KINDS = frozenset({"fail_validation", "fail_imputation", "stall", "dead", "echo_secrets"})
+JOB_KINDS = frozenset({"fail_validation", "fail_imputation", "wrong_md5", "stall", "dead", "echo_secrets"})
 SUBMIT_KINDS = frozenset({"slow_submit"})
 KINDS = RESPONSE_KINDS | MODIFIER_KINDS | JOB_KINDS | SUBMIT_KINDS
 
@@ -182,6 +182,10 @@ class Faults:
         """The job passes validation and QC, then fails in its imputation step: a failure of the server's, not of
         the input (what a resubmit may cure)."""
         return self.add("fail_imputation", times=times, message=message)
+
+    def wrong_md5(self, times: int | None = 1) -> FaultRule:
+        """The job's `.md5` files publish a digest that none of its zips has (the zips themselves are sound)."""
+        return self.add("wrong_md5", times=times)
 
     def stall(self, times: int | None = 1) -> FaultRule:
         return self.add("stall", times=times)

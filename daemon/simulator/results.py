@@ -366,6 +366,10 @@ def build_results(
             zpath = outdir / f"chr_{stats.chromosome}.zip"
             _zip(zpath, members, params)
             produced.append(("output", zpath.name, zpath))
+            # imputationserver2 writes md5sum's line for each zip beside it.
+            md5_path = zpath.with_name(zpath.name + ".md5")
+            md5_path.write_text(f"{hashlib.md5(zpath.read_bytes()).hexdigest()}  {zpath.name}\n")
+            produced.append(("output", md5_path.name, md5_path))
         for m in members:
             m.unlink()
     scratch.rmdir()
