@@ -74,6 +74,27 @@ class Downloaded:
     zip_crc_checked: bool | None = None
 
 
+@dataclass(frozen=True)
+class Published:
+    """What the server published about a file's content: checked once the file has arrived, and a file that differs
+    is a `BadDownload` (`kind` "size_mismatch" or "checksum_mismatch"), never verified."""
+
+    size: int | None = None
+    #: (algorithm, hex digest): md5 (Cloudgene's `.md5` files), sha1 (CWL), sha256, ... as `hashlib` names them.
+    checksum: tuple[str, str] | None = None
+
+
+class _Digests:
+    """Feeds every chunk to several digests: SHA-256, which we record, and the one the server published."""
+
+    def __init__(self, *digests: Any) -> None:
+        self._digests = digests
+
+    def update(self, data: Any) -> None:
+        for digest in self._digests:
+            digest.update(data)
+
+
 class BadDownload(Transient):
     """The server answered 2xx, so this GET spent one of the file's download counts, and the body that came is
     unusable: cut off (by a close, a reset or a timeout), shorter or longer than announced, undecodable, or a
@@ -98,6 +119,7 @@ def download(
     should_stop: Callable[[], bool] = lambda: False,
     chunk_size: int | None = None,
     keep_partial_dir: bool = False,
+    published: Published | None = None,
 ) -> Downloaded:
     """Fetch one result file into `result_dir/<name>` and return what was stored.
 
@@ -110,6 +132,9 @@ def download(
     (a big body is written and hashed on a helper thread, see `_ThreadedSink`), and its byte count must equal
     Content-Length: short → `Transient(kind="truncated")`, long → `Transient(kind="length_mismatch")`. A missing
     Content-Length is allowed and shows as `Downloaded.content_length is None`.
+
+    What the server `published` about the file (its size, a checksum) must match what arrived: the checksum is
+    computed in the same pass as the SHA-256.
 
     A `*.zip` is then verified with `results.verify_zip` (every entry's CRC when `password` is known or entries are
     not encrypted; structure only for encrypted entries without a password). A corrupt zip is
@@ -157,6 +182,8 @@ def download(
     with _partial_file(result_dir, label, keep_dir=keep_partial_dir) as temp:
         partial, fh = temp.path, temp.fh
         digest = hashlib.sha256()
+        algorithm, published_digest = published.checksum if published and published.checksum else ("sha256", "")
+        extra = None if algorithm == "sha256" else hashlib.new(algorithm)
         size = 0
         content_length: int | None = None
         try:
@@ -169,7 +196,8 @@ def download(
                     raise BadDownload(exc.message, kind=exc.kind) from None
                 _check_free_space(partial.parent, content_length, label)
                 threaded = content_length is None or content_length > _THREADED_FROM
-                sink = _ThreadedSink(fh, digest) if threaded else _Sink(fh, digest)
+                hashing = digest if extra is None else _Digests(digest, extra)
+                sink = _ThreadedSink(fh, hashing) if threaded else _Sink(fh, hashing)
                 with sink, _body_failures(label, lambda: size, content_length):
                     for chunk in body.chunks(chunk_size):
                         if should_stop():
@@ -197,6 +225,15 @@ def download(
                 f"{label}: received {received} bytes but Content-Length said {content_length}",
                 kind="length_mismatch",
             )
+
+        if published is not None and published.size is not None and size != published.size:
+            raise BadDownload(f"{label}: {size} bytes arrived, but the server published {published.size}",
+                              kind="size_mismatch")
+        if published_digest:
+            got = (digest if extra is None else extra).hexdigest()
+            if got != published_digest:
+                raise BadDownload(f"{label}: its {algorithm} is {got}, not the {published_digest} the server published",
+                                  kind="checksum_mismatch")
 
         try:
             fh.flush()

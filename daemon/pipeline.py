@@ -12,6 +12,7 @@ import dataclasses
 import errno
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 import structlog
@@ -47,10 +48,14 @@ from daemon.logging import bind_job, register_secret, scrub
 from daemon.metrics import NO_METRICS, Metrics
 from daemon.outcome import KEEP, JobColumns, Keep, Outcome, OutputColumns
 from daemon.remote import RemoteOutput, SubmitRequest, parameters_of
+from daemon.resultfiles import CHECKSUM_SUFFIX, parse_md5sum
 from daemon.services import scrubbing
 from daemon.services.base import ServiceAdapter
 from daemon.services.errors import NOT_FOUND_KINDS, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.states import TERMINAL, JobState, OutputState
+
+if TYPE_CHECKING:  # the download code itself is imported by the first download (see `_download`)
+    from daemon.downloads import Published
 
 log = structlog.get_logger("daemon.pipeline")
 
@@ -69,15 +74,23 @@ def remote_job_name(job: Job) -> str:
     return str(job.id) if job.retries == 0 else f"{job.id}.retry{job.retries}"
 
 
+def stored_checksum(row: JobOutput) -> tuple[str, str] | None:
+    """The checksum the server published for the file, as `job_outputs.remote_checksum` keeps it ("algo:hex")."""
+    if not row.remote_checksum:
+        return None
+    algorithm, _, digest = row.remote_checksum.partition(":")
+    return algorithm, digest
+
+
 def remote_output(row: JobOutput) -> RemoteOutput:
-    checksum = tuple(row.remote_checksum.split(":", 1)) if row.remote_checksum else None
     return RemoteOutput(
         name=row.name,
         url=row.url,
         remote_hash=row.remote_hash,
         size_text=row.size_text,
         downloads_left=row.downloads_left,
-        checksum=checksum,  # type: ignore[arg-type]
+        checksum=stored_checksum(row),
+        size=row.remote_size,
     )
 
 
@@ -410,21 +423,51 @@ class Pipeline:
         # The rows were loaded with the claim, and only the lease holder writes them: `_save_output` keeps them
         # as they are stored, so nothing is read again.
         rows = job.outputs
+        by_name = {row.name: row for row in rows}
         try:
-            for row in rows:
+            # A zip's `.md5` (imputationserver2 writes one beside each) goes first: the zip is checked against it
+            # as it streams.
+            for row in sorted(rows, key=lambda r: not r.name.endswith(CHECKSUM_SUFFIX)):
                 if row.state is not OutputState.PENDING:
                     continue
                 if self.stopping():
                     return Outcome(next_poll_in=0, columns=JobColumns(result_dir=str(result_dir)))
-                problem = self._download_one(job, adapter, row, result_dir)
+                published = self._published(row, by_name)
+                if published is None:
+                    continue  # given up: its checksum could not be had
+                problem = self._download_one(job, adapter, row, result_dir, published)
                 if problem is not None:
                     return problem
         finally:
             downloads.remove_partial_dir(result_dir)  # kept for the whole step (see `downloads.download`)
         return self._downloads_done(job, rows, result_dir)
 
+    def _published(self, row: JobOutput, by_name: Mapping[str, JobOutput]) -> Published | None:
+        """What the server published about the file's content (a WES checksum and size, a Cloudgene zip's `.md5`),
+        to check it against; None when the file is given up here (its `.md5` could not be had, or says nothing of
+        it): it would arrive unchecked."""
+        from daemon.downloads import Published
+
+        checksum = stored_checksum(row)
+        sibling = by_name.get(row.name + CHECKSUM_SUFFIX)
+        if sibling is not None and sibling.state is OutputState.VERIFIED and sibling.local_path:
+            try:
+                checksum = ("md5", parse_md5sum(Path(sibling.local_path).read_text("utf-8", "replace"), row.name))
+            except (Permanent, OSError) as exc:
+                problem = str(exc) if isinstance(exc, Permanent) else f"{sibling.name}: {exc.strerror or exc}"
+                self._give_up(row, f"its published checksum cannot be read: {problem}", "bad_checksum")
+                return None
+        elif sibling is not None and sibling.state is OutputState.FAILED:
+            self._give_up(row, f"its published checksum ({sibling.name}) could not be downloaded", "bad_checksum")
+            return None
+        return Published(size=row.remote_size, checksum=checksum)
+
+    def _give_up(self, row: JobOutput, reason: str, kind: str) -> None:
+        self._save_output(row, OutputColumns(state=OutputState.FAILED, error=reason))
+        log.error("download_failed", file=row.name, reason=reason, error_kind=kind)
+
     def _download_one(
-        self, job: Job, adapter: ServiceAdapter, row: JobOutput, result_dir: Path
+        self, job: Job, adapter: ServiceAdapter, row: JobOutput, result_dir: Path, published: Published
     ) -> Outcome | None:
         """Fetch and verify one file; an Outcome means "stop here for now" (retry later)."""
         from daemon import downloads
@@ -440,6 +483,7 @@ class Pipeline:
                 password=self._password(job),
                 should_stop=self.stopping,
                 keep_partial_dir=True,
+                published=published,
             )
         except downloads.DownloadInterrupted:
             return Outcome(next_poll_in=0, columns=JobColumns(result_dir=str(result_dir)))

@@ -62,8 +62,11 @@ class RemoteOutput:
     remote_hash: str | None = field(default=None, repr=False)
     size_text: str | None = None  # Cloudgene's human, rounded-down size ("314 MB"); informative only
     downloads_left: int | None = None
-    #: A content checksum published by the server, as (algorithm, hex digest); Cloudgene publishes none.
+    #: A content checksum published by the server, as (algorithm, hex digest); Cloudgene's API publishes none (its
+    #: zips come with `.md5` files instead).
     checksum: tuple[str, str] | None = None
+    #: The size in bytes the server published (a WES `File`'s `size`); None when it published none.
+    size: int | None = None
 
 
 class ByteStream(Protocol):

@@ -119,3 +119,20 @@ __all__ = [
     "remove_partial_dir",
     "safe_relative_path",
 ]
+
+
+#: What imputationserver2 writes beside each result zip: `md5sum`'s line for it ("HASH  NAME", or "HASH *NAME").
+CHECKSUM_SUFFIX = ".md5"
+_MD5SUM_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")
+
+
+def parse_md5sum(text: str, name: str) -> str:
+    """The MD5 (lower-case hex) that a `.md5` file publishes for the file `name`; `Permanent(kind="bad_checksum")`
+    naming the `.md5` file when it holds no line for it."""
+    for line in text.splitlines():
+        match = _MD5SUM_LINE.fullmatch(line.strip())
+        if match and PurePosixPath(match.group(2).strip()).name == PurePosixPath(name).name:
+            return match.group(1).lower()
+    shown = printable(name + CHECKSUM_SUFFIX)
+    raise Permanent(f"{shown}: not an md5sum line for {printable(PurePosixPath(name).name)} (expected 'HASH  NAME')",
+                    kind="bad_checksum")

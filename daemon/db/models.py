@@ -17,7 +17,7 @@ from daemon.states import JobState, OutputState
 
 #: The Alembic revision whose schema these models describe: the head of daemon/db/migrations/versions (a test holds
 #: the two together). A database at it is ready; the daemon learns that without loading Alembic (`daemon.db.revision`).
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 
 def utcnow() -> dt.datetime:
@@ -225,6 +225,7 @@ class JobOutput(Base):
     #: Downloads the server served (each spent one of its download counts) that came out unusable: cut off, short,
     #: long or a corrupt zip. The file is given up after `decisions.MAX_INTEGRITY_ATTEMPTS` of them.
     bad_downloads: Mapped[int] = mapped_column(sa.Integer, default=0)
+    remote_size: Mapped[int | None] = mapped_column(sa.BigInteger)  # bytes, when the server publishes them
 
     job: Mapped[Job] = relationship(back_populates="outputs")
 

@@ -308,7 +308,8 @@ def _record_outputs(conn: sa.Connection, job_id: uuid.UUID, outputs: Sequence[Re
     ambiguous = {name for name, count in listed.items() if count > 1}
     for name in ambiguous - known.keys():
         new.append({"job_id": job_id, "name": name, "url": "", "remote_hash": None, "size_text": None,
-                    "downloads_left": None, "remote_checksum": None, "state": OutputState.FAILED, "attempts": 0,
+                    "downloads_left": None, "remote_checksum": None, "remote_size": None,
+                    "state": OutputState.FAILED, "attempts": 0,
                     "bad_downloads": 0, "error": f"the server lists {listed[name]} result files of this name; "
                     "they cannot be told apart, so neither was downloaded"})
     for remote in outputs:
@@ -319,6 +320,7 @@ def _record_outputs(conn: sa.Connection, job_id: uuid.UUID, outputs: Sequence[Re
             "remote_hash": remote.remote_hash,
             "downloads_left": integer_or_none(remote.downloads_left),
             "remote_checksum": ":".join(remote.checksum) if remote.checksum else None,
+            "remote_size": remote.size,
         }
         state = known.get(remote.name)
         if state is None:

@@ -242,6 +242,7 @@ def parse_outputs(outputs: Any, *, api_root: str, call: str) -> tuple[RemoteOutp
                 name=name,
                 url=location,
                 checksum=checksum,
+                size=size,
                 size_text=f"{size} bytes" if size is not None else None,
             )
         )

@@ -267,6 +267,30 @@ def test_a_server_failure_the_policy_lists_is_submitted_again_and_a_qc_failure_i
     assert only_events(h.logs.problems()) == ["remote_failure_resubmitted", "job_state"], h.logs.dump()
 
 
+def test_a_zip_that_does_not_match_its_published_md5_is_never_verified(e2e):
+    """imputationserver2 publishes chr_N.zip.md5 beside each zip: fetched first, once, and each zip is checked
+    against it as it streams. A zip that differs (though it opens: its CRCs are sound) is fetched again, up to
+    MAX_INTEGRITY_ATTEMPTS times (each spends one of its downloads), then given up: the job fails saying why."""
+    h = e2e()
+    [good] = h.submit(name="good")
+    h.start()
+    good = h.wait_state(good.id, "completed")
+    h.sim.faults.wrong_md5()
+    [bad] = h.submit(name="bad md5")
+    bad = h.wait_state(bad.id, "failed", timeout=60)
+    h.stop_daemon()
+
+    names = {o.name for o in good.outputs}
+    assert "chr_20.zip" in names and "chr_20.zip.md5" in names
+    assert len(h.downloads_of(good, "chr_20.zip.md5")) == 1 and len(h.downloads_of(good, "chr_20.zip")) == 1
+    [zip_row] = [o for o in bad.outputs if o.name == "chr_20.zip"]
+    assert zip_row.state.value == "failed" and zip_row.bad_downloads == MAX_INTEGRITY_ATTEMPTS
+    assert "its md5 is " in zip_row.error and "the server published" in zip_row.error
+    assert len(h.downloads_of(bad, "chr_20.zip")) == MAX_INTEGRITY_ATTEMPTS
+    assert len(h.downloads_of(bad, "chr_20.zip.md5")) == 1
+    assert bad.error == "1 of 6 result files could not be downloaded: chr_20.zip"
+
+
 def test_results_retired_before_download(e2e):
     # Retention 0: the server deletes the results the moment the job succeeds, before any poll sees SUCCESS.
     h = e2e(timings=Timings(queue=0.1, run=0.1, export=0.1, retention=0.0))
@@ -887,7 +911,7 @@ def test_an_unexpected_error_quoting_a_download_url_is_stored_without_its_secret
     h = e2e()
     urls = []
 
-    def broken_download(self, job, adapter, row, result_dir):  # type: ignore[no-untyped-def]
+    def broken_download(self, job, adapter, row, result_dir, published):  # type: ignore[no-untyped-def]
         urls.append(row.url)
         raise RuntimeError(f"could not open {row.url} for reasons nobody foresaw")
 

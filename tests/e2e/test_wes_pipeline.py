@@ -18,6 +18,7 @@ from support.wes.late_proxy import LateProxy
 from support.wes.sapporo_server import DEFAULT_PARAMS, SapporoServer
 
 from daemon.config import Config, DatabaseConfig, PanelConfig, SchedulerConfig, StorageConfig
+from daemon.decisions import MAX_INTEGRITY_ATTEMPTS
 from daemon.scheduler import Daemon
 from daemon.services.wes import TAG_JOB_ID
 from daemon.simulator import write_sample_vcf
@@ -202,3 +203,28 @@ def test_wes_run_answered_too_late_is_found_on_a_server_that_lists_workflows(tmp
     assert ours == [job.remote_id], (job.state, job.error, [e.reason for e in job.events])
     assert job.state is JobState.COMPLETED, job.error
     assert any("found the earlier submission" in (e.reason or "") for e in job.events)
+
+
+@pytest.mark.parametrize("published", ["right", "wrong"])
+def test_wes_outputs_are_checked_against_their_published_checksum_and_size(tmp_path, sqlite_url,
+                                                                         sapporo: SapporoServer, vcf, published):
+    """Outputs published as CWL File objects with `checksum: sha1$…` and `size`: a file whose SHA-1 differs is
+    never verified (fetched MAX_INTEGRITY_ATTEMPTS times, then given up) and the job fails saying why."""
+    with LateProxy(sapporo.origin, lost=None, publish_checksums=published) as proxy:
+        config = make_config(tmp_path, sqlite_url, sapporo)
+        service = dataclasses.replace(config.services["wes"], base_url=proxy.origin)
+        daemon, job = start(dataclasses.replace(config, services={"wes": service}), vcf)
+        try:
+            job = run_until(daemon, job.id, lambda j: j.state in TERMINAL, timeout=90)
+        finally:
+            daemon.request_stop()
+            daemon.stop()
+    assert job.outputs and all(o.remote_checksum and o.remote_checksum.startswith("sha1:") for o in job.outputs)
+    assert all(o.remote_size is not None for o in job.outputs)
+    if published == "right":
+        assert job.state is JobState.COMPLETED, job.error
+        assert all(o.state is OutputState.VERIFIED and o.size == o.remote_size for o in job.outputs)
+    else:
+        assert job.state is JobState.FAILED
+        assert all(o.state is OutputState.FAILED and o.bad_downloads == MAX_INTEGRITY_ATTEMPTS for o in job.outputs)
+        assert all("its sha1 is " in o.error and "the server published" in o.error for o in job.outputs)

@@ -26,6 +26,7 @@ from daemon.downloads import (
     BadDownload,
     Downloaded,
     DownloadInterrupted,
+    Published,
     download,
     remove_partials,
     safe_relative_path,
@@ -159,6 +160,31 @@ def test_missing_content_length_is_allowed_and_recorded(tmp_path: Path) -> None:
     got = download(opener(lambda: iter([BODY[:1000], BODY[1000:]])), "qc_report.txt", result_dir=tmp_path)
     assert (got.size, got.content_length) == (len(BODY), None)
     assert (tmp_path / "qc_report.txt").read_bytes() == BODY
+
+
+@pytest.mark.parametrize("algorithm", ["md5", "sha1", "sha256"])
+@pytest.mark.parametrize("big", [False, True], ids=["in-thread", "helper-thread"])
+def test_a_published_checksum_and_size_are_checked(tmp_path: Path, algorithm: str, big: bool) -> None:
+    """A WES File's checksum and size, a Cloudgene zip's .md5: computed in the one pass that stores the file."""
+    body = BODY * 20 if big else BODY  # past the size from which a helper thread writes and hashes
+    right = hashlib.new(algorithm, body).hexdigest()
+    got = download(opener(body), "out.bin", result_dir=tmp_path, published=Published(len(body), (algorithm, right)))
+    assert got.size == len(body) and got.sha256 == hashlib.sha256(body).hexdigest()
+    wrong = "0" * len(right)
+    refused = tmp_path / "refused"
+    with pytest.raises(BadDownload) as caught:
+        download(opener(body), "other.bin", result_dir=refused, published=Published(None, (algorithm, wrong)))
+    assert caught.value.kind == "checksum_mismatch"
+    assert str(caught.value) == f"download other.bin: its {algorithm} is {right}, not the {wrong} the server published"
+    assert_clean(refused)  # nothing stored, no partial left
+
+
+def test_a_published_size_that_differs_is_a_bad_download(tmp_path: Path) -> None:
+    with pytest.raises(BadDownload) as caught:
+        download(opener(BODY), "out.bin", result_dir=tmp_path, published=Published(size=len(BODY) + 1))
+    assert caught.value.kind == "size_mismatch"
+    assert str(caught.value) == f"download out.bin: {len(BODY)} bytes arrived, but the server published {len(BODY) + 1}"
+    assert_clean(tmp_path)
 
 
 def test_existing_file_is_replaced(tmp_path: Path) -> None:

@@ -12,6 +12,10 @@ waiting while the run already exists).
 `ignore_cancel=True`: `POST …/runs/{id}/cancel` is acknowledged (200, `{"run_id": id}`) and never reaches the server:
 the run goes on, as on servers that accept a cancel and ignore it.
 
+`publish_checksums="right"` (or `"wrong"`): a run log's outputs (sapporo's `{file_name, file_url}` entries) are
+published as CWL `File` objects, each with its `size` and a `sha1$…` checksum, the file's own (or one it does not
+have), as servers on a CWL engine publish them.
+
 `wes03_listing=True`: `GET …/runs` answers as the GA4GH reference server `wes-service` does: every run under
 `workflows` (the WES 0.3 name), unpaged, in no fixed order, each entry only `run_id` and `state` (no tags).
 
@@ -26,12 +30,13 @@ Every other request is relayed as it is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -44,12 +49,14 @@ _NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "cont
 
 class LateProxy:
     def __init__(self, upstream: str, *, delay: float = 0.0, lost: Literal["before", "after"] | None = "before",
-                 wes03_listing: bool = False, ignore_cancel: bool = False) -> None:
+                 wes03_listing: bool = False, ignore_cancel: bool = False,
+                 publish_checksums: Literal["right", "wrong"] | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.delay = delay
         self.lost = lost
         self.wes03_listing = wes03_listing
         self.ignore_cancel = ignore_cancel
+        self.publish_checksums = publish_checksums
         #: Run ids whose cancel the proxy acknowledged without relaying it.
         self.ignored_cancels: list[str] = []
         self.forwarded_submits = 0
@@ -131,7 +138,21 @@ class LateProxy:
         method, url, headers, body = request
         answer = self._client.request(method, url, headers=headers, content=body)
         relayed = [(k, v) for k, v in answer.headers.items() if k.lower() not in _NOT_RELAYED]
-        self._answer(handler, answer.status_code, relayed, answer.content)
+        content = answer.content
+        if (self.publish_checksums and handler.command == "GET" and answer.status_code == 200
+                and len(parts) >= 2 and parts[-2] == "runs"):
+            content = self._with_checksums(answer.json(), headers)
+        self._answer(handler, answer.status_code, relayed, content)
+
+    def _with_checksums(self, run_log: dict, headers: dict[str, str]) -> bytes:
+        files = []
+        for entry in run_log.get("outputs") or []:
+            data = self._client.get(urljoin(self.upstream + "/", entry["file_url"]), headers=headers).content
+            digest = hashlib.sha1(data).hexdigest() if self.publish_checksums == "right" else "0" * 40
+            files.append({"class": "File", "basename": entry["file_name"], "location": entry["file_url"],
+                          "size": len(data), "checksum": f"sha1${digest}"})
+        run_log["outputs"] = {f"out{index}": file for index, file in enumerate(files)}
+        return json.dumps(run_log).encode()
 
     def _list_as_wes03(self, handler: BaseHTTPRequestHandler, headers: dict[str, str]) -> None:
         path = urlsplit(handler.path).path
