@@ -449,7 +449,7 @@ def cmd_services(args: argparse.Namespace) -> int:
     for name, service in sorted(config.services.items()):
         status = statuses.get(name)
         entry: dict[str, Any] = {
-            "name": name, "type": service.type, "base_url": service.base_url,
+            "name": name, "type": service.type, "base_url": service.base_url, "auth": service.auth,
             "max_concurrent_jobs": service.max_concurrent_jobs, "panels": sorted(service.panels),
             "blocked": status.blocked_reason if status else None,
             "paused_until": status.paused_until if status else None,
@@ -484,7 +484,8 @@ def cmd_services(args: argparse.Namespace) -> int:
         state = printable("; ".join(problems), 160) if problems else "ok"
         row = [e["name"], e["type"], state, active, _when(e["token_expires"])]
         if args.check:
-            token = {True: "valid", False: "INVALID", None: "?"}[e["token_valid"]]
+            token = "none (auth: none)" if e["auth"] == "none" else {True: "valid", False: "INVALID", None: "?"}[
+                e["token_valid"]]
             row += ["yes" if e["reachable"] else "NO", token, ", ".join(e["missing_panels"]) or "-"]
         rows.append(row)
     print(_table(headers, rows))

@@ -214,6 +214,9 @@ class ServiceConfig:
     app: str = "imputationserver2"
     token_file: Path | None = None
     token_env: str | None = None
+    #: "none": the server takes no token (some WES servers); no Authorization header is sent, and nobody calls a
+    #: token valid that nobody checked.
+    auth: Literal["token", "none"] = "token"
     max_concurrent_jobs: int = 3
     poll_interval: float = 60.0
     timeout: float = 30.0
@@ -1014,7 +1017,12 @@ def _is_loopback(host: str) -> bool:
 
 def _check_credential_keys(raw: dict[str, Any], where: str, ctx: _Context) -> None:
     given = [key for key in ("token_file", "token_env") if raw.get(key) is not None]
-    if not given:
+    if raw.get("auth") == "none":
+        for key in given:
+            ctx.report(f"{where}.{key}", "not used with auth: none (the server takes no token); remove it")
+        if raw.get("type") == "cloudgene":
+            ctx.report(f"{where}.auth", "a Cloudgene server always takes a token (auth: none is for WES servers)")
+    elif not given:
         ctx.report(where, "needs token_file or token_env (secrets are never stored in the YAML)")
     elif len(given) > 1:
         ctx.report(where, "give exactly one of token_file or token_env, not both")
@@ -1051,6 +1059,7 @@ _SERVICE: dict[str, _Convert] = {
     "app": _pattern(r"[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._-]+)?", "a Cloudgene app id like imputationserver2"),
     "token_file": _optional(_token_file),
     "token_env": _optional(_env_name),
+    "auth": _choice("token", "none"),
     "max_concurrent_jobs": _integer(1, 1000),
     "poll_interval": _seconds(86400),
     "timeout": _seconds(3600),
@@ -1169,6 +1178,8 @@ def _email(raw: Any, ctx: _Context) -> EmailConfig | None:
 
 
 def _check_credential(where: str, service: ServiceConfig) -> str | None:
+    if service.auth == "none":
+        return None
     path = service.token_path()
     if path is not None:
         return _check_token_file(f"{where}.token_file", path)

@@ -443,6 +443,11 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
      "'Pipeline (failed' is not a regular expression"),
     ("resubmit-text", michigan(resubmit_on="DEAD"), "services.michigan.resubmit_on", "must be a list of texts"),
     ("resubmit-max", michigan(resubmit_max=0), "services.michigan.resubmit_max", "from 1 to 20"),
+    ("auth-bad", michigan(auth="basic"), "services.michigan.auth", "must be one of token, none, got 'basic'"),
+    ("auth-none-cloudgene", michigan(auth="none", token_file=DELETE), "services.michigan.auth",
+     "a Cloudgene server always takes a token"),
+    ("auth-none-with-token", {"services": {"michigan": {**WES_SERVICE, "auth": "none"}}},
+     "services.michigan.token_env", "not used with auth: none"),
     ("cancel-timeout-zero", michigan(cancel_timeout=0), "services.michigan.cancel_timeout", "greater than 0"),
     ("cancel-timeout-text", michigan(cancel_timeout="10m"), "services.michigan.cancel_timeout", "got '10m'"),
     ("panels-text", michigan(panels="hrc"), "services.michigan.panels", "must be a mapping of panel name"),
@@ -553,6 +558,17 @@ def test_plain_http_to_this_machine_or_when_allowed_loads(tmp_path: Path, url: s
     config = load_config(write(tmp_path, merged(VALID, michigan(base_url=url, allow_plain_http=allow))))
     assert config.services["michigan"].base_url == url
     assert config.services["michigan"].allow_plain_http is allow
+
+
+def test_a_wes_server_without_auth_needs_no_token_at_all(tmp_path: Path) -> None:
+    service = {key: value for key, value in WES_SERVICE.items() if key != "token_env"} | {"auth": "none"}
+    config = load_config(write(tmp_path, {"services": {"open-wes": service}}))
+    assert config.services["open-wes"].auth == "none" and config.services["open-wes"].read_token() is None
+    assert [p for p in check_runtime(config) if p.startswith("services.")] == []  # no credential to check
+    # Without auth: none, the same service still needs one.
+    problems = problems_of(write(tmp_path, {"services": {"open-wes": {k: v for k, v in service.items()
+                                                                       if k != "auth"}}}))
+    assert any(p.startswith("services.open-wes: needs token_file or token_env") for p in problems)
 
 
 def test_did_you_mean_and_the_list_of_keys(tmp_path: Path) -> None:

@@ -33,6 +33,9 @@ from typing import Any
 import pytest
 from support.wes.sapporo_server import SapporoServer, require_sapporo, running_sapporo
 
+from daemon import cli
+from daemon.config import load_config
+from daemon.db.schema import upgrade_url
 from daemon.remote import RemoteStatus, SubmitRequest
 from daemon.services.errors import Blocked, Permanent
 from daemon.services.wes import TAG_JOB_ID, WesAdapter
@@ -253,3 +256,26 @@ def test_bearer_token_against_a_root_mounted_server(auth_sapporo: SapporoServer,
         assert token not in str(adapter.check())
     finally:
         adapter.close()
+
+
+def test_services_check_of_a_server_without_auth_calls_no_token_valid(sapporo: SapporoServer, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`auth: none` (this sapporo takes no token): no token is configured or sent, and `services --check` says so
+    instead of calling a token valid that nobody checked."""
+    wes = sapporo.wes_config()
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({
+        "storage": {"state_dir": str(tmp_path / "state")},
+        "services": {"open-wes": {
+            "type": "wes", "base_url": sapporo.origin, "auth": "none",
+            "wes": {"workflow_url": wes.workflow_url, "workflow_type": wes.workflow_type,
+                    "workflow_type_version": wes.workflow_type_version},
+        }},
+    }))
+    upgrade_url(load_config(config).database.url)
+    assert cli.main(["services", "-c", str(config), "--check"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert "TOKEN" in header and "none (auth: none)" in row and "valid" not in row
+    assert cli.main(["services", "-c", str(config), "--check", "--json"]) == 0
+    [entry] = json.loads(capsys.readouterr().out)
+    assert (entry["auth"], entry["token_valid"], entry["reachable"]) == ("none", None, True)
