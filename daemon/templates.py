@@ -10,8 +10,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-#: Placeholders a `workflow_params` template may use.
-PLACEHOLDERS = ("files", "panel", "build", "population", "phasing", "r2_filter", "mode", "job_id", "name")
+#: Placeholders a `workflow_params` template may use. `{files}` is the input files as the server sees them (names
+#: of attachments, or paths), as WDL and Nextflow take them; `{cwl_files}` the same as CWL `File` objects
+#: (`{"class": "File", "location": ...}`) for a `File[]` input, `{cwl_file}` the one file of a job with one, for a
+#: `File` input.
+PLACEHOLDERS = ("files", "cwl_files", "cwl_file", "panel", "build", "population", "phasing", "r2_filter", "mode",
+                "job_id", "name")
+#: Placeholders that stand for a list or an object: only a whole string value can be one.
+STRUCTURED = frozenset({"files", "cwl_files", "cwl_file"})
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -23,8 +29,9 @@ def render_params(template: Any, fields: Mapping[str, Any]) -> Any:
     """`template` with `{placeholder}`s replaced by the job's fields, through dicts and lists.
 
     A string that is exactly one placeholder becomes the field's value itself: `"{files}"` a list of strings,
-    `"{population}"` a string or null. Inside a longer string a field is text (null becomes ""), and `{files}`
-    is refused. Unknown placeholders are left as they are (`template_problems` reports them)."""
+    `"{cwl_file}"` an object, `"{population}"` a string or null. Inside a longer string a field is text (null
+    becomes ""), and a list or an object is refused. Unknown placeholders are left as they are (`template_problems`
+    reports them)."""
     if isinstance(template, Mapping):
         return {key: render_params(value, fields) for key, value in template.items()}
     if isinstance(template, (list, tuple)):
@@ -41,8 +48,9 @@ def render_params(template: Any, fields: Mapping[str, Any]) -> Any:
         if name not in fields:
             return match.group(0)
         value = fields[name]
-        if isinstance(value, (list, tuple)):
-            raise TemplateError(f"{{{name}}} is a list and must be a whole string value, not part of {template!r}")
+        if isinstance(value, (list, tuple, Mapping)):
+            raise TemplateError(f"{{{name}}} is a list or an object and must be a whole string value, not part of "
+                                f"{template!r}")
         return "" if value is None else str(value)
 
     return _PLACEHOLDER.sub(substitute, template)
@@ -63,6 +71,18 @@ def template_problems(template: Any, path: str = "workflow_params") -> list[str]
             name = match.group(1)
             if name not in PLACEHOLDERS:
                 problems.append(f"{path}: unknown placeholder {{{name}}} (known: {', '.join(PLACEHOLDERS)})")
-            elif name == "files" and not whole:
-                problems.append(f"{path}: {{files}} is a list and must be the whole value, as \"{{files}}\"")
+            elif name in STRUCTURED and not whole:
+                problems.append(f"{path}: {{{name}}} is a list or an object and must be the whole value, as "
+                                f"\"{{{name}}}\"")
     return problems
+
+
+def placeholders_used(template: Any) -> set[str]:
+    """The placeholders a template uses anywhere."""
+    if isinstance(template, Mapping):
+        return set().union(*(placeholders_used(value) for value in template.values()))
+    if isinstance(template, (list, tuple)):
+        return set().union(*(placeholders_used(value) for value in template))
+    if isinstance(template, str):
+        return {match.group(1) for match in _PLACEHOLDER.finditer(template)}
+    return set()

@@ -65,7 +65,7 @@ from daemon.services.http import (
     send,
 )
 from daemon.states import wes_kind
-from daemon.templates import PLACEHOLDERS, TemplateError, render_params, template_problems
+from daemon.templates import PLACEHOLDERS, TemplateError, placeholders_used, render_params, template_problems
 from daemon.text import strip_ansi
 
 API_PATH = "/ga4gh/wes/v1"
@@ -350,8 +350,14 @@ class WesAdapter:
                 )
         else:
             names = [os.path.abspath(p) for p in paths]
+        if "cwl_file" in placeholders_used(wes.workflow_params) and len(names) != 1:
+            raise Permanent(f"{call}: the workflow takes one input file ({{cwl_file}} in workflow_params) and the job "
+                            f"has {len(names)}", kind="bad_request")
+        cwl_files = [{"class": "File", "location": name} for name in names]
         fields = {
             "files": names,
+            "cwl_files": cwl_files,
+            "cwl_file": cwl_files[0] if len(cwl_files) == 1 else None,
             "panel": request.panel,
             "build": request.build,
             "population": request.population,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -228,3 +229,20 @@ def test_wes_outputs_are_checked_against_their_published_checksum_and_size(tmp_p
         assert job.state is JobState.FAILED
         assert all(o.state is OutputState.FAILED and o.bad_downloads == MAX_INTEGRITY_ATTEMPTS for o in job.outputs)
         assert all("its sha1 is " in o.error and "the server published" in o.error for o in job.outputs)
+
+
+def test_a_cwl_workflow_gets_its_inputs_as_file_objects(tmp_path, sqlite_url, sapporo: SapporoServer, vcf) -> None:
+    """`{cwl_files}`: the inputs reach the run as CWL File objects and the job completes on them."""
+    params = {**DEFAULT_PARAMS, "files": "{cwl_files}"}
+    daemon, job = start(make_config(tmp_path, sqlite_url, sapporo, params), vcf)
+    try:
+        job = run_until(daemon, job.id, lambda j: j.state in TERMINAL)
+    finally:
+        daemon.request_stop()
+        daemon.stop()
+    assert job.state is JobState.COMPLETED, job.error
+    request = httpx.get(f"{sapporo.api_root}/runs/{job.remote_id}", timeout=5).json()["request"]
+    sent = request["workflow_params"]
+    sent = json.loads(sent) if isinstance(sent, str) else sent
+    assert sent["files"] == [{"class": "File", "location": vcf.name}]
+    assert any(o.name == "chr20.dose.vcf.gz" for o in job.outputs)

@@ -214,11 +214,37 @@ def test_render_refuses_files_inside_a_longer_string() -> None:
 def test_template_problems_name_the_key_path() -> None:
     template = {"a": {"b": ["{files}", "x {files}"]}, "c": "{panle}", "d": "{build}"}
     assert template_problems(template) == [
-        'workflow_params.a.b[1]: {files} is a list and must be the whole value, as "{files}"',
-        "workflow_params.c: unknown placeholder {panle} (known: files, panel, build, population, phasing, "
-        "r2_filter, mode, job_id, name)",
+        'workflow_params.a.b[1]: {files} is a list or an object and must be the whole value, as "{files}"',
+        "workflow_params.c: unknown placeholder {panle} (known: files, cwl_files, cwl_file, panel, build, "
+        "population, phasing, r2_filter, mode, job_id, name)",
     ]
     assert template_problems({"vcfs": "{files}", "panel": "{panel}"}) == []
+    assert template_problems({"x": "file {cwl_file}"}) == [
+        'workflow_params.x: {cwl_file} is a list or an object and must be the whole value, as "{cwl_file}"']
+
+
+@pytest.mark.parametrize("inputs_as", ["attachment", "path"])
+def test_cwl_inputs_are_sent_as_file_objects(router: respx.MockRouter, vcfs: list[Path], inputs_as: str) -> None:
+    """A CWL workflow's File[] and File inputs take objects, not strings; WDL and Nextflow take `{files}`."""
+    seen = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.update(form_fields(request))
+        return httpx.Response(200, json={"run_id": RUN})
+
+    router.post(f"{API}/runs").mock(side_effect=answer)
+    template = {"vcfs": "{cwl_files}", "plain": "{files}"}
+    adapter = WesAdapter(make_config(workflow_params=template, inputs_as=inputs_as), token=lambda: None)
+    adapter.submit(SubmitRequest(job_id="42", files=vcfs, panel="hrc", build="hg38"))
+    params = json.loads(seen["workflow_params"])
+    names = ["chr20.vcf.gz", "chr21.vcf.gz"] if inputs_as == "attachment" else [str(p) for p in vcfs]
+    assert params == {"vcfs": [{"class": "File", "location": n} for n in names], "plain": names}
+
+    one = WesAdapter(make_config(workflow_params={"vcf": "{cwl_file}"}), token=lambda: None)
+    one.submit(SubmitRequest(job_id="43", files=vcfs[:1], panel="hrc", build="hg38"))
+    assert json.loads(seen["workflow_params"]) == {"vcf": {"class": "File", "location": "chr20.vcf.gz"}}
+    with pytest.raises(Permanent, match=r"takes one input file \({cwl_file} in workflow_params\) and the job has 2"):
+        one.submit(SubmitRequest(job_id="44", files=vcfs, panel="hrc", build="hg38"))
 
 
 def test_attachment_names_are_safe() -> None:

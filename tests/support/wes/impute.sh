@@ -4,7 +4,8 @@
 #     bash impute.sh workflow_params.json OUTPUTS_DIR
 #
 # workflow_params (what imputationd renders from its `workflow_params` template):
-#   files     list of input .vcf.gz names (relative to the working directory) or absolute paths
+#   files     list of input .vcf.gz names (relative to the working directory) or absolute paths, or of CWL File
+#             objects ({"class": "File", "location": NAME_OR_PATH}), as a CWL workflow takes them
 #   panel, build, job_id   copied into the outputs
 #   simulate  "fail": print an error on stderr and exit 3 (sapporo reports EXECUTOR_ERROR)
 #   sleep     seconds to wait before working (to cancel a run while it is RUNNING)
@@ -23,7 +24,7 @@ build=$(param '.build // ""')
 job_id=$(param '.job_id // ""')
 simulate=$(param '.simulate // ""')
 sleep_seconds=$(param '.sleep // 0')
-mapfile -t files < <(param '.files // [] | .[]')
+mapfile -t files < <(param '.files // [] | .[] | if type == "object" then .location else . end')
 
 echo "imputing ${#files[@]} file(s) with panel=${panel} build=${build}"
 
