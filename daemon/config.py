@@ -203,6 +203,10 @@ class WesConfig:
     #: {mode} {job_id} {name}.
     workflow_params: dict[str, Any] = field(default_factory=dict)
     inputs_as: Literal["attachment", "path"] = "attachment"
+    #: "path": outputs published as paths on a file system shared with the server (`file://`) are copied from there,
+    #: only from under `outputs_root`; "url": only HTTP URLs are downloaded.
+    outputs_as: Literal["url", "path"] = "url"
+    outputs_root: Path | None = None
     page_size: int = 100
 
 
@@ -882,6 +886,8 @@ _WES: dict[str, _Convert] = {
     "engine_parameters": _json_object,
     "workflow_params": _json_object,
     "inputs_as": _choice("attachment", "path"),
+    "outputs_as": _choice("url", "path"),
+    "outputs_root": _optional(_path),
     "page_size": _integer(1, 1000),
 }
 
@@ -1048,6 +1054,8 @@ def _wes(value: Any, path: str, ctx: _Context) -> WesConfig | None:
         return None
     if "workflow_params" in values:
         ctx.problems.extend(template_problems(values["workflow_params"], f"{path}.workflow_params"))
+    if values.get("outputs_as") == "path" and values.get("outputs_root") is None:
+        ctx.report(f"{path}.outputs_root", "required with outputs_as: path (the only folder outputs are copied from)")
     if any(key not in values for key in _WES_REQUIRED):
         return None
     return WesConfig(**values)

@@ -41,6 +41,7 @@ import datetime as dt
 import json
 import os
 import re
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -247,6 +248,39 @@ def parse_outputs(outputs: Any, *, api_root: str, call: str) -> tuple[RemoteOutp
             )
         )
     return tuple(result)
+
+
+class LocalFile:
+    """A `ByteStream` over a file on the shared file system (`outputs_as: path`)."""
+
+    def __init__(self, fh: Any, length: int, call: str) -> None:
+        self._fh = fh
+        self._length = length
+        self._call = call
+        self._received = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    def chunks(self, size: int | None = None) -> Iterator[bytes]:
+        while True:
+            try:
+                chunk = self._fh.read(size or COPY_CHUNK)
+            except OSError as exc:
+                raise Transient(f"{self._call}: {exc.strerror or exc}", kind="local_io") from None
+            if not chunk:
+                return
+            self._received += len(chunk)
+            yield chunk
+
+
+#: Bytes read at a time from a file on the shared file system.
+COPY_CHUNK = 1 << 20
 
 
 def _safe_name(name: str) -> str:
@@ -480,7 +514,38 @@ class WesAdapter:
         return jobs
 
     def stream_output(self, output: RemoteOutput) -> contextlib.AbstractContextManager[ByteStream]:
+        if self._wes.outputs_as == "path" and urlsplit(output.url).scheme == "file":
+            return self._copy(output)
         return self._stream(output.url, f"GET output {output.name}")
+
+    @contextlib.contextmanager
+    def _copy(self, output: RemoteOutput) -> Iterator[ByteStream]:
+        """A result the server published as a path on the shared file system, read from there: only from under
+        `wes.outputs_root`, wherever its path or a symlink on the way points."""
+        call = f"copy of output {output.name}"
+        root = self._wes.outputs_root
+        assert root is not None  # the config requires it with outputs_as: path
+        published = Path(unquote(urlsplit(output.url).path))
+        try:
+            resolved = published.resolve(strict=True)
+            inside = resolved.is_relative_to(root.resolve(strict=True))
+        except FileNotFoundError:
+            raise Permanent(f"{call}: {published} does not exist on this machine", kind="not_downloadable") from None
+        except OSError as exc:
+            raise Transient(f"{call}: {published}: {exc.strerror or exc}", kind="local_io") from None
+        if not inside:
+            raise Permanent(f"{call}: {published} is not under wes.outputs_root ({root})", kind="outside_root")
+        try:
+            # No symlink may have been put in place since it was resolved.
+            fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise Transient(f"{call}: {published}: {exc.strerror or exc}", kind="local_io") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise Permanent(f"{call}: {published} is not a regular file", kind="not_downloadable")
+        with os.fdopen(fd, "rb") as fh:
+            yield LocalFile(fh, info.st_size, call)
 
     def check(self) -> ServiceCheck:
         """GET /service-info (reachable, what it runs) and GET /runs?page_size=1 (whether the token is accepted).
@@ -589,8 +654,9 @@ class WesAdapter:
             raise Permanent(f"{call}: the server gave no usable URL", kind="not_downloadable") from None
         if target.scheme not in ("http", "https"):
             where = "a path on the server" if target.scheme == "file" else f"a {target.scheme or 'relative'} location"
+            hint = "; on a file system shared with it, set wes.outputs_as: path" if target.scheme == "file" else ""
             raise Permanent(
-                f"{call}: the server publishes this output as {where}, not an HTTP URL we can download",
+                f"{call}: the server publishes this output as {where}, not an HTTP URL we can download{hint}",
                 kind="not_downloadable",
             )
         token = self._read_token() if self._origin_key(target) == self._origin else None

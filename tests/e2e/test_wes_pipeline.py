@@ -246,3 +246,34 @@ def test_a_cwl_workflow_gets_its_inputs_as_file_objects(tmp_path, sqlite_url, sa
     sent = json.loads(sent) if isinstance(sent, str) else sent
     assert sent["files"] == [{"class": "File", "location": vcf.name}]
     assert any(o.name == "chr20.dose.vcf.gz" for o in job.outputs)
+
+
+@pytest.mark.parametrize("allowed", [True, False], ids=["under-the-root", "outside-the-root"])
+def test_wes_outputs_published_as_paths_are_copied_only_from_under_the_root(tmp_path, sqlite_url,
+                                                                           sapporo: SapporoServer, vcf, allowed):
+    """outputs_as: path (a server on a shared file system publishes file:// paths): each is copied and verified as a
+    download is, but only from under wes.outputs_root; a path elsewhere fails its file, naming the root."""
+    elsewhere = tmp_path / "not-the-runs"
+    elsewhere.mkdir()
+    with LateProxy(sapporo.origin, lost=None,
+                   local_outputs=lambda run_id, name: sapporo.outputs_dir(run_id) / name) as proxy:
+        config = make_config(tmp_path, sqlite_url, sapporo)
+        service = config.services["wes"]
+        wes = dataclasses.replace(service.wes, outputs_as="path",
+                                  outputs_root=sapporo.run_dir if allowed else elsewhere)
+        service = dataclasses.replace(service, base_url=proxy.origin, wes=wes)
+        daemon, job = start(dataclasses.replace(config, services={"wes": service}), vcf)
+        try:
+            job = run_until(daemon, job.id, lambda j: j.state in TERMINAL, timeout=90)
+        finally:
+            daemon.request_stop()
+            daemon.stop()
+    assert job.outputs and all(o.url.startswith("file://") for o in job.outputs)
+    if allowed:
+        assert job.state is JobState.COMPLETED, job.error
+        for output in job.outputs:
+            source = sapporo.outputs_dir(job.remote_id) / output.name
+            assert output.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    else:
+        assert job.state is JobState.FAILED
+        assert all(o.state is OutputState.FAILED and "is not under wes.outputs_root" in o.error for o in job.outputs)

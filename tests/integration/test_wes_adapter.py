@@ -1119,3 +1119,43 @@ def test_jwt_expiry() -> None:
     assert jwt_expiry("opaque-token") is None
     assert jwt_expiry(jwt({"sub": "no exp"})) is None
     assert jwt_expiry("a.!!!.c") is None
+
+
+# ------------------------------------------------------------------------------------------ outputs as paths
+
+
+def read_output(adapter: WesAdapter, path: Path) -> bytes:
+    output = RemoteOutput(name=path.name, url=path.as_uri())
+    with adapter.stream_output(output) as body:
+        assert body.length == path.stat().st_size
+        return b"".join(body.chunks())
+
+
+def test_outputs_as_paths_are_read_only_from_under_the_root(tmp_path: Path) -> None:
+    root, outside = tmp_path / "runs", tmp_path / "secrets"
+    (root / "run-1").mkdir(parents=True)
+    outside.mkdir()
+    (root / "run-1" / "chr20.dose.vcf.gz").write_bytes(b"imputed" * 1000)
+    (outside / "key").write_bytes(b"not yours")
+    (root / "run-1" / "sneaky").symlink_to(outside / "key")
+    (root / "run-1" / "dir.vcf.gz").mkdir()
+    adapter = WesAdapter(make_config(outputs_as="path", outputs_root=root), token=lambda: None)
+
+    assert read_output(adapter, root / "run-1" / "chr20.dose.vcf.gz") == b"imputed" * 1000
+    for escape in (outside / "key", root / "run-1" / "sneaky", root / "run-1" / ".." / ".." / "secrets" / "key"):
+        with pytest.raises(Permanent, match=f"is not under wes.outputs_root \\({root}\\)") as caught:
+            read_output(adapter, escape)
+        assert caught.value.kind == "outside_root"
+    with pytest.raises(Permanent, match="does not exist on this machine"):
+        read_output(adapter, root / "run-1" / "gone.vcf.gz")
+    with pytest.raises(Permanent, match="is not a regular file"):
+        read_output(adapter, root / "run-1" / "dir.vcf.gz")
+
+
+def test_a_path_output_without_outputs_as_path_says_what_to_set(tmp_path: Path) -> None:
+    output = RemoteOutput(name="x.vcf.gz", url=(tmp_path / "x.vcf.gz").as_uri())
+    adapter = WesAdapter(make_config(), token=lambda: None)
+    with pytest.raises(Permanent, match="a path on the server, not an HTTP URL we can download; on a file system "
+                                        "shared with it, set wes.outputs_as: path"):
+        with adapter.stream_output(output):
+            pass

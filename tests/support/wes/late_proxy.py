@@ -16,6 +16,9 @@ the run goes on, as on servers that accept a cancel and ignore it.
 published as CWL `File` objects, each with its `size` and a `sha1$…` checksum, the file's own (or one it does not
 have), as servers on a CWL engine publish them.
 
+`local_outputs=f`: a run log's outputs are published as `file://` paths, `f(run_id, file_name)`, as a server on a
+shared file system publishes them.
+
 `wes03_listing=True`: `GET …/runs` answers as the GA4GH reference server `wes-service` does: every run under
 `workflows` (the WES 0.3 name), unpaged, in no fixed order, each entry only `run_id` and `state` (no tags).
 
@@ -34,7 +37,9 @@ import hashlib
 import json
 import random
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
@@ -50,13 +55,15 @@ _NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "cont
 class LateProxy:
     def __init__(self, upstream: str, *, delay: float = 0.0, lost: Literal["before", "after"] | None = "before",
                  wes03_listing: bool = False, ignore_cancel: bool = False,
-                 publish_checksums: Literal["right", "wrong"] | None = None) -> None:
+                 publish_checksums: Literal["right", "wrong"] | None = None,
+                 local_outputs: Callable[[str, str], Path] | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.delay = delay
         self.lost = lost
         self.wes03_listing = wes03_listing
         self.ignore_cancel = ignore_cancel
         self.publish_checksums = publish_checksums
+        self.local_outputs = local_outputs
         #: Run ids whose cancel the proxy acknowledged without relaying it.
         self.ignored_cancels: list[str] = []
         self.forwarded_submits = 0
@@ -139,9 +146,15 @@ class LateProxy:
         answer = self._client.request(method, url, headers=headers, content=body)
         relayed = [(k, v) for k, v in answer.headers.items() if k.lower() not in _NOT_RELAYED]
         content = answer.content
-        if (self.publish_checksums and handler.command == "GET" and answer.status_code == 200
-                and len(parts) >= 2 and parts[-2] == "runs"):
+        run_log = handler.command == "GET" and answer.status_code == 200 and len(parts) >= 2 and parts[-2] == "runs"
+        if run_log and self.publish_checksums:
             content = self._with_checksums(answer.json(), headers)
+        elif run_log and self.local_outputs is not None:
+            log = answer.json()
+            log["outputs"] = [{"file_name": entry["file_name"],
+                               "file_url": self.local_outputs(parts[-1], entry["file_name"]).as_uri()}
+                              for entry in log.get("outputs") or []]
+            content = json.dumps(log).encode()
         self._answer(handler, answer.status_code, relayed, content)
 
     def _with_checksums(self, run_log: dict, headers: dict[str, str]) -> bytes:
