@@ -52,7 +52,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import httpx
 
 from daemon.config import ServiceConfig, WesConfig
-from daemon.remote import ByteStream, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.remote import ByteStream, QcReport, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 from daemon.services.http import (
@@ -67,7 +67,7 @@ from daemon.services.http import (
 )
 from daemon.states import wes_kind
 from daemon.templates import PLACEHOLDERS, TemplateError, placeholders_used, render_params, template_problems
-from daemon.text import strip_ansi
+from daemon.text import printable, strip_ansi
 
 API_PATH = "/ga4gh/wes/v1"
 #: The tag that carries our job id on the server.
@@ -248,6 +248,18 @@ def parse_outputs(outputs: Any, *, api_root: str, call: str) -> tuple[RemoteOutp
             )
         )
     return tuple(result)
+
+
+def _failed_task(log: Mapping[str, Any]) -> str | None:
+    """The first task of the run whose exit code says it failed (WES `task_logs`, or the older `tasks`)."""
+    tasks = log.get("task_logs", log.get("tasks"))
+    if not isinstance(tasks, list):
+        return None
+    for task in tasks:
+        if isinstance(task, Mapping) and isinstance(task.get("exit_code"), int) and task["exit_code"] != 0:
+            name = task.get("name")
+            return printable(name, 120) if isinstance(name, str) and name.strip() else "(unnamed)"
+    return None
 
 
 class LocalFile:
@@ -486,7 +498,11 @@ class WesAdapter:
             outputs = parse_outputs(log.get("outputs"), api_root=self._api_root(), call=call)
             return RemoteStatus(kind=kind, raw_state=state, outputs=outputs)
         if state in ("EXECUTOR_ERROR", "SYSTEM_ERROR"):
-            return RemoteStatus(kind=kind, raw_state=state, message=self._failure_message(state, log, remote_id))
+            failed_task = _failed_task(log)
+            message = self._failure_message(state, log, remote_id)
+            return RemoteStatus(kind=kind, raw_state=state, message=f"task {failed_task}: {message}" if failed_task
+                                else message, failed_step=failed_task,
+                                qc=QcReport(failed_step=failed_task) if failed_task else None)
         return RemoteStatus(kind=kind, raw_state=state)
 
     def cancel(self, remote_id: str) -> None:

@@ -756,6 +756,18 @@ def test_status_stderr_is_stored_without_terminal_escapes(router: respx.MockRout
     assert adapter.status(RUN).message == "EXECUTOR_ERROR (exit code 1): INFO starting\nERROR panel hrc missing"
 
 
+def test_a_failed_run_names_its_failing_task(router: respx.MockRouter, adapter: WesAdapter) -> None:
+    """WES task logs: the first task that exited non-zero is the failing step (in the message, `show`, the QC)."""
+    log = sapporo_log("EXECUTOR_ERROR", run_log={"stderr": "phasing died", "exit_code": 1})
+    log["task_logs"] = [{"name": "qc", "exit_code": 0}, {"name": "phase chr20", "exit_code": 137},
+                        {"name": "impute chr20", "exit_code": 1}]
+    router.get(f"{API}/runs/{RUN}/status").respond(200, json={"run_id": RUN, "state": "EXECUTOR_ERROR"})
+    router.get(f"{API}/runs/{RUN}").respond(200, json=log)
+    status = adapter.status(RUN)
+    assert status.failed_step == "phase chr20" and status.qc is not None and status.qc.failed_step == "phase chr20"
+    assert status.message == "task phase chr20: EXECUTOR_ERROR (exit code 1): phasing died"
+
+
 def test_status_error_message_is_bounded(router: respx.MockRouter, adapter: WesAdapter) -> None:
     router.get(f"{API}/runs/{RUN}/status").respond(200, json={"run_id": RUN, "state": "EXECUTOR_ERROR"})
     router.get(f"{API}/runs/{RUN}").respond(
