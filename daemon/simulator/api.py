@@ -7,8 +7,10 @@ its whole multipart body was read; then authentication, maintenance, the per-use
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from daemon.simulator.model import (
     APP_ID,
@@ -82,6 +84,7 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
     file: Path | None = None  #: streamed instead of `body`
     length: int = 0
+    offset: int = 0  #: where in `file` the body begins (a Range answered with 206)
     download: Any = None  #: the model.Download being served
     close: bool = False
 
@@ -136,8 +139,13 @@ class CloudgeneApi:
         max_upload_bytes: int,
         server_name: str,
         sleep: Callable[[float], None] = time.sleep,
+        presigned: bool = False,
     ) -> None:
         self.sim = sim
+        #: An S3-backed Cloudgene: a download (counted) is a redirect to a presigned URL, valid for an hour, that
+        #: serves the file with Range and counts nothing. {token: (download, expiry)}.
+        self.presigned = presigned
+        self._presigned: dict[str, tuple[Any, float]] = {}
         self.faults = faults
         self.sleep = sleep
         #: Submits whose upload is being copied (`slow_submit`): each may still become a job.
@@ -163,6 +171,7 @@ class CloudgeneApi:
             ("GET", p + "/server/", self.server_info),
             ("GET", p + "/server/apps/{app}", self.app_info),
             ("GET", "/share/results/{hash}/{name+}", self.download),
+            ("GET", "/presigned/{token}/{name+}", self.presigned_download),
         ):
             regex = re.escape(pattern).replace(r"\{name\+\}", "(?P<name>.+)")
             regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", regex)
@@ -316,9 +325,35 @@ class CloudgeneApi:
             size = path.stat().st_size
         except FileNotFoundError:
             raise ApiError(404, "File not found in workspace.") from None
+        if self.presigned:
+            token = secrets.token_hex(16)
+            self._presigned[token] = d, self.sim.clock() + PRESIGNED_LIFETIME
+            signature = hashlib.sha256(f"{token}{hash}".encode()).hexdigest()
+            location = (f"/presigned/{token}/{quote(name)}?X-Amz-Expires={int(PRESIGNED_LIFETIME)}"
+                        f"&X-Amz-Signature={signature}")
+            return Response(302, b"", content_type="text/plain", headers=[("Location", location)])
         ctype = _CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+        # The local workspace ignores Range: the whole file, every time.
         return Response(200, content_type=ctype, file=path, length=size, download=d,
                         headers=[("Content-Disposition", f'attachment; filename="{path.name}"')])
+
+    def presigned_download(self, request: Request, token: str, name: str) -> Response:
+        """S3's side of an S3-backed Cloudgene: the presigned URL serves the file, with Range, counting nothing."""
+        entry = self._presigned.get(token)
+        if entry is None or self.sim.clock() > entry[1]:
+            return text_response("<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+                                 403, content_type="application/xml")
+        path = entry[0].file.path
+        size = path.stat().st_size
+        etag = '"' + entry[0].file.sha256[:32] + '"'
+        ctype = _CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+        wanted = _RANGE.fullmatch((request.headers.get("Range") or "").strip())
+        if_range = request.headers.get("If-Range")
+        if wanted and (if_range is None or if_range == etag) and int(wanted.group(1)) < size:
+            start = int(wanted.group(1))
+            return Response(206, content_type=ctype, file=path, length=size - start, offset=start,
+                            headers=[("Content-Range", f"bytes {start}-{size - 1}/{size}"), ("ETag", etag)])
+        return Response(200, content_type=ctype, file=path, length=size, headers=[("ETag", etag)])
 
     # ---------------------------------------------------------------------------------------------- submit
     def submit(self, request: Request, app: str) -> Response:
@@ -513,6 +548,11 @@ def _late_problems(values: dict[str, str], refpanel: str, panel: Panel | None) -
     elif values["phasing"] == "beagle" and not panel.beagle:
         problems.append(f"Phasing with beagle is not available for reference panel '{refpanel}'.")
     return problems
+
+
+#: How long a presigned URL is good for (S3's default in Cloudgene's deployments: an hour).
+PRESIGNED_LIFETIME = 3600.0
+_RANGE = re.compile(r"bytes=(\d+)-")
 
 
 class _TooLarge(Exception):

@@ -27,6 +27,7 @@ A rule has a `kind`, how many more times it fires (`times`, None = until removed
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import threading
 from dataclasses import asdict, dataclass, field
@@ -89,7 +90,12 @@ class FaultRule:
             raise ValueError("seconds/retry_after must be >= 0 and nbytes >= 1")
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.method is None or self.method == method) and (self.path is None or path.startswith(self.path))
+        """`path` is a prefix of the request's path, or a shell pattern when it holds a `*` ("/presigned/*.zip")."""
+        if self.method is not None and self.method != method:
+            return False
+        if self.path is None:
+            return True
+        return fnmatch.fnmatchcase(path, self.path) if "*" in self.path else path.startswith(self.path)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

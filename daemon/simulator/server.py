@@ -343,6 +343,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         offset = 0
         with open(response.file, "rb") as f:
+            f.seek(response.offset)
             while offset < response.length:
                 chunk = f.read(min(_STREAM_CHUNK, response.length - offset))
                 if not chunk:
@@ -357,6 +358,8 @@ class SimulatedCloudgene:
     `tokens` maps API token -> username; `token_expiry` optionally maps token -> seconds until it expires
     (default 30 days). Use as a context manager or call `start()`/`stop()`. `faults` holds the switchable faults.
     `clock` (epoch seconds) drives job progression and token expiry; tests may pass a fake one to travel in time.
+    `presigned`: an S3-backed server, whose share URLs (each GET counted) redirect to presigned URLs that serve
+    Range requests for an hour and count nothing; without it, the local workspace, which ignores Range.
     """
 
     def __init__(
@@ -372,6 +375,7 @@ class SimulatedCloudgene:
         app_version: str = DEFAULT_APP_VERSION,
         token_expiry: Mapping[str, float] | None = None,
         strict: bool = True,
+        presigned: bool = False,
         max_upload_bytes: int = 5000 * 1024 * 1024,
         server_name: str = "Imputation Server (simulated)",
         control: bool = True,
@@ -400,6 +404,7 @@ class SimulatedCloudgene:
         self.control = control
         self._own_workdir = workdir is None
         self._workdir = Path(workdir) if workdir is not None else None
+        self._presigned = presigned
         self._strict = strict
         self._max_upload = max_upload_bytes
         self._server_name = server_name
@@ -417,7 +422,8 @@ class SimulatedCloudgene:
         else:
             self._workdir.mkdir(parents=True, exist_ok=True)
         self.api = CloudgeneApi(self.sim, self.faults, workdir=self._workdir, strict=self._strict,
-                                max_upload_bytes=self._max_upload, server_name=self._server_name, sleep=self._sleep)
+                                max_upload_bytes=self._max_upload, server_name=self._server_name, sleep=self._sleep,
+                                presigned=self._presigned)
         self._stopping.clear()
         self._server = _Server((self.host, self._requested_port), self)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
