@@ -27,11 +27,13 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import os
 import queue
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -40,13 +42,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from daemon import results
-from daemon.remote import ByteStream
+from daemon.remote import ByteStream, Resume
 from daemon.resultfiles import (
     DIR_MODE,
     FILE_MODE,
     NAME_MAX,
     PARTIAL_DIR,
     PARTIAL_SUFFIX,
+    RESUME_DIR,
     fsync_dir,
     make_dirs,
     remove_partial_dir,
@@ -120,6 +123,7 @@ def download(
     chunk_size: int | None = None,
     keep_partial_dir: bool = False,
     published: Published | None = None,
+    open_rest: Callable[[Resume], AbstractContextManager[ByteStream]] | None = None,
 ) -> Downloaded:
     """Fetch one result file into `result_dir/<name>` and return what was stored.
 
@@ -135,6 +139,12 @@ def download(
 
     What the server `published` about the file (its size, a checksum) must match what arrived: the checksum is
     computed in the same pass as the SHA-256.
+
+    With `open_rest` (`lambda resume: adapter.stream_output(output, resume=resume)`) a download is resumable: a
+    body cut off, stalled or stopped keeps what arrived in `result_dir/.resume/` (with where it came from), and the
+    next call asks only for the rest (`Resume`, an HTTP Range). The bytes kept are hashed again from the disk
+    before the rest is appended, so the SHA-256 (and a published checksum) is that of the whole file, as if it had
+    come in one piece. A server that answers the Range with the whole file gets it stored from zero.
 
     A `*.zip` is then verified with `results.verify_zip` (every entry's CRC when `password` is known or entries are
     not encrypted; structure only for encrypted entries without a password). A corrupt zip is
@@ -179,21 +189,35 @@ def download(
             raise Permanent(f"{label}: {_file_in_the_way(result_dir, rel)!r} is a file, so it cannot be a folder too",
                             kind="unsafe_name") from None
 
-    with _partial_file(result_dir, label, keep_dir=keep_partial_dir) as temp:
+    kept, resume = _resumable(result_dir, rel) if open_rest is not None else (None, None)
+    with _partial_file(result_dir, label, keep_dir=keep_partial_dir, adopt=kept) as temp:
         partial, fh = temp.path, temp.fh
         digest = hashlib.sha256()
         algorithm, published_digest = published.checksum if published and published.checksum else ("sha256", "")
         extra = None if algorithm == "sha256" else hashlib.new(algorithm)
         size = 0
         content_length: int | None = None
+        came_from: tuple[str | None, str | None] = (None, None)
         try:
-            with open_stream() as body:
+            with open_stream() if resume is None or open_rest is None else open_rest(resume) as body:
                 # From here on the server has answered 2xx (the adapter raised any refusal on opening), so this GET
                 # spent a download count: a body that fails to arrive whole is a bad download.
                 try:
                     content_length = body.length
+                    start = body.start
                 except Transient as exc:  # garbled: still an answer that spent a count
                     raise BadDownload(exc.message, kind=exc.kind) from None
+                came_from = body.source, body.validator
+                offset = resume.offset if resume is not None else 0
+                if start not in (0, offset):
+                    raise BadDownload(f"{label}: the server sent the file from byte {start}, not {offset}",
+                                      kind="bad_response")
+                if start:
+                    _rehash(partial, start, digest, extra)
+                    size = start
+                elif offset:  # the whole file came instead of the rest: what was kept goes
+                    fh.seek(0)
+                    fh.truncate()
                 _check_free_space(partial.parent, content_length, label)
                 threaded = content_length is None or content_length > _THREADED_FROM
                 hashing = digest if extra is None else _Digests(digest, extra)
@@ -202,12 +226,18 @@ def download(
                     for chunk in body.chunks(chunk_size):
                         if should_stop():
                             raise DownloadInterrupted(
-                                f"{label}: stopped after {size} bytes; the next attempt starts from zero",
+                                f"{label}: stopped after {size} bytes"
+                                + ("; the next attempt asks for the rest" if open_rest else
+                                   "; the next attempt starts from zero"),
                                 kind="interrupted",
                             )
                         sink.write(chunk)
                         size += len(chunk)
                 received = body.received
+        except (BadDownload, DownloadInterrupted) as exc:
+            if open_rest is not None and size > 0 and (isinstance(exc, DownloadInterrupted) or exc.kind in _RESUMABLE):
+                _keep_for_resume(temp, result_dir, rel, came_from)
+            raise
         except OSError as exc:
             if exc.errno in _DISK_FULL:
                 raise Transient(
@@ -218,6 +248,9 @@ def download(
 
         if content_length is not None and received != content_length:
             if received < content_length:
+                if open_rest is not None:
+                    fh.flush()
+                    _keep_for_resume(temp, result_dir, rel, came_from)
                 raise BadDownload(
                     f"{label}: truncated: received {received} of {content_length} bytes", kind="truncated"
                 )
@@ -251,6 +284,7 @@ def download(
         os.chmod(partial, FILE_MODE)
         with _no_space_is_transient(label):
             temp.place(final)
+            _forget_resume(result_dir, rel)
             fsync_dir(final.parent)
             for directory in created:
                 fsync_dir(directory.parent)
@@ -302,8 +336,8 @@ class _ThreadedSink(_Sink):
     memory is faulted in per block; when the helper falls a whole ring behind, the caller waits for a free block.
 
     An error of the helper (a full disk) is raised in the caller at its next `write()` or when the `with` block
-    ends; when the block ends by an exception, the helper is stopped and what it still held is dropped (the partial
-    file is deleted anyway)."""
+    ends. When the block ends by another exception (the body stopped), what the helper still held is written all
+    the same: a resumable download keeps every byte that arrived (at most `_RING` blocks more to write)."""
 
     def __init__(self, fh: BinaryIO, digest: Any) -> None:
         super().__init__(fh, digest)
@@ -351,18 +385,12 @@ class _ThreadedSink(_Sink):
         self._behind.wrote(len(data))
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if exc_type is None and self._filled:
+        if self._filled and self._error is None:
             self._full.put((self._block, self._filled))
-        elif exc_type is not None and self._error is None:
-            self._error = _Abandoned()  # the caller failed: skip whatever is still queued
         self._full.put(None)
         self._thread.join()
         if exc_type is None and self._error is not None:
             raise self._error
-
-
-class _Abandoned(Exception):
-    pass
 
 
 #: A big body's dirty data is handed to the disk in windows of this size (see `_WriteBehind`).
@@ -583,15 +611,91 @@ class _Partial:
         self.placed = True
 
 
+#: Failures after which what arrived is kept for a resume: the body stopped, the bytes that came are sound.
+_RESUMABLE = frozenset({"truncated", "timeout", "connection"})
+
+
+def _resume_paths(result_dir: Path, rel: PurePosixPath) -> tuple[Path, Path]:
+    key = hashlib.sha256(rel.as_posix().encode()).hexdigest()[:32]
+    folder = result_dir / RESUME_DIR
+    return folder / f"{key}{PARTIAL_SUFFIX}", folder / f"{key}.json"
+
+
+def _resumable(result_dir: Path, rel: PurePosixPath) -> tuple[Path | None, Resume | None]:
+    """The kept bytes of a broken download of `rel` and where to resume it from; (None, None) when there are none
+    (and anything half-kept is removed)."""
+    part, meta = _resume_paths(result_dir, rel)
+    try:
+        state = json.loads(meta.read_text("utf-8"))
+        offset = part.stat().st_size
+    except (OSError, ValueError):
+        _forget_resume(result_dir, rel)
+        return None, None
+    if not isinstance(state, dict) or state.get("name") != rel.as_posix() or offset <= 0:
+        _forget_resume(result_dir, rel)
+        return None, None
+    source, validator, when = state.get("source"), state.get("validator"), state.get("source_at")
+    return part, Resume(offset=offset, source=source if isinstance(source, str) else None,
+                        source_at=float(when) if isinstance(when, (int, float)) else 0.0,
+                        validator=validator if isinstance(validator, str) else None)
+
+
+def _keep_for_resume(temp: _Partial, result_dir: Path, rel: PurePosixPath,
+                     came_from: tuple[str | None, str | None]) -> None:
+    """Move a broken download's partial to the resume folder, with where its bytes came from (the source may be a
+    presigned URL, a secret: the file is the daemon's alone). Best effort: a resume is an optimisation."""
+    part, meta = _resume_paths(result_dir, rel)
+    with contextlib.suppress(OSError):
+        make_dirs(part.parent, base=result_dir)
+        temp.fh.flush()
+        state = {"name": rel.as_posix(), "source": came_from[0], "validator": came_from[1],
+                 "source_at": time.time()}
+        fd = os.open(meta.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w", encoding="utf-8") as out:
+            json.dump(state, out)
+        os.replace(meta.with_suffix(".tmp"), meta)
+        temp.place(part)
+
+
+def forget_resume(result_dir: Path, name: str) -> None:
+    """Drop the kept bytes of a broken download of `name` (a file given up is not resumed)."""
+    with contextlib.suppress(Permanent):
+        _forget_resume(Path(result_dir), safe_relative_path(name))
+
+
+def _forget_resume(result_dir: Path, rel: PurePosixPath) -> None:
+    for path in _resume_paths(result_dir, rel):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    with contextlib.suppress(OSError):
+        (result_dir / RESUME_DIR).rmdir()  # once empty
+
+
+def _rehash(partial: Path, length: int, digest: Any, extra: Any) -> None:
+    """Feed the first `length` bytes already stored to the digests, as if they had just arrived."""
+    with open(partial, "rb", buffering=0) as fh:
+        left = length
+        while left:
+            block = fh.read(min(left, 1 << 20))
+            if not block:
+                raise BadDownload(f"{partial.name}: the kept part is shorter than {length} bytes", kind="truncated")
+            digest.update(block)
+            if extra is not None:
+                extra.update(block)
+            left -= len(block)
+
+
 #: The temp file's write buffer, given explicitly: with the default, `open` asks whether the file is a terminal
 #: (one more system call per file). Big bodies bypass it anyway (written in 64 KiB pieces or 1 MiB blocks).
 _WRITE_BUFFER = io.DEFAULT_BUFFER_SIZE
 
 
 @contextlib.contextmanager
-def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False) -> Iterator[_Partial]:
+def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False, adopt: Path | None = None
+                  ) -> Iterator[_Partial]:
     """A new, exclusively created temp file in `result_dir/.partial/`; removed unless it was placed (renamed
-    away). The folder is created when missing and, unless `keep_dir`, removed afterwards when empty."""
+    away). The folder is created when missing and, unless `keep_dir`, removed afterwards when empty. With `adopt`,
+    that file (a resume's kept bytes) is moved there instead and opened to append."""
     partial_dir = result_dir / PARTIAL_DIR
     partial = partial_dir / f"{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
     try:
@@ -600,7 +704,11 @@ def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False) -> It
                 try:
                     if attempt or not keep_dir:
                         make_dirs(partial_dir, base=result_dir)
-                    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    if adopt is not None:
+                        os.replace(adopt, partial)
+                        fd = os.open(partial, os.O_RDWR | os.O_CLOEXEC)
+                    else:
+                        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                     break
                 except (FileNotFoundError, NotADirectoryError):
                     # Another download removed the (empty) folder between its creation and our use of it: again.
@@ -611,7 +719,9 @@ def _partial_file(result_dir: Path, label: str, *, keep_dir: bool = False) -> It
         remove_partial_dir(result_dir)
         raise
     try:
-        fh = open(fd, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed below on every path
+        fh = open(fd, "r+b" if adopt is not None else "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115 - closed below
+        if adopt is not None:
+            fh.seek(0, os.SEEK_END)
     except BaseException:
         os.close(fd)
         os.unlink(partial)

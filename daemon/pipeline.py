@@ -484,6 +484,8 @@ class Pipeline:
                 should_stop=self.stopping,
                 keep_partial_dir=True,
                 published=published,
+                # A body cut off half way is resumed where it stopped, not fetched again (another download count).
+                open_rest=lambda resume: adapter.stream_output(output, resume=resume),
             )
         except downloads.DownloadInterrupted:
             return Outcome(next_poll_in=0, columns=JobColumns(result_dir=str(result_dir)))
@@ -495,6 +497,7 @@ class Pipeline:
             changes = after_bad_download(row, str(exc))
             self._save_output(row, changes)
             if changes.state is OutputState.FAILED:
+                downloads.forget_resume(result_dir, row.name)
                 log.error("download_failed", file=row.name, reason=changes.error, error_kind=exc.kind)
                 return None
             return self._backoff(job, exc).setting(JobColumns(result_dir=str(result_dir)))

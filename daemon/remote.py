@@ -69,6 +69,19 @@ class RemoteOutput:
     size: int | None = None
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a broken download of a file goes on from: its first `offset` bytes are stored already. `source` is the
+    URL the body came from (after redirects: an S3-backed Cloudgene's presigned URL, good for an hour, whose GET
+    spends no download count) and `source_at` when it was had; `validator` the answer's ETag or Last-Modified, sent
+    as If-Range so that a file changed meanwhile comes whole."""
+
+    offset: int
+    source: str | None = field(default=None, repr=False)
+    source_at: float = 0.0
+    validator: str | None = None
+
+
 class ByteStream(Protocol):
     """The body of a result file as the server sends it, read once while its `with` block lasts
     (`ServiceAdapter.stream_output`). It is only handed out for an answer that delivers the file: every refusal was
@@ -84,6 +97,19 @@ class ByteStream(Protocol):
     @property
     def received(self) -> int:
         """The bytes received of the body so far, as sent (comparable with `length`)."""
+
+    @property
+    def start(self) -> int:
+        """Where in the file the body begins: 0 for the whole file, the asked offset when a Range was honoured
+        (206); `length` is then the length of the rest."""
+
+    @property
+    def source(self) -> str | None:
+        """The URL the body came from, after redirects (for a `Resume`); None when it is not an HTTP body."""
+
+    @property
+    def validator(self) -> str | None:
+        """The answer's ETag, else its Last-Modified (for a `Resume`'s If-Range)."""
 
     def chunks(self, size: int | None = None) -> Iterator[bytes]:
         """The file's bytes, in pieces of `size` (None: as they arrive); the bytes as sent when they are not

@@ -17,6 +17,8 @@ from daemon.text import printable
 #: Temp files of downloads and extractions in progress, inside each result directory.
 PARTIAL_DIR = ".partial"
 PARTIAL_SUFFIX = ".part"
+#: Where the bytes of broken resumable downloads wait for the rest, in each result directory.
+RESUME_DIR = ".resume"
 FILE_MODE = 0o640
 DIR_MODE = 0o750
 #: Longest file-name component most file systems accept (bytes).
@@ -30,7 +32,7 @@ def safe_relative_path(name: str) -> PurePosixPath:
     Subfolders are kept ("statistics/summary.txt"). Rejected with `Permanent(kind="unsafe_name")`: empty names,
     absolute paths, `..`, `.` and empty components (also a trailing slash), backslashes, Windows drive letters,
     control characters (NUL included), names that are not valid Unicode, components longer than 255 bytes, and
-    the reserved first component `.partial`.
+    the reserved first components `.partial` and `.resume`.
     """
 
     def reject(why: str) -> Permanent:
@@ -56,8 +58,8 @@ def safe_relative_path(name: str) -> PurePosixPath:
             raise reject(f"has a {part or 'empty'!r} path component" if part else "has an empty path component")
         if len(part.encode("utf-8")) > NAME_MAX:
             raise reject(f"a path component is longer than {NAME_MAX} bytes")
-    if parts[0] == PARTIAL_DIR:
-        raise reject(f"{PARTIAL_DIR!r} is reserved for downloads in progress")
+    if parts[0] in (PARTIAL_DIR, RESUME_DIR):
+        raise reject(f"{parts[0]!r} is reserved for downloads in progress")
     return PurePosixPath(*parts)
 
 

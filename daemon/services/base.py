@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Protocol
 
-from daemon.remote import ByteStream, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.remote import ByteStream, RemoteJob, RemoteOutput, RemoteStatus, Resume, ServiceCheck, SubmitRequest
 
 
 class ServiceAdapter(Protocol):
@@ -33,9 +33,11 @@ class ServiceAdapter(Protocol):
 
     def list_jobs(self, limit: int = 100) -> list[RemoteJob]: ...
 
-    def stream_output(self, output: RemoteOutput) -> contextlib.AbstractContextManager[ByteStream]:
+    def stream_output(self, output: RemoteOutput, *, resume: Resume | None = None
+                      ) -> contextlib.AbstractContextManager[ByteStream]:
         """Open one result file's body, to read inside the `with` block; each call may spend one of the server's
-        download counts. A refusal is raised on entering, before any body is handed out."""
+        download counts. A refusal is raised on entering, before any body is handed out. With `resume`, the rest of
+        the file from `resume.offset` is asked for (HTTP Range); the body's `start` says whether it came."""
 
     def check(self) -> ServiceCheck:
         """Reachability, token validity and expiry, and the panels the server offers."""

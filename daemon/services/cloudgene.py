@@ -34,7 +34,16 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from daemon.config import SUBMIT_ANSWER_TIMEOUT, ServiceConfig
-from daemon.remote import ByteStream, QcReport, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.remote import (
+    ByteStream,
+    QcReport,
+    RemoteJob,
+    RemoteOutput,
+    RemoteStatus,
+    Resume,
+    ServiceCheck,
+    SubmitRequest,
+)
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.errors import Blocked, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.services.http import (
@@ -46,6 +55,7 @@ from daemon.services.http import (
     make_client,
     open_body,
     raise_for_status,
+    range_headers,
     refused,
     send,
 )
@@ -83,6 +93,8 @@ _QC_FIGURES = {
 _QC_LINE = re.compile(r"^\s*([A-Za-z][A-Za-z ,/<>%0-9]*?)\s*:\s*([0-9][0-9,]*(?:\.[0-9]+)?)\s*%?\s*$")
 #: Most warnings a QC report keeps.
 QC_WARNINGS = 20
+#: How long a presigned URL that served part of a result is used to resume it (they are valid for an hour).
+PRESIGNED_TRUST = 50 * 60.0
 #: How long the app's panel list (`GET /server/apps/{app}`) is trusted before a submit asks again.
 PANELS_TTL = 3600.0
 
@@ -256,12 +268,19 @@ class CloudgeneAdapter:
         return jobs
 
     @contextlib.contextmanager
-    def stream_output(self, output: RemoteOutput) -> Iterator[ByteStream]:
-        """One result file's body, fetched without the token; every call spends one of the file's downloads."""
+    def stream_output(self, output: RemoteOutput, *, resume: Resume | None = None) -> Iterator[ByteStream]:
+        """One result file's body, fetched without the token; every GET of the share URL spends one of the file's
+        downloads. A resume goes back to where the broken download's body came from when that was a redirect (an
+        S3-backed server's presigned URL, which spends no count) had less than an hour ago; else to the share URL
+        (the local workspace answers a Range with the whole file)."""
         call = f"download of {output.name}"
         # Identity encoding: the bytes we count are the bytes Content-Length announced.
-        headers = {"Accept-Encoding": "identity"}
-        with open_body(self._client(), output.url, call=call, budget=Budget.transfer(), refusal=_download_refused,
+        headers = {"Accept-Encoding": "identity", **range_headers(resume)}
+        url = output.url
+        if resume is not None and resume.source and resume.source != output.url and (
+                time.time() - resume.source_at < PRESIGNED_TRUST):
+            url = resume.source
+        with open_body(self._client(), url, call=call, budget=Budget.transfer(), refusal=_download_refused,
                        headers=headers, follow_redirects=True) as body:
             yield body
 

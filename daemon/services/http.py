@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import json
+import re
 import ssl
 import threading
 import time
@@ -30,6 +31,7 @@ from typing import Any
 import httpx
 
 from daemon import __version__
+from daemon.remote import Resume
 from daemon.services.deadlines import Budget, active, current, install
 from daemon.services.errors import Blocked, CutOff, Permanent, ServiceError, Transient
 
@@ -217,6 +219,19 @@ def open_stream(client: httpx.Client, method: str, url: str | httpx.URL, *, call
             response.close()
 
 
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+
+
+def range_headers(resume: Resume | None) -> dict[str, str]:
+    """The headers that ask for the rest of a file from `resume.offset` on (none for a whole file)."""
+    if resume is None or resume.offset <= 0:
+        return {}
+    headers = {"Range": f"bytes={resume.offset}-"}
+    if resume.validator:
+        headers["If-Range"] = resume.validator
+    return headers
+
+
 class HttpBody:
     """A streamed answer's body as a `daemon.remote.ByteStream`; httpx's failures while it is read come out as ours
     (`body_errors`)."""
@@ -242,6 +257,26 @@ class HttpBody:
     @property
     def received(self) -> int:
         return self._response.num_bytes_downloaded
+
+    @property
+    def start(self) -> int:
+        """0 for a whole body; for a 206, the first byte's offset from its Content-Range ("bytes START-END/TOTAL")."""
+        if self._response.status_code != 206:
+            return 0
+        match = _CONTENT_RANGE.fullmatch(self._response.headers.get("content-range", "").strip())
+        if match is None:
+            raise Transient(f"{self._call}: a partial answer without a usable Content-Range", kind="bad_response")
+        return int(match.group(1))
+
+    @property
+    def source(self) -> str:
+        return str(self._response.url)
+
+    @property
+    def validator(self) -> str | None:
+        headers = self._response.headers
+        value = headers.get("etag") or headers.get("last-modified")
+        return str(value) if value else None
 
     def chunks(self, size: int | None = None) -> Iterator[bytes]:
         coding = self._response.headers.get("content-encoding", "identity").strip().lower()

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from daemon.logging import scrub
-from daemon.remote import ByteStream, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.remote import ByteStream, RemoteJob, RemoteOutput, RemoteStatus, Resume, ServiceCheck, SubmitRequest
 from daemon.services.base import ServiceAdapter
 from daemon.services.errors import ServiceError
 
@@ -86,11 +86,11 @@ class ScrubbingAdapter:
         return [dataclasses.replace(job, raw_state=scrub(job.raw_state, secrets)) for job in jobs]
 
     @contextlib.contextmanager
-    def stream_output(self, output: RemoteOutput) -> Iterator[ByteStream]:
+    def stream_output(self, output: RemoteOutput, *, resume: Resume | None = None) -> Iterator[ByteStream]:
         # The body's own errors are scrubbed as it raises them (the caller may handle them inside its `with` block);
-        # whatever else leaves the block comes through here too.
-        secrets = _output_secrets((output,))
-        with self._scrubbing(*secrets), self.inner.stream_output(output) as body:
+        # whatever else leaves the block comes through here too. A resume's source (a presigned URL) is a secret too.
+        secrets = [*_output_secrets((output,)), resume.source if resume is not None else None]
+        with self._scrubbing(*secrets), self.inner.stream_output(output, resume=resume) as body:
             yield _ScrubbedBody(body, lambda: self._scrubbing(*secrets))
 
     def check(self) -> ServiceCheck:
@@ -143,6 +143,19 @@ class _ScrubbedBody:
     @property
     def received(self) -> int:
         return self._inner.received
+
+    @property
+    def start(self) -> int:
+        with self._scrubbing():
+            return self._inner.start
+
+    @property
+    def source(self) -> str | None:
+        return self._inner.source
+
+    @property
+    def validator(self) -> str | None:
+        return self._inner.validator
 
     def chunks(self, size: int | None = None) -> Iterator[bytes]:
         with self._scrubbing():

@@ -52,7 +52,16 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 import httpx
 
 from daemon.config import ServiceConfig, WesConfig
-from daemon.remote import ByteStream, QcReport, RemoteJob, RemoteOutput, RemoteStatus, ServiceCheck, SubmitRequest
+from daemon.remote import (
+    ByteStream,
+    QcReport,
+    RemoteJob,
+    RemoteOutput,
+    RemoteStatus,
+    Resume,
+    ServiceCheck,
+    SubmitRequest,
+)
 from daemon.services.deadlines import API_DEADLINE_FACTOR, Budget
 from daemon.services.errors import Blocked, Permanent, ServiceError, Transient
 from daemon.services.http import (
@@ -62,6 +71,7 @@ from daemon.services.http import (
     make_client,
     open_body,
     raise_for_status,
+    range_headers,
     refused,
     send,
 )
@@ -265,11 +275,12 @@ def _failed_task(log: Mapping[str, Any]) -> str | None:
 class LocalFile:
     """A `ByteStream` over a file on the shared file system (`outputs_as: path`)."""
 
-    def __init__(self, fh: Any, length: int, call: str) -> None:
+    def __init__(self, fh: Any, length: int, call: str, *, start: int = 0) -> None:
         self._fh = fh
         self._length = length
         self._call = call
         self._received = 0
+        self._start = start
 
     @property
     def length(self) -> int:
@@ -278,6 +289,18 @@ class LocalFile:
     @property
     def received(self) -> int:
         return self._received
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    @property
+    def source(self) -> None:
+        return None
+
+    @property
+    def validator(self) -> None:
+        return None
 
     def chunks(self, size: int | None = None) -> Iterator[bytes]:
         while True:
@@ -529,13 +552,14 @@ class WesAdapter:
             )
         return jobs
 
-    def stream_output(self, output: RemoteOutput) -> contextlib.AbstractContextManager[ByteStream]:
+    def stream_output(self, output: RemoteOutput, *, resume: Resume | None = None
+                      ) -> contextlib.AbstractContextManager[ByteStream]:
         if self._wes.outputs_as == "path" and urlsplit(output.url).scheme == "file":
-            return self._copy(output)
-        return self._stream(output.url, f"GET output {output.name}")
+            return self._copy(output, resume.offset if resume is not None else 0)
+        return self._stream(output.url, f"GET output {output.name}", headers=range_headers(resume))
 
     @contextlib.contextmanager
-    def _copy(self, output: RemoteOutput) -> Iterator[ByteStream]:
+    def _copy(self, output: RemoteOutput, offset: int = 0) -> Iterator[ByteStream]:
         """A result the server published as a path on the shared file system, read from there: only from under
         `wes.outputs_root`, wherever its path or a symlink on the way points."""
         call = f"copy of output {output.name}"
@@ -561,7 +585,9 @@ class WesAdapter:
             os.close(fd)
             raise Permanent(f"{call}: {published} is not a regular file", kind="not_downloadable")
         with os.fdopen(fd, "rb") as fh:
-            yield LocalFile(fh, info.st_size, call)
+            start = offset if 0 < offset <= info.st_size else 0
+            fh.seek(start)
+            yield LocalFile(fh, info.st_size - start, call, start=start)
 
     def check(self) -> ServiceCheck:
         """GET /service-info (reachable, what it runs) and GET /runs?page_size=1 (whether the token is accepted).
@@ -661,7 +687,8 @@ class WesAdapter:
         return response
 
     @contextlib.contextmanager
-    def _stream(self, url: str, call: str, budget: Budget | None = None) -> Iterator[ByteStream]:
+    def _stream(self, url: str, call: str, budget: Budget | None = None, headers: dict[str, str] | None = None
+                ) -> Iterator[ByteStream]:
         """A streaming GET within `budget` (a transfer's by default); the bearer token goes only to the API's
         origin. Errors while the caller reads are ours."""
         try:
@@ -677,7 +704,7 @@ class WesAdapter:
             )
         token = self._read_token() if self._origin_key(target) == self._origin else None
         with open_body(self._client(), target, call=call, budget=budget or Budget.transfer(),
-                       headers=self._auth(token)) as body:
+                       headers={**self._auth(token), **(headers or {})}) as body:
             yield body
 
     # ------------------------------------------------------------------ WES answers

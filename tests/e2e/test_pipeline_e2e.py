@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -289,6 +290,26 @@ def test_a_zip_that_does_not_match_its_published_md5_is_never_verified(e2e):
     assert len(h.downloads_of(bad, "chr_20.zip")) == MAX_INTEGRITY_ATTEMPTS
     assert len(h.downloads_of(bad, "chr_20.zip.md5")) == 1
     assert bad.error == "1 of 6 result files could not be downloaded: chr_20.zip"
+
+
+def test_a_download_cut_off_half_way_resumes_where_it_stopped_and_spends_no_second_count(e2e):
+    """An S3-backed Cloudgene: the share URL (one download count) redirects to a presigned URL that serves Range.
+    The zip's first body stops half way: it is resumed from the presigned URL with a Range (206), not fetched
+    again from the share URL, and what is stored has the SHA-256 of the zip as the server has it."""
+    h = e2e(sim_options={"presigned": True})
+    h.sim.faults.truncate(times=1, fraction=0.5, path="/presigned/*/chr_20.zip")
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "completed")
+    h.stop_daemon()
+    h.assert_outputs_match(job)  # our SHA-256 is that of the bytes the server has, each file counted once
+    presigned = [r.path for r in h.requests["mis"].matching("/presigned/")]
+    assert len([p for p in presigned if p.endswith("/chr_20.zip")]) == 2  # the cut-off body, then the rest
+    shared = [r.path for r in h.requests["mis"].matching("/share/results/")]
+    assert len([p for p in shared if p.endswith("/chr_20.zip")]) == 1  # one download count spent, not two
+    assert len(presigned) == len(job.outputs) + 1
+    assert [o.bad_downloads for o in job.outputs if o.name == "chr_20.zip"] == [1]
+    assert not (Path(job.result_dir) / ".resume").exists()
 
 
 def test_results_retired_before_download(e2e):

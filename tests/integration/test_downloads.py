@@ -187,6 +187,72 @@ def test_a_published_size_that_differs_is_a_bad_download(tmp_path: Path) -> None
     assert_clean(tmp_path)
 
 
+class RangeServer:
+    """A file server for `download(open_rest=...)`: the first body stops after `cut` bytes (the connection closes),
+    a Range is answered with 206 and the rest, or ignored (the whole file again) when `honours_range` is false."""
+
+    def __init__(self, body: bytes, *, cut: int, honours_range: bool = True) -> None:
+        self.body, self.cut, self.honours_range = body, cut, honours_range
+        self.ranges: list[str | None] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            asked = request.headers.get("range")
+            self.ranges.append(asked)
+            headers = {"ETag": '"v1"'}
+            if asked and self.honours_range:
+                start = int(asked.removeprefix("bytes=").rstrip("-"))
+                rest = self.body[start:]
+                headers |= {"Content-Range": f"bytes {start}-{len(self.body) - 1}/{len(self.body)}",
+                            "Content-Length": str(len(rest))}
+                return httpx.Response(206, headers=headers, stream=_Stream(lambda: iter([rest])))
+            headers["Content-Length"] = str(len(self.body))
+            first = len(self.ranges) == 1
+            chunks = [self.body[:self.cut]] if first else [self.body]
+
+            def pieces() -> Iterator[bytes]:
+                yield from chunks
+                if first:
+                    raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+            return httpx.Response(200, headers=headers, stream=_Stream(pieces))
+
+        self.client = httpx.Client(transport=httpx.MockTransport(handler))
+
+    def whole(self):  # type: ignore[no-untyped-def]
+        return open_body(self.client, URL, call=CALL, budget=Budget.transfer())
+
+    def rest(self, resume):  # type: ignore[no-untyped-def]
+        return open_body(self.client, URL, call=CALL, budget=Budget.transfer(),
+                         headers={"Range": f"bytes={resume.offset}-", "If-Range": resume.validator or ""})
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["in-thread", "helper-thread"])
+def test_a_resumed_download_has_the_sha256_of_a_straight_one(tmp_path: Path, big: bool) -> None:
+    """Cut off after a third, then resumed with a Range in a later call (as after a daemon restart: nothing but
+    the disk is shared): the stored file and its SHA-256 (and a published MD5) are those of the whole file."""
+    body = BODY * 20 if big else BODY
+    server = RangeServer(body, cut=len(body) // 3)
+    published = Published(len(body), ("md5", hashlib.md5(body).hexdigest()))
+    with pytest.raises(BadDownload) as cut:
+        download(server.whole, "chr_1.bin", result_dir=tmp_path, published=published, open_rest=server.rest)
+    assert cut.value.kind == "truncated"
+    assert [p.stat().st_size for p in (tmp_path / ".resume").glob("*.part")] == [len(body) // 3]
+    got = download(server.whole, "chr_1.bin", result_dir=tmp_path, published=published, open_rest=server.rest)
+    assert server.ranges == [None, f"bytes={len(body) // 3}-"]
+    assert got.sha256 == hashlib.sha256(body).hexdigest() == sha256_file(tmp_path / "chr_1.bin")
+    assert (tmp_path / "chr_1.bin").read_bytes() == body
+    assert not (tmp_path / ".resume").exists() and not (tmp_path / ".partial").exists()
+
+
+def test_a_server_that_ignores_the_range_gets_the_file_stored_from_zero(tmp_path: Path) -> None:
+    server = RangeServer(BODY, cut=1000, honours_range=False)
+    with pytest.raises(BadDownload):
+        download(server.whole, "f.bin", result_dir=tmp_path, open_rest=server.rest)
+    got = download(server.whole, "f.bin", result_dir=tmp_path, open_rest=server.rest)
+    assert server.ranges == [None, "bytes=1000-"]  # asked, and given the whole file instead
+    assert (tmp_path / "f.bin").read_bytes() == BODY and got.sha256 == hashlib.sha256(BODY).hexdigest()
+
+
 def test_existing_file_is_replaced(tmp_path: Path) -> None:
     (tmp_path / "qc_report.txt").write_bytes(b"old")
     download(opener(b"new"), "qc_report.txt", result_dir=tmp_path)

@@ -170,7 +170,7 @@ class _Adapter:
     name = "fake"
 
     @contextlib.contextmanager
-    def stream_output(self, output: RemoteOutput) -> Iterator[ByteStream]:
+    def stream_output(self, output: RemoteOutput, *, resume: object = None) -> Iterator[ByteStream]:
         yield _EchoingBody(output.remote_hash or "")
 
 
