@@ -137,7 +137,11 @@ def ours_once(client, url: str, result_dir: Path, expected_sha: str, size: int, 
             def body() -> Any:
                 return open_body(client, url, call=f"download of {NAME}", budget=Budget.transfer())
 
-            got = downloads.download(body, NAME, result_dir=result_dir, **kwargs)
+            def rest(resume: Any) -> Any:  # resumable, as the pipeline downloads (nothing is cut off here)
+                return open_body(client, url, call=f"download of {NAME}", budget=Budget.transfer(),
+                                 headers={"Range": f"bytes={resume.offset}-"})
+
+            got = downloads.download(body, NAME, result_dir=result_dir, open_rest=rest, **kwargs)
     finally:
         os.fsync = real_fsync
     elapsed = time.perf_counter() - started
