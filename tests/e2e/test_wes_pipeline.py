@@ -72,13 +72,18 @@ def start(config: Config, vcf: Path) -> tuple[Daemon, object]:
     return daemon, job
 
 
-def test_wes_job_completes_with_verified_outputs(tmp_path, sqlite_url, sapporo: SapporoServer, vcf) -> None:
-    daemon, job = start(make_config(tmp_path, sqlite_url, sapporo), vcf)
+def run_to_end(config: Config, vcf: Path, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    """Submit one job, run the daemon until the job has finished, stop it; the job as it ended."""
+    daemon, job = start(config, vcf)
     try:
-        job = run_until(daemon, job.id, lambda j: j.state in TERMINAL)
+        return run_until(daemon, job.id, lambda j: j.state in TERMINAL, timeout=timeout)
     finally:
         daemon.request_stop()
         daemon.stop()
+
+
+def test_wes_job_completes_with_verified_outputs(tmp_path, sqlite_url, sapporo: SapporoServer, vcf) -> None:
+    job = run_to_end(make_config(tmp_path, sqlite_url, sapporo), vcf)
     assert job.state is JobState.COMPLETED, job.error
     assert [e.to_state for e in job.events][:3] == ["pending", "submitting", "queued"]
     assert job.remote_state == "COMPLETE"
@@ -94,12 +99,7 @@ def test_wes_job_completes_with_verified_outputs(tmp_path, sqlite_url, sapporo: 
 
 def test_wes_executor_error_fails_the_job_with_stderr(tmp_path, sqlite_url, sapporo: SapporoServer, vcf) -> None:
     config = make_config(tmp_path, sqlite_url, sapporo, {**DEFAULT_PARAMS, "simulate": "fail"})
-    daemon, job = start(config, vcf)
-    try:
-        job = run_until(daemon, job.id, lambda j: j.state in TERMINAL)
-    finally:
-        daemon.request_stop()
-        daemon.stop()
+    job = run_to_end(config, vcf)
     assert job.state is JobState.FAILED
     assert job.remote_state == "EXECUTOR_ERROR" and job.error_kind == "remote_failed"
     assert "EXECUTOR_ERROR" in job.error
@@ -166,12 +166,7 @@ def test_wes_run_the_server_records_after_a_504_is_found_not_submitted_again(tmp
     with LateProxy(sapporo.origin, delay=15) as proxy:
         config = make_config(tmp_path, sqlite_url, sapporo)
         service = dataclasses.replace(config.services["wes"], base_url=proxy.origin, submit_settle=60.0)
-        daemon, job = start(dataclasses.replace(config, services={"wes": service}), vcf)
-        try:
-            job = run_until(daemon, job.id, lambda j: j.state in TERMINAL, timeout=90)
-        finally:
-            daemon.request_stop()
-            daemon.stop()
+        job = run_to_end(dataclasses.replace(config, services={"wes": service}), vcf, timeout=90)
         proxy.wait_for_late_submit(30)
         forwarded = proxy.forwarded_submits
     assert forwarded == 1, f"{forwarded} runs submitted"
@@ -191,12 +186,7 @@ def test_wes_run_answered_too_late_is_found_on_a_server_that_lists_workflows(tmp
     with LateProxy(sapporo.origin, delay=8, lost="after", wes03_listing=True) as proxy:
         config = make_config(tmp_path, sqlite_url, sapporo)
         service = dataclasses.replace(config.services["wes"], base_url=proxy.origin, timeout=3.0, submit_settle=10.0)
-        daemon, job = start(dataclasses.replace(config, services={"wes": service}), vcf)
-        try:
-            job = run_until(daemon, job.id, lambda j: j.state in TERMINAL, timeout=90)
-        finally:
-            daemon.request_stop()
-            daemon.stop()
+        job = run_to_end(dataclasses.replace(config, services={"wes": service}), vcf, timeout=90)
         forwarded = proxy.forwarded_submits
     assert forwarded == 1, f"{forwarded} runs submitted ({job.state}: {job.error})"
     runs = httpx.get(f"{sapporo.api_root}/runs", params={"page_size": 1000}, timeout=10).json()["runs"]
@@ -214,12 +204,7 @@ def test_wes_outputs_are_checked_against_their_published_checksum_and_size(tmp_p
     with LateProxy(sapporo.origin, lost=None, publish_checksums=published) as proxy:
         config = make_config(tmp_path, sqlite_url, sapporo)
         service = dataclasses.replace(config.services["wes"], base_url=proxy.origin)
-        daemon, job = start(dataclasses.replace(config, services={"wes": service}), vcf)
-        try:
-            job = run_until(daemon, job.id, lambda j: j.state in TERMINAL, timeout=90)
-        finally:
-            daemon.request_stop()
-            daemon.stop()
+        job = run_to_end(dataclasses.replace(config, services={"wes": service}), vcf, timeout=90)
     assert job.outputs and all(o.remote_checksum and o.remote_checksum.startswith("sha1:") for o in job.outputs)
     assert all(o.remote_size is not None for o in job.outputs)
     if published == "right":
@@ -234,12 +219,7 @@ def test_wes_outputs_are_checked_against_their_published_checksum_and_size(tmp_p
 def test_a_cwl_workflow_gets_its_inputs_as_file_objects(tmp_path, sqlite_url, sapporo: SapporoServer, vcf) -> None:
     """`{cwl_files}`: the inputs reach the run as CWL File objects and the job completes on them."""
     params = {**DEFAULT_PARAMS, "files": "{cwl_files}"}
-    daemon, job = start(make_config(tmp_path, sqlite_url, sapporo, params), vcf)
-    try:
-        job = run_until(daemon, job.id, lambda j: j.state in TERMINAL)
-    finally:
-        daemon.request_stop()
-        daemon.stop()
+    job = run_to_end(make_config(tmp_path, sqlite_url, sapporo, params), vcf)
     assert job.state is JobState.COMPLETED, job.error
     request = httpx.get(f"{sapporo.api_root}/runs/{job.remote_id}", timeout=5).json()["request"]
     sent = request["workflow_params"]
@@ -262,12 +242,7 @@ def test_wes_outputs_published_as_paths_are_copied_only_from_under_the_root(tmp_
         wes = dataclasses.replace(service.wes, outputs_as="path",
                                   outputs_root=sapporo.run_dir if allowed else elsewhere)
         service = dataclasses.replace(service, base_url=proxy.origin, wes=wes)
-        daemon, job = start(dataclasses.replace(config, services={"wes": service}), vcf)
-        try:
-            job = run_until(daemon, job.id, lambda j: j.state in TERMINAL, timeout=90)
-        finally:
-            daemon.request_stop()
-            daemon.stop()
+        job = run_to_end(dataclasses.replace(config, services={"wes": service}), vcf, timeout=90)
     assert job.outputs and all(o.url.startswith("file://") for o in job.outputs)
     if allowed:
         assert job.state is JobState.COMPLETED, job.error

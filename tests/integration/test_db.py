@@ -376,16 +376,23 @@ def test_0003_keeps_every_row_and_stores_server_values_of_any_length(empty_engin
         assert conn.execute(sa.text("SELECT count(*) FROM job_outputs")).scalar() == 2
 
 
-def test_0004_gives_jobs_a_cancel_sent_at_and_keeps_them(empty_engine: sa.Engine) -> None:
-    """A job stored before 0004 keeps its row and has sent no cancel; a downgrade takes the column away again."""
-    _migrate(empty_engine, "upgrade", "0003")
+def _insert_old_job(engine: sa.Engine, state: str) -> uuid.UUID:
+    """A job row written with raw SQL, as a database at an older revision holds it (the models are the head's)."""
     job_id = uuid.uuid4()
-    with empty_engine.begin() as conn:
+    with engine.begin() as conn:
         conn.execute(sa.text(
             "INSERT INTO jobs (id, group_id, service, panel, build, state, remote_id, submit_attempts,"
             " restart_attempts, retries, failures, created_at, updated_at) VALUES (:id, :id, 'michigan', 'p',"
-            " 'hg19', 'cancel_requested', 'job-1', 1, 0, 0, 0, :now, :now)"
-        ), {"id": job_id.hex if empty_engine.dialect.name == "sqlite" else job_id, "now": dt.datetime.now(dt.UTC)})
+            " 'hg19', :state, 'job-1', 1, 0, 0, 0, :now, :now)"
+        ), {"id": job_id.hex if engine.dialect.name == "sqlite" else job_id, "state": state,
+            "now": dt.datetime.now(dt.UTC)})
+    return job_id
+
+
+def test_0004_gives_jobs_a_cancel_sent_at_and_keeps_them(empty_engine: sa.Engine) -> None:
+    """A job stored before 0004 keeps its row and has sent no cancel; a downgrade takes the column away again."""
+    _migrate(empty_engine, "upgrade", "0003")
+    _insert_old_job(empty_engine, "cancel_requested")
     _migrate(empty_engine, "upgrade", "0004")
     with empty_engine.connect() as conn:
         row = conn.execute(sa.text("SELECT state, remote_id, cancel_sent_at FROM jobs")).one()
@@ -399,13 +406,7 @@ def test_0004_gives_jobs_a_cancel_sent_at_and_keeps_them(empty_engine: sa.Engine
 def test_0005_gives_jobs_their_retirement_and_keeps_them(empty_engine: sa.Engine) -> None:
     """A job stored before 0005 keeps its row, with no retirement known or warned of; a downgrade takes both away."""
     _migrate(empty_engine, "upgrade", "0004")
-    job_id = uuid.uuid4()
-    with empty_engine.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO jobs (id, group_id, service, panel, build, state, remote_id, submit_attempts,"
-            " restart_attempts, retries, failures, created_at, updated_at) VALUES (:id, :id, 'michigan', 'p',"
-            " 'hg19', 'downloading', 'job-1', 1, 0, 0, 0, :now, :now)"
-        ), {"id": job_id.hex if empty_engine.dialect.name == "sqlite" else job_id, "now": dt.datetime.now(dt.UTC)})
+    _insert_old_job(empty_engine, "downloading")
     _migrate(empty_engine, "upgrade", "0005")
     with empty_engine.connect() as conn:
         row = conn.execute(sa.text("SELECT state, retires_at, retirement_warned_at FROM jobs")).one()
