@@ -195,11 +195,11 @@ def download(
         digest = hashlib.sha256()
         algorithm, published_digest = published.checksum if published and published.checksum else ("sha256", "")
         extra = None if algorithm == "sha256" else hashlib.new(algorithm)
-        size = 0
+        size = start = 0
         content_length: int | None = None
         came_from: tuple[str | None, str | None] = (None, None)
         try:
-            with open_stream() if resume is None or open_rest is None else open_rest(resume) as body:
+            with _opened(open_stream, open_rest, resume, fh) as (body, resume):
                 # From here on the server has answered 2xx (the adapter raised any refusal on opening), so this GET
                 # spent a download count: a body that fails to arrive whole is a bad download.
                 try:
@@ -235,7 +235,10 @@ def download(
                         size += len(chunk)
                 received = body.received
         except (BadDownload, DownloadInterrupted) as exc:
-            if open_rest is not None and size > 0 and (isinstance(exc, DownloadInterrupted) or exc.kind in _RESUMABLE):
+            # A body that had all its announced bytes leaves no rest to ask for (the server would answer 416).
+            whole = content_length is not None and size - start >= content_length
+            resumable = isinstance(exc, DownloadInterrupted) or exc.kind in _RESUMABLE
+            if open_rest is not None and size > 0 and resumable and not whole:
                 _keep_for_resume(temp, result_dir, rel, came_from)
             raise
         except OSError as exc:
@@ -669,6 +672,34 @@ def _forget_resume(result_dir: Path, rel: PurePosixPath) -> None:
             os.unlink(path)
     with contextlib.suppress(OSError):
         (result_dir / RESUME_DIR).rmdir()  # once empty
+
+
+@contextlib.contextmanager
+def _opened(
+    open_stream: Callable[[], AbstractContextManager[ByteStream]],
+    open_rest: Callable[[Resume], AbstractContextManager[ByteStream]] | None,
+    resume: Resume | None,
+    fh: BinaryIO,
+) -> Iterator[tuple[ByteStream, Resume | None]]:
+    """The body to store: the rest of the file when there is a `resume`, else the whole of it; and the resume it
+    answers. A server with no rest to give (416: the file is not longer than what was kept, say it changed) gets
+    the kept bytes dropped and the whole file asked for."""
+    with contextlib.ExitStack() as opened:
+        body: ByteStream | None = None
+        if resume is not None and open_rest is not None:
+            try:
+                body = opened.enter_context(open_rest(resume))
+            except Permanent as exc:
+                if exc.kind != "http_416":
+                    raise
+                fh.seek(0)
+                fh.truncate()
+                resume = None
+        else:
+            resume = None
+        if body is None:
+            body = opened.enter_context(open_stream())
+        yield body, resume
 
 
 def _rehash(partial: Path, length: int, digest: Any, extra: Any) -> None:

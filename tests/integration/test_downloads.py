@@ -191,7 +191,7 @@ class RangeServer:
     """A file server for `download(open_rest=...)`: the first body stops after `cut` bytes (the connection closes),
     a Range is answered with 206 and the rest, or ignored (the whole file again) when `honours_range` is false."""
 
-    def __init__(self, body: bytes, *, cut: int, honours_range: bool = True) -> None:
+    def __init__(self, body: bytes, *, cut: int, honours_range: bool = True, shrunk: bool = False) -> None:
         self.body, self.cut, self.honours_range = body, cut, honours_range
         self.ranges: list[str | None] = []
 
@@ -199,6 +199,9 @@ class RangeServer:
             asked = request.headers.get("range")
             self.ranges.append(asked)
             headers = {"ETag": '"v1"'}
+            if asked and shrunk:  # the file is now no longer than what was kept: no rest to give
+                self.body = self.body[: self.cut // 2]
+                return httpx.Response(416, headers={"Content-Range": f"bytes */{len(self.body)}"})
             if asked and self.honours_range:
                 start = int(asked.removeprefix("bytes=").rstrip("-"))
                 rest = self.body[start:]
@@ -242,6 +245,16 @@ def test_a_resumed_download_has_the_sha256_of_a_straight_one(tmp_path: Path, big
     assert got.sha256 == hashlib.sha256(body).hexdigest() == sha256_file(tmp_path / "chr_1.bin")
     assert (tmp_path / "chr_1.bin").read_bytes() == body
     assert not (tmp_path / ".resume").exists() and not (tmp_path / ".partial").exists()
+
+
+def test_a_range_the_server_cannot_serve_drops_what_was_kept_and_stores_the_file_anew(tmp_path: Path) -> None:
+    server = RangeServer(BODY, cut=1000, shrunk=True)
+    with pytest.raises(BadDownload):
+        download(server.whole, "f.bin", result_dir=tmp_path, open_rest=server.rest)
+    got = download(server.whole, "f.bin", result_dir=tmp_path, open_rest=server.rest)
+    assert server.ranges == [None, "bytes=1000-", None]  # asked for the rest (416), then for the whole file
+    assert (tmp_path / "f.bin").read_bytes() == BODY[:500] and got.sha256 == hashlib.sha256(BODY[:500]).hexdigest()
+    assert not (tmp_path / ".resume").exists()
 
 
 def test_a_server_that_ignores_the_range_gets_the_file_stored_from_zero(tmp_path: Path) -> None:
