@@ -22,6 +22,7 @@ Targets: median of each tick <= 20 ms at the big size, and big/small <= 2. The q
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import shutil
 import sys
 import tempfile
@@ -72,7 +73,11 @@ class Subject:
         return self.store.queue.in_flight_count(service)
 
     def usable(self) -> list[str]:
-        return [n for n, s in self.store.services.service_statuses().items() if s.blocked_reason is None]
+        """As the scheduler's `_usable_services`: the owners' blocks read, the services not paused."""
+        self.store.services.owner_statuses()
+        now = dt.datetime.now(dt.UTC)
+        return [n for n, s in self.store.services.service_statuses().items()
+                if s.paused_until is None or s.paused_until <= now]
 
     # ---------------------------------------------------------------- one iteration
     def tick_once(self, reset: bool = True) -> None:

@@ -36,14 +36,15 @@ from daemon.config import (
 from daemon.crypto import PasswordCipher, SecretKeyError
 from daemon.db.admin import job_snapshot
 from daemon.db.engine import DatabaseUnavailable, describe_url, make_engine
-from daemon.db.models import Job
+from daemon.db.models import Job, OwnerStatus
 from daemon.db.revision import UPGRADE_HINT, SchemaOutdated, ensure_current, upgrade_url
 from daemon.db.store import JobStore
 from daemon.db.transitions import JobNotFound
 from daemon.logging import configure_logging
+from daemon.owners import DEFAULT_OWNER, owner_problem
 from daemon.pipeline import Pipeline
 from daemon.scheduler import Daemon, make_owner
-from daemon.services import build_adapter
+from daemon.services import Adapters, operator_adapter
 from daemon.services.errors import ServiceError
 from daemon.states import TERMINAL, JobState
 from daemon.submission import Submission, SubmissionError, submit
@@ -219,6 +220,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         mode=args.mode,
         name=args.name,
         password=password,
+        owner=args.owner,
     )
     store = _store(args, config)
     try:
@@ -242,9 +244,14 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     if service is None:
         known = ", ".join(sorted(config.services)) or "none configured"
         raise CliError(f"--service {args.service}: not a configured service (configured: {known})", EXIT_USAGE)
+    problem = owner_problem(args.owner)
+    if problem is not None:
+        raise CliError(f"--owner: {problem}", EXIT_USAGE)
     password = _password_argument(args)
     store = _store(args, config)
-    adapter = build_adapter(service, max_connections=2)
+    adapters = Adapters(config, max_connections=2)
+    adapter = adapters.get(service.name, args.owner)
+    assert adapter is not None  # the service is configured
     failed = 0
     try:
         for remote_id in args.remote_ids:
@@ -257,7 +264,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
                 continue
             try:
                 job, adopted = store.admin.adopt(service.name, remote_id, password=password, name=args.name,
-                                                 remote_state=status.raw_state)
+                                                 remote_state=status.raw_state, owner=args.owner)
             except SecretKeyError as exc:
                 raise CliError(f"storage.secret_key_file: {exc} (adopt as the daemon's user)", EXIT_FAILED) from None
             if adopted:
@@ -265,7 +272,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
             else:
                 print(f"{job.id}: already tracks {shown} ({job.state.value})")
     finally:
-        adapter.close()
+        adapters.close()
     return EXIT_FAILED if failed else 0
 
 
@@ -283,16 +290,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.service and args.service not in config.services and args.service not in store.admin.counts_by_service():
         known = ", ".join(sorted(config.services)) or "none configured"
         raise CliError(f"--service {args.service}: not a configured service (configured: {known})", EXIT_USAGE)
-    jobs = store.admin.list_jobs(states=states, service=args.service, limit=args.limit)
+    jobs = store.admin.list_jobs(states=states, service=args.service, owner=args.owner, limit=args.limit)
     if args.json:
         _print_json([job_snapshot(j) for j in jobs])
         return 0
     rows = [
-        (_short(j.id), _short(j.group_id) if j.group_id != j.id else "", j.service, j.state.value,
+        (_short(j.id), _short(j.group_id) if j.group_id != j.id else "", j.service, j.owner, j.state.value,
          j.remote_state or "", printable(j.progress or j.error or "", 60), _when(j.created_at), j.name or "")
         for j in jobs
     ]
-    print(_table(("ID", "GROUP", "SERVICE", "STATE", "REMOTE", "PROGRESS", "CREATED", "NAME"), rows))
+    print(_table(("ID", "GROUP", "SERVICE", "OWNER", "STATE", "REMOTE", "PROGRESS", "CREATED", "NAME"), rows))
     return 0
 
 
@@ -364,7 +371,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(_table(("ID", "SERVICE", "STATE"), [(_short(j.id), j.service, j.state.value) for j in jobs]))
         print()
     for job, data in zip(jobs, details, strict=True):
-        fields = [("id", job.id), ("group", job.group_id), ("service", job.service), ("state", job.state.value),
+        fields = [("id", job.id), ("group", job.group_id), ("service", job.service), ("owner", job.owner),
+                  ("state", job.state.value),
                   ("remote id", job.remote_id), ("remote state", job.remote_state), ("panel", job.panel),
                   ("build", job.build), ("population", job.population), ("phasing", job.phasing),
                   ("r2 filter", job.r2_filter), ("mode", job.mode), ("name", job.name),
@@ -409,11 +417,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         owner = f"cli-{make_owner()}"
         job = store.queue.claim_one(job_id, owner, lease_seconds=60)
         if job is not None and job.service in config.services:
-            adapter = build_adapter(config.services[job.service], max_connections=2)
+            adapters = Adapters(config, max_connections=2)
             try:
-                finished = Pipeline(store.queue, store.services, {job.service: adapter}, config, owner=owner).run(job)
+                finished = Pipeline(store.queue, store.services, adapters, config, owner=owner).run(job)
             finally:
-                adapter.close()
+                adapters.close()
             state = finished.state if finished is not None else store.admin.get(job_id).state
         elif job is not None:
             store.queue.release(job_id, owner)
@@ -442,20 +450,29 @@ def cmd_services(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _store(args, config)
     statuses = store.services.service_statuses()
+    owner_statuses = store.services.owner_statuses()
     counts = store.admin.counts_by_service()
+    owner_counts = store.admin.counts_by_owner()
     result = []
     for name, service in sorted(config.services.items()):
         status = statuses.get(name)
+        owners = sorted({o for s, o in (*owner_statuses, *owner_counts) if s == name} | {DEFAULT_OWNER})
+        of_owner = [_owner_entry(owner, owner_statuses.get((name, owner)), owner_counts.get((name, owner), {}))
+                    for owner in owners]
+        operator = next(o for o in of_owner if o["owner"] == DEFAULT_OWNER)
         entry: dict[str, Any] = {
             "name": name, "type": service.type, "base_url": service.base_url, "auth": service.auth,
-            "max_concurrent_jobs": service.max_concurrent_jobs, "panels": sorted(service.panels),
-            "blocked": status.blocked_reason if status else None,
+            "max_concurrent_jobs": service.max_concurrent_jobs, "jobs_per_owner": service.jobs_per_owner,
+            "shared_token": service.shared_token, "panels": sorted(service.panels),
+            # The service's own token is the operator's: its status is the service's.
+            "blocked": operator["blocked"],
             "paused_until": status.paused_until if status else None,
-            "token_expires": status.token_expires_at if status else None,
+            "token_expires": operator["token_expires"],
             "jobs": counts.get(name, {}),
+            "owners": of_owner,
         }
         if args.check:
-            adapter = build_adapter(service, max_connections=2)
+            adapter = operator_adapter(config, name, max_connections=2)
             try:
                 check = adapter.check()
             finally:
@@ -478,7 +495,9 @@ def cmd_services(args: argparse.Namespace) -> int:
     rows = []
     for e in result:
         active = sum(n for s, n in e["jobs"].items() if JobState(s) not in TERMINAL)
-        problems = (["blocked: " + e["blocked"]] if e["blocked"] else []) + (_check_problems(e) if args.check else [])
+        blocked = [("blocked: " if o["owner"] == DEFAULT_OWNER else f"blocked for {o['owner']}: ") + o["blocked"]
+                   for o in e["owners"] if o["blocked"]]
+        problems = blocked + (_check_problems(e) if args.check else [])
         state = printable("; ".join(problems), 160) if problems else "ok"
         row = [e["name"], e["type"], state, active, _when(e["token_expires"])]
         if args.check:
@@ -488,6 +507,12 @@ def cmd_services(args: argparse.Namespace) -> int:
         rows.append(row)
     print(_table(headers, rows))
     return code
+
+
+def _owner_entry(owner: str, status: OwnerStatus | None, jobs: dict[str, int]) -> dict[str, Any]:
+    return {"owner": owner, "blocked": status.blocked_reason if status else None,
+            "token_expires": status.token_expires_at if status else None,
+            "lowered_limit": status.effective_limit if status else None, "jobs": jobs}
 
 
 def _check_failed(entry: dict[str, Any]) -> bool:
@@ -605,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{', '.join(R2_FILTERS[1:])} or 0.8 (default: the server's)")
     submit.add_argument("--mode", choices=MODES, help="impute, or only check the input (default: the server's)")
     submit.add_argument("--name", help="a name for humans")
+    submit.add_argument("--owner", default=DEFAULT_OWNER, metavar="NAME",
+                        help=f"the platform user the job is for, submitted with their token (default {DEFAULT_OWNER})")
     secret = submit.add_mutually_exclusive_group()
     secret.add_argument("--password", help="password for the result zips (visible to `ps`: prefer --password-file; "
                                            "without either one is made up, and `show ID --password` prints it)")
@@ -615,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = command("jobs", cmd_jobs, "list jobs, newest first")
     jobs.add_argument("--status", metavar="S[,S…]", help="only jobs in these states")
     jobs.add_argument("--service", metavar="S", help="only jobs of this service")
+    jobs.add_argument("--owner", metavar="NAME", help="only jobs of this owner")
     jobs.add_argument("--limit", type=int, default=100, metavar="N", help="at most N jobs (default 100)")
     jobs.add_argument("--json", action="store_true", help="print the jobs as JSON")
 
@@ -628,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     adopt = command("adopt", cmd_adopt, "track jobs submitted elsewhere (the web UI, another tool) by their remote ids")
     adopt.add_argument("--service", required=True, metavar="S", help="the configured service the jobs run on")
     adopt.add_argument("--name", help="a name for humans")
+    adopt.add_argument("--owner", default=DEFAULT_OWNER, metavar="NAME",
+                       help=f"whose jobs they are, looked up with their token (default {DEFAULT_OWNER})")
     adopted = adopt.add_mutually_exclusive_group()
     adopted.add_argument("--password", help="the password of the jobs' result zips, to check them (visible to `ps`: "
                                             "prefer --password-file; without it encrypted zips are checked for "

@@ -112,6 +112,19 @@ class MetricsConfig:
     listen: str | None = None  # "127.0.0.1:9478"; None disables the listener
 
 
+@dataclass(frozen=True)
+class ApiConfig:
+    """The HTTP API and dashboard (`daemon.api`), served by `run` and by `api` alone."""
+
+    listen: str | None = None  # "127.0.0.1:8470"; None: `run` serves no API
+    #: Threads answering requests; a request (an upload, a download) holds one while it lasts.
+    threads: int = 16
+    #: The largest upload one request may carry, all its files together.
+    max_upload_mb: int = 20000
+    #: The dashboard's login cookie is `Secure` (sent over HTTPS only): leave it on behind a TLS proxy.
+    secure_cookie: bool = True
+
+
 #: Job states a notification can be sent for (`notifications.on`).
 NOTIFY_STATES = tuple(state.value for state in JobState if state in NOTIFIABLE)
 
@@ -231,6 +244,12 @@ class ServiceConfig:
     wes: WesConfig | None = None
     #: Let `base_url` be plain http:// to another machine: the token and the uploads cross the network unencrypted.
     allow_plain_http: bool = False
+    #: Owners without a token of their own (`<credentials>/<owner>/<service>.token`) use the service's token. Off,
+    #: only the operator (the default owner) does: every other owner's jobs are sent under their own account.
+    shared_token: bool = False
+    #: Most jobs of one owner in flight on the service at once (the server's "Only N jobs per user" is per
+    #: account); None: `max_concurrent_jobs`, the service-wide limit, which holds as well.
+    jobs_per_owner: int | None = None
     #: Most of the pool's workers this service's steps may occupy at once; None: `default_worker_share`.
     max_workers: int | None = None
     #: Seconds during which a submit whose outcome is unknown (answer lost, a proxy's 504, the daemon killed
@@ -282,6 +301,10 @@ class Config:
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     source: Path | None = None
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    #: Where owners' tokens are (`<credentials_dir>/<owner>/<service>.token`) when systemd provides no
+    #: `$CREDENTIALS_DIRECTORY`.
+    credentials_dir: Path | None = None
 
     def worker_share(self, service: str) -> int:
         """How many of the pool's workers `service`'s steps may occupy at once: its `max_workers`, else all but one
@@ -328,9 +351,14 @@ def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Co
             ctx.report(f"services.{name}.max_workers",
                        f"must not exceed scheduler.workers ({scheduler.workers}), got {service.max_workers}")
     notifications = _notifications(sections.get("notifications"), ctx)
+    api = ApiConfig(**(_walk(sections.get("api"), "api", _API, ctx) or {}))
+    if api.listen is not None and api.listen == metrics.listen:
+        ctx.report("api.listen", f"must differ from metrics.listen ({metrics.listen})")
+    credentials_dir = sections.get("credentials_dir")
     if ctx.problems:
         raise ConfigError(ctx.problems, source)
-    return Config(database, storage, scheduler, logging_, metrics, services, source, notifications)
+    return Config(database, storage, scheduler, logging_, metrics, services, source, notifications, api,
+                  credentials_dir)
 
 
 def format_problems(error: ConfigError) -> str:
@@ -821,8 +849,9 @@ _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _PANEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 _TOP_LEVEL: dict[str, _Convert] = {
-    name: _as_is
-    for name in ("database", "storage", "scheduler", "logging", "metrics", "services", "notifications")
+    **{name: _as_is
+       for name in ("database", "storage", "scheduler", "logging", "metrics", "services", "notifications", "api")},
+    "credentials_dir": _optional(_path),
 }
 
 _DATABASE: dict[str, _Convert] = {
@@ -867,6 +896,13 @@ _LOGGING: dict[str, _Convert] = {
 }
 
 _METRICS: dict[str, _Convert] = {"listen": _optional(_listen)}
+
+_API: dict[str, _Convert] = {
+    "listen": _optional(_listen),
+    "threads": _integer(1, 256),
+    "max_upload_mb": _integer(1, 10_000_000),
+    "secure_cookie": _boolean,
+}
 
 _PANEL: dict[str, _Convert] = {
     "id": _text,
@@ -1083,6 +1119,8 @@ _SERVICE: dict[str, _Convert] = {
     "panels": _panels,
     "wes": _wes,
     "allow_plain_http": _boolean,
+    "shared_token": _boolean,
+    "jobs_per_owner": _optional(_integer(1, 1000)),
 }
 
 _SERVICE_DEFAULTS = {f.name: f.default for f in fields(ServiceConfig)}

@@ -1,7 +1,7 @@
 """Metrics and health: what the daemon counts, and the optional HTTP listener that serves it.
 
 The pipeline and the scheduler call a tiny interface, `Metrics` — `submitted(service)`, `polled(service)`,
-`error(service, kind)`, `downloaded(service, nbytes)`, `tick(name, seconds)`, `token_days_left(service, days)`,
+`error(service, kind)`, `downloaded(service, nbytes)`, `tick(name, seconds)`, `token_days_left(service, owner, days)`,
 `notification(channel, outcome)` — whose default, `NO_METRICS`, does nothing, so no caller cares whether metrics are
 on. `PrometheusMetrics` records into its own `CollectorRegistry` (never the process-global one: tests and several
 daemons in one process do not clash), plus a collector that asks the database for jobs by service and state when
@@ -19,7 +19,8 @@ one of `MAX_HANDLERS` threads answers it. One thread per connection made 406 thr
 Metric names (all prefixed `imputationd_`): `jobs{service,state}` (gauge, from the database),
 `submissions_total{service}`, `polls_total{service}`, `errors_total{service,kind}` (service errors by their
 stable `kind`: timeout, connection, http_5xx, ...), `download_bytes_total{service}`,
-`tick_duration_seconds{tick}` (histogram), `token_days_left{service}` (gauge), `notifications_total{channel,outcome}`,
+`tick_duration_seconds{tick}` (histogram), `token_days_left{service,owner}` (gauge),
+`notifications_total{channel,outcome}`,
 `database_up` (gauge: the jobs query of the last scrape worked).
 """
 
@@ -69,8 +70,8 @@ class Metrics:
     def tick(self, name: str, seconds: float) -> None:
         """A scheduler tick ran for `seconds`."""
 
-    def token_days_left(self, service: str, days: float) -> None:
-        """The service's API token expires in `days` (negative: expired)."""
+    def token_days_left(self, service: str, owner: str, days: float) -> None:
+        """The owner's API token for the service expires in `days` (negative: expired)."""
 
     def notification(self, channel: str, outcome: str) -> None:
         """A notification attempt on `channel` ("webhook", "email") ended with `outcome` ("sent", "failed")."""
@@ -136,8 +137,8 @@ class PrometheusMetrics(Metrics):
                                        ["service"], registry=r)
         self._ticks = Histogram("imputationd_tick_duration_seconds", "How long each scheduler tick ran", ["tick"],
                                 buckets=TICK_BUCKETS, registry=r)
-        self._token_days = Gauge("imputationd_token_days_left", "Days until the service's API token expires",
-                                 ["service"], registry=r)
+        self._token_days = Gauge("imputationd_token_days_left", "Days until an owner's API token for the service "
+                                 "expires", ["service", "owner"], registry=r)
         self._notifications = Counter("imputationd_notifications", "Notification attempts by channel and outcome",
                                       ["channel", "outcome"], registry=r)
         if counts is not None:
@@ -158,8 +159,8 @@ class PrometheusMetrics(Metrics):
     def tick(self, name: str, seconds: float) -> None:
         self._ticks.labels(name).observe(max(0.0, seconds))
 
-    def token_days_left(self, service: str, days: float) -> None:
-        self._token_days.labels(service).set(days)
+    def token_days_left(self, service: str, owner: str, days: float) -> None:
+        self._token_days.labels(service, owner).set(days)
 
     def notification(self, channel: str, outcome: str) -> None:
         self._notifications.labels(channel, outcome).inc()

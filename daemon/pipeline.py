@@ -49,7 +49,7 @@ from daemon.metrics import NO_METRICS, Metrics
 from daemon.outcome import KEEP, JobColumns, Keep, Outcome, OutputColumns
 from daemon.remote import RemoteOutput, SubmitRequest, parameters_of
 from daemon.resultfiles import CHECKSUM_SUFFIX, parse_md5sum
-from daemon.services import scrubbing
+from daemon.services import Adapters, scrubbing
 from daemon.services.base import ServiceAdapter
 from daemon.services.errors import NOT_FOUND_KINDS, JobLimitReached, Permanent, ServiceError, Transient
 from daemon.states import TERMINAL, JobState, OutputState
@@ -99,7 +99,7 @@ class Pipeline:
         self,
         queue: JobQueue,
         services: ServiceStatuses,
-        adapters: Mapping[str, ServiceAdapter],
+        adapters: Adapters,
         config: Config,
         *,
         owner: str,
@@ -118,7 +118,7 @@ class Pipeline:
         self.passwords = passwords
         #: The job limit last reported per service: a server whose limit is below ours refuses again after every
         #: finished job (the lowered limit is forgotten then, to probe for a free slot); that is not news.
-        self._job_limit_told: dict[str, int] = {}
+        self._job_limit_told: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -147,7 +147,7 @@ class Pipeline:
     def _run_step(self, job: Job) -> tuple[JobRow | None, bool]:
         """One step and its outcome written; True when this worker should take the job's next step at once."""
         register_secret(job.password)  # before anything about this job can be logged
-        with bind_job(job_id=str(job.id), service=job.service, remote_id=job.remote_id):
+        with bind_job(job_id=str(job.id), service=job.service, owner=job.owner, remote_id=job.remote_id):
             try:
                 outcome = self._step(job)
             except ServiceError as exc:
@@ -221,7 +221,7 @@ class Pipeline:
 
     def _adapter(self, job: Job) -> ServiceAdapter:
         """The job's service adapter, scrubbing what the server says of this job's secrets too."""
-        adapter = self.adapters.get(job.service)
+        adapter = self.adapters.get(job.service, job.owner)
         if adapter is None:
             raise Permanent(f"service '{job.service}' is not configured", kind="unknown_service")
         return scrubbing.for_job(adapter, self._secrets(job))
@@ -555,13 +555,14 @@ class Pipeline:
                 assert isinstance(exc, JobLimitReached)
                 # What we hold besides this job, and never more than the server's own "Only N": each wrong guess
                 # costs a whole upload before the server says no.
-                limit = self.queue.in_flight_count(job.service) - 1
+                # The server counts per account: what the owner holds there besides this job.
+                limit = self.queue.in_flight_count(job.service, job.owner) - 1
                 if exc.limit is not None:
                     limit = min(limit, exc.limit)
                 # One line when the limit goes down; more refusals at the same limit are the same problem.
-                lowered = self.services.lower_limit(job.service, limit)
-                news = lowered and self._job_limit_told.get(job.service) != max(1, limit)
-                self._job_limit_told[job.service] = max(1, limit)
+                lowered = self.services.lower_limit(job.service, job.owner, limit)
+                news = lowered and self._job_limit_told.get((job.service, job.owner)) != max(1, limit)
+                self._job_limit_told[(job.service, job.owner)] = max(1, limit)
                 (log.warning if news else log.debug)(
                     "service_job_limit", reason=str(exc), error_kind=exc.kind, lowered_to=max(1, limit)
                 )
@@ -571,9 +572,10 @@ class Pipeline:
                 assert isinstance(exc, Transient)
                 return self._backoff(job, exc)
             case ErrorAction.BLOCK_AND_RETRY | ErrorAction.BLOCK_AND_PARK:
-                newly, parked = self.queue.block_service(job.service, str(exc))
+                newly, parked = self.queue.block_owner(job.service, job.owner, str(exc))
                 if newly:
-                    log.error("service_blocked", reason=str(exc), error_kind=exc.kind, jobs_waiting=parked + 1)
+                    log.error("service_blocked", owner=job.owner, reason=str(exc), error_kind=exc.kind,
+                              jobs_waiting=parked + 1)
                 if decision.action is ErrorAction.BLOCK_AND_RETRY:
                     return self._backoff(job, Transient(str(exc), kind=exc.kind), quiet=True)
                 self.queue.park_blocked(job.id, self.owner, str(exc), columns=also)

@@ -44,10 +44,10 @@ from daemon.db.store import JobStore
 from daemon.logging import configure_logging
 from daemon.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics, health_report
 from daemon.notify import Notifier
+from daemon.owners import DEFAULT_OWNER
 from daemon.pipeline import Pipeline
 from daemon.probes import ServiceProbes
-from daemon.services import build_adapter
-from daemon.services.base import ServiceAdapter
+from daemon.services import AdapterFactory, Adapters, build_adapter
 from daemon.states import POLLED, TERMINAL, JobState
 
 log = structlog.get_logger("daemon.scheduler")
@@ -95,7 +95,7 @@ class Daemon:
         config: Config,
         *,
         owner: str | None = None,
-        adapter_factory: Callable[..., ServiceAdapter] = build_adapter,
+        adapter_factory: AdapterFactory = build_adapter,
     ) -> None:
         self.config = config
         self.owner = owner or make_owner()
@@ -117,10 +117,10 @@ class Daemon:
         #: dispatch. Waking it for every job that ends would run it after every step of a busy daemon.
         self._slot_wanted: set[str] = set()
         self._last_tick: dict[str, float] = {}
-        #: Blocked services as the last dispatch or poll tick saw them: name -> when the block began.
-        self._blocked: dict[str, dt.datetime] = {}
+        #: Owners blocked on a service as the last dispatch or poll tick saw them: (service, owner) -> when the
+        #: block began.
+        self._blocked: dict[tuple[str, str], dt.datetime] = {}
         self._last_summary = 0.0
-        self._retired_adapters: list[ServiceAdapter] = []
         #: A tick still running when the stop budget ran out (stuck on a slow server): the process must not wait.
         self._tick_outlived_stop = False
         self.engine = make_engine(config.database.url, echo=config.database.echo,
@@ -137,7 +137,7 @@ class Daemon:
         self.probes = ServiceProbes(self.store.queue, self.store.services, self.metrics, on_unblocked=self._unblocked)
         self._retired_notifiers: list[Notifier] = []
         self._last_retention = -RETENTION_INTERVAL
-        self.adapters: dict[str, ServiceAdapter] = self._build_adapters(config)
+        self.adapters = Adapters(config, factory=adapter_factory, max_connections=config.scheduler.workers + 2)
         self.pipeline = Pipeline(self.store.queue, self.store.services, self.adapters, config, owner=self.owner,
                                  stopping=self._stop.is_set, metrics=self.metrics, passwords=self.passwords)
         self.pool = concurrent.futures.ThreadPoolExecutor(
@@ -277,8 +277,7 @@ class Daemon:
         with self._lock:  # steps that never started (queued, leases released above) are not unfinished threads
             for job_id in [j for j, future in self._in_flight.items() if future.cancelled()]:
                 del self._in_flight[job_id]
-        for adapter in [*self.adapters.values(), *self._retired_adapters]:
-            adapter.close()
+        self.adapters.close()
         for notifier in [self.notifier, *self._retired_notifiers]:
             notifier.close()
         if self.metrics_server is not None:
@@ -295,21 +294,21 @@ class Daemon:
     # ------------------------------------------------------------------ handing work to the pool
 
     def _usable_services(self) -> list[str]:
+        """The services not paused. An owner blocked on one is left out by the claims themselves."""
         usable = []
-        blocked = {}
         now = utcnow()
+        self._blocked = {  # for the probe tick, which so needs no query of its own
+            key: status.blocked_at or now for key, status in self.store.services.owner_statuses().items()
+            if status.blocked_reason is not None and key[0] in self.adapters
+        }
         for name, status in self.store.services.service_statuses().items():
             if name not in self.adapters:
-                continue
-            if status.blocked_reason is not None:
-                blocked[name] = status.blocked_at or now
                 continue
             if status.paused_until is not None and status.paused_until > now:
                 continue
             # An expired pause is not cleared here: the pipeline clears it (and says so) when a call works again,
             # so a maintenance window retried with backoff stays one outage in the logs, not one per retry.
             usable.append(name)
-        self._blocked = blocked  # for the probe tick, which so needs no query of its own
         return usable
 
     def _free_workers(self) -> int:
@@ -330,7 +329,8 @@ class Daemon:
                     if self._pooled[name] + len(self._held.get(name, ())) <
                     self.config.worker_share(name) * (1 + QUEUED_PER_WORKER)]
 
-    def _claim_and_run(self, tick: str, states: Collection[JobState], services: list[str]) -> int:
+    def _claim_and_run(self, tick: str, states: Collection[JobState], services: list[str], *,
+                       unblocked_only: bool = True) -> int:
         free = self._free_workers()
         services = self._with_room(services)
         if not services:
@@ -341,7 +341,7 @@ class Daemon:
             return 0
         jobs = self.store.queue.claim_due(
             self.owner, states=states, services=services, limit=free,
-            lease_seconds=self.config.scheduler.lease_seconds,
+            lease_seconds=self.config.scheduler.lease_seconds, unblocked_only=unblocked_only,
         )
         with self._lock:
             if len(jobs) >= free:
@@ -416,7 +416,9 @@ class Daemon:
     def dispatch_tick(self) -> None:
         services = self._usable_services()
         for name in services:
-            promotion = self.store.queue.promote_pending(name, self.config.services[name].max_concurrent_jobs)
+            service = self.config.services[name]
+            promotion = self.store.queue.promote_pending(name, service.max_concurrent_jobs,
+                                                         per_owner=service.jobs_per_owner)
             with self._lock:
                 (self._slot_wanted.add if promotion.waiting else self._slot_wanted.discard)(name)
         self._claim_and_run("dispatch", {JobState.SUBMITTING}, services)
@@ -425,8 +427,8 @@ class Daemon:
         self._claim_and_run("poll", POLLED, self._usable_services())
 
     def download_tick(self) -> None:
-        # Downloads do not use the API token: a blocked service's finished jobs still download.
-        self._claim_and_run("download", {JobState.DOWNLOADING}, list(self.adapters))
+        # Downloads do not use the API token: a blocked owner's finished jobs still download.
+        self._claim_and_run("download", {JobState.DOWNLOADING}, self.adapters.services, unblocked_only=False)
 
     def heartbeat_tick(self) -> None:
         with self._lock:
@@ -441,21 +443,27 @@ class Daemon:
         expired = self.store.queue.clear_expired_leases()
         if expired:
             log.info("expired_leases_returned", jobs=expired)
-        statuses = self.store.services.service_statuses()
-        for name, adapter in list(self.adapters.items()):
-            status = statuses.get(name)
-            if status is None or status.blocked_reason is None:  # a blocked one is the probe tick's
-                self.probes.check_token(self.config, name, adapter)
+        statuses = self.store.services.owner_statuses()
+        # The operator's token (the service's own) is checked whether or not it has jobs; every other owner's while
+        # they have unfinished jobs on the service.
+        owners = {(name, DEFAULT_OWNER) for name in self.adapters.services}
+        owners.update(key for key in self.store.queue.active_owners() if key[0] in self.adapters)
+        for service, owner in sorted(owners):
+            status = statuses.get((service, owner))
+            adapter = self.adapters.get(service, owner)
+            # A blocked one is the probe tick's.
+            if adapter is not None and (status is None or status.blocked_reason is None):
+                self.probes.check_token(self.config, service, owner, adapter)
         self._retention()
         self._summary()
 
     def probe_tick(self) -> None:
-        for name, since in list(self._blocked.items()):
-            adapter = self.adapters.get(name)
-            if adapter is not None and self.probes.probe_blocked(self.config, name, adapter, since):
-                self._blocked.pop(name, None)
+        for (service, owner), since in list(self._blocked.items()):
+            adapter = self.adapters.get(service, owner)
+            if adapter is not None and self.probes.probe_blocked(self.config, service, owner, adapter, since):
+                self._blocked.pop((service, owner), None)
 
-    def _unblocked(self, name: str) -> None:
+    def _unblocked(self, service: str, owner: str) -> None:
         self.wake("dispatch")
         self.wake("poll")
 
@@ -471,10 +479,6 @@ class Daemon:
         systemd.status(f"{active} active jobs")
 
     # ------------------------------------------------------------------ configuration
-
-    def _build_adapters(self, config: Config) -> dict[str, ServiceAdapter]:
-        connections = config.scheduler.workers + 2
-        return {name: self._adapter_factory(svc, max_connections=connections) for name, svc in config.services.items()}
 
     def reload(self, path: Path | None = None) -> bool:
         """SIGHUP: validate the file first; a bad file keeps the running configuration."""
@@ -495,19 +499,11 @@ class Daemon:
         if new.metrics.listen != self.config.metrics.listen:
             log.warning("config_reload_partial", reason="metrics.listen changes need a restart")
         configure_logging(new.logging)
-        adapters = dict(self.adapters)
-        for name, service in new.services.items():
-            if self.config.services.get(name) != service:
-                if name in adapters:
-                    self._retired_adapters.append(adapters[name])  # in-flight steps may still use it
-                adapters[name] = self._adapter_factory(service, max_connections=new.scheduler.workers + 2)
-        for name in set(adapters) - set(new.services):
-            self._retired_adapters.append(adapters.pop(name))
+        for name in set(self.config.services) - set(new.services):
             log.warning("service_removed", service=name, reason="its jobs wait until it is configured again")
+        self.adapters.reconfigure(new, max_connections=new.scheduler.workers + 2)
         self.store.services.ensure_services(new.services)
         self.config = new
-        self.adapters = adapters
-        self.pipeline.adapters = adapters
         self.pipeline.config = new
         self._retired_notifiers.append(self.notifier)  # the notify tick may be sending with it right now
         self.notifier = self._build_notifier(new)
@@ -540,14 +536,18 @@ class Daemon:
 
         def services() -> dict[str, Any]:
             statuses = self.store.services.service_statuses()
+            blocked: dict[str, list[str]] = {}
+            for (service, owner), of_owner in self.store.services.owner_statuses().items():
+                if of_owner.blocked_reason is not None:
+                    blocked.setdefault(service, []).append(f"{owner}: {of_owner.blocked_reason}")
             now = utcnow()
             report: dict[str, str] = {}
-            for name in sorted(self.adapters):
+            for name in sorted(self.adapters.services):
                 status = statuses.get(name)
-                if status is not None and status.blocked_reason is not None:
-                    report[name] = f"blocked: {status.blocked_reason}"
-                elif status is not None and status.paused_until is not None and status.paused_until > now:
+                if status is not None and status.paused_until is not None and status.paused_until > now:
                     report[name] = f"paused until {status.paused_until.isoformat()}: {status.pause_reason}"
+                elif name in blocked:
+                    report[name] = "blocked for " + "; ".join(sorted(blocked[name]))
                 else:
                     report[name] = "ok"
             return {"services": report}

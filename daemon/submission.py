@@ -18,6 +18,7 @@ from daemon.crypto import MAX_PASSWORD_LENGTH
 from daemon.db.admin import NewInput, NewJob
 from daemon.db.models import Job
 from daemon.db.store import JobStore
+from daemon.owners import DEFAULT_OWNER, owner_problem
 from daemon.preflight import PreflightError, preflight
 from daemon.remote import JobParameters, parameters_of
 from daemon.services.cloudgene import password_problem
@@ -38,11 +39,15 @@ class Submission(JobParameters):
 
     services: Sequence[str]
     files: Sequence[Path]
+    owner: str = DEFAULT_OWNER
 
 
 def validate(config: Config, request: Submission) -> list[str]:
     """Problems with the request against the configured services (the files are checked by `preflight`)."""
     problems: list[str] = []
+    owner_problem_ = owner_problem(request.owner)
+    if owner_problem_ is not None:
+        problems.append(f"--owner: {owner_problem_}")
     if not request.services:
         problems.append("--service: name at least one service")
     if len(set(request.services)) != len(request.services):
@@ -127,7 +132,7 @@ def submit(config: Config, store: JobStore, request: Submission) -> list[Job]:
     new_inputs = [NewInput(path=str(i.path), size=i.size, sha256=i.sha256) for i in inputs]
     return store.admin.create_group(
         [
-            NewJob(service=name, inputs=new_inputs, **parameters_of(request, password=password))
+            NewJob(service=name, owner=request.owner, inputs=new_inputs, **parameters_of(request, password=password))
             for name in request.services
         ]
     )

@@ -15,6 +15,7 @@ from daemon.db.engine import Connections
 from daemon.db.models import Job, JobEvent, JobInput, utcnow
 from daemon.db.service_status import service_row
 from daemon.db.transitions import JobNotFound, lock_job, transition
+from daemon.owners import DEFAULT_OWNER
 from daemon.remote import JobParameters
 from daemon.states import TERMINAL, JobState
 
@@ -30,6 +31,7 @@ class NewInput:
 class NewJob(JobParameters):
     service: str
     inputs: Sequence[NewInput]
+    owner: str = DEFAULT_OWNER
 
 
 class PasswordSealer(Protocol):
@@ -58,6 +60,7 @@ class JobAdmin:
                     id=job_id,
                     group_id=group_id,
                     service=spec.service,
+                    owner=spec.owner,
                     panel=spec.panel,
                     build=spec.build,
                     population=spec.population,
@@ -81,7 +84,7 @@ class JobAdmin:
         return created
 
     def adopt(self, service: str, remote_id: str, *, password: str | None = None, name: str | None = None,
-              remote_state: str | None = None) -> tuple[Job, bool]:
+              remote_state: str | None = None, owner: str = DEFAULT_OWNER) -> tuple[Job, bool]:
         """Track a job submitted elsewhere (the server's web UI, another tool) by its remote id: a `queued` job the
         daemon polls and downloads like its own. Returns (the job, whether it was adopted now); a remote job that a
         job of ours already tracks is that job, never a second one."""
@@ -94,7 +97,7 @@ class JobAdmin:
             if existing is not None:
                 return existing, False
             job = Job(
-                id=uuid.uuid4(), service=service, panel="", build="", name=name, remote_id=remote_id,
+                id=uuid.uuid4(), service=service, owner=owner, panel="", build="", name=name, remote_id=remote_id,
                 remote_state=remote_state,
                 password=self._sealer.seal(password) if self._sealer else password,
                 state=JobState.QUEUED, created_at=now, updated_at=now, submitted_at=now, next_poll_at=now,
@@ -140,10 +143,12 @@ class JobAdmin:
         *,
         states: Collection[JobState] | None = None,
         service: str | None = None,
+        owner: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
         with self._db.reading() as session:
-            return list(session.scalars(queries.newest_jobs(states=states, service=service, limit=limit)).all())
+            query = queries.newest_jobs(states=states, service=service, owner=owner, limit=limit)
+            return list(session.scalars(query).all())
 
     def group(self, group_id: uuid.UUID) -> list[Job]:
         with self._db.reading() as session:
@@ -155,6 +160,15 @@ class JobAdmin:
         counts: dict[str, dict[str, int]] = {}
         for service, state, count in rows:
             counts.setdefault(service, {})[JobState(state).value] = count
+        return counts
+
+    def counts_by_owner(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Jobs per (service, owner) and state."""
+        with self._db.reading() as session:
+            rows = session.execute(queries.COUNTS_BY_OWNER).all()
+        counts: dict[tuple[str, str], dict[str, int]] = {}
+        for service, owner, state, count in rows:
+            counts.setdefault((service, owner), {})[JobState(state).value] = count
         return counts
 
     # ------------------------------------------------------------------ operator actions

@@ -13,11 +13,12 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from daemon.owners import DEFAULT_OWNER
 from daemon.states import JobState, OutputState
 
 #: The Alembic revision whose schema these models describe: the head of daemon/db/migrations/versions (a test holds
 #: the two together). A database at it is ready; the daemon learns that without loading Alembic (`daemon.db.revision`).
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 
 
 def utcnow() -> dt.datetime:
@@ -136,6 +137,9 @@ class Job(Base):
     retirement_warned_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     #: What the server's quality control reported of the input (`remote.QcReport.as_dict`), as last polled.
     qc: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    #: The platform user the job is for: whose token it is submitted with (`daemon.credentials`), who sees it
+    #: through the API. The service's own token is `operator`'s, the default owner.
+    owner: Mapped[str] = mapped_column(sa.String(200), default=DEFAULT_OWNER, server_default=DEFAULT_OWNER)
 
     inputs: Mapped[list[JobInput]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobInput.id"
@@ -153,6 +157,7 @@ class Job(Base):
         # Pending jobs per service in submission order, and in-flight counts per service.
         sa.Index("ix_jobs_service_state_created_at", "service", "state", "created_at"),
         sa.Index("ix_jobs_created_at", "created_at"),
+        sa.Index("ix_jobs_owner_created_at", "owner", "created_at"),
     )
 
     def __repr__(self) -> str:  # never include the password
@@ -233,18 +238,30 @@ class JobOutput(Base):
 
 
 class ServiceStatus(Base):
-    """Runtime status of a configured service, shared by every daemon on the database."""
+    """Runtime status of a configured service as a whole, shared by every daemon on the database. Its row is also
+    the lock that daemons promoting jobs into the service take turns on."""
 
     __tablename__ = "services"
 
     name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
-    #: Set while the service is unusable until an operator acts (bad token); jobs wait.
-    blocked_reason: Mapped[str | None] = mapped_column(sa.Text)
-    blocked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     #: Set while the whole service asked us to wait (maintenance, rate limit); nothing is sent before then.
     paused_until: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     pause_reason: Mapped[str | None] = mapped_column(sa.Text)
-    #: Lowered when the server says "Only N jobs per user"; cleared when one of our jobs there finishes.
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+
+class OwnerStatus(Base):
+    """What holds for one owner's account on a service: a token the server rejected, the server's "Only N jobs per
+    user", the token's expiry. A row exists once something was recorded; none means nothing is known against it."""
+
+    __tablename__ = "service_owners"
+
+    service: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    #: Set while the owner's jobs on the service wait for an operator (a bad or missing token).
+    blocked_reason: Mapped[str | None] = mapped_column(sa.Text)
+    blocked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    #: Lowered when the server says "Only N jobs per user"; cleared when one of the owner's jobs there finishes.
     effective_limit: Mapped[int | None] = mapped_column(sa.Integer)
     token_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     token_checked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import raiseload, selectinload
 from sqlalchemy.orm.strategy_options import _AbstractLoad
 
-from daemon.db.models import Job, JobEvent, JobOutput, ServiceStatus
+from daemon.db.models import Job, JobEvent, JobOutput, OwnerStatus, ServiceStatus
 from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState
 
 # The models' tables as Core tables: `__table__` is typed as any FromClause.
@@ -31,6 +31,7 @@ jobs = cast(sa.Table, Job.__table__)
 outputs = cast(sa.Table, JobOutput.__table__)
 events = cast(sa.Table, JobEvent.__table__)
 services = cast(sa.Table, ServiceStatus.__table__)
+service_owners = cast(sa.Table, OwnerStatus.__table__)
 
 
 def claim(table: sa.Table, candidates: sa.Select[Any], **values: Any) -> sa.Update:
@@ -63,29 +64,42 @@ def step_load_options(states: Collection[JobState]) -> tuple[_AbstractLoad, ...]
 
 # ------------------------------------------------------------------ dispatch (every service, every tick)
 
+#: The job's owner is blocked on its service (a bad or missing token): it is neither promoted nor polled.
+OWNER_BLOCKED = (
+    sa.exists()
+    .where(service_owners.c.service == jobs.c.service, service_owners.c.owner == jobs.c.owner,
+           service_owners.c.blocked_reason.is_not(None))
+)
 _DUE_PENDING = (
     (jobs.c.service == sa.bindparam("of_service"))
     & (jobs.c.state == JobState.PENDING)
     & sa.or_(jobs.c.next_poll_at.is_(None), jobs.c.next_poll_at <= sa.bindparam("now"))
+    & ~OWNER_BLOCKED
 )
 ANY_DUE_PENDING = sa.select(jobs.c.id).where(_DUE_PENDING).limit(1)
-#: The service's lowered limit, locking its status row: whoever promotes into this service waits for us.
-SERVICE_LIMIT = (
-    sa.select(ServiceStatus.effective_limit).where(ServiceStatus.name == sa.bindparam("service")).with_for_update()
+#: The owners with due pending jobs on a service, whose oldest waits longest first: slots go round them in turn.
+PENDING_OWNERS = (
+    sa.select(jobs.c.owner).where(_DUE_PENDING).group_by(jobs.c.owner).order_by(sa.func.min(jobs.c.created_at))
 )
+#: The service's status row, locked: whoever promotes into this service waits for us.
+LOCK_SERVICE = sa.select(services.c.name).where(services.c.name == sa.bindparam("service")).with_for_update()
+#: The owner's limit on the service as lowered by the server's "Only N jobs per user" (None: not lowered).
+OWNER_LIMIT = sa.select(service_owners.c.effective_limit).where(
+    service_owners.c.service == sa.bindparam("service"), service_owners.c.owner == sa.bindparam("owner"))
 IN_FLIGHT_COUNT = (
     sa.select(sa.func.count())
     .select_from(jobs)
     .where(jobs.c.service == sa.bindparam("service"), jobs.c.state.in_(sorted(IN_FLIGHT)))
 )
-#: Oldest due pending jobs of a service → submitting, at most `free` of them; rows another daemon is promoting
-#: are skipped (PostgreSQL), the SQLite write lock serialises promoters anyway.
+OWNER_IN_FLIGHT_COUNT = IN_FLIGHT_COUNT.where(jobs.c.owner == sa.bindparam("owner"))
+#: One owner's oldest due pending jobs on a service → submitting, at most `free` of them; rows another daemon is
+#: promoting are skipped (PostgreSQL), the SQLite write lock serialises promoters anyway.
 PROMOTE = (
     sa.update(jobs)
     .where(
         jobs.c.id.in_(
             sa.select(jobs.c.id)
-            .where(_DUE_PENDING)
+            .where(_DUE_PENDING, jobs.c.owner == sa.bindparam("of_owner"))
             .order_by(jobs.c.created_at)
             .limit(sa.bindparam("free"))
             .with_for_update(skip_locked=True)
@@ -102,9 +116,10 @@ PROMOTE = (
 
 def claim_due_jobs(
     owner: str, *, states: Collection[JobState], services: Collection[str], limit: int, now: dt.datetime,
-    expires: dt.datetime,
+    expires: dt.datetime, unblocked_only: bool = True,
 ) -> sa.Update:
-    """Lease up to `limit` jobs in `states` whose `next_poll_at` is due and that nobody holds, soonest due first."""
+    """Lease up to `limit` jobs in `states` whose `next_poll_at` is due and that nobody holds, soonest due first;
+    with `unblocked_only`, none whose owner is blocked on its service."""
     candidates = (
         sa.select(jobs.c.id)
         .where(
@@ -112,6 +127,7 @@ def claim_due_jobs(
             jobs.c.next_poll_at <= now,
             jobs.c.service.in_(list(services)),
             sa.or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now),
+            ~OWNER_BLOCKED if unblocked_only else sa.true(),
         )
         # Results the server deletes soonest are fetched first (Cloudgene `deletedOn`); the rest as they fall due.
         .order_by(jobs.c.retires_at.asc().nulls_last(), jobs.c.next_poll_at)
@@ -162,7 +178,7 @@ def clear_expired_leases(now: dt.datetime) -> sa.Update:
 # ------------------------------------------------------------------ a step's outcome (every step of every job)
 
 LOCK_JOB = (
-    sa.select(jobs.c.state, jobs.c.lease_owner, jobs.c.service)
+    sa.select(jobs.c.state, jobs.c.lease_owner, jobs.c.service, jobs.c.owner)
     .where(jobs.c.id == sa.bindparam("b_job_id"))
     .with_for_update()
 )
@@ -192,23 +208,26 @@ REFRESH_OUTPUT = sa.update(outputs).where(
     outputs.c.job_id == sa.bindparam("b_job_id"), outputs.c.name == sa.bindparam("b_name")
 )
 UPDATE_OUTPUT = sa.update(outputs).where(outputs.c.id == sa.bindparam("b_output_id"))
-#: A finished job frees a slot: a limit lowered by "Only N jobs" is forgotten, so the next dispatch probes again.
+#: A finished job frees a slot: its owner's limit lowered by "Only N jobs" is forgotten, so the next dispatch
+#: probes again.
 FORGET_LOWERED_LIMIT = (
-    sa.update(services)
-    .where(services.c.name == sa.bindparam("b_service"), services.c.effective_limit.is_not(None))
+    sa.update(service_owners)
+    .where(service_owners.c.service == sa.bindparam("b_service"),
+           service_owners.c.owner == sa.bindparam("b_job_owner"), service_owners.c.effective_limit.is_not(None))
     .values(effective_limit=None)
 )
 
 
-# ------------------------------------------------------------------ jobs moved by a service's block
+# ------------------------------------------------------------------ jobs moved by an owner's block on a service
 
 
-def blockable_jobs(service: str, now: dt.datetime) -> sa.Select[Job]:
-    """The service's waiting jobs nobody holds (a lease holder meets the block itself), locked."""
+def blockable_jobs(service: str, owner: str, now: dt.datetime) -> sa.Select[Job]:
+    """The owner's waiting jobs on the service that nobody holds (a lease holder meets the block itself), locked."""
     return (
         sa.select(Job)
         .where(
             Job.service == service,
+            Job.owner == owner,
             Job.state.in_([JobState.PENDING, JobState.QUEUED, JobState.RUNNING]),
             sa.or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
         )
@@ -216,8 +235,9 @@ def blockable_jobs(service: str, now: dt.datetime) -> sa.Select[Job]:
     )
 
 
-def blocked_jobs(service: str) -> sa.Select[Job]:
-    return sa.select(Job).where(Job.service == service, Job.state == JobState.BLOCKED).with_for_update()
+def blocked_jobs(service: str, owner: str) -> sa.Select[Job]:
+    return (sa.select(Job).where(Job.service == service, Job.owner == owner, Job.state == JobState.BLOCKED)
+            .with_for_update())
 
 
 # ------------------------------------------------------------------ the operator's reads and actions
@@ -237,13 +257,15 @@ def job_ids_starting(hexed: str, *, postgres: bool) -> sa.Select[uuid.UUID]:
 
 
 def newest_jobs(
-    *, states: Collection[JobState] | None, service: str | None, limit: int
+    *, states: Collection[JobState] | None, service: str | None, limit: int, owner: str | None = None
 ) -> sa.Select[Job]:
     query = sa.select(Job).order_by(Job.created_at.desc()).limit(limit)
     if states:
         query = query.where(Job.state.in_(list(states)))
     if service:
         query = query.where(Job.service == service)
+    if owner:
+        query = query.where(Job.owner == owner)
     return query.options(selectinload(Job.outputs))
 
 
@@ -262,6 +284,8 @@ def job_tracking(service: str, remote_id: str) -> sa.Select[Job]:
 
 
 COUNTS_BY_SERVICE = sa.select(Job.service, Job.state, sa.func.count()).group_by(Job.service, Job.state)
+COUNTS_BY_OWNER = (sa.select(Job.service, Job.owner, Job.state, sa.func.count())
+                   .group_by(Job.service, Job.owner, Job.state))
 
 
 def unverified_outputs(job_id: uuid.UUID) -> sa.Delete:
@@ -325,6 +349,19 @@ SERVICE_STATUSES = sa.select(ServiceStatus)
 
 def locked_service(service: str) -> sa.Select[ServiceStatus]:
     return sa.select(ServiceStatus).where(ServiceStatus.name == service).with_for_update()
+
+
+OWNER_STATUSES = sa.select(OwnerStatus)
+
+
+def locked_owner_status(service: str, owner: str) -> sa.Select[OwnerStatus]:
+    return sa.select(OwnerStatus).where(OwnerStatus.service == service, OwnerStatus.owner == owner).with_for_update()
+
+
+#: The (service, owner) pairs that have unfinished jobs: whose tokens the daemon checks.
+ACTIVE_OWNERS = (
+    sa.select(jobs.c.service, jobs.c.owner).where(jobs.c.state.not_in(sorted(TERMINAL))).distinct()
+)
 
 
 def add_services(rows: list[dict[str, Any]], *, postgres: bool) -> sa.Executable:

@@ -21,7 +21,7 @@ from daemon.db import queries
 from daemon.db.engine import Connections
 from daemon.db.models import Job, JobOutput, integer_or_none, utcnow
 from daemon.db.queries import rowcount
-from daemon.db.service_status import service_row
+from daemon.db.service_status import owner_row
 from daemon.db.transitions import JobNotFound, event_row, transition, warning_row
 from daemon.outcome import JobColumns, Outcome, OutputColumns
 from daemon.remote import RemoteOutput
@@ -35,8 +35,8 @@ class Promotion(NamedTuple):
     """What `promote_pending` did for a service."""
 
     promoted: int
-    #: Due pending jobs may be left without a slot (every free slot was used, or there was none): a job of this
-    #: service that ends should wake the dispatch rather than leave its slot empty until the next tick.
+    #: Due pending jobs were left without a slot: a job of this service that ends should wake the dispatch rather
+    #: than leave its slot empty until the next tick.
     waiting: bool
 
 
@@ -50,17 +50,24 @@ class JobQueue:
 
     # ------------------------------------------------------------------ dispatch
 
-    def in_flight_count(self, service: str) -> int:
+    def in_flight_count(self, service: str, owner: str | None = None) -> int:
+        """Jobs in flight on the service: all of them, or `owner`'s."""
         with self._db.reader.connect() as conn:
-            return conn.execute(queries.IN_FLIGHT_COUNT, {"service": service}).scalar() or 0
+            if owner is None:
+                return conn.execute(queries.IN_FLIGHT_COUNT, {"service": service}).scalar() or 0
+            return conn.execute(queries.OWNER_IN_FLIGHT_COUNT, {"service": service, "owner": owner}).scalar() or 0
 
-    def promote_pending(self, service: str, max_concurrent: int, *, now: dt.datetime | None = None) -> Promotion:
-        """Move the oldest due pending jobs of a service to `submitting`, as many as the service has free slots.
+    def promote_pending(self, service: str, max_concurrent: int, *, per_owner: int | None = None,
+                        now: dt.datetime | None = None) -> Promotion:
+        """Move the oldest due pending jobs of a service to `submitting`, as many as there are free slots: at most
+        `max_concurrent` in flight on the service, and at most `per_owner` of one owner's (the server's "Only N
+        jobs per user" is per account; lowered further while the server says so). Owners take the free slots in
+        turn, whose oldest job waits longest first; a blocked owner's jobs are not promoted.
 
-        The count of in-flight jobs and the promotion happen in one transaction that holds the service's status
+        The counts of in-flight jobs and the promotion happen in one transaction that holds the service's status
         row (PostgreSQL `FOR UPDATE`; SQLite's write lock), so several daemons never overfill a service. The lock
-        and the count are separate statements on purpose: under READ COMMITTED the count then sees every promotion
-        committed by whoever held the lock before us.
+        and the counts are separate statements on purpose: under READ COMMITTED the counts then see every
+        promotion committed by whoever held the lock before us.
 
         Runs on every dispatch tick for every service, so it is Core statements built once (no unit of work): the
         pick and the update are one `UPDATE … WHERE id IN (… FOR UPDATE SKIP LOCKED) RETURNING id`."""
@@ -71,19 +78,29 @@ class JobQueue:
             # SQLite, no turn at the write lock).
             if conn.execute(queries.ANY_DUE_PENDING, due).first() is None:
                 return Promotion(0, waiting=False)
+        promoted: list[uuid.UUID] = []
         with self._db.engine.begin() as conn:
-            effective = conn.execute(queries.SERVICE_LIMIT, {"service": service}).scalar()
-            limit = max_concurrent if effective is None else min(max_concurrent, effective)
-            free = limit - (conn.execute(queries.IN_FLIGHT_COUNT, {"service": service}).scalar() or 0)
-            if free <= 0:
-                return Promotion(0, waiting=conn.execute(queries.ANY_DUE_PENDING, due).first() is not None)
-            ids = conn.execute(queries.PROMOTE, {**due, "free": free}).scalars().all()
-            if ids:
+            conn.execute(queries.LOCK_SERVICE, {"service": service})
+            free = max_concurrent - (conn.execute(queries.IN_FLIGHT_COUNT, {"service": service}).scalar() or 0)
+            for owner in conn.execute(queries.PENDING_OWNERS, due).scalars().all() if free > 0 else ():
+                of_owner = {"service": service, "owner": owner}
+                lowered = conn.execute(queries.OWNER_LIMIT, of_owner).scalar()
+                limit = min(x for x in (per_owner, lowered, max_concurrent) if x is not None)
+                room = min(free, limit - (conn.execute(queries.OWNER_IN_FLIGHT_COUNT, of_owner).scalar() or 0))
+                if room > 0:
+                    ids = conn.execute(queries.PROMOTE, {**due, "of_owner": owner, "free": room}).scalars().all()
+                    promoted += ids
+                    free -= len(ids)
+                if free <= 0:
+                    break
+            if promoted:
                 conn.execute(
                     queries.INSERT_EVENT,
-                    [event_row(i, JobState.PENDING, JobState.SUBMITTING, "slot free on service", now) for i in ids],
+                    [event_row(i, JobState.PENDING, JobState.SUBMITTING, "slot free on service", now)
+                     for i in promoted],
                 )
-            return Promotion(len(ids), waiting=len(ids) == free)
+            waiting = conn.execute(queries.ANY_DUE_PENDING, due).first() is not None
+            return Promotion(len(promoted), waiting=waiting)
 
     # ------------------------------------------------------------------ leases
 
@@ -96,8 +113,10 @@ class JobQueue:
         limit: int,
         lease_seconds: float,
         now: dt.datetime | None = None,
+        unblocked_only: bool = True,
     ) -> list[Job]:
-        """Lease up to `limit` jobs in `states` whose `next_poll_at` is due and that nobody holds."""
+        """Lease up to `limit` jobs in `states` whose `next_poll_at` is due and that nobody holds; with
+        `unblocked_only`, none whose owner is blocked on its service."""
         if limit <= 0 or not services or not states:
             return []
         now = now or utcnow()
@@ -106,7 +125,7 @@ class JobQueue:
             # One statement leases the rows; nothing else happens while this holds SQLite's write lock, which every
             # worker's bookkeeping waits for.
             ids = conn.execute(queries.claim_due_jobs(owner, states=states, services=services, limit=limit, now=now,
-                                                      expires=expires)).scalars().all()
+                                                      expires=expires, unblocked_only=unblocked_only)).scalars().all()
         if not ids:
             return []
         with self._db.reading() as session:
@@ -190,7 +209,7 @@ class JobQueue:
             if outcome.state is not None and outcome.state != before:
                 conn.execute(queries.INSERT_EVENT, [event_row(job_id, before, outcome.state, outcome.reason, now)])
                 if row.state in TERMINAL:
-                    conn.execute(queries.FORGET_LOWERED_LIMIT, {"b_service": row.service})
+                    conn.execute(queries.FORGET_LOWERED_LIMIT, {"b_service": row.service, "b_job_owner": row.owner})
             if outcome.warning is not None:
                 conn.execute(queries.INSERT_EVENT, [warning_row(job_id, row.state, outcome.warning, now)])
             if outcome.outputs:
@@ -236,19 +255,20 @@ class JobQueue:
         with self._db.reader.connect() as conn:
             return [JobOutput(**row._mapping) for row in conn.execute(queries.JOB_OUTPUTS, {"b_job_id": job_id})]
 
-    # ------------------------------------------------------------------ a service's jobs, blocked and unblocked
+    # ------------------------------------------------------------------ an owner's jobs on a service, blocked
 
-    def block_service(self, service: str, reason: str) -> tuple[bool, int]:
-        """Mark a service unusable and park its waiting jobs in `blocked`.
+    def block_owner(self, service: str, job_owner: str, reason: str) -> tuple[bool, int]:
+        """Mark the owner's token unusable on the service and park their waiting jobs there in `blocked`; other
+        owners' jobs go on.
 
         Returns (newly blocked, jobs parked). Jobs held by a lease are left to their holder, which meets the same
         error and parks its job itself."""
         now = utcnow()
         with self._db.session() as session, session.begin():
-            status = service_row(session, service)
+            status = owner_row(session, service, job_owner)
             newly = status.blocked_reason is None
             status.blocked_reason, status.blocked_at = reason, status.blocked_at if not newly else now
-            jobs = session.scalars(queries.blockable_jobs(service, now)).all()
+            jobs = session.scalars(queries.blockable_jobs(service, job_owner, now)).all()
             for job in jobs:
                 transition(session, job, JobState.BLOCKED, reason, now)
             return newly, len(jobs)
@@ -256,19 +276,25 @@ class JobQueue:
     def park_blocked(self, job_id: uuid.UUID, owner: str, reason: str, *, columns: JobColumns | None = None) -> None:
         self.finish(job_id, owner, Outcome(state=JobState.BLOCKED, reason=reason, columns=columns or JobColumns()))
 
-    def unblock_service(self, service: str, reason: str) -> int:
-        """The service works again: blocked jobs return to where they can go on (pending, or polled again)."""
+    def unblock_owner(self, service: str, job_owner: str, reason: str) -> int:
+        """The owner's token works again: their blocked jobs return to where they can go on (pending, or polled
+        again)."""
         now = utcnow()
         with self._db.session() as session, session.begin():
-            status = service_row(session, service)
+            status = owner_row(session, service, job_owner)
             status.blocked_reason = status.blocked_at = None
-            jobs = session.scalars(queries.blocked_jobs(service)).all()
+            jobs = session.scalars(queries.blocked_jobs(service, job_owner)).all()
             for job in jobs:
                 target = JobState.PENDING if job.remote_id is None else JobState.QUEUED
                 transition(session, job, target, reason, now)
                 job.next_poll_at = now
                 job.failures = 0
             return len(jobs)
+
+    def active_owners(self) -> list[tuple[str, str]]:
+        """The (service, owner) pairs with unfinished jobs."""
+        with self._db.reader.connect() as conn:
+            return [(row.service, row.owner) for row in conn.execute(queries.ACTIVE_OWNERS)]
 
 
 def _finish_values(current: JobState, outcome: Outcome, now: dt.datetime, *, keep_lease: bool) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""Each service's status row: a pause (maintenance, rate limit), a lowered job limit (the server's "Only N jobs"),
-when its token was checked and expires. What the scheduler, the pipeline and the probes read and write; the block
-of a service, which moves its jobs, is the queue's (`JobQueue.block_service`)."""
+"""Each service's status row (a pause for maintenance or a rate limit: the whole server's) and each owner's on a
+service (a lowered job limit, the server's "Only N jobs per user"; when the owner's token was checked and expires).
+What the scheduler, the pipeline and the probes read and write; the block of an owner on a service, which moves
+their jobs, is the queue's (`JobQueue.block_owner`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from daemon.db import queries
 from daemon.db.engine import Connections
-from daemon.db.models import ServiceStatus, utcnow
+from daemon.db.models import OwnerStatus, ServiceStatus, utcnow
 
 
 class ServiceStatuses:
@@ -59,20 +60,26 @@ class ServiceStatuses:
             status.paused_until = status.pause_reason = None
             return was_paused
 
-    def lower_limit(self, service: str, limit: int) -> bool:
-        """The server refused a job for too many running ones: use at most `limit` slots until a job finishes.
+    def owner_statuses(self) -> dict[tuple[str, str], OwnerStatus]:
+        """What is recorded against each (service, owner); a pair with nothing recorded has no entry."""
+        with self._reading() as session:
+            return {(s.service, s.owner): s for s in session.scalars(queries.OWNER_STATUSES).all()}
 
-        Returns True when that lowered the service's limit (False: it was already this low)."""
+    def lower_limit(self, service: str, owner: str, limit: int) -> bool:
+        """The server refused the owner's job for too many running ones: use at most `limit` of the owner's slots
+        until one of their jobs finishes.
+
+        Returns True when that lowered the limit (False: it was already this low)."""
         with self._session() as session, session.begin():
-            status = service_row(session, service)
+            status = owner_row(session, service, owner)
             limit = max(1, limit)
             lowered = status.effective_limit is None or status.effective_limit > limit
             status.effective_limit = limit if lowered else status.effective_limit
             return lowered
 
-    def record_token(self, service: str, *, expires: dt.datetime | None) -> None:
+    def record_token(self, service: str, owner: str, *, expires: dt.datetime | None) -> None:
         with self._session() as session, session.begin():
-            status = service_row(session, service)
+            status = owner_row(session, service, owner)
             status.token_expires_at = expires
             status.token_checked_at = utcnow()
 
@@ -81,5 +88,13 @@ def service_row(session: Session, service: str) -> ServiceStatus:
     status = session.scalars(queries.locked_service(service)).one_or_none()
     if status is None:
         status = ServiceStatus(name=service, updated_at=utcnow())
+        session.add(status)
+    return status
+
+
+def owner_row(session: Session, service: str, owner: str) -> OwnerStatus:
+    status = session.scalars(queries.locked_owner_status(service, owner)).one_or_none()
+    if status is None:
+        status = OwnerStatus(service=service, owner=owner, updated_at=utcnow())
         session.add(status)
     return status

@@ -1,67 +1,24 @@
-"""Service adapters: one per configured service, built from its config, all behind `ServiceAdapter`."""
+"""Service adapters: one per (configured service, owner), built from its config, all behind `ServiceAdapter`."""
 
 from __future__ import annotations
 
-import os
-import time
+import threading
 from collections.abc import Callable
-from pathlib import Path
 
-import structlog
-
-from daemon.config import ServiceConfig
-from daemon.logging import register_secret
+from daemon.config import Config, ServiceConfig
+from daemon.credentials import TokenReader, token_reader
+from daemon.owners import DEFAULT_OWNER
 from daemon.services.base import ServiceAdapter
 from daemon.services.cloudgene import CloudgeneAdapter
 from daemon.services.scrubbing import ScrubbingAdapter
 from daemon.services.wes import WesAdapter
 
-log = structlog.get_logger("daemon.services")
+AdapterFactory = Callable[..., ServiceAdapter]
 
 
-#: A token file changed less than this long ago is read again on every call, however its stat looks: a second
-#: write within the file system's timestamp granularity can leave size and times as they were ("racy git").
-_SETTLED_NS = 2_000_000_000
-
-
-def token_reader(config: ServiceConfig) -> Callable[[], str | None]:
-    """Read the service's token again whenever its file changes, so an operator who replaces the token file fixes a
-    blocked service without a restart. Each token read is registered with the log redaction before anyone can log
-    it.
-
-    Every API call asks for the token: the file is read once and then only stat()ed (one system call instead of
-    five), and read again when its inode, size or times differ or it was written in the last two seconds."""
-    cached: tuple[tuple[int, ...], str | None] | None = None
-
-    def read_file(path: Path) -> str | None:
-        nonlocal cached
-        info = os.stat(path)
-        key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-        last = cached
-        if last is not None and last[0] == key:
-            return last[1]
-        token = config.read_token()
-        if time.time_ns() - info.st_mtime_ns > _SETTLED_NS:
-            cached = (key, token)
-        return token
-
-    def read() -> str | None:
-        try:
-            path = config.token_path()
-            token = read_file(path) if path is not None else config.read_token()
-        except OSError as exc:
-            log.debug("token_unreadable", service=config.name, reason=exc.strerror or type(exc).__name__)
-            return None
-        if token:
-            register_secret(token)
-        return token or None
-
-    return read
-
-
-def build_adapter(config: ServiceConfig, *, max_connections: int = 10) -> ScrubbingAdapter:
-    """The adapter of one configured service, behind the boundary that scrubs what its server says of secrets."""
-    token = token_reader(config)
+def build_adapter(config: ServiceConfig, *, token: TokenReader, max_connections: int = 10) -> ScrubbingAdapter:
+    """The adapter of one configured service sending `token`, behind the boundary that scrubs what its server says
+    of secrets."""
     adapter: ServiceAdapter
     if config.type == "cloudgene":
         adapter = CloudgeneAdapter(config, token=token, max_connections=max_connections)
@@ -70,3 +27,63 @@ def build_adapter(config: ServiceConfig, *, max_connections: int = 10) -> Scrubb
     else:
         raise ValueError(f"services.{config.name}.type: unknown service type {config.type!r}")
     return ScrubbingAdapter(adapter, token=token)
+
+
+def operator_adapter(config: Config, service: str, *, max_connections: int = 10) -> ScrubbingAdapter:
+    """The adapter the operator's commands use (`services --check`, `adopt`): the service's own token."""
+    return build_adapter(config.services[service], token=token_reader(config, service, DEFAULT_OWNER),
+                         max_connections=max_connections)
+
+
+class Adapters:
+    """The daemon's adapters: one per (service, owner), made on first use, each sending that owner's token
+    (`daemon.credentials`). Owners do not share an adapter, so nothing one owner's token did (a block, a cached
+    lookup) is ever taken for another's."""
+
+    def __init__(self, config: Config, *, factory: AdapterFactory = build_adapter, max_connections: int = 10) -> None:
+        self._config = config
+        self._factory = factory
+        self._max_connections = max_connections
+        self._lock = threading.Lock()
+        self._adapters: dict[tuple[str, str], ServiceAdapter] = {}
+        #: Adapters of a service whose settings a reload changed: in-flight steps may still use them.
+        self._retired: list[ServiceAdapter] = []
+
+    @property
+    def services(self) -> list[str]:
+        return list(self._config.services)
+
+    def __contains__(self, service: object) -> bool:
+        return service in self._config.services
+
+    def get(self, service: str, owner: str = DEFAULT_OWNER) -> ServiceAdapter | None:
+        """The adapter for `owner`'s jobs on `service`; None when the service is not configured."""
+        if service not in self._config.services:
+            return None
+        with self._lock:
+            adapter = self._adapters.get((service, owner))
+            if adapter is None:
+                adapter = self._factory(self._config.services[service], max_connections=self._max_connections,
+                                        token=token_reader(self._config, service, owner))
+                self._adapters[(service, owner)] = adapter
+            return adapter
+
+    def reconfigure(self, config: Config, *, max_connections: int) -> None:
+        """Take a reloaded config: the adapters of a service whose settings changed, or that is gone, are retired
+        (closed at stop) and made again on their next use."""
+        with self._lock:
+            for key in list(self._adapters):
+                service = key[0]
+                if config.services.get(service) != self._config.services.get(service):
+                    self._retired.append(self._adapters.pop(key))
+            self._config = config
+            self._max_connections = max_connections
+
+    def close(self) -> None:
+        with self._lock:
+            adapters = [*self._adapters.values(), *self._retired]
+            self._adapters.clear()
+            self._retired.clear()
+        for adapter in adapters:
+            adapter.close()
+

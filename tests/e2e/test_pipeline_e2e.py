@@ -564,7 +564,7 @@ def test_a_blocked_service_is_probed_soon_then_less_often_and_unblocks_when_the_
     h = e2e(scheduler={"blocked_probe_initial": initial, "blocked_probe_max": most})
     svc = h.service
     job, remote_id = stalled_job(h)
-    h.wait_until(lambda: h.store.services.service_statuses()[svc.name].token_checked_at,
+    h.wait_until(lambda: h.store.services.owner_statuses().get((svc.name, "operator")) is not None,
                  what="the token check at start")
 
     def verifies() -> list[float]:
@@ -595,7 +595,8 @@ def test_403_revoked_token_blocks_until_restored(e2e):
     job, remote_id = stalled_job(h)
     # The daemon's token check at start-up has run: revoked after it, the token is first met by the job's poll
     # (403). The token check would call it invalid (401), as the server's token check tells the two apart no more.
-    h.wait_until(lambda: h.store.services.service_statuses()[h.service.name].token_checked_at, what="the token check")
+    h.wait_until(lambda: h.store.services.owner_statuses().get((h.service.name, "operator")) is not None,
+                 what="the token check")
     h.sim.revoke_token(h.service.token)
     blocked = h.wait_state(job.id, "blocked")
     assert blocked.error is None  # blocked, not failed

@@ -35,7 +35,7 @@ from support.daemon_harness import (
 )
 from support.ops_support import SmtpServer, WebhookReceiver
 
-from daemon.db.models import Job, JobEvent, JobOutput, ServiceStatus
+from daemon.db.models import Job, JobEvent, JobOutput, OwnerStatus, ServiceStatus
 
 PASSWORD = "Pw-" + secrets.token_hex(12)
 JOBS = 6
@@ -49,7 +49,8 @@ def _leaks(text: str, needles: dict[str, str]) -> list[str]:
 
 def _sample(db: JobDB, seen: list[str]) -> None:
     """Add what the text columns of the database hold now (but the secret ones) to `seen`."""
-    for table in (Job.__table__, JobEvent.__table__, JobOutput.__table__, ServiceStatus.__table__):
+    for table in (Job.__table__, JobEvent.__table__, JobOutput.__table__, ServiceStatus.__table__,
+                  OwnerStatus.__table__):
         for row in rows(db, table):
             seen.extend(str(v) for k, v in row.items() if k not in SECRET_COLUMNS and v is not None)
 
@@ -84,7 +85,7 @@ def test_no_secret_in_logs_database_or_cli_output(tmp_path: Path, sqlite_url: st
         try:
             with DaemonProcess(config_path, name="secrets") as daemon:
                 # The 401 blocks the service; an operator installs the (same) token again: a new file replaces it.
-                wait_until(lambda: any(r["blocked_reason"] for r in rows(db, ServiceStatus.__table__)), 60,
+                wait_until(lambda: any(r["blocked_reason"] for r in rows(db, OwnerStatus.__table__)), 60,
                            message="the 401 never blocked the service")
                 fresh = cfg.token_file.with_suffix(".new")
                 fresh.write_text(TOKEN + "\n", encoding="utf-8")
@@ -104,7 +105,8 @@ def test_no_secret_in_logs_database_or_cli_output(tmp_path: Path, sqlite_url: st
             log_leaks = _leaks(log_text, needles)
 
             db_text = []
-            for table in (Job.__table__, JobEvent.__table__, JobOutput.__table__, ServiceStatus.__table__):
+            for table in (Job.__table__, JobEvent.__table__, JobOutput.__table__, ServiceStatus.__table__,
+                  OwnerStatus.__table__):
                 for row in rows(db, table):
                     db_text += [str(v) for k, v in row.items() if k not in SECRET_COLUMNS and v is not None]
             db_leaks = _leaks("\n".join(db_text), needles)

@@ -6,8 +6,6 @@ import contextlib
 import datetime as dt
 import email.parser
 import email.policy
-import os
-import time
 from pathlib import Path
 
 import httpx
@@ -517,53 +515,6 @@ def test_token_is_read_for_every_request(mock, tmp_path):
         "second-token-bbbbbbb",
     ]
     a.close()
-
-
-def test_token_reader_reads_a_settled_file_again_only_when_it_changes(tmp_path, monkeypatch):
-    from daemon.services import token_reader
-
-    reads = []
-    real = ServiceConfig.read_token
-    monkeypatch.setattr(ServiceConfig, "read_token", lambda self: reads.append(1) or real(self))
-    token_file = tmp_path / "token"
-
-    def settle(path: Path) -> None:  # written a minute ago
-        os.utime(path, ns=(time.time_ns() - 60 * 10**9,) * 2)
-
-    token_file.write_text("first-token-aaaaaaaa\n")
-    settle(token_file)
-    read = token_reader(service(token_file=token_file))
-    assert [read(), read(), read()] == ["first-token-aaaaaaaa"] * 3
-    assert len(reads) == 1
-
-    replacement = tmp_path / "token.new"  # replaced the way an editor or a deployment tool does
-    replacement.write_text("second-token-bbbbbbb\n")
-    settle(replacement)
-    replacement.replace(token_file)
-    assert [read(), read()] == ["second-token-bbbbbbb"] * 2
-    assert len(reads) == 2
-
-    token_file.write_text("third-token-ccccccccc\n")  # rewritten in place
-    settle(token_file)
-    assert read() == "third-token-ccccccccc"
-    assert len(reads) == 3
-
-    token_file.unlink()
-    assert read() is None
-
-
-def test_token_reader_reads_a_just_written_file_every_time(tmp_path, monkeypatch):
-    # Two writes within the file system's timestamp granularity can leave its stat as it was.
-    from daemon.services import token_reader
-
-    reads = []
-    real = ServiceConfig.read_token
-    monkeypatch.setattr(ServiceConfig, "read_token", lambda self: reads.append(1) or real(self))
-    token_file = tmp_path / "token"
-    token_file.write_text("fresh-token-aaaaaaaa\n")
-    read = token_reader(service(token_file=token_file))
-    assert [read(), read()] == ["fresh-token-aaaaaaaa"] * 2
-    assert len(reads) == 2
 
 
 # -- find_submitted / list_jobs -----------------------------------------------------------------------------------

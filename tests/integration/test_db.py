@@ -35,7 +35,7 @@ from daemon.db.engine import (
     read_only,
     single_write,
 )
-from daemon.db.models import SCHEMA_REVISION, Base, Job, JobEvent, JobInput, JobOutput, ServiceStatus
+from daemon.db.models import SCHEMA_REVISION, Base, Job, JobEvent, JobInput, JobOutput, OwnerStatus, ServiceStatus
 from daemon.db.schema import SchemaNewer, SchemaOutdated
 from daemon.scheduler import Daemon
 from daemon.states import JobState, OutputState
@@ -418,14 +418,38 @@ def test_0005_gives_jobs_their_retirement_and_keeps_them(empty_engine: sa.Engine
 
 def test_0006_gives_jobs_a_qc_report_that_holds_json(empty_engine: sa.Engine) -> None:
     _migrate(empty_engine, "upgrade", "0006")
-    job_id = uuid.uuid4()
-    with make_session_factory(empty_engine).begin() as session:
-        session.add(Job(id=job_id, group_id=job_id, service="m", panel="p", build="hg19", state=JobState.RUNNING,
-                        qc={"reference_overlap": 99.5, "warnings": ["12 duplicated sites"]}))
-    with make_session_factory(empty_engine)() as session:
-        assert session.get(Job, job_id).qc == {"reference_overlap": 99.5, "warnings": ["12 duplicated sites"]}
+    _insert_old_job(empty_engine, "running")
+    report = {"reference_overlap": 99.5, "warnings": ["12 duplicated sites"]}
+    jobs = sa.table("jobs", sa.column("qc", sa.JSON))
+    with empty_engine.begin() as conn:
+        conn.execute(sa.update(jobs).values(qc=report))
+    with empty_engine.connect() as conn:
+        assert conn.execute(sa.select(jobs.c.qc)).scalar() == report
     _migrate(empty_engine, "downgrade", "0005")
     assert "qc" not in {c["name"] for c in sa.inspect(empty_engine).get_columns("jobs")}
+
+
+def test_0008_gives_old_jobs_and_their_services_status_to_the_operator(empty_engine: sa.Engine) -> None:
+    """Jobs stored before owners existed are the operator's, and so is what was known against their service's token
+    (a block, a lowered limit); the service keeps its pause. A downgrade gives the operator's status back."""
+    _migrate(empty_engine, "upgrade", "0007")
+    _insert_old_job(empty_engine, "blocked")
+    now = dt.datetime.now(dt.UTC)
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO services (name, blocked_reason, blocked_at, paused_until, effective_limit, updated_at) "
+            "VALUES ('michigan', 'HTTP 401', :now, :now, 2, :now)"), {"now": now})
+    _migrate(empty_engine, "upgrade", "0008")
+    with empty_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT owner, state FROM jobs")).one() == ("operator", "blocked")
+        assert conn.execute(sa.text(
+            "SELECT service, owner, blocked_reason, effective_limit FROM service_owners")).one() == (
+            "michigan", "operator", "HTTP 401", 2)
+        assert conn.execute(sa.text("SELECT paused_until IS NOT NULL FROM services")).scalar()
+    _migrate(empty_engine, "downgrade", "0007")
+    with empty_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT blocked_reason, effective_limit FROM services")).one() == ("HTTP 401", 2)
+    assert "owner" not in {c["name"] for c in sa.inspect(empty_engine).get_columns("jobs")}
 
 
 # -- models -------------------------------------------------------------------------------------------------------
@@ -451,7 +475,8 @@ def test_a_job_with_everything_round_trips(session_factory: sessionmaker[Session
         ]
         job.outputs = [JobOutput(name="chr_20.zip", url="https://example.org/d/abc?x=1", size_text="1 GB")]
         session.add(job)
-        session.add(ServiceStatus(name="michigan", paused_until=poll_at, effective_limit=2))
+        session.add(ServiceStatus(name="michigan", paused_until=poll_at))
+        session.add(OwnerStatus(service="michigan", owner="alice", effective_limit=2))
         job_id = job.id
 
     with session_factory() as session:
@@ -704,8 +729,7 @@ def test_the_daemon_engine_follows_database_echo(tmp_path: Path, sqlite_url: str
         assert daemon.engine.echo is echo
     finally:
         daemon.pool.shutdown()
-        for adapter in daemon.adapters.values():
-            adapter.close()
+        daemon.adapters.close()
         daemon.engine.dispose()
         log.close()
 

@@ -146,6 +146,7 @@ def test_a_step_whose_outcome_the_database_refuses_is_logged_not_raised(tmp_path
     from daemon.db.engine import make_engine
     from daemon.db.store import JobStore
     from daemon.pipeline import Pipeline
+    from daemon.services import Adapters
     from daemon.services.errors import Transient
 
     class Nowhere:
@@ -173,7 +174,8 @@ def test_a_step_whose_outcome_the_database_refuses_is_logged_not_raised(tmp_path
             raise sa.exc.OperationalError("UPDATE jobs SET …", {}, Exception("server closed the connection"))
 
         monkeypatch.setattr(store.queue, "finish", database_gone)
-        assert Pipeline(store.queue, store.services, {"sim": Adapter()}, config, owner="test-owner").run(job) is None
+        assert Pipeline(store.queue, store.services, Adapters(config, factory=lambda *a, **k: Adapter()), config,
+                        owner="test-owner").run(job) is None
         lost = logs.select(event="step_result_not_saved")
         assert lost and lost[0]["error_kind"] == "database" and "OperationalError" in lost[0]["exception"]
     finally:

@@ -54,7 +54,7 @@ INTERFACE_CALLS: dict[str, tuple[object, ...]] = {
     "error": ("s", "timeout"),
     "downloaded": ("s", 10),
     "tick": ("poll", 0.1),
-    "token_days_left": ("s", 3.0),
+    "token_days_left": ("s", "operator", 3.0),
     "notification": ("webhook", "sent"),
 }
 
@@ -99,7 +99,7 @@ def test_metrics_and_healthz_over_http() -> None:
     metrics.error("michigan", "timeout")
     metrics.downloaded("michigan", 1234)
     metrics.tick("poll", 0.02)
-    metrics.token_days_left("michigan", 6.5)
+    metrics.token_days_left("michigan", "alice", 6.5)
     metrics.notification("webhook", "sent")
     healthy = {"ok": True}
 
@@ -124,7 +124,7 @@ def test_metrics_and_healthz_over_http() -> None:
         assert value(text, "imputationd_errors_total", service="michigan", kind="timeout") == 1
         assert value(text, "imputationd_download_bytes_total", service="michigan") == 1234
         assert value(text, "imputationd_tick_duration_seconds_count", tick="poll") == 1
-        assert value(text, "imputationd_token_days_left", service="michigan") == 6.5
+        assert value(text, "imputationd_token_days_left", service="michigan", owner="alice") == 6.5
         assert value(text, "imputationd_notifications_total", channel="webhook", outcome="sent") == 1
         get(base + "/metrics")
         assert len(calls) == 1  # the second scrape used the cached counts

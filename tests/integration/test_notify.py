@@ -311,7 +311,7 @@ def test_states_not_listed_in_on_are_not_sent(store: JobStore) -> None:
     cancelled = new_job(store)
     store.admin.request_cancel(cancelled)
     blocked = new_job(store)
-    store.queue.block_service("sim", "token rejected")  # parks the pending job: a `blocked` event
+    store.queue.block_owner("sim", "operator", "token rejected")  # parks the pending job: a `blocked` event
     assert store.admin.get(blocked).state is JobState.BLOCKED
     with WebhookReceiver() as hook:
         notifier = Notifier(store.outbox, webhook_config(hook.url, on=("blocked",)), **FAST_BACKOFF)

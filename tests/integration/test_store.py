@@ -103,8 +103,8 @@ def test_promote_fills_only_free_slots_in_submission_order(store: JobStore) -> N
     assert store.queue.promote_pending("mis", 3) == (1, True)
     assert store.admin.get(ids[3]).state is JobState.SUBMITTING
     force(store, ids[1:2], state=JobState.COMPLETED)
-    assert store.queue.promote_pending("mis", 3) == (1, True)
-    assert store.queue.promote_pending("mis", 3) == (0, False)  # full, and nobody waits for a slot
+    assert store.queue.promote_pending("mis", 3) == (1, False)  # the last one: nobody waits for a slot
+    assert store.queue.promote_pending("mis", 3) == (0, False)
     force(store, ids[2:3], state=JobState.COMPLETED)
     assert store.queue.promote_pending("mis", 3) == (0, False)  # a free slot and nothing to put in it
     assert events(store, ids[0])[1] == ("pending", "submitting")
@@ -127,11 +127,11 @@ def test_promote_with_nothing_pending_does_not_wait_for_writers(sqlite_url: str)
 def test_lowered_limit_applies_until_a_job_finishes(store: JobStore) -> None:
     store.services.ensure_services(["mis"])
     ids = add_jobs(store, 3)
-    store.services.lower_limit("mis", 1)
+    store.services.lower_limit("mis", "operator", 1)
     assert store.queue.promote_pending("mis", 3).promoted == 1
     claimed = store.queue.claim_due("me", states={JobState.SUBMITTING}, services=["mis"], limit=5, lease_seconds=60)
     store.queue.finish(claimed[0].id, "me", Outcome(state=JobState.FAILED, reason="x"))
-    assert store.services.service_statuses()["mis"].effective_limit is None
+    assert store.services.owner_statuses()[("mis", "operator")].effective_limit is None
     assert store.queue.promote_pending("mis", 3).promoted == 2
     assert {store.admin.get(i).state for i in ids[1:]} == {JobState.SUBMITTING}
 
@@ -228,13 +228,13 @@ def test_block_parks_waiting_jobs_and_unblock_returns_them(store: JobStore) -> N
     store.services.ensure_services(["mis"])
     pending, remote = add_jobs(store, 2)
     force(store, [remote], state=JobState.RUNNING, remote_id="job-1")
-    newly, parked = store.queue.block_service("mis", "HTTP 401: token expired")
+    newly, parked = store.queue.block_owner("mis", "operator", "HTTP 401: token expired")
     assert (newly, parked) == (True, 2)
-    assert store.queue.block_service("mis", "HTTP 401 again") == (False, 0)
-    assert store.queue.unblock_service("mis", "token replaced") == 2
+    assert store.queue.block_owner("mis", "operator", "HTTP 401 again") == (False, 0)
+    assert store.queue.unblock_owner("mis", "operator", "token replaced") == 2
     assert store.admin.get(pending).state is JobState.PENDING
     assert store.admin.get(remote).state is JobState.QUEUED
-    assert store.services.service_statuses()["mis"].blocked_reason is None
+    assert store.services.owner_statuses()[("mis", "operator")].blocked_reason is None
 
 
 def test_outputs_keep_verified_state_when_recorded_again(store: JobStore) -> None:
@@ -275,7 +275,7 @@ def test_cancel_of_an_unblocked_job_whose_submit_may_exist_remotely_is_left_to_t
     refused, lost = add_jobs(store, 2)
     force(store, [refused], state=JobState.BLOCKED, submit_attempts=0)
     force(store, [lost], state=JobState.BLOCKED, submit_attempts=1)
-    store.queue.unblock_service("mis", "token works again")
+    store.queue.unblock_owner("mis", "operator", "token works again")
     assert [store.admin.get(j).state for j in (refused, lost)] == [JobState.PENDING, JobState.PENDING]
     assert store.admin.request_cancel(refused) is JobState.CANCELLED
     assert store.admin.request_cancel(lost) is JobState.CANCEL_REQUESTED

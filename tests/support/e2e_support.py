@@ -275,8 +275,7 @@ class Harness:
             daemon.stop()
         else:
             daemon.pool.shutdown(wait=True)
-            for adapter in daemon.adapters.values():
-                adapter.close()
+            daemon.adapters.close()
             daemon.engine.dispose()
         self._final_store, self._final_engine = daemon.store, daemon.engine
 
