@@ -13,10 +13,11 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -34,7 +35,8 @@ from daemon.config import (
     load_config,
 )
 from daemon.crypto import PasswordCipher, SecretKeyError
-from daemon.db.admin import job_snapshot
+from daemon.db.admin import group_state, job_detail, job_snapshot
+from daemon.db.api_tokens import SCOPES
 from daemon.db.engine import DatabaseUnavailable, describe_url, make_engine
 from daemon.db.models import Job, OwnerStatus
 from daemon.db.revision import UPGRADE_HINT, SchemaOutdated, ensure_current, upgrade_url
@@ -48,7 +50,10 @@ from daemon.services import Adapters, operator_adapter
 from daemon.services.errors import ServiceError
 from daemon.states import TERMINAL, JobState
 from daemon.submission import Submission, SubmissionError, submit
-from daemon.text import counted, printable, qc_summary
+from daemon.text import counted, json_default, printable, qc_summary
+
+if TYPE_CHECKING:
+    from daemon.api.server import ApiServer
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -103,16 +108,8 @@ def _resolve(store: JobStore, text: str) -> uuid.UUID:
         raise CliError(str(exc)) from None
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID | Path):
-        return str(value)
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=_json_default, sort_keys=False))
+    print(json.dumps(data, indent=2, default=json_default, sort_keys=False))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -167,8 +164,6 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-
-
     config = _load(args, logs_to_stderr=False)
     configure_logging(config.logging)  # stdout: journald
     log = structlog.get_logger("daemon")
@@ -185,8 +180,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # activating) must be a clean stop, not the default action of SIGTERM killing the process with jobs leased.
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    api_server = _api_server(args, config) if config.api.listen else None
     daemon.start()
-    code = daemon.run_forever()
+    if api_server is not None:
+        api_server.start()
+    try:
+        code = daemon.run_forever()
+    finally:
+        if api_server is not None:
+            api_server.close()
     if daemon.unfinished_threads:
         # A step still stuck in I/O after the stop budget: its lease is released and its work will be redone;
         # do not let the interpreter wait for the thread past systemd's TimeoutStopSec.
@@ -194,6 +196,66 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _api_server(args: argparse.Namespace, config: Config) -> ApiServer:
+    """The API's server on its own engine (its threads must not wait for the workers' connections), not started."""
+    # Imported only when the API is configured: Flask, Jinja2 and cheroot are 3.8 MiB that a daemon without a
+    # listener never uses (bench/memory.py), and the ratio to the Celery stack has 1.2 MiB of room.
+    from daemon.api import create_app
+    from daemon.api.server import ApiServer
+
+    assert config.api.listen is not None
+    return ApiServer(config.api.listen, create_app(config, _store(args, config)), threads=config.api.threads)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    """The API and dashboard alone, e.g. on a front-end host that shares the daemons' PostgreSQL database."""
+    config = _load(args, logs_to_stderr=False)
+    configure_logging(config.logging)
+    if not config.api.listen:
+        raise CliError(f"{config.source}: api.listen is not set; name the address to serve on", EXIT_USAGE)
+    server = _api_server(args, config)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.close).start())
+    signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=server.close).start())
+    try:
+        server.serve_forever()
+    except OSError as exc:
+        raise CliError(f"api.listen {config.api.listen}: {exc.strerror or exc}", EXIT_FAILED) from None
+    return 0
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    problem = owner_problem(args.owner)
+    if problem is not None:
+        raise CliError(f"--owner: {problem}", EXIT_USAGE)
+    store = _store(args, _load(args))
+    row, token = store.api_tokens.create(args.owner, args.scope)
+    print(f"token {row.id} for {row.owner} ({row.scope}); it is shown only now:", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    store = _store(args, _load(args))
+    rows = store.api_tokens.list()
+    if args.json:
+        _print_json([{"id": r.id, "owner": r.owner, "scope": r.scope, "created_at": r.created_at,
+                      "last_used_at": r.last_used_at, "revoked_at": r.revoked_at} for r in rows])
+        return 0
+    for r in rows:
+        state = f"revoked {_when(r.revoked_at)}" if r.revoked_at else "live"
+        used = _when(r.last_used_at) if r.last_used_at else "never"
+        print(f"{r.id}  {printable(r.owner)}  {r.scope}  created {_when(r.created_at)}  last used {used}  {state}")
+    return 0
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    store = _store(args, _load(args))
+    if not store.api_tokens.revoke(args.id):
+        raise CliError(f"{args.id}: no live token with this id (`tokens list` shows them)")
+    print(f"{args.id}: revoked")
+    return 0
 
 
 def _password_argument(args: argparse.Namespace) -> str | None:
@@ -303,30 +365,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job_detail(job: Job) -> dict[str, Any]:
-    data = job_snapshot(job)
-    data["inputs"] = [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in job.inputs]
-    data["outputs"] = [
-        {"name": o.name, "state": o.state.value, "size": o.size, "sha256": o.sha256, "local_path": o.local_path,
-         "downloads_left": o.downloads_left, "attempts": o.attempts, "error": o.error}
-        for o in job.outputs
-    ]
-    data["events"] = [
-        {"at": e.at, "from": e.from_state, "to": e.to_state, "reason": e.reason} for e in job.events
-    ]
-    return data
-
-
-def _group_state(states: Sequence[str]) -> str:
-    if all(s == "completed" for s in states):
-        return "completed"
-    if all(s == "cancelled" for s in states):
-        return "cancelled"
-    if all(JobState(s) in TERMINAL for s in states):
-        return "failed" if all(s != "completed" for s in states) else "partly failed"
-    return "in progress"
-
-
 #: The history's record of `show --password`.
 PASSWORD_SHOWN = "result password shown (imputationd show --password)"
 
@@ -361,13 +399,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         jobs = [store.admin.get(job_id, with_events=True)]
     if args.password:
         return _show_passwords(config, store, jobs)
-    details = [_job_detail(j) for j in jobs]
+    details = [job_detail(j) for j in jobs]
     if args.json:
         _print_json(details[0] if len(details) == 1 else {
-            "group_id": jobs[0].group_id, "state": _group_state([j.state.value for j in jobs]), "jobs": details})
+            "group_id": jobs[0].group_id, "state": group_state([j.state.value for j in jobs]), "jobs": details})
         return 0
     if len(jobs) > 1:
-        print(f"group {jobs[0].group_id}: {_group_state([j.state.value for j in jobs])}")
+        print(f"group {jobs[0].group_id}: {group_state([j.state.value for j in jobs])}")
         print(_table(("ID", "SERVICE", "STATE"), [(_short(j.id), j.service, j.state.value) for j in jobs]))
         print()
     for job, data in zip(jobs, details, strict=True):
@@ -610,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)")
 
     command("run", cmd_run, "run the daemon in the foreground (systemd Type=notify)")
+    command("api", cmd_api, "serve the HTTP API and dashboard alone (api.listen), without running jobs")
     command("check-config", cmd_check_config, "validate the configuration; exit 2 with every problem")
 
     db = commands.add_parser("db", help="database schema", description="database schema", parents=[config_option])
@@ -679,6 +718,23 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     cleanup.add_argument("--keep-days", type=int, metavar="N", help="override storage.keep_days for this run")
     cleanup.add_argument("--json", action="store_true", help="print what was (or would be) deleted as JSON")
+
+    tokens = commands.add_parser("tokens", help="the HTTP API's tokens", description="the HTTP API's tokens",
+                                 parents=[config_option])
+    token_commands = tokens.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND")
+    create = token_commands.add_parser("create", help="make a token; printed once, alone on the last line",
+                                       parents=[config_option])
+    create.add_argument("--owner", required=True, metavar="NAME", help="whose jobs the token sees and submits")
+    create.add_argument("--scope", required=True, choices=SCOPES,
+                        help="read: see the owner's jobs; submit: also create, cancel, retry; admin: every owner's")
+    create.set_defaults(func=cmd_tokens_create)
+    listed = token_commands.add_parser("list", help="one line per token, starting with its id",
+                                       parents=[config_option])
+    listed.add_argument("--json", action="store_true", help="print the tokens as JSON")
+    listed.set_defaults(func=cmd_tokens_list)
+    revoke = token_commands.add_parser("revoke", help="revoke a token at once", parents=[config_option])
+    revoke.add_argument("id", metavar="ID", help="the token's id (`tokens list`)")
+    revoke.set_defaults(func=cmd_tokens_revoke)
 
     sim = command("simulate-server", cmd_simulate_server, "run the simulated Cloudgene server", config=False)
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -498,6 +498,8 @@ class Daemon:
             log.warning("config_reload_partial", reason="scheduler.workers changes need a restart")
         if new.metrics.listen != self.config.metrics.listen:
             log.warning("config_reload_partial", reason="metrics.listen changes need a restart")
+        if new.api != self.config.api:
+            log.warning("config_reload_partial", reason="api changes need a restart")
         configure_logging(new.logging)
         for name in set(self.config.services) - set(new.services):
             log.warning("service_removed", service=name, reason="its jobs wait until it is configured again")

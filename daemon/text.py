@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import uuid
+from pathlib import Path
 from typing import Any
 
 #: Terminal escape sequences (ECMA-48), as a remote program's coloured log holds them: CSI `ESC [ … final` (colours,
@@ -71,3 +74,12 @@ def counted(n: int, noun: str) -> str:
 
 
 __all__ = ["counted", "printable", "qc_summary", "strip_ansi"]
+
+
+def json_default(value: Any) -> Any:
+    """What `json.dumps` makes of the values our snapshots hold: times in ISO 8601, ids and paths as text."""
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")

@@ -54,7 +54,7 @@ from daemon.db.schema import upgrade_url
 daemon.logging.CACHE_LOGGERS = False
 
 # Fixtures that live beside their helpers: registered here, so a test module names them without importing them.
-pytest_plugins = ["support.e2e_support", "support.wes.sapporo_server"]
+pytest_plugins = ["support.e2e_support", "support.wes.sapporo_server", "support.api_support"]
 
 DIALECTS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
 

@@ -3,6 +3,7 @@ to a job (cancel, retry, a note in its history). Its statements are in `queries.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -150,6 +151,19 @@ class JobAdmin:
             query = queries.newest_jobs(states=states, service=service, owner=owner, limit=limit)
             return list(session.scalars(query).all())
 
+    def jobs_page(self, *, states: Collection[JobState] | None = None, service: str | None = None,
+                  owner: str | None = None, group: uuid.UUID | None = None,
+                  before: tuple[dt.datetime, uuid.UUID] | None = None, limit: int = 100) -> list[Job]:
+        """Newest first, after the cursor `before` (the (created_at, id) of the previous page's last job)."""
+        with self._db.reading() as session:
+            query = queries.jobs_page(states=states, service=service, owner=owner, group=group, before=before,
+                                      limit=limit)
+            return list(session.scalars(query).all())
+
+    def events_after(self, job_id: uuid.UUID, after: int = 0, *, limit: int = 500) -> list[JobEvent]:
+        with self._db.reading() as session:
+            return list(session.scalars(queries.events_after(job_id, after, limit)).all())
+
     def group(self, group_id: uuid.UUID) -> list[Job]:
         with self._db.reading() as session:
             return list(session.scalars(queries.group_jobs(group_id)).all())
@@ -220,6 +234,34 @@ class JobAdmin:
         with self._db.session() as session, session.begin():
             job = lock_job(session, job_id)
             session.add(JobEvent(job_id=job.id, at=utcnow(), from_state=job.state, to_state=job.state, reason=reason))
+
+
+def job_detail(job: Job) -> dict[str, Any]:
+    """A whole job as `show --json` prints it and the API answers it: its columns, inputs, outputs and events."""
+    data = job_snapshot(job)
+    data["inputs"] = [{"path": i.path, "size": i.size, "sha256": i.sha256} for i in job.inputs]
+    data["outputs"] = [
+        {"name": o.name, "state": o.state.value, "size": o.size, "sha256": o.sha256, "local_path": o.local_path,
+         "downloads_left": o.downloads_left, "attempts": o.attempts, "error": o.error}
+        for o in job.outputs
+    ]
+    data["events"] = [event_snapshot(e) for e in job.events]
+    return data
+
+
+def group_state(states: Sequence[str]) -> str:
+    """One word for a group's jobs together."""
+    if all(s == "completed" for s in states):
+        return "completed"
+    if all(s == "cancelled" for s in states):
+        return "cancelled"
+    if all(JobState(s) in TERMINAL for s in states):
+        return "failed" if all(s != "completed" for s in states) else "partly failed"
+    return "in progress"
+
+
+def event_snapshot(event: JobEvent) -> dict[str, Any]:
+    return {"id": event.id, "at": event.at, "from": event.from_state, "to": event.to_state, "reason": event.reason}
 
 
 def job_snapshot(job: Job) -> dict[str, Any]:

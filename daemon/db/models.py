@@ -18,7 +18,7 @@ from daemon.states import JobState, OutputState
 
 #: The Alembic revision whose schema these models describe: the head of daemon/db/migrations/versions (a test holds
 #: the two together). A database at it is ready; the daemon learns that without loading Alembic (`daemon.db.revision`).
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 
 
 def utcnow() -> dt.datetime:
@@ -266,3 +266,32 @@ class OwnerStatus(Base):
     token_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     token_checked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP API (`imputationd tokens create`): an owner's, with a scope. Only the SHA-256 of
+    the token is kept; the token itself is shown once, when it is made."""
+
+    __tablename__ = "api_tokens"
+
+    #: Public: named by `tokens list` and `tokens revoke`, and the token's first part (`imd_<id>_<secret>`).
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(sa.String(200))
+    scope: Mapped[str] = mapped_column(sa.String(16))  # read, submit or admin
+    token_sha256: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+
+
+class IdempotencyKey(Base):
+    """The first answer to a POST that carried an `Idempotency-Key`, per owner: a retry gets it again. `status` is
+    None while the first request is still being answered."""
+
+    __tablename__ = "idempotency_keys"
+
+    owner: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    status: Mapped[int | None] = mapped_column(sa.Integer)
+    body: Mapped[str | None] = mapped_column(sa.Text)

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import raiseload, selectinload
 from sqlalchemy.orm.strategy_options import _AbstractLoad
 
-from daemon.db.models import Job, JobEvent, JobOutput, OwnerStatus, ServiceStatus
+from daemon.db.models import ApiToken, IdempotencyKey, Job, JobEvent, JobOutput, OwnerStatus, ServiceStatus
 from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState
 
 # The models' tables as Core tables: `__table__` is typed as any FromClause.
@@ -256,6 +256,31 @@ def job_ids_starting(hexed: str, *, postgres: bool) -> sa.Select[uuid.UUID]:
     return sa.select(Job.id).where(column.like(f"{hexed}%")).limit(2)
 
 
+def jobs_page(
+    *, states: Collection[JobState] | None, service: str | None, owner: str | None, group: uuid.UUID | None,
+    before: tuple[dt.datetime, uuid.UUID] | None, limit: int,
+) -> sa.Select[Job]:
+    """Newest first, by (created_at, id): the page after the cursor `before` (the last job of the previous page)."""
+    query = sa.select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if states:
+        query = query.where(Job.state.in_(list(states)))
+    if service:
+        query = query.where(Job.service == service)
+    if owner:
+        query = query.where(Job.owner == owner)
+    if group:
+        query = query.where(Job.group_id == group)
+    if before is not None:
+        at, job_id = before
+        query = query.where(sa.or_(Job.created_at < at, sa.and_(Job.created_at == at, Job.id < job_id)))
+    return query
+
+
+def events_after(job_id: uuid.UUID, after: int, limit: int) -> sa.Select[JobEvent]:
+    return (sa.select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id)
+            .limit(limit))
+
+
 def newest_jobs(
     *, states: Collection[JobState] | None, service: str | None, limit: int, owner: str | None = None
 ) -> sa.Select[Job]:
@@ -375,6 +400,27 @@ def add_services(rows: list[dict[str, Any]], *, postgres: bool) -> sa.Executable
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert(ServiceStatus).values(rows).on_conflict_do_nothing(index_elements=["name"])
+
+
+# ------------------------------------------------------------------ API tokens and idempotency keys
+
+ALL_API_TOKENS = sa.select(ApiToken).order_by(ApiToken.created_at)
+idempotency = cast(sa.Table, IdempotencyKey.__table__)
+api_tokens = cast(sa.Table, ApiToken.__table__)
+TOKEN_BY_ID = sa.select(api_tokens).where(api_tokens.c.id == sa.bindparam("b_id"))
+TOKEN_USED = sa.update(api_tokens).where(api_tokens.c.id == sa.bindparam("b_id")).values(
+    last_used_at=sa.bindparam("b_at"))
+REVOKE_TOKEN = (sa.update(api_tokens).where(api_tokens.c.id == sa.bindparam("b_id"), api_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=sa.bindparam("b_at")))
+INSERT_IDEMPOTENCY_KEY = sa.insert(idempotency)
+IDEMPOTENCY_KEY = sa.select(idempotency).where(
+    idempotency.c.owner == sa.bindparam("b_owner"), idempotency.c.key == sa.bindparam("b_key"))
+ANSWER_IDEMPOTENCY_KEY = sa.update(idempotency).where(
+    idempotency.c.owner == sa.bindparam("b_owner"), idempotency.c.key == sa.bindparam("b_key"))
+FORGET_IDEMPOTENCY_KEY = sa.delete(idempotency).where(
+    idempotency.c.owner == sa.bindparam("b_owner"), idempotency.c.key == sa.bindparam("b_key"))
+#: Keys kept past their use: a client retries within minutes, not days.
+EXPIRED_IDEMPOTENCY_KEYS = sa.delete(idempotency).where(idempotency.c.created_at < sa.bindparam("b_before"))
 
 
 # ------------------------------------------------------------------ retention

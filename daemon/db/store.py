@@ -8,6 +8,7 @@ another's queries.
 | `services` | the scheduler, the pipeline and the probes: pauses, lowered limits, token checks | `service_status.py` |
 | `outbox` | the notifier | `outbox.py` |
 | `expired` | the retention | `expired.py` |
+| `api_tokens`, `idempotency` | the HTTP API and `imputationd tokens` | `api_tokens.py`, `idempotency.py` |
 
 Every statement they run is in `queries.py`; a state change and its event row, which the queue and the operator's
 actions both make, in `transitions.py`.
@@ -18,8 +19,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from daemon.db.admin import JobAdmin, PasswordSealer
+from daemon.db.api_tokens import ApiTokens
 from daemon.db.engine import Connections
 from daemon.db.expired import ExpiredJobs
+from daemon.db.idempotency import IdempotencyKeys
 from daemon.db.outbox import NotificationOutbox
 from daemon.db.queue import JobQueue
 from daemon.db.service_status import ServiceStatuses
@@ -34,6 +37,8 @@ class JobStore:
         self.services = ServiceStatuses(connections)
         self.outbox = NotificationOutbox(connections)
         self.expired = ExpiredJobs(connections)
+        self.api_tokens = ApiTokens(connections)
+        self.idempotency = IdempotencyKeys(connections)
 
     def ping(self) -> None:
         """A trivial query: raises when the database does not answer."""

@@ -189,7 +189,7 @@ def test_jobs_table_json_and_filters(capsys, config: Path, vcf: Path) -> None:
     first = submit(capsys, config, vcf)
     code, out, _ = run(capsys, "jobs", "-c", str(config))
     header, row = out.splitlines()
-    assert header.split()[:4] == ["ID", "GROUP", "SERVICE", "STATE"] and row.startswith(first[:8])
+    assert header.split()[:5] == ["ID", "GROUP", "SERVICE", "OWNER", "STATE"] and row.startswith(first[:8])
     code, out, _ = run(capsys, "jobs", "-c", str(config), "--status", "pending", "--service", "mis", "--json")
     assert [j["id"] for j in json.loads(out)] == [first]
     code, out, _ = run(capsys, "jobs", "-c", str(config), "--status", "completed", "--json")
@@ -389,3 +389,40 @@ def test_every_option_and_command_has_help_text() -> None:
 
     walk(build_parser())
     assert not missing, missing
+
+
+def test_owner_is_stored_shown_and_filtered(capsys, config: Path, vcf: Path) -> None:
+    alice = submit(capsys, config, vcf, "--owner", "alice")
+    submit(capsys, config, vcf)
+    code, out, _ = run(capsys, "jobs", "-c", str(config), "--owner", "alice", "--json")
+    assert code == 0 and [(j["id"], j["owner"]) for j in json.loads(out)] == [(alice, "alice")]
+    code, out, _ = run(capsys, "show", "-c", str(config), alice)
+    assert re.search(r"^owner\s+alice$", out, re.M)
+    code, out, _ = run(capsys, "jobs", "-c", str(config))
+    assert "OWNER" in out.splitlines()[0] and "operator" in out
+    code, _, err = run(capsys, "submit", "-c", str(config), "--service", "mis", "--panel", "1000g", "--build",
+                       "hg19", "--owner", "../etc", str(vcf))
+    assert code == 2 and "--owner: owner '../etc' is not a valid name" in err
+
+
+def test_tokens_create_list_revoke(capsys, config: Path) -> None:
+    code, out, err = run(capsys, "tokens", "create", "-c", str(config), "--owner", "alice", "--scope", "submit")
+    assert code == 0 and "shown only now" in err
+    token = out.strip().splitlines()[-1]
+    token_id = token.split("_")[1]
+    code, out, _ = run(capsys, "tokens", "list", "-c", str(config))
+    [line] = out.splitlines()
+    assert line.startswith(f"{token_id}  alice  submit") and "live" in line and token not in out
+    code, out, _ = run(capsys, "tokens", "list", "-c", str(config), "--json")
+    [listed] = json.loads(out)
+    assert (listed["id"], listed["owner"], listed["scope"], listed["revoked_at"]) == (token_id, "alice", "submit", None)
+    assert token not in out and token.split("_")[2] not in out
+    store = JobStore(make_engine(load_config(config).database.url))
+    assert store.api_tokens.authenticate(token).owner == "alice"
+    assert run(capsys, "tokens", "revoke", "-c", str(config), token_id)[0] == 0
+    assert store.api_tokens.authenticate(token) is None
+    code, _, err = run(capsys, "tokens", "revoke", "-c", str(config), token_id)
+    assert code == 1 and "no live token" in err
+    with pytest.raises(SystemExit) as refused:
+        run(capsys, "tokens", "create", "-c", str(config), "--owner", "alice", "--scope", "root")
+    assert refused.value.code == 2

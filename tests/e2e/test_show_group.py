@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from support.ops_support import PANEL, PANEL_ID, sample_vcf
 
-from daemon.cli import _group_state, main
+from daemon.cli import main
 from daemon.config import load_config
+from daemon.db.admin import group_state
 from daemon.db.engine import make_engine
 from daemon.db.schema import upgrade
 from daemon.db.store import JobStore
@@ -28,7 +29,7 @@ from daemon.states import JobState
     (["pending", "blocked"], "in progress"),
 ])
 def test_group_state(states: list[str], group: str) -> None:
-    assert _group_state(states) == group
+    assert group_state(states) == group
 
 
 def test_show_group_lists_each_child_and_the_group_state(tmp_path: Path, capsys) -> None:

@@ -776,3 +776,14 @@ def test_unopenable_sqlite_names_the_path(tmp_path: Path) -> None:
             revision.ensure_current(engine)
     finally:
         engine.dispose()
+
+
+def test_0009_adds_api_tokens_and_idempotency_keys_and_takes_them_away(empty_engine: sa.Engine) -> None:
+    _migrate(empty_engine, "upgrade", "0008")
+    _insert_old_job(empty_engine, "pending")
+    _migrate(empty_engine, "upgrade", "0009")
+    assert {"api_tokens", "idempotency_keys"} <= set(sa.inspect(empty_engine).get_table_names())
+    _migrate(empty_engine, "downgrade", "0008")
+    assert not {"api_tokens", "idempotency_keys"} & set(sa.inspect(empty_engine).get_table_names())
+    with empty_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 1

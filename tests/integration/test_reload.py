@@ -26,21 +26,23 @@ def rewrite(path: Path, change: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
+@pytest.mark.parametrize("section", ["metrics", "api"])
 @pytest.mark.parametrize("changed", [True, False], ids=["listen-changed", "listen-kept"])
-def test_a_reload_says_once_that_a_new_metrics_listen_needs_a_restart(tmp_path: Path, sqlite_url: str,
-                                                                      capsys: pytest.CaptureFixture[str],
-                                                                      changed: bool) -> None:
+def test_a_reload_says_once_that_a_new_listen_needs_a_restart(tmp_path: Path, sqlite_url: str,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              changed: bool, section: str) -> None:
     # The service is never reached: nothing listens on port 9, and no job is submitted.
     config = daemon_config(tmp_path, sqlite_url, base_url="http://127.0.0.1:9", token="t0ken")
     assert config.source is not None and config.metrics.listen is None
     configure_logging(config.logging)  # JSON lines on stdout, where capsys reads them
     with running_daemon(config) as daemon:
         if changed:
-            rewrite(config.source, {"metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+            rewrite(config.source, {section: {"listen": f"127.0.0.1:{free_port()}"}})
         rewrite(config.source, {"scheduler": {"maintenance_interval": 7}})
         assert daemon.reload()
         # A second reload of the same file changes nothing that needs a restart: said once, not at every SIGHUP.
         assert daemon.reload()
         assert daemon.config.scheduler.maintenance_interval == 7
     warnings = restart_warnings(capsys.readouterr().out)
-    assert warnings == (["metrics.listen changes need a restart"] if changed else [])
+    expected = "metrics.listen changes need a restart" if section == "metrics" else "api changes need a restart"
+    assert warnings == ([expected] if changed else [])

@@ -1,0 +1,117 @@
+"""The read-only dashboard: a login form that takes an API token and keeps it in a Secure, HttpOnly, SameSite=Strict
+cookie; then the jobs (filters, counts by state, refreshing by itself), one job's timeline (history, files, QC) and
+the services with their health for the owner. Server-rendered (Jinja2, autoescaped), no script, no build step."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
+from werkzeug.exceptions import NotFound
+from werkzeug.wrappers import Response as BaseResponse
+
+from daemon.api.auth import COOKIE, caller_from, sees, store
+from daemon.api.jobs import config, service_health
+from daemon.db.api_tokens import Caller
+from daemon.db.transitions import JobNotFound
+from daemon.states import TERMINAL, JobState
+from daemon.text import qc_summary
+
+dashboard = Blueprint("dashboard", __name__)
+
+#: Seconds between two reloads of the jobs page.
+REFRESH_SECONDS = 10
+PAGE = 200
+
+
+def _caller() -> Caller | None:
+    if "caller" not in g:
+        g.caller = caller_from(request.cookies.get(COOKIE), via="cookie")
+    caller: Caller | None = g.caller
+    return caller
+
+
+def _login_first() -> BaseResponse:
+    return redirect(url_for("dashboard.login", next=request.path))
+
+
+@dashboard.get("/login")
+def login() -> str:
+    return render_template("login.html", error=None)
+
+
+@dashboard.post("/login")
+def login_submit() -> BaseResponse | tuple[str, int]:
+    token = (request.form.get("token") or "").strip()
+    if caller_from(token, via="login") is None:
+        return render_template("login.html", error="That token is not valid."), 401
+    target = request.args.get("next") or "/"
+    if not target.startswith("/") or target.startswith("//"):  # never off to another site
+        target = "/"
+    response = redirect(target)
+    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/",
+                        secure=config().api.secure_cookie)
+    return response
+
+
+@dashboard.post("/logout")
+def logout() -> BaseResponse:
+    response = redirect(url_for("dashboard.login"))
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@dashboard.get("/")
+def jobs() -> BaseResponse | str:
+    caller = _caller()
+    if caller is None:
+        return _login_first()
+    args = request.args
+    owner = (args.get("owner") or None) if caller.admin else caller.owner
+    state = args.get("state") or None
+    states = [JobState(state)] if state in {s.value for s in JobState} else None
+    service = args.get("service") or None
+    shown = store().admin.jobs_page(states=states, service=service, owner=owner, limit=PAGE)
+    counts: Counter[str] = Counter()
+    for (svc, who), by_state in store().admin.counts_by_owner().items():
+        if (owner is None or who == owner) and (service is None or svc == service):
+            counts.update(by_state)
+    return render_template(
+        "jobs.html", caller=caller, jobs=shown, counts=counts, states=[s.value for s in JobState],
+        services=sorted(config().services), filters={"state": state or "", "service": service or "",
+                                                     "owner": owner or ""},
+        refresh=REFRESH_SECONDS, active=sum(n for s, n in counts.items() if JobState(s) not in TERMINAL))
+
+
+@dashboard.get("/jobs/<job_id>")
+def job(job_id: str) -> BaseResponse | str:
+    caller = _caller()
+    if caller is None:
+        return _login_first()
+    try:
+        found = store().admin.get(uuid.UUID(job_id), with_events=True)
+    except (ValueError, JobNotFound):
+        raise NotFound(f"no job {job_id}") from None
+    if not sees(caller, found):
+        raise NotFound(f"no job {job_id}")
+    return render_template("job.html", caller=caller, job=found, qc=qc_summary(found.qc) if found.qc else None,
+                           finished=found.state in TERMINAL, refresh=REFRESH_SECONDS)
+
+
+@dashboard.get("/services")
+def services() -> BaseResponse | str:
+    caller = _caller()
+    if caller is None:
+        return _login_first()
+    owner = (request.args.get("owner") or caller.owner) if caller.admin else caller.owner
+    return render_template("services.html", caller=caller, owner=owner, services=service_health(config(), owner))
+
+
+def template_globals() -> dict[str, Any]:
+    return {"version": current_app.extensions.get("imputationd.version", "")}
+
+
+def not_found(error: NotFound) -> tuple[str, int] | Response:
+    return render_template("not_found.html", message=error.description, caller=g.get("caller")), 404
