@@ -340,7 +340,7 @@ def unit_allowed_syscalls(unit: dict[str, dict[str, list[str]]]) -> list[str]:
 #: Runs in a child process: installs the two filters systemd would (MemoryDenyWriteExecute=yes, then the
 #: SystemCallFilter= allow list with SystemCallErrorNumber=EPERM) with libseccomp, checks they bite, then runs
 #: what the daemon runs: logging, TLS over loopback with httpx, SQLite through SQLAlchemy, an AES zip,
-#: psycopg's libpq, APScheduler's thread pool, sd_notify.
+#: psycopg's libpq, APScheduler's thread pool, the API's listener (Flask under cheroot), sd_notify.
 SANDBOXED = r"""
 import ctypes, errno, json, mmap, os, sys
 
@@ -425,6 +425,24 @@ scheduler.add_job(ran.set)
 scheduler.start()
 assert ran.wait(10)
 scheduler.shutdown()
+
+from daemon.api import create_app
+from daemon.api.server import ApiServer
+from daemon.config import parse_config
+from daemon.db.schema import upgrade_url
+from daemon.db.store import JobStore
+
+api_config = parse_config({"storage": {"state_dir": tmp}, "database": {"url": f"sqlite:///{tmp}/api.db"},
+                           }, base_dir=tmp)
+upgrade_url(api_config.database.url)
+server = ApiServer("127.0.0.1:0", create_app(api_config, JobStore(sa.create_engine(api_config.database.url))),
+                   threads=2)
+server.start()
+host, port = server.address
+with httpx.Client() as client:
+    assert client.get(f"http://{host}:{port}/api/v1/openapi.json").json()["openapi"] == "3.1.0"
+    assert client.get(f"http://{host}:{port}/api/v1/jobs").status_code == 401
+server.close()
 
 with bind_job("j1", "michigan", "r1"):
     log.info("sandbox_ok", psycopg_impl=psycopg.pq.__impl__)

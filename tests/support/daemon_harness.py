@@ -383,8 +383,9 @@ class DaemonProcess:
     started: list[DaemonProcess] = []
 
     def __init__(self, config: Path, *, env: Mapping[str, str | None] | None = None, hostname: str | None = None,
-                 name: str | None = None, args: Sequence[str] = ()) -> None:
+                 name: str | None = None, args: Sequence[str] = (), command: str = "run") -> None:
         self.config = Path(config)
+        self.command = command
         self.name = name or f"daemon-{uuid.uuid4().hex[:6]}"
         self.log_path = self.config.parent / f"{self.name}.stdout.log"
         self.err_path = self.config.parent / f"{self.name}.stderr.log"
@@ -405,7 +406,7 @@ class DaemonProcess:
                 env.pop(key, None)
             else:
                 env[key] = value
-        argv = ["run", "-c", str(self.config), *self.args]
+        argv = [self.command, "-c", str(self.config), *self.args]
         if self.hostname is None:
             command = [*imputationd_command(), *argv]
         else:
