@@ -29,7 +29,8 @@ Database fixtures (all function-scoped unless said otherwise; every database is 
 Only tests that ask for PostgreSQL start the server (once per session). Without PostgreSQL server binaries those
 tests are skipped, except when $CI is set: then they fail (`prerequisites.require_tool`, like every test that needs
 something from the machine). Select either side with `-m postgres` / `-m "not postgres"`; `-k sqlite` /
-`-k postgres` pick one side of `db_url`. No pytest-xdist needed (with it, each worker starts its own server).
+`-k postgres` pick one side of `db_url`. Under pytest-xdist (`-n 2`, the README's command) each worker starts its
+own server.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def test_nothing_missing_installs_nothing_and_runs_the_suite(tmp_path: Path) -> 
     result, log = dry_run(tmp_path)
     assert result.returncode == 0, result.stderr
     assert not [line for line in log if line.startswith("apt-get")]
-    assert log[-3:] == ["python3 -m venv .venv", "pip install -e .[test,postgres]", "python -m pytest"]
+    assert log[-3:] == ["python3 -m venv .venv", "pip install -e .[test,postgres]", "python -m pytest -n 2"]
 
 
 def test_missing_packages_are_installed_with_one_update_and_no_stdin(tmp_path: Path) -> None:
