@@ -88,6 +88,7 @@ def payload(item: PendingNotification) -> dict[str, Any]:
         "group_id": str(item.group_id),
         "name": item.name,
         "service": item.service,
+        "owner": item.owner,
         "state": item.state,
         "from_state": item.from_state,
         "reason": item.reason,

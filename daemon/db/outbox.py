@@ -34,6 +34,7 @@ class PendingNotification:
     group_id: uuid.UUID
     name: str | None
     service: str
+    owner: str
     result_dir: str | None
     finished_at: dt.datetime | None
     #: What the server's quality control reported of the job's input (`jobs.qc`), if anything.
@@ -70,7 +71,7 @@ class NotificationOutbox:
                     event_id=event.id, attempt=event.notify_attempts or 0, at=event.at, from_state=event.from_state,
                     state=event.to_state, reason=event.reason,
                     notified_via=frozenset(filter(None, (event.notified_via or "").split(","))),
-                    job_id=job.id, group_id=job.group_id, name=job.name, service=job.service,
+                    job_id=job.id, group_id=job.group_id, name=job.name, service=job.service, owner=job.owner,
                     result_dir=job.result_dir, finished_at=job.finished_at, qc=job.qc,
                 )
                 for event, job in rows

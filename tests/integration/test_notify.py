@@ -108,6 +108,7 @@ def test_one_webhook_per_state_change_with_its_fields(store: JobStore) -> None:
     headers, body = by_job[str(done)]
     assert body["state"] == "completed" and body["from_state"] == "downloading" and body["name"] == "a"
     assert body["service"] == "sim" and body["group_id"] == str(done) and body["result_dir"] == "/results/x"
+    assert body["owner"] == "operator"
     assert body["finished_at"] is not None and body["reason"] == "test"
     assert headers[EVENT_HEADER.lower()] == str(body["event_id"])
     assert headers["content-type"] == "application/json"
