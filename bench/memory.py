@@ -11,7 +11,10 @@ half running, remote ids set) due over the next poll_interval (default 60 s, the
 polls them (8 workers, 5 s ticks: the config defaults). RSS is sampled every 0.5 s for --duration seconds; the
 number of status calls the server answered shows the jobs really were polled.
 
-Targets: idle <= 80 MB, with 5,000 active jobs <= 120 MB (RSS, MiB = 2^20 bytes printed beside MB = 10^6).
+Idle with the API: the same idle daemon with `api.listen` set (the HTTP API and dashboard loaded and listening).
+
+Targets: idle <= 80 MB (with and without the API), with 5,000 active jobs <= 120 MB (RSS, MiB = 2^20 bytes printed
+beside MB = 10^6).
 """
 
 from __future__ import annotations
@@ -78,13 +81,17 @@ def run_daemon(root: Path, config: Path, seconds: float, label: str, env: dict[s
         c.stop_process(proc)
 
 
-def setup(root: Path, base_url: str, token: str, db_url: str, poll_interval: float) -> Path:
+def setup(root: Path, base_url: str, token: str, db_url: str, poll_interval: float, *, api: bool = False) -> Path:
     token_file = root / "token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
-    return c.write_config(root / "config.yaml", state_dir=root / "state", db_url=db_url, base_url=base_url,
-                          token_file=token_file, services=[SERVICE], workers=8, tick=5.0,
-                          poll_interval=poll_interval, max_concurrent=1000, log_level="info")
+    config = c.write_config(root / "config.yaml", state_dir=root / "state", db_url=db_url, base_url=base_url,
+                            token_file=token_file, services=[SERVICE], workers=8, tick=5.0,
+                            poll_interval=poll_interval, max_concurrent=1000, log_level="info")
+    if api:
+        with open(config, "a", encoding="utf-8") as file:
+            file.write(f'api:\n  listen: "127.0.0.1:{c.free_port()}"\n')
+    return config
 
 
 def run(jobs: int, duration: float, settle: float, poll_interval: float, extra_env: dict[str, str] | None = None,
@@ -106,6 +113,8 @@ def run(jobs: int, duration: float, settle: float, poll_interval: float, extra_e
         with c.SimulatorProcess() as sim:
             config = setup(root / "idle", sim.base_url, sim.token, db_url, poll_interval)
             idle = run_daemon(root / "idle", config, settle, "idle", env, command)
+            config = setup(root / "idle", sim.base_url, sim.token, db_url, poll_interval, api=True)
+            idle_api = run_daemon(root / "idle", config, settle, "idle-api", env, command)
         # -- active
         (root / "active").mkdir()
         db_url = f"sqlite:///{root / 'active' / 'imputationd.db'}"
@@ -124,15 +133,20 @@ def run(jobs: int, duration: float, settle: float, poll_interval: float, extra_e
                  f"{poll_interval:g} s, {duration:g} s)")
         ok_idle = mb(idle["median"]) <= TARGET_IDLE_MB
         ok_active = mb(active["peak"]) <= TARGET_ACTIVE_MB
+        ok_idle_api = mb(idle_api["median"]) <= TARGET_IDLE_MB
         print(f"  idle:   median {idle['median']:.1f} MiB = {mb(idle['median']):.1f} MB (peak {idle['peak']:.1f} MiB, "
               f"{idle['threads']} threads)   target <= {TARGET_IDLE_MB:g} MB   {c.verdict(ok_idle)}")
+        print(f"  idle, API listening: median {idle_api['median']:.1f} MiB = {mb(idle_api['median']):.1f} MB (peak "
+              f"{idle_api['peak']:.1f} MiB, {idle_api['threads']} threads)   target <= {TARGET_IDLE_MB:g} MB   "
+              f"{c.verdict(ok_idle_api)}")
         print(f"  active: peak {active['peak']:.1f} MiB = {mb(active['peak']):.1f} MB (median {active['median']:.1f}, "
               f"final {active['final']:.1f} MiB, {active['threads']} threads)   target <= {TARGET_ACTIVE_MB:g} MB   "
               f"{c.verdict(ok_active)}")
         print(f"  status calls answered while sampling: {polls} ({polls / duration:.1f}/s; "
               f"{jobs / poll_interval:.1f}/s would poll every job once per poll_interval); daemon CPU "
               f"{active['cpu']:.1f} s")
-        out = {"idle": mb(idle["median"]), "active": mb(active["peak"]), "polls": polls}
+        out = {"idle": mb(idle["median"]), "idle_api": mb(idle_api["median"]), "active": mb(active["peak"]),
+               "polls": polls}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return out

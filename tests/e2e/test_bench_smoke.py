@@ -70,6 +70,7 @@ def test_memory_idle_and_active_from_the_project_venv() -> None:
     # A Python process holding the daemon's stack is well above 30 MB (a wrapper script or a unit slip is not);
     # 30 jobs stay within the target set for 5,000.
     assert 30 < result["idle"] <= memory.TARGET_ACTIVE_MB
+    assert result["idle"] < result["idle_api"] <= memory.TARGET_ACTIVE_MB  # the API loaded, listening
     assert 30 < result["active"] <= memory.TARGET_ACTIVE_MB
 
 
