@@ -3,12 +3,14 @@ the server's "Only N jobs per user" is counted per owner (the simulator keeps on
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import pytest
 from support.e2e_support import Harness
 
+from daemon import cli
 from daemon.states import JobState
 
 
@@ -38,7 +40,7 @@ def credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory
 
 
-def test_each_owner_submits_with_their_own_token_and_a_revoked_one_blocks_only_its_owner(e2e, credentials):
+def test_each_owner_submits_with_their_own_token_and_a_revoked_one_blocks_only_its_owner(e2e, credentials, capsys):
     h = e2e()
     give_token(h, credentials, "bob")
     carol_token = give_token(h, credentials, "carol")
@@ -64,6 +66,14 @@ def test_each_owner_submits_with_their_own_token_and_a_revoked_one_blocks_only_i
     assert "HTTP 403" in statuses[("mis", "carol")].blocked_reason  # a revoked token: 403
     assert statuses.get(("mis", "bob")) is None or statuses[("mis", "bob")].blocked_reason is None
     assert statuses.get(("mis", "operator")) is None or statuses[("mis", "operator")].blocked_reason is None
+    capsys.readouterr()
+    assert cli.main(["services", "-c", str(h.config_path), "--json"]) == 0
+    [service] = json.loads(capsys.readouterr().out)
+    owners = {o["owner"]: o for o in service["owners"]}
+    assert service["blocked"] is None and owners["bob"]["blocked"] is None
+    assert "HTTP 403" in owners["carol"]["blocked"] and owners["carol"]["jobs"]["blocked"] == 1
+    assert cli.main(["services", "-c", str(h.config_path)]) == 0
+    assert "blocked for carol: " in capsys.readouterr().out
 
     give_token(h, credentials, "carol")  # a new token in her file: probed at once, her jobs go on
     h.wait_state(carol_late.id, "completed", timeout=30)
