@@ -77,21 +77,30 @@ _DUE_PENDING = (
     & ~OWNER_BLOCKED
 )
 ANY_DUE_PENDING = sa.select(jobs.c.id).where(_DUE_PENDING).limit(1)
-#: The owners with due pending jobs on a service, whose oldest waits longest first: slots go round them in turn.
-PENDING_OWNERS = (
-    sa.select(jobs.c.owner).where(_DUE_PENDING).group_by(jobs.c.owner).order_by(sa.func.min(jobs.c.created_at))
-)
 #: The service's status row, locked: whoever promotes into this service waits for us.
-LOCK_SERVICE = sa.select(services.c.name).where(services.c.name == sa.bindparam("service")).with_for_update()
-#: The owner's limit on the service as lowered by the server's "Only N jobs per user" (None: not lowered).
-OWNER_LIMIT = sa.select(service_owners.c.effective_limit).where(
-    service_owners.c.service == sa.bindparam("service"), service_owners.c.owner == sa.bindparam("owner"))
-IN_FLIGHT_COUNT = (
-    sa.select(sa.func.count())
-    .select_from(jobs)
-    .where(jobs.c.service == sa.bindparam("service"), jobs.c.state.in_(sorted(IN_FLIGHT)))
-)
+LOCK_SERVICE = sa.select(services.c.name).where(services.c.name == sa.bindparam("of_service")).with_for_update()
+_IN_FLIGHT = (jobs.c.service == sa.bindparam("service")) & jobs.c.state.in_(sorted(IN_FLIGHT))
+IN_FLIGHT_COUNT = sa.select(sa.func.count()).select_from(jobs).where(_IN_FLIGHT)
 OWNER_IN_FLIGHT_COUNT = IN_FLIGHT_COUNT.where(jobs.c.owner == sa.bindparam("owner"))
+_IS_DUE_PENDING = (jobs.c.state == JobState.PENDING) & sa.or_(jobs.c.next_poll_at.is_(None),
+                                                              jobs.c.next_poll_at <= sa.bindparam("now"))
+#: Per owner of a service's unfinished jobs, in one statement (dispatch runs it for every service every tick): jobs
+#: in flight, due pending jobs and the oldest of them, the limit the server lowered, whether the owner is blocked.
+OWNER_SLOTS = (
+    sa.select(
+        jobs.c.owner,
+        sa.func.count().filter(jobs.c.state.in_(sorted(IN_FLIGHT))).label("in_flight"),
+        sa.func.count().filter(_IS_DUE_PENDING).label("pending"),
+        sa.func.min(jobs.c.created_at).filter(_IS_DUE_PENDING).label("oldest"),
+        sa.func.max(service_owners.c.effective_limit).label("lowered"),
+        sa.func.count(service_owners.c.blocked_reason).label("blocked"),
+    )
+    .select_from(jobs.outerjoin(service_owners, (service_owners.c.service == jobs.c.service)
+                                & (service_owners.c.owner == jobs.c.owner)))
+    .where(jobs.c.service == sa.bindparam("of_service"),
+           jobs.c.state.in_(sorted({*IN_FLIGHT, JobState.PENDING})))
+    .group_by(jobs.c.owner)
+)
 #: One owner's oldest due pending jobs on a service → submitting, at most `free` of them; rows another daemon is
 #: promoting are skipped (PostgreSQL), the SQLite write lock serialises promoters anyway.
 PROMOTE = (

@@ -79,27 +79,29 @@ class JobQueue:
             if conn.execute(queries.ANY_DUE_PENDING, due).first() is None:
                 return Promotion(0, waiting=False)
         promoted: list[uuid.UUID] = []
+        waiting = False
         with self._db.engine.begin() as conn:
-            conn.execute(queries.LOCK_SERVICE, {"service": service})
-            free = max_concurrent - (conn.execute(queries.IN_FLIGHT_COUNT, {"service": service}).scalar() or 0)
-            for owner in conn.execute(queries.PENDING_OWNERS, due).scalars().all() if free > 0 else ():
-                of_owner = {"service": service, "owner": owner}
-                lowered = conn.execute(queries.OWNER_LIMIT, of_owner).scalar()
-                limit = min(x for x in (per_owner, lowered, max_concurrent) if x is not None)
-                room = min(free, limit - (conn.execute(queries.OWNER_IN_FLIGHT_COUNT, of_owner).scalar() or 0))
-                if room > 0:
-                    ids = conn.execute(queries.PROMOTE, {**due, "of_owner": owner, "free": room}).scalars().all()
-                    promoted += ids
-                    free -= len(ids)
+            conn.execute(queries.LOCK_SERVICE, due)
+            owners = conn.execute(queries.OWNER_SLOTS, due).all()
+            free = max_concurrent - sum(o.in_flight for o in owners)
+            waiting_owners = sorted((o for o in owners if o.pending and not o.blocked), key=lambda o: o.oldest)
+            for slots in waiting_owners:
                 if free <= 0:
+                    waiting = True
                     break
+                limit = min(x for x in (per_owner, slots.lowered, max_concurrent) if x is not None)
+                room = min(free, limit - slots.in_flight)
+                ids = conn.execute(queries.PROMOTE, {**due, "of_owner": slots.owner, "free": room}).scalars().all() \
+                    if room > 0 else []
+                promoted += ids
+                free -= len(ids)
+                waiting = waiting or len(ids) < slots.pending
             if promoted:
                 conn.execute(
                     queries.INSERT_EVENT,
                     [event_row(i, JobState.PENDING, JobState.SUBMITTING, "slot free on service", now)
                      for i in promoted],
                 )
-            waiting = conn.execute(queries.ANY_DUE_PENDING, due).first() is not None
             return Promotion(len(promoted), waiting=waiting)
 
     # ------------------------------------------------------------------ leases
