@@ -176,7 +176,8 @@ def test_an_upload_over_the_limit_is_413(tmp_path: Path, sqlite_url: str) -> Non
         server.close()
 
 
-def test_a_retried_post_returns_the_first_answer_and_makes_one_job(api: Api) -> None:
+def test_a_retried_post_returns_the_first_answer_and_makes_one_job(api_on_each_database: Api) -> None:
+    api = api_on_each_database
     key = {"Idempotency-Key": "portal-request-1"}
     with api.as_("alice") as alice:
         first = api.upload(alice, headers=key)
@@ -191,7 +192,8 @@ def test_a_retried_post_returns_the_first_answer_and_makes_one_job(api: Api) -> 
     assert len(api.store.admin.list_jobs(owner="alice")) == 1
 
 
-def test_concurrent_retries_make_one_job(api: Api) -> None:
+def test_concurrent_retries_make_one_job(api_on_each_database: Api) -> None:
+    api = api_on_each_database
     key = {"Idempotency-Key": "same-click-twice"}
 
     def post() -> httpx.Response:
@@ -208,7 +210,8 @@ def test_concurrent_retries_make_one_job(api: Api) -> None:
 # ------------------------------------------------------------------ reading
 
 
-def test_list_filters_and_pages_newest_first(api: Api) -> None:
+def test_list_filters_and_pages_newest_first(api_on_each_database: Api) -> None:
+    api = api_on_each_database
     ids = [created(api)["id"] for _ in range(5)]
     with api.as_("alice") as alice:
         seen, cursor = [], None

@@ -83,7 +83,18 @@ def make_api(root: Path, db_url: str, *, max_upload_mb: int = 100) -> tuple[Api,
 
 @pytest.fixture
 def api(tmp_path: Path, sqlite_url: str) -> Iterator[Api]:
-    made, server = make_api(tmp_path, sqlite_url)
+    """The API on a SQLite database."""
+    yield from _served(tmp_path, sqlite_url)
+
+
+@pytest.fixture
+def api_on_each_database(tmp_path: Path, db_url: str) -> Iterator[Api]:
+    """The API on SQLite, then on PostgreSQL (`db_url` is parametrized over both)."""
+    yield from _served(tmp_path, db_url)
+
+
+def _served(root: Path, db_url: str) -> Iterator[Api]:
+    made, server = make_api(root, db_url)
     try:
         yield made
     finally:
