@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO
 
 from flask import Request
+from werkzeug.exceptions import BadRequest
 from werkzeug.utils import secure_filename
 
 #: WSGI environ key of the folder the request's files are written to.
@@ -23,7 +24,7 @@ class UploadingRequest(Request):
                          filename: str | None = None, content_length: int | None = None) -> IO[bytes]:
         folder = self.environ.get(UPLOAD_DIR)
         if folder is None:  # a route that takes no files: nothing may land on disk
-            raise ValueError("this route takes no file uploads")
+            raise BadRequest("this route takes no file uploads")
         return open(_unique(Path(folder), filename), "xb")  # noqa: SIM115 - werkzeug closes it
 
 

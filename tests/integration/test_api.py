@@ -329,3 +329,10 @@ def test_the_openapi_document_lists_exactly_the_routes(api: Api) -> None:
     documented = {(method, path) for path, item in document()["paths"].items() for method in item}
     assert documented == routes
     assert document()["openapi"] == "3.1.0"
+
+
+def test_a_file_sent_where_none_is_taken_is_refused_and_nothing_is_written(api: Api) -> None:
+    with api.client() as anonymous:
+        response = anonymous.post("/login", files=[("token", ("x", b"y" * 1000))])
+    assert response.status_code == 400
+    assert not (api.root / "state" / "uploads").exists() or not any((api.root / "state" / "uploads").iterdir())
