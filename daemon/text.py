@@ -73,7 +73,7 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-__all__ = ["counted", "printable", "qc_summary", "strip_ansi"]
+__all__ = ["counted", "json_default", "printable", "qc_summary", "strip_ansi"]
 
 
 def json_default(value: Any) -> Any:

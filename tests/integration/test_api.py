@@ -336,3 +336,12 @@ def test_a_file_sent_where_none_is_taken_is_refused_and_nothing_is_written(api: 
         response = anonymous.post("/login", files=[("token", ("x", b"y" * 1000))])
     assert response.status_code == 400
     assert not (api.root / "state" / "uploads").exists() or not any((api.root / "state" / "uploads").iterdir())
+
+
+def test_the_dashboards_cookie_reads_but_never_acts(api: Api) -> None:
+    job, body = finished_job(api)
+    cookie = {"imputationd_token": api.tokens["alice"]}  # a submit token: only GETs may use it from the cookie
+    with httpx.Client(base_url=api.url, cookies=cookie) as browser:
+        assert browser.get(f"/api/v1/jobs/{job.id}/files/chr_20.zip").content == body
+        assert browser.post(f"/api/v1/jobs/{job.id}/retry").status_code == 401
+        assert api.upload(browser).status_code == 401
