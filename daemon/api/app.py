@@ -25,8 +25,9 @@ def create_app(config: Config, store: JobStore) -> Flask:
     app.request_class = UploadingRequest
     app.config.update(
         MAX_CONTENT_LENGTH=config.api.max_upload_mb * 1024 * 1024,
-        # Fields other than files (service, panel, ...) are small: a form that holds more is not ours.
-        MAX_FORM_MEMORY_SIZE=64 * 1024,
+        # Fields other than files (service, panel, ...) are small: a form that holds more is not ours. It also bounds
+        # the multipart decoder's buffer, which holds a read chunk (64 KiB) of a file part as it is streamed to disk.
+        MAX_FORM_MEMORY_SIZE=1024 * 1024,
         MAX_FORM_PARTS=200,
     )
     app.extensions["imputationd.config"] = config

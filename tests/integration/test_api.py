@@ -345,3 +345,13 @@ def test_the_dashboards_cookie_reads_but_never_acts(api: Api) -> None:
         assert browser.get(f"/api/v1/jobs/{job.id}/files/chr_20.zip").content == body
         assert browser.post(f"/api/v1/jobs/{job.id}/retry").status_code == 401
         assert api.upload(browser).status_code == 401
+
+
+def test_a_file_many_times_the_decoders_chunk_is_streamed_to_disk(api: Api) -> None:
+    vcf = api.vcf("chr20-big.vcf.gz", variants=60_000, seed=4)
+    assert vcf.stat().st_size > 1024 * 1024  # many times the multipart decoder's read chunk (64 KiB)
+    response = api.upload(api.as_("alice"), [vcf])
+    assert response.status_code == 201, response.text
+    [stored] = response.json()["inputs"]
+    assert stored["size"] == vcf.stat().st_size
+    assert stored["sha256"] == hashlib.sha256(vcf.read_bytes()).hexdigest()

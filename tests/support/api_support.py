@@ -47,7 +47,8 @@ class Api:
     def vcf(self, name: str = "chr20.vcf.gz", **options: Any) -> Path:
         path = self.root / "inputs" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        return write_sample_vcf(path, chromosome="20", build="hg19", samples=25, variants=120, **options)
+        return write_sample_vcf(path, **{"chromosome": "20", "build": "hg19", "samples": 25, "variants": 120,
+                                         **options})
 
     def upload(self, client: httpx.Client, files: list[Path] | None = None, *, headers: dict[str, str] | None = None,
                **fields: Any) -> httpx.Response:
