@@ -21,7 +21,7 @@ from daemon.api.problems import Problem, from_http_exception
 from daemon.api.uploads import UPLOAD_DIR, discard, new_upload_dir, uploaded_paths
 from daemon.config import Config
 from daemon.crypto import SecretKeyError
-from daemon.db.admin import event_snapshot, group_state, job_detail, job_snapshot
+from daemon.db.admin import event_snapshot, group_state, job_detail
 from daemon.db.api_tokens import Caller
 from daemon.db.idempotency import Answer, KeyInUse
 from daemon.db.models import Job
@@ -163,8 +163,7 @@ def list_jobs() -> Response:
     jobs = store().admin.jobs_page(states=states, service=args.get("service") or None, owner=owner, group=group,
                                    before=before, limit=limit + 1)
     page, more = jobs[:limit], len(jobs) > limit
-    return as_json({"jobs": [job_snapshot(j) for j in page],
-                    "next_cursor": _encode_cursor(page[-1]) if more else None})
+    return as_json({"jobs": page, "next_cursor": _encode_cursor(page[-1]) if more else None})
 
 
 @api.get("/jobs/<job_id>")
@@ -296,8 +295,8 @@ def _uuid_or_422(text: str, field: str) -> uuid.UUID:
         raise Problem(422, f"{field}: not an id") from None
 
 
-def _encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode().rstrip("=")
+def _encode_cursor(job: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(f"{job['created_at'].isoformat()}|{job['id']}".encode()).decode().rstrip("=")
 
 
 def _decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:

@@ -153,12 +153,13 @@ class JobAdmin:
 
     def jobs_page(self, *, states: Collection[JobState] | None = None, service: str | None = None,
                   owner: str | None = None, group: uuid.UUID | None = None,
-                  before: tuple[dt.datetime, uuid.UUID] | None = None, limit: int = 100) -> list[Job]:
-        """Newest first, after the cursor `before` (the (created_at, id) of the previous page's last job)."""
-        with self._db.reading() as session:
-            query = queries.jobs_page(states=states, service=service, owner=owner, group=group, before=before,
-                                      limit=limit)
-            return list(session.scalars(query).all())
+                  before: tuple[dt.datetime, uuid.UUID] | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Job summaries as `job_snapshot` makes them, newest first, after the cursor `before` (the (created_at,
+        id) of the previous page's last job)."""
+        query = queries.jobs_page(states=states, service=service, owner=owner, group=group, before=before,
+                                  limit=limit)
+        with self._db.reader.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
 
     def events_after(self, job_id: uuid.UUID, after: int = 0, *, limit: int = 500) -> list[JobEvent]:
         with self._db.reading() as session:
