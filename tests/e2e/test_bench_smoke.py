@@ -23,6 +23,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import _common  # noqa: E402
+import api_latency  # noqa: E402
+import api_upload  # noqa: E402
 import celery_compare  # noqa: E402
 import download  # noqa: E402
 import memory  # noqa: E402
@@ -54,6 +56,20 @@ def test_throughput_small_run_completes_every_job() -> None:
     result = throughput.run(8, latency=0.005, workers=4, tick=0.2, poll_interval=0.2, timeout=60)
     assert result["calls_per_job"] >= 3  # submit, status, at least one download
     assert math.isfinite(result["ratio"]) and result["cpu_per_job"] > 0
+
+
+def test_api_latency_small_run_answers_every_request(capsys: pytest.CaptureFixture[str]) -> None:
+    result = api_latency.run(400, seconds=1.0, postgres=False)
+    assert result["errors"] == 0 and result["one_per_s"] > 0 and result["list_per_s"] > 0
+    assert 0 < result["one_p50_ms"] <= result["one_p99_ms"] and result["rss"] > 30
+    assert "GET /api/v1/jobs/{id}" in capsys.readouterr().out
+
+
+def test_api_upload_against_curl_to_a_plain_server() -> None:
+    require_program("curl", "apt-get install curl")
+    result = api_upload.run(8, rounds=1)  # the API answered 201 (the bench asserts it): a job was stored
+    assert result["api"] > 0 and result["plain"] > 0 and result["preflight"] > 0
+    assert 0 <= result["rss_growth"] < 200
 
 
 def test_download_against_curl(tmp_path: Path) -> None:
