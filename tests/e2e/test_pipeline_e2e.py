@@ -257,8 +257,9 @@ def test_a_server_failure_the_policy_lists_is_submitted_again_and_a_qc_failure_i
     bad = h.wait_state(bad.id, "failed")
     h.stop_daemon()
 
-    assert h.states_visited(cured) == ["pending", "submitting", "queued", "running", "pending", "submitting",
-                                       "queued", "running", "downloading", "completed"]
+    # A poll may find the remote job already failed or done, so "running" is not always seen (a loaded machine).
+    assert [s for s in h.states_visited(cured) if s != "running"] == [
+        "pending", "submitting", "queued", "pending", "submitting", "queued", "downloading", "completed"]
     assert any((e.reason or "").startswith("the server failed the remote job (Pipeline execution failed.); "
                                            "submitting it again (1 of 2)") for e in cured.events)
     assert cured.retries == 1
