@@ -96,8 +96,9 @@ def job(job_id: str) -> BaseResponse | str:
         raise NotFound(f"no job {job_id}") from None
     if not sees(caller, found):
         raise NotFound(f"no job {job_id}")
+    # A finished job changes no more: its page stops reloading itself.
     return render_template("job.html", caller=caller, job=found, qc=qc_summary(found.qc) if found.qc else None,
-                           finished=found.state in TERMINAL, refresh=REFRESH_SECONDS)
+                           refresh=None if found.state in TERMINAL else REFRESH_SECONDS)
 
 
 @dashboard.get("/services")
