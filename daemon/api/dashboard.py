@@ -34,7 +34,8 @@ def _caller() -> Caller | None:
 
 
 def _login_first() -> BaseResponse:
-    return redirect(url_for("dashboard.login", next=request.path))
+    # The query string goes along: a link to the failed jobs (`/?state=failed`) lands on them once logged in.
+    return redirect(url_for("dashboard.login", next=request.full_path if request.query_string else request.path))
 
 
 @dashboard.get("/login")
