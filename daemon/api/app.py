@@ -52,6 +52,9 @@ def create_app(config: Config, store: JobStore) -> Flask:
         if request.path.startswith("/api/") is False:
             response.headers.setdefault("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'")
             response.headers.setdefault("X-Frame-Options", "DENY")
+            # A dashboard page shows an owner's jobs: kept in no cache, so that Back after logging out asks the
+            # server again (and lands on the login form) rather than showing the owner's pages from the cache.
+            response.headers.setdefault("Cache-Control", "no-store")
         return response
 
     @app.errorhandler(HTTPException)

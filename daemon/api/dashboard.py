@@ -61,6 +61,9 @@ def login_submit() -> BaseResponse | tuple[str, int]:
 def logout() -> BaseResponse:
     response = redirect(url_for("dashboard.login"))
     response.delete_cookie(COOKIE, path="/")
+    # Chrome keeps even no-store pages in its back/forward cache unless told otherwise: Back after logging out must
+    # not show the owner's pages to whoever uses the browser next. (Not "cookies": that clears the whole site's.)
+    response.headers["Clear-Site-Data"] = '"cache"'
     return response
 
 
