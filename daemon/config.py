@@ -1,21 +1,21 @@
 """Typed configuration, loaded from YAML and validated with every problem reported at its key path.
 
-This module's types are the contract the rest of the daemon reads; `load_config` is the only way to build them
-from a file, and `check-config` and daemon start-up both go through it.
+This module's types are the contract the rest of the daemon reads, and each one is also the schema of its YAML
+section: a field's annotation says what a value may be, checked by msgspec or by the field's `Check`
+(`daemon.validation`). `load_config` is the only way to build them from a file, and `check-config` and daemon
+start-up both go through it.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import math
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -24,6 +24,21 @@ from daemon.headers import HeadersFileError, parse_headers_file
 from daemon.states import NOTIFIABLE, TERMINAL, JobState
 from daemon.templates import template_problems
 from daemon.text import printable
+from daemon.validation import (
+    SECRET_MESSAGE,
+    Check,
+    Context,
+    Convert,
+    Invalid,
+    convert_mapping,
+    got,
+    integer,
+    is_secret_key,
+    join,
+    matching,
+    seconds,
+    yaml_key,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/imputationd/config.yaml")
 CONFIG_ENV = "IMPUTATIOND_CONFIG"
@@ -52,27 +67,30 @@ class ConfigError(Exception):
         super().__init__(where + "; ".join(problems))
 
 
+# The annotations name checks defined further down: they are read when a file is first converted, not here.
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
-    url: str
-    pool_size: int = 5
+    url: Annotated[str, Check(_database_url)]
+    pool_size: Annotated[int, integer(1, 100)] = 5
     echo: bool = False
 
 
 @dataclass(frozen=True)
 class StorageConfig:
-    state_dir: Path
-    results_dir: Path
-    temp_dir: Path
-    keep_days: int | None = None
+    state_dir: Annotated[Path, Check(_path)]
+    results_dir: Annotated[Path, Check(_path)]
+    temp_dir: Annotated[Path, Check(_path)]
+    keep_days: Annotated[int, integer(1, 36500)] | None = None
     #: Unpack each verified chr_*.zip into the job's result directory after it completes.
     extract: bool = False
     #: Key that encrypts job passwords in the database; None means `state_dir/secret.key` (made when missing).
-    secret_key_file: Path | None = None
+    secret_key_file: Annotated[Path, Check(_path)] | None = None
     #: The most one zip may unpack to, in GiB and in multiples of its own size: imputed results are compressed
     #: already (about 1x), a zip bomb expands a thousandfold.
-    extract_max_gib: int = 1024
-    extract_max_ratio: int = 100
+    extract_max_gib: Annotated[int, integer(1, 1 << 20)] = 1024
+    extract_max_ratio: Annotated[int, integer(1, 1 << 20)] = 100
 
     @property
     def secret_key_path(self) -> Path:
@@ -81,46 +99,46 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    workers: int = 8
-    dispatch_interval: float = 5.0
-    poll_tick_interval: float = 5.0
-    download_interval: float = 5.0
-    maintenance_interval: float = 60.0
+    workers: Annotated[int, integer(1, 256)] = 8
+    dispatch_interval: Annotated[float, seconds(3600)] = 5.0
+    poll_tick_interval: Annotated[float, seconds(3600)] = 5.0
+    download_interval: Annotated[float, seconds(3600)] = 5.0
+    maintenance_interval: Annotated[float, seconds(86400)] = 60.0
     #: Default seconds between two polls of one job (a service may override it).
-    poll_interval: float = 60.0
-    lease_seconds: float = 120.0
-    backoff_initial: float = 10.0
-    backoff_max: float = 900.0
+    poll_interval: Annotated[float, seconds(86400)] = 60.0
+    lease_seconds: Annotated[float, seconds(86400)] = 120.0
+    backoff_initial: Annotated[float, seconds(86400)] = 10.0
+    backoff_max: Annotated[float, seconds(7 * 86400)] = 900.0
     #: Seconds SIGTERM leaves in-flight steps to finish before leases are released (below TimeoutStopSec).
-    shutdown_timeout: float = 8.0
+    shutdown_timeout: Annotated[float, seconds(3600)] = 8.0
     #: Most jobs one tick hands to the pool.
-    batch_size: int = 200
+    batch_size: Annotated[int, integer(1, 10000)] = 200
     #: A service blocked by its token (401/403) is probed (token verify) this long after it was blocked; each probe
     #: that finds it still unusable doubles the wait, up to `blocked_probe_max`. A changed token file is probed at once.
-    blocked_probe_initial: float = 15.0
-    blocked_probe_max: float = 300.0
+    blocked_probe_initial: Annotated[float, seconds(86400)] = 15.0
+    blocked_probe_max: Annotated[float, seconds(86400)] = 300.0
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["auto", "json", "console"] = "auto"
-    level: str = "info"
+    level: Annotated[str, Check(_log_level)] = "info"
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: str | None = None  # "127.0.0.1:9478"; None disables the listener
+    listen: Annotated[str, Check(_listen)] | None = None  # "127.0.0.1:9478"; None disables the listener
 
 
 @dataclass(frozen=True)
 class ApiConfig:
     """The HTTP API and dashboard (`daemon.api`), served by `run` and by `api` alone."""
 
-    listen: str | None = None  # "127.0.0.1:8470"; None: `run` serves no API
+    listen: Annotated[str, Check(_listen)] | None = None  # "127.0.0.1:8470"; None: `run` serves no API
     #: Threads answering requests; a request (an upload, a download) holds one while it lasts.
-    threads: int = 16
+    threads: Annotated[int, integer(1, 256)] = 16
     #: The largest upload one request may carry, all its files together.
-    max_upload_mb: int = 20000
+    max_upload_mb: Annotated[int, integer(1, 10_000_000)] = 20000
     #: The dashboard's login cookie is `Secure` (sent over HTTPS only): leave it on behind a TLS proxy.
     secure_cookie: bool = True
 
@@ -131,24 +149,24 @@ NOTIFY_STATES = tuple(state.value for state in JobState if state in NOTIFIABLE)
 
 @dataclass(frozen=True)
 class WebhookConfig:
-    url: str  # may itself be a secret (chat webhooks): never logged
-    timeout: float = 10.0
+    url: Annotated[str, Check(_url)]  # may itself be a secret (chat webhooks): never logged
+    timeout: Annotated[float, seconds(120)] = 10.0
     #: Extra request headers, one "Name: value" per line (e.g. Authorization); read again at every reload.
-    headers_file: Path | None = None
+    headers_file: Annotated[Path, Check(_credential_file)] | None = None
 
 
 @dataclass(frozen=True)
 class EmailConfig:
-    host: str
-    sender: str  # YAML key `from`
-    to: tuple[str, ...]
-    port: int = 25
+    host: Annotated[str, Check(_text)]
+    sender: Annotated[str, Check(_address)] = field(metadata=yaml_key("from"))
+    to: Annotated[tuple[str, ...], Check(_addresses)]
+    port: Annotated[int, integer(1, 65535)] = 25
     starttls: bool = True
-    username: str | None = None
+    username: Annotated[str, Check(_text)] | None = None
     #: SMTP password: a file (relative: under $CREDENTIALS_DIRECTORY when systemd provides it) or an env variable.
-    password_file: Path | None = None
-    password_env: str | None = None
-    timeout: float = 30.0
+    password_file: Annotated[Path, Check(_credential_file)] | None = None
+    password_env: Annotated[str, Check(_env_name)] | None = None
+    timeout: Annotated[float, seconds(600)] = 30.0
 
     def read_password(self) -> str | None:
         if self.password_file is not None:
@@ -160,11 +178,12 @@ class EmailConfig:
 
 @dataclass(frozen=True)
 class NotificationsConfig:
-    webhook: WebhookConfig | None = None
-    email: EmailConfig | None = None
-    on: tuple[str, ...] = tuple(state.value for state in JobState if state in TERMINAL)
+    webhook: Annotated[WebhookConfig, Check(_webhook)] | None = None
+    email: Annotated[EmailConfig, Check(_email)] | None = None
+    on: Annotated[tuple[str, ...], Check(_subset(NOTIFY_STATES, non_empty=True))] = tuple(
+        state.value for state in JobState if state in TERMINAL)
     #: A notification still failing this many seconds after its state change is given up (logged as an error).
-    give_up_after: float = 86400.0
+    give_up_after: Annotated[float, seconds(30 * 86400)] = 86400.0
 
     @property
     def enabled(self) -> bool:
@@ -197,51 +216,54 @@ def r2_filter_problem(text: str) -> str | None:
 
 @dataclass(frozen=True)
 class PanelConfig:
-    name: str  # ours, used on the command line
-    remote_id: str  # the service's id, e.g. "apps@1000g-phase-3-v5@2.0.0"
-    builds: tuple[str, ...] = ("hg19", "hg38")
-    populations: tuple[str, ...] = ()
-    phasing: tuple[str, ...] = DEFAULT_PANEL_PHASING
+    name: str = field(metadata=yaml_key(None))  # ours, used on the command line: its key in `panels`
+    #: The service's id, e.g. "apps@1000g-phase-3-v5@2.0.0".
+    remote_id: Annotated[str, Check(_text)] = field(metadata=yaml_key("id"))
+    builds: Annotated[tuple[str, ...], Check(_subset(BUILDS, non_empty=True))] = ("hg19", "hg38")
+    populations: Annotated[tuple[str, ...], Check(_subset(POPULATIONS, non_empty=False))] = ()
+    phasing: Annotated[tuple[str, ...], Check(_subset(PHASING, non_empty=True))] = DEFAULT_PANEL_PHASING
 
 
 @dataclass(frozen=True)
 class WesConfig:
-    workflow_url: str
-    workflow_type: str
-    workflow_type_version: str
-    engine: str | None = None
-    engine_version: str | None = None
-    engine_parameters: dict[str, Any] = field(default_factory=dict)
+    workflow_url: Annotated[str, Check(_text)]
+    workflow_type: Annotated[str, Check(_text)]
+    workflow_type_version: Annotated[str, Check(_text)]
+    engine: Annotated[str, Check(_text)] | None = None
+    engine_version: Annotated[str, Check(_text)] | None = None
+    engine_parameters: Annotated[dict[str, Any], Check(_json_object)] = field(default_factory=dict)
     #: `workflow_params` template; strings may use {files} {panel} {build} {population} {phasing} {r2_filter}
     #: {mode} {job_id} {name}.
-    workflow_params: dict[str, Any] = field(default_factory=dict)
+    workflow_params: Annotated[dict[str, Any], Check(_json_object)] = field(default_factory=dict)
     inputs_as: Literal["attachment", "path"] = "attachment"
     #: "path": outputs published as paths on a file system shared with the server (`file://`) are copied from there,
     #: only from under `outputs_root`; "url": only HTTP URLs are downloaded.
     outputs_as: Literal["url", "path"] = "url"
-    outputs_root: Path | None = None
-    page_size: int = 100
+    outputs_root: Annotated[Path, Check(_path)] | None = None
+    page_size: Annotated[int, integer(1, 1000)] = 100
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    name: str
+    name: str = field(metadata=yaml_key(None))  # its key in `services`
     type: Literal["cloudgene", "wes"]
-    base_url: str
-    app: str = "imputationserver2"
-    token_file: Path | None = None
-    token_env: str | None = None
+    base_url: Annotated[str, Check(_url)]
+    app: Annotated[str, matching(r"[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._-]+)?",
+                                 "a Cloudgene app id like imputationserver2")] = "imputationserver2"
+    token_file: Annotated[Path, Check(_token_file)] | None = None
+    token_env: Annotated[str, Check(_env_name)] | None = None
     #: "none": the server takes no token (some WES servers); no Authorization header is sent, and nobody calls a
     #: token valid that nobody checked.
     auth: Literal["token", "none"] = "token"
-    max_concurrent_jobs: int = 3
-    poll_interval: float = 60.0
-    timeout: float = 30.0
-    panels: dict[str, PanelConfig] = field(default_factory=dict)
-    max_upload_mb: int = 5000
-    min_samples: int = 20
-    max_samples: int = 50000
-    wes: WesConfig | None = None
+    max_concurrent_jobs: Annotated[int, integer(1, 1000)] = 3
+    poll_interval: Annotated[float, seconds(86400)] = 60.0
+    timeout: Annotated[float, seconds(3600)] = 30.0
+    panels: Annotated[dict[str, PanelConfig], Check(_panels)] = field(default_factory=dict)
+    max_upload_mb: Annotated[int, integer(1, 1_000_000)] = 5000
+    min_samples: Annotated[int, integer(1, 10_000_000)] = 20
+    max_samples: Annotated[int, integer(1, 10_000_000)] = 50000
+    #: Required for services of type wes (`null` is reported as its missing keys, not taken as "none").
+    wes: Annotated[WesConfig | None, Check(_wes)] = None
     #: Let `base_url` be plain http:// to another machine: the token and the uploads cross the network unencrypted.
     allow_plain_http: bool = False
     #: Owners without a token of their own (`<credentials>/<owner>/<service>.token`) use the service's token. Off,
@@ -249,23 +271,23 @@ class ServiceConfig:
     shared_token: bool = False
     #: Most jobs of one owner in flight on the service at once (the server's "Only N jobs per user" is per
     #: account); None: `max_concurrent_jobs`, the service-wide limit, which holds as well.
-    jobs_per_owner: int | None = None
+    jobs_per_owner: Annotated[int, integer(1, 1000)] | None = None
     #: Most of the pool's workers this service's steps may occupy at once; None: `default_worker_share`.
-    max_workers: int | None = None
+    max_workers: Annotated[int, integer(1, 256)] | None = None
     #: Seconds during which a submit whose outcome is unknown (answer lost, a proxy's 504, the daemon killed
     #: mid-request) may still become a remote job, counted from when we stopped waiting for it: until they pass, the
     #: job is looked up on the server and never sent again. None: `settle_seconds`' default.
-    submit_settle: float | None = None
+    submit_settle: Annotated[float, seconds(7 * 86400)] | None = None
     #: Seconds a sent cancel may go unconfirmed (the remote job not yet reported cancelled) before the job says,
     #: once, that the server is ignoring it. The job stays `cancel_requested` and polled either way.
-    cancel_timeout: float = 600.0
+    cancel_timeout: Annotated[float, seconds(7 * 86400)] = 600.0
     #: Remote failures (reason or remote state, searched case-insensitively) that the daemon submits again, up to
     #: `resubmit_max` times per job; never a failure of the input's checks. Empty: never (the default).
-    resubmit_on: tuple[re.Pattern[str], ...] = ()
-    resubmit_max: int = 2
+    resubmit_on: Annotated[tuple[re.Pattern[str], ...], Check(_patterns)] = ()
+    resubmit_max: Annotated[int, integer(1, 20)] = 2
     #: A job whose results the server deletes within this many seconds (Cloudgene `deletedOn`) and that are not
     #: downloaded yet is logged and notified loudly, once.
-    retirement_warning: float = 86400.0
+    retirement_warning: Annotated[float, seconds(30 * 86400)] = 86400.0
 
     @property
     def settle_seconds(self) -> float:
@@ -293,18 +315,18 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class Config:
-    database: DatabaseConfig
-    storage: StorageConfig
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    services: dict[str, ServiceConfig] = field(default_factory=dict)
-    source: Path | None = None
-    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
-    api: ApiConfig = field(default_factory=ApiConfig)
+    database: Annotated[DatabaseConfig, _SECTION]
+    storage: Annotated[StorageConfig, _SECTION]
+    scheduler: Annotated[SchedulerConfig, _SECTION] = field(default_factory=SchedulerConfig)
+    logging: Annotated[LoggingConfig, _SECTION] = field(default_factory=LoggingConfig)
+    metrics: Annotated[MetricsConfig, _SECTION] = field(default_factory=MetricsConfig)
+    services: Annotated[dict[str, ServiceConfig], _SECTION] = field(default_factory=dict)
+    source: Path | None = field(default=None, metadata=yaml_key(None))  # the file it was read from
+    notifications: Annotated[NotificationsConfig, _SECTION] = field(default_factory=NotificationsConfig)
+    api: Annotated[ApiConfig, _SECTION] = field(default_factory=ApiConfig)
     #: Where owners' tokens are (`<credentials_dir>/<owner>/<service>.token`) when systemd provides no
     #: `$CREDENTIALS_DIRECTORY`.
-    credentials_dir: Path | None = None
+    credentials_dir: Annotated[Path, Check(_path)] | None = None
 
     def worker_share(self, service: str) -> int:
         """How many of the pool's workers `service`'s steps may occupy at once: its `max_workers`, else all but one
@@ -338,20 +360,20 @@ def load_config(path: Path) -> Config:
 
 def parse_config(data: Any, *, base_dir: Path, source: Path | None = None) -> Config:
     """Validate already-parsed YAML (`None` counts as empty); relative paths resolve against `base_dir`."""
-    ctx = _Context(base_dir=Path(base_dir))
-    sections = _walk({} if data is None else data, "", _TOP_LEVEL, ctx, what="a mapping of sections") or {}
+    ctx = Context(base_dir=Path(base_dir))
+    sections = convert_mapping({} if data is None else data, "", Config, ctx, what="a mapping of sections") or {}
     storage = _storage(sections.get("storage"), ctx)
     database = _database(sections.get("database"), storage.state_dir, ctx)
     scheduler = _scheduler(sections.get("scheduler"), ctx)
-    logging_ = LoggingConfig(**(_walk(sections.get("logging"), "logging", _LOGGING, ctx) or {}))
-    metrics = MetricsConfig(**(_walk(sections.get("metrics"), "metrics", _METRICS, ctx) or {}))
+    logging_ = LoggingConfig(**(convert_mapping(sections.get("logging"), "logging", LoggingConfig, ctx) or {}))
+    metrics = MetricsConfig(**(convert_mapping(sections.get("metrics"), "metrics", MetricsConfig, ctx) or {}))
     services = _services(sections.get("services", _ABSENT), scheduler.poll_interval, ctx)
     for name, service in services.items():
         if service.max_workers is not None and service.max_workers > scheduler.workers:
             ctx.report(f"services.{name}.max_workers",
                        f"must not exceed scheduler.workers ({scheduler.workers}), got {service.max_workers}")
     notifications = _notifications(sections.get("notifications"), ctx)
-    api = ApiConfig(**(_walk(sections.get("api"), "api", _API, ctx) or {}))
+    api = ApiConfig(**(convert_mapping(sections.get("api"), "api", ApiConfig, ctx) or {}))
     if api.listen is not None and api.listen == metrics.listen:
         ctx.report("api.listen", f"must differ from metrics.listen ({metrics.listen})")
     credentials_dir = sections.get("credentials_dir")
@@ -502,222 +524,54 @@ def _measure(node: yaml.Node, depth: int, seen: dict[int, tuple[int, int]], open
     return values, height
 
 
-# --- the schema walker -----------------------------------------------------------------------------------------------
+# --- checks of values that no type describes ------------------------------------------------------------------------
 
 
-#: A section left out of the file, where that differs from one written with nothing under it.
-_ABSENT = object()
-
-
-class _Invalid(Exception):
-    """One problem with the value at the key being converted; the walker adds the key path."""
-
-
-@dataclass
-class _Context:
-    base_dir: Path
-    problems: list[str] = field(default_factory=list)
-
-    def report(self, where: str, message: str) -> None:
-        self.problems.append(f"{where or '(top level)'}: {message}")
-
-
-#: A converter checks one YAML value and returns it as the dataclass field wants it. It raises `_Invalid` for a
-#: problem with the value itself; converters of nested sections report their inner problems through the context.
-_Convert = Callable[[Any, str, _Context], Any]
-
-_SECRET_KEYS = frozenset(
-    {"token", "password", "passwd", "api_key", "apikey", "secret", "access_token", "auth_token", "x_auth_token"}
-)
-_SECRET_MESSAGE = "secrets are never stored in the YAML; use token_file or token_env"
-
-
-def _walk(
-    raw: Any,
-    where: str,
-    schema: Mapping[str, _Convert],
-    ctx: _Context,
-    *,
-    required: tuple[str, ...] = (),
-    refuse_secrets: bool = False,
-    what: str = "a mapping",
-) -> dict[str, Any] | None:
-    """Convert one mapping key by key through `schema`, reporting unknown keys, bad values and missing required keys.
-
-    Returns the converted values of the keys that were given and valid (an absent key keeps its dataclass default),
-    or None when `raw` is not a mapping at all. An empty YAML value (`scheduler:`) counts as an empty mapping."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        ctx.report(where, f"must be {what}, got {_got(raw)}")
-        return None
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = _join(where, key)
-        if refuse_secrets and _is_secret_key(key):
-            ctx.report(path, _SECRET_MESSAGE)  # never the value: it is the secret
-        elif key not in schema:
-            ctx.report(path, _unknown_key(str(key), schema))
-        else:
-            try:
-                values[key] = schema[key](value, path, ctx)
-            except _Invalid as exc:
-                ctx.report(path, str(exc))
-    for key in required:
-        if key not in raw:
-            ctx.report(_join(where, key), "required")
-    return values
-
-
-def _join(where: str, key: Any) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
-def _unknown_key(key: str, schema: Mapping[str, Any]) -> str:
-    match = difflib.get_close_matches(key, list(schema), n=1)
-    if match:
-        return f"unknown key (did you mean '{match[0]}'?)"
-    return f"unknown key (expected one of: {', '.join(schema)})"
-
-
-def _is_secret_key(key: Any) -> bool:
-    return isinstance(key, str) and key.lower().replace("-", "_") in _SECRET_KEYS
-
-
-def _given_and_valid(raw: Any, values: dict[str, Any] | None, *keys: str) -> bool:
-    """True when none of `keys` was given with a bad value, so cross-field checks (which fall back to defaults for
-    absent keys) do not pile a second, confusing problem on top of one already reported."""
-    if values is None:
-        return False
-    given = raw if isinstance(raw, dict) else {}
-    return all(key in values or key not in given for key in keys)
-
-
-def _got(value: Any) -> str:
-    """How a bad value is shown: short, in YAML's words. Never used for keys that may hold secrets."""
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"a {type(value).__name__}"  # e.g. a date: YAML reads 2024-01-01 as one
-
-
-# --- value converters ------------------------------------------------------------------------------------------------
-
-
-def _as_is(value: Any, path: str, ctx: _Context) -> Any:
-    return value
-
-
-def _optional(convert: _Convert) -> _Convert:
-    """`null` is allowed and means "not set"."""
-
-    def optional(value: Any, path: str, ctx: _Context) -> Any:
-        return None if value is None else convert(value, path, ctx)
-
-    return optional
-
-
-def _integer(low: int, high: int) -> _Convert:
-    def integer(value: Any, path: str, ctx: _Context) -> int:
-        # bool is an int in Python; `workers: yes` is a mistake, not 1.
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise _Invalid(f"must be an integer from {low} to {high}, got {_got(value)}")
-        return value
-
-    return integer
-
-
-def _seconds(high: float) -> _Convert:
-    def seconds(value: Any, path: str, ctx: _Context) -> float:
-        number_ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if not number_ok or not 0 < value <= high:
-            raise _Invalid(f"must be a number of seconds greater than 0 and at most {high:g}, got {_got(value)}")
-        return float(value)
-
-    return seconds
-
-
-def _boolean(value: Any, path: str, ctx: _Context) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"must be true or false, got {_got(value)}")
-    return value
-
-
-def _text(value: Any, path: str, ctx: _Context) -> str:
+def _text(value: Any, path: str, ctx: Context) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         # YAML turns `1.10` into the float 1.1: make the operator quote it rather than guess.
-        raise _Invalid(f"must be text, got the number {value!r} (quote it so YAML keeps it as written)")
+        raise Invalid(f"must be text, got the number {value!r} (quote it so YAML keeps it as written)")
     if not isinstance(value, str) or not value.strip():
-        raise _Invalid(f"must be non-empty text, got {_got(value)}")
+        raise Invalid(f"must be non-empty text, got {got(value)}")
     return value.strip()
 
 
-def _choice(*options: str, fold_case: bool = False) -> _Convert:
-    def choice(value: Any, path: str, ctx: _Context) -> str:
-        candidate = value.lower() if fold_case and isinstance(value, str) else value
-        if candidate not in options:
-            raise _Invalid(f"must be one of {', '.join(options)}, got {_got(value)}")
-        return candidate
-
-    return choice
-
-
-def _pattern(regex: str, description: str) -> _Convert:
-    compiled = re.compile(regex)
-
-    def pattern(value: Any, path: str, ctx: _Context) -> str:
-        if not isinstance(value, str) or not compiled.fullmatch(value):
-            raise _Invalid(f"must be {description}, got {_got(value)}")
-        return value
-
-    return pattern
-
-
-def _subset(options: tuple[str, ...], *, non_empty: bool) -> _Convert:
+def _subset(options: tuple[str, ...], *, non_empty: bool) -> Convert:
     """A list of distinct values drawn from `options` (panel builds, populations)."""
 
-    def subset(value: Any, path: str, ctx: _Context) -> tuple[str, ...]:
+    def subset(value: Any, path: str, ctx: Context) -> tuple[str, ...]:
         expected = ", ".join(options)
         if not isinstance(value, list):
-            raise _Invalid(f"must be a list drawn from {expected}, got {_got(value)}")
+            raise Invalid(f"must be a list drawn from {expected}, got {got(value)}")
         if non_empty and not value:
-            raise _Invalid(f"must list at least one of {expected}")
+            raise Invalid(f"must list at least one of {expected}")
         if any(isinstance(item, bool) for item in value):
-            raise _Invalid("""quote 'off' as "off": YAML reads a bare off (or on, yes, no) as a boolean""")
+            raise Invalid("""quote 'off' as "off": YAML reads a bare off (or on, yes, no) as a boolean""")
         unknown = [item for item in value if item not in options]
         if unknown:
-            raise _Invalid(f"unknown {', '.join(_got(item) for item in unknown)} (expected values from {expected})")
+            raise Invalid(f"unknown {', '.join(got(item) for item in unknown)} (expected values from {expected})")
         repeated = sorted({item for item in value if value.count(item) > 1})
         if repeated:
-            raise _Invalid(f"lists {', '.join(repeated)} more than once")
+            raise Invalid(f"lists {', '.join(repeated)} more than once")
         return tuple(value)
 
     return subset
 
 
-def _patterns(value: Any, path: str, ctx: _Context) -> tuple[re.Pattern[str], ...]:
+def _patterns(value: Any, path: str, ctx: Context) -> tuple[re.Pattern[str], ...]:
     """A list of regular expressions, searched case-insensitively (a plain phrase is one)."""
     if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
-        raise _Invalid(f"must be a list of texts or regular expressions, got {_got(value)}")
+        raise Invalid(f"must be a list of texts or regular expressions, got {got(value)}")
     compiled = []
     for item in value:
         try:
             compiled.append(re.compile(item, re.IGNORECASE))
         except re.error as exc:
-            raise _Invalid(f"{item!r} is not a regular expression: {exc}") from None
+            raise Invalid(f"{item!r} is not a regular expression: {exc}") from None
     return tuple(compiled)
 
 
-def _path(value: Any, path: str, ctx: _Context) -> Path:
+def _path(value: Any, path: str, ctx: Context) -> Path:
     text = _text(value, path, ctx)
     resolved = Path(text).expanduser()
     if not resolved.is_absolute():
@@ -725,105 +579,105 @@ def _path(value: Any, path: str, ctx: _Context) -> Path:
     return Path(os.path.normpath(resolved))
 
 
-def _token_file(value: Any, path: str, ctx: _Context) -> Path:
+def _token_file(value: Any, path: str, ctx: Context) -> Path:
     """A relative token file lives under `$CREDENTIALS_DIRECTORY` when systemd provides one (`LoadCredential=`),
     else beside the config file like every other relative path."""
     # The value is not echoed: someone may have pasted the token itself here.
     if not isinstance(value, str) or not value.strip():
-        raise _Invalid("must be the path of a file that holds only the token")
+        raise Invalid("must be the path of a file that holds only the token")
     if _JWT.search(value):
-        raise _Invalid("holds a token, not a file name; put the token in a file and name that file here")
+        raise Invalid("holds a token, not a file name; put the token in a file and name that file here")
     return credentials_path(Path(value.strip()).expanduser()) or _path(value, path, ctx)
 
 
-def _env_name(value: Any, path: str, ctx: _Context) -> str:
+def _env_name(value: Any, path: str, ctx: Context) -> str:
     # The value is not echoed: someone may have pasted the token itself here.
     if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
-        raise _Invalid(
+        raise Invalid(
             "must be the name of an environment variable (letters, digits and '_', not starting with a digit); "
             "the token itself goes into that variable"
         )
     return value
 
 
-def _url(value: Any, path: str, ctx: _Context) -> str:
+def _url(value: Any, path: str, ctx: Context) -> str:
     # Values are not echoed: a URL may carry credentials.
     if not isinstance(value, str) or not value.strip() or any(ch.isspace() for ch in value.strip()):
-        raise _Invalid("not a URL (expected http:// or https://)")
+        raise Invalid("not a URL (expected http:// or https://)")
     parts = urlsplit(value.strip())
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
-        raise _Invalid("has an invalid port") from None
+        raise Invalid("has an invalid port") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _Invalid("not a URL (expected http:// or https://)")
+        raise Invalid("not a URL (expected http:// or https://)")
     if parts.username or parts.password:
-        raise _Invalid(f"must not contain credentials; {_SECRET_MESSAGE}")
+        raise Invalid(f"must not contain credentials; {SECRET_MESSAGE}")
     if parts.query or parts.fragment:
-        raise _Invalid("must not have a query string or fragment")
+        raise Invalid("must not have a query string or fragment")
     return value.strip().rstrip("/")
 
 
-def _database_url(value: Any, path: str, ctx: _Context) -> str:
+def _database_url(value: Any, path: str, ctx: Context) -> str:
     # Only the scheme is ever echoed: a PostgreSQL URL may hold a password.
     if not isinstance(value, str) or not value.strip():
-        raise _Invalid("must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+        raise Invalid("must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
     url = value.strip()
     scheme = url.split("://", 1)[0] if "://" in url else None
     if url.startswith("sqlite:///"):
         return _sqlite_url(url, ctx)
     if url.startswith("postgresql+psycopg://"):
         if len(url) == len("postgresql+psycopg://"):
-            raise _Invalid("needs a host and database after postgresql+psycopg://")
+            raise Invalid("needs a host and database after postgresql+psycopg://")
         return url
     if scheme in ("postgresql", "postgres", "postgresql+psycopg2"):
-        raise _Invalid(f"use postgresql+psycopg:// instead of {scheme}:// (the daemon uses the psycopg 3 driver)")
+        raise Invalid(f"use postgresql+psycopg:// instead of {scheme}:// (the daemon uses the psycopg 3 driver)")
     shown = f"{scheme}://" if scheme else "no scheme"
-    raise _Invalid(f"must start with sqlite:/// or postgresql+psycopg://, got {shown}")
+    raise Invalid(f"must start with sqlite:/// or postgresql+psycopg://, got {shown}")
 
 
-def _sqlite_url(url: str, ctx: _Context) -> str:
+def _sqlite_url(url: str, ctx: Context) -> str:
     file_part, question, query = url[len("sqlite:///") :].partition("?")
     if file_part in ("", ":memory:"):
         # Each pooled connection would get its own empty database, and everything is lost at exit.
-        raise _Invalid("needs a database file path (an in-memory database is neither shared nor kept)")
+        raise Invalid("needs a database file path (an in-memory database is neither shared nor kept)")
     if file_part.startswith("/") or file_part.startswith("file:"):
         return url
     return f"sqlite:///{_path(file_part, '', ctx)}{question}{query}"
 
 
-def _listen(value: Any, path: str, ctx: _Context) -> str:
+def _listen(value: Any, path: str, ctx: Context) -> str:
     expected = 'must be "host:port" with a port from 1 to 65535, e.g. "127.0.0.1:9478" or "[::1]:9478"'
     if not isinstance(value, str):
-        raise _Invalid(f"{expected}, got {_got(value)}")
+        raise Invalid(f"{expected}, got {got(value)}")
     host, colon, port = value.strip().rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     if not colon or not port.isdigit() or not 1 <= int(port) <= 65535 or any(ch.isspace() for ch in host):
-        raise _Invalid(f"{expected}, got {_got(value)}")
+        raise Invalid(f"{expected}, got {got(value)}")
     if not host:
-        raise _Invalid(f'needs a host, e.g. "127.0.0.1:{port}" (or "0.0.0.0:{port}" for every interface)')
+        raise Invalid(f'needs a host, e.g. "127.0.0.1:{port}" (or "0.0.0.0:{port}" for every interface)')
     if ":" in host and not bracketed:
-        raise _Invalid(f'needs brackets around an IPv6 address, e.g. "[::1]:{port}", got {_got(value)}')
+        raise Invalid(f'needs brackets around an IPv6 address, e.g. "[::1]:{port}", got {got(value)}')
     return value.strip()
 
 
-def _json_object(value: Any, path: str, ctx: _Context) -> dict[str, Any]:
+def _json_object(value: Any, path: str, ctx: Context) -> dict[str, Any]:
     """A free-form mapping sent to the server as JSON (WES parameters)."""
     if not isinstance(value, dict):
-        raise _Invalid(f"must be a mapping, got {_got(value)}")
+        raise Invalid(f"must be a mapping, got {got(value)}")
     _refuse_nested_secrets(value, path, ctx)
     if not _is_json(value):
-        raise _Invalid("must hold only text keys and JSON values (quote dates and times; no .nan or .inf)")
+        raise Invalid("must hold only text keys and JSON values (quote dates and times; no .nan or .inf)")
     return value
 
 
-def _refuse_nested_secrets(value: Any, path: str, ctx: _Context) -> None:
+def _refuse_nested_secrets(value: Any, path: str, ctx: Context) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
-            if _is_secret_key(key):
-                ctx.report(_join(path, key), _SECRET_MESSAGE)
+            if is_secret_key(key):
+                ctx.report(join(path, key), SECRET_MESSAGE)
             else:
-                _refuse_nested_secrets(item, _join(path, key), ctx)
+                _refuse_nested_secrets(item, join(path, key), ctx)
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _refuse_nested_secrets(item, f"{path}[{index}]", ctx)
@@ -848,88 +702,38 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+\.")  # Cloudgene's API 
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _PANEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
-_TOP_LEVEL: dict[str, _Convert] = {
-    **{name: _as_is
-       for name in ("database", "storage", "scheduler", "logging", "metrics", "services", "notifications", "api")},
-    "credentials_dir": _optional(_path),
-}
+#: A top-level section, converted by `parse_config` in the order their defaults need: the database file lives in
+#: storage's state_dir, and a service's poll_interval defaults to the scheduler's.
+_SECTION = Check(lambda value, path, ctx: value)
 
-_DATABASE: dict[str, _Convert] = {
-    "url": _database_url,
-    "pool_size": _integer(1, 100),
-    "echo": _boolean,
-}
+#: A section left out of the file, where that differs from one written with nothing under it.
+_ABSENT = object()
 
-_STORAGE: dict[str, _Convert] = {
-    "state_dir": _path,
-    "results_dir": _path,
-    "temp_dir": _path,
-    "keep_days": _optional(_integer(1, 36500)),
-    "extract": _boolean,
-    "extract_max_gib": _integer(1, 1 << 20),
-    "extract_max_ratio": _integer(1, 1 << 20),
-    "secret_key_file": _optional(_path),
-}
+
+def _given_and_valid(raw: Any, values: dict[str, Any] | None, *keys: str) -> bool:
+    """True when none of `keys` was given with a bad value, so cross-field checks (which fall back to defaults for
+    absent keys) do not pile a second, confusing problem on top of one already reported."""
+    if values is None:
+        return False
+    given = raw if isinstance(raw, dict) else {}
+    return all(key in values or key not in given for key in keys)
+
 
 #: Intervals at which the scheduler's ticks run; a lease must outlast the longest of them.
 _TICKS = ("dispatch_interval", "poll_tick_interval", "download_interval")
 
-_SCHEDULER: dict[str, _Convert] = {
-    "workers": _integer(1, 256),
-    "dispatch_interval": _seconds(3600),
-    "poll_tick_interval": _seconds(3600),
-    "download_interval": _seconds(3600),
-    "maintenance_interval": _seconds(86400),
-    "poll_interval": _seconds(86400),
-    "lease_seconds": _seconds(86400),
-    "backoff_initial": _seconds(86400),
-    "backoff_max": _seconds(7 * 86400),
-    "shutdown_timeout": _seconds(3600),
-    "blocked_probe_initial": _seconds(86400),
-    "blocked_probe_max": _seconds(86400),
-    "batch_size": _integer(1, 10000),
-}
-
-_LOGGING: dict[str, _Convert] = {
-    "format": _choice("auto", "json", "console"),
-    "level": _choice("debug", "info", "warning", "error", fold_case=True),
-}
-
-_METRICS: dict[str, _Convert] = {"listen": _optional(_listen)}
-
-_API: dict[str, _Convert] = {
-    "listen": _optional(_listen),
-    "threads": _integer(1, 256),
-    "max_upload_mb": _integer(1, 10_000_000),
-    "secure_cookie": _boolean,
-}
-
-_PANEL: dict[str, _Convert] = {
-    "id": _text,
-    "builds": _subset(BUILDS, non_empty=True),
-    "populations": _subset(POPULATIONS, non_empty=False),
-    "phasing": _subset(PHASING, non_empty=True),
-}
-
 _WES_REQUIRED = ("workflow_url", "workflow_type", "workflow_type_version")
 
-_WES: dict[str, _Convert] = {
-    "workflow_url": _text,
-    "workflow_type": _text,
-    "workflow_type_version": _text,
-    "engine": _optional(_text),
-    "engine_version": _optional(_text),
-    "engine_parameters": _json_object,
-    "workflow_params": _json_object,
-    "inputs_as": _choice("attachment", "path"),
-    "outputs_as": _choice("url", "path"),
-    "outputs_root": _optional(_path),
-    "page_size": _integer(1, 1000),
-}
+
+def _log_level(value: Any, path: str, ctx: Context) -> str:
+    levels = ("debug", "info", "warning", "error")
+    if not isinstance(value, str) or value.lower() not in levels:
+        raise Invalid(f"must be one of {', '.join(levels)}, got {got(value)}")
+    return value.lower()
 
 
-def _storage(raw: Any, ctx: _Context) -> StorageConfig:
-    values = _walk(raw, "storage", _STORAGE, ctx) or {}
+def _storage(raw: Any, ctx: Context) -> StorageConfig:
+    values = convert_mapping(raw, "storage", StorageConfig, ctx) or {}
     # systemd's StateDirectory=/CacheDirectory= export these (colon-separated when several are configured).
     state_dir = values.get("state_dir") or _systemd_dir("STATE_DIRECTORY") or Path("/var/lib/imputationd")
     results_dir = values.get("results_dir") or state_dir / "results"
@@ -946,14 +750,14 @@ def _systemd_dir(variable: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _database(raw: Any, state_dir: Path, ctx: _Context) -> DatabaseConfig:
-    values = _walk(raw, "database", _DATABASE, ctx) or {}
+def _database(raw: Any, state_dir: Path, ctx: Context) -> DatabaseConfig:
+    values = convert_mapping(raw, "database", DatabaseConfig, ctx) or {}
     values.setdefault("url", f"sqlite:///{state_dir}/imputationd.db")
     return DatabaseConfig(**values)
 
 
-def _scheduler(raw: Any, ctx: _Context) -> SchedulerConfig:
-    values = _walk(raw, "scheduler", _SCHEDULER, ctx)
+def _scheduler(raw: Any, ctx: Context) -> SchedulerConfig:
+    values = convert_mapping(raw, "scheduler", SchedulerConfig, ctx)
     config = SchedulerConfig(**(values or {}))
     if _given_and_valid(raw, values, "lease_seconds", *_TICKS):
         # A lease that can expire between two ticks hands live work to a second worker: it would run twice.
@@ -976,11 +780,11 @@ def _scheduler(raw: Any, ctx: _Context) -> SchedulerConfig:
     return config
 
 
-def _services(raw: Any, default_poll_interval: float, ctx: _Context) -> dict[str, ServiceConfig]:
+def _services(raw: Any, default_poll_interval: float, ctx: Context) -> dict[str, ServiceConfig]:
     if raw is _ABSENT:
         return {}
     if raw is not None and not isinstance(raw, dict):
-        ctx.report("services", f"must be a mapping of service name to its settings, got {_got(raw)}")
+        ctx.report("services", f"must be a mapping of service name to its settings, got {got(raw)}")
         return {}
     if not raw:
         # Written out but empty (`services: {}`, or every service under it commented out): a daemon started on it
@@ -990,7 +794,7 @@ def _services(raw: Any, default_poll_interval: float, ctx: _Context) -> dict[str
         return {}
     services = {}
     for name, body in raw.items():
-        where = _join("services", name)
+        where = join("services", name)
         if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
             ctx.report(where, "service names must be lower-case letters, digits, '_' and '-' (e.g. michigan)")
         service = _service(str(name), body, where, default_poll_interval, ctx)
@@ -999,8 +803,8 @@ def _services(raw: Any, default_poll_interval: float, ctx: _Context) -> dict[str
     return services
 
 
-def _service(name: str, raw: Any, where: str, default_poll_interval: float, ctx: _Context) -> ServiceConfig | None:
-    values = _walk(raw, where, _SERVICE, ctx, required=("type", "base_url"), refuse_secrets=True)
+def _service(name: str, raw: Any, where: str, default_poll_interval: float, ctx: Context) -> ServiceConfig | None:
+    values = convert_mapping(raw, where, ServiceConfig, ctx, required=("type", "base_url"), refuse_secrets=True)
     if values is None:
         return None
     raw = raw or {}  # `michigan:` with nothing under it
@@ -1023,7 +827,7 @@ def _service(name: str, raw: Any, where: str, default_poll_interval: float, ctx:
     return ServiceConfig(name=name, **values)
 
 
-def _check_service_type(raw: dict[str, Any], values: dict[str, Any], where: str, ctx: _Context) -> None:
+def _check_service_type(raw: dict[str, Any], values: dict[str, Any], where: str, ctx: Context) -> None:
     kind = values.get("type")
     if kind == "wes":
         if "wes" not in raw:
@@ -1035,7 +839,7 @@ def _check_service_type(raw: dict[str, Any], values: dict[str, Any], where: str,
             ctx.report(f"{where}.wes", "only for services of type wes; remove it")
 
 
-def _check_plain_http(values: dict[str, Any], where: str, ctx: _Context) -> None:
+def _check_plain_http(values: dict[str, Any], where: str, ctx: Context) -> None:
     url = values.get("base_url")
     if url is None or urlsplit(url).scheme != "http" or values.get("allow_plain_http"):
         return
@@ -1057,7 +861,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_credential_keys(raw: dict[str, Any], where: str, ctx: _Context) -> None:
+def _check_credential_keys(raw: dict[str, Any], where: str, ctx: Context) -> None:
     given = [key for key in ("token_file", "token_env") if raw.get(key) is not None]
     if raw.get("auth") == "none":
         for key in given:
@@ -1070,22 +874,22 @@ def _check_credential_keys(raw: dict[str, Any], where: str, ctx: _Context) -> No
         ctx.report(where, "give exactly one of token_file or token_env, not both")
 
 
-def _panels(value: Any, path: str, ctx: _Context) -> dict[str, PanelConfig]:
+def _panels(value: Any, path: str, ctx: Context) -> dict[str, PanelConfig]:
     if not isinstance(value, dict):
-        raise _Invalid(f"must be a mapping of panel name to its settings, got {_got(value)}")
+        raise Invalid(f"must be a mapping of panel name to its settings, got {got(value)}")
     panels = {}
     for name, raw in value.items():
-        where = _join(path, name)
+        where = join(path, name)
         if not isinstance(name, str) or not _PANEL_NAME.fullmatch(name):
             ctx.report(where, "panel names must be letters, digits, '.', '_' and '-' (e.g. 1000g-phase-3-v5)")
-        values = _walk(raw, where, _PANEL, ctx, required=("id",), refuse_secrets=True)
-        if values and "id" in values:
-            panels[str(name)] = PanelConfig(name=str(name), remote_id=values.pop("id"), **values)
+        values = convert_mapping(raw, where, PanelConfig, ctx, required=("id",), refuse_secrets=True)
+        if values and "remote_id" in values:
+            panels[str(name)] = PanelConfig(name=str(name), **values)
     return panels
 
 
-def _wes(value: Any, path: str, ctx: _Context) -> WesConfig | None:
-    values = _walk(value, path, _WES, ctx, required=_WES_REQUIRED, refuse_secrets=True)
+def _wes(value: Any, path: str, ctx: Context) -> WesConfig | None:
+    values = convert_mapping(value, path, WesConfig, ctx, required=_WES_REQUIRED, refuse_secrets=True)
     if values is None:
         return None
     if "workflow_params" in values:
@@ -1097,109 +901,53 @@ def _wes(value: Any, path: str, ctx: _Context) -> WesConfig | None:
     return WesConfig(**values)
 
 
-_SERVICE: dict[str, _Convert] = {
-    "type": _choice("cloudgene", "wes"),
-    "base_url": _url,
-    "app": _pattern(r"[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._-]+)?", "a Cloudgene app id like imputationserver2"),
-    "token_file": _optional(_token_file),
-    "token_env": _optional(_env_name),
-    "auth": _choice("token", "none"),
-    "max_concurrent_jobs": _integer(1, 1000),
-    "poll_interval": _seconds(86400),
-    "timeout": _seconds(3600),
-    "submit_settle": _seconds(7 * 86400),
-    "cancel_timeout": _seconds(7 * 86400),
-    "resubmit_on": _patterns,
-    "resubmit_max": _integer(1, 20),
-    "retirement_warning": _seconds(30 * 86400),
-    "max_upload_mb": _integer(1, 1_000_000),
-    "min_samples": _integer(1, 10_000_000),
-    "max_samples": _integer(1, 10_000_000),
-    "max_workers": _optional(_integer(1, 256)),
-    "panels": _panels,
-    "wes": _wes,
-    "allow_plain_http": _boolean,
-    "shared_token": _boolean,
-    "jobs_per_owner": _optional(_integer(1, 1000)),
-}
-
 _SERVICE_DEFAULTS = {f.name: f.default for f in fields(ServiceConfig)}
 
 _EMAIL_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 
-def _credential_file(value: Any, path: str, ctx: _Context) -> Path:
+def _credential_file(value: Any, path: str, ctx: Context) -> Path:
     """Like `_token_file`: relative paths live under `$CREDENTIALS_DIRECTORY` when systemd provides one."""
     if not isinstance(value, str) or not value.strip():
-        raise _Invalid("must be the path of a file that holds only the secret")
+        raise Invalid("must be the path of a file that holds only the secret")
     return credentials_path(Path(value.strip()).expanduser()) or _path(value, path, ctx)
 
 
-def _address(value: Any, path: str, ctx: _Context) -> str:
+def _address(value: Any, path: str, ctx: Context) -> str:
     if not isinstance(value, str) or not _EMAIL_ADDRESS.fullmatch(value.strip()):
-        raise _Invalid(f"must be an e-mail address like imputation@example.org, got {_got(value)}")
+        raise Invalid(f"must be an e-mail address like imputation@example.org, got {got(value)}")
     return value.strip()
 
 
-def _addresses(value: Any, path: str, ctx: _Context) -> tuple[str, ...]:
+def _addresses(value: Any, path: str, ctx: Context) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        raise _Invalid(f"must be an e-mail address or a non-empty list of them, got {_got(value)}")
+        raise Invalid(f"must be an e-mail address or a non-empty list of them, got {got(value)}")
     bad = [item for item in items if not isinstance(item, str) or not _EMAIL_ADDRESS.fullmatch(item.strip())]
     if bad:
-        raise _Invalid(f"not e-mail addresses: {', '.join(_got(item) for item in bad)}")
+        raise Invalid(f"not e-mail addresses: {', '.join(got(item) for item in bad)}")
     return tuple(item.strip() for item in items)
 
 
-_WEBHOOK: dict[str, _Convert] = {
-    "url": _url,
-    "timeout": _seconds(120),
-    "headers_file": _optional(_credential_file),
-}
-
-_EMAIL: dict[str, _Convert] = {
-    "host": _text,
-    "port": _integer(1, 65535),
-    "starttls": _boolean,
-    "from": _address,
-    "to": _addresses,
-    "username": _optional(_text),
-    "password_file": _optional(_credential_file),
-    "password_env": _optional(_env_name),
-    "timeout": _seconds(600),
-}
-
-_NOTIFICATIONS: dict[str, _Convert] = {
-    "webhook": _as_is,
-    "email": _as_is,
-    "on": _subset(NOTIFY_STATES, non_empty=True),
-    "give_up_after": _seconds(30 * 86400),
-}
-
-
-def _notifications(raw: Any, ctx: _Context) -> NotificationsConfig:
+def _notifications(raw: Any, ctx: Context) -> NotificationsConfig:
     if raw is None:
         return NotificationsConfig()
-    values = _walk(raw, "notifications", _NOTIFICATIONS, ctx)
+    values = convert_mapping(raw, "notifications", NotificationsConfig, ctx)
     if values is None:
         return NotificationsConfig()
-    webhook = email = None
-    if values.get("webhook") is not None:
-        hook = _walk(values["webhook"], "notifications.webhook", _WEBHOOK, ctx, required=("url",), refuse_secrets=True)
-        if hook and "url" in hook:
-            webhook = WebhookConfig(**hook)
-    if values.get("email") is not None:
-        email = _email(values["email"], ctx)
     if "webhook" not in raw and "email" not in raw:
         ctx.report("notifications", "needs webhook or email (or leave the section out)")
-    extra = {key: values[key] for key in ("on", "give_up_after") if key in values}
-    return NotificationsConfig(webhook=webhook, email=email, **extra)
+    return NotificationsConfig(**values)
 
 
-def _email(raw: Any, ctx: _Context) -> EmailConfig | None:
-    where = "notifications.email"
-    values = _walk(raw, where, _EMAIL, ctx, required=("host", "from", "to"), refuse_secrets=True)
+def _webhook(raw: Any, where: str, ctx: Context) -> WebhookConfig | None:
+    values = convert_mapping(raw, where, WebhookConfig, ctx, required=("url",), refuse_secrets=True)
+    return WebhookConfig(**values) if values and "url" in values else None
+
+
+def _email(raw: Any, where: str, ctx: Context) -> EmailConfig | None:
+    values = convert_mapping(raw, where, EmailConfig, ctx, required=("host", "from", "to"), refuse_secrets=True)
     if values is None:
         return None
     raw = raw or {}
@@ -1214,9 +962,8 @@ def _email(raw: Any, ctx: _Context) -> EmailConfig | None:
     host = values.get("host")
     if credentials and not starttls and host is not None and host.lower() not in _LOOPBACK_HOSTS:
         ctx.report(f"{where}.starttls", f"must be true when logging in to {host} (the password would travel in clear)")
-    if any(key not in values for key in ("host", "from", "to")):
+    if any(key not in values for key in ("host", "sender", "to")):
         return None
-    values["sender"] = values.pop("from")
     return EmailConfig(**values)
 
 
