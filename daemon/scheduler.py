@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor as TickExecutor
@@ -42,13 +42,16 @@ from daemon.db.models import Job, utcnow
 from daemon.db.revision import ensure_current
 from daemon.db.store import JobStore
 from daemon.logging import configure_logging
-from daemon.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics, health_report
+from daemon.metrics import NO_METRICS, Metrics, health_report
 from daemon.notify import Notifier
 from daemon.owners import DEFAULT_OWNER
 from daemon.pipeline import Pipeline
 from daemon.probes import ServiceProbes
 from daemon.services import AdapterFactory, Adapters, build_adapter
 from daemon.states import POLLED, TERMINAL, JobState
+
+if TYPE_CHECKING:
+    from daemon.prometheus import MetricsServer, PrometheusMetrics
 
 log = structlog.get_logger("daemon.scheduler")
 
@@ -129,9 +132,14 @@ class Daemon:
         #: Seals job passwords at rest (key read or created on first use).
         self.passwords = PasswordCipher(config.storage.secret_key_path)
         self.store = JobStore(self.engine, sealer=self.passwords)
-        self.metrics: Metrics = (
-            PrometheusMetrics(self.store.admin.counts_by_service) if config.metrics.listen else NO_METRICS
-        )
+        self.metrics: Metrics = NO_METRICS
+        self._prometheus: PrometheusMetrics | None = None
+        if config.metrics.listen:
+            # Imported only when metrics are served: prometheus_client is 0.6 MiB that a daemon without a listener
+            # never uses (bench/memory.py), like the API's Flask (`cli._api_server`).
+            from daemon.prometheus import PrometheusMetrics
+
+            self.metrics = self._prometheus = PrometheusMetrics(self.store.admin.counts_by_service)
         self.metrics_server: MetricsServer | None = None
         self.notifier = self._build_notifier(config)
         self.probes = ServiceProbes(self.store.queue, self.store.services, self.metrics, on_unblocked=self._unblocked)
@@ -561,9 +569,11 @@ class Daemon:
 
     def _start_metrics_server(self) -> None:
         listen = self.config.metrics.listen
-        if not listen or not isinstance(self.metrics, PrometheusMetrics):
+        if not listen or self._prometheus is None:
             return
-        server = MetricsServer(listen, self.metrics, self.health)
+        from daemon.prometheus import MetricsServer  # loaded with PrometheusMetrics
+
+        server = MetricsServer(listen, self._prometheus, self.health)
         try:
             server.start()
         except OSError as exc:

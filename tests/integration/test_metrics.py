@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.ops_support import PANEL, daemon_config, running_daemon, sample_vcf, wait_until
 from support.pg import free_port
 
-from daemon import metrics as metrics_module
-from daemon.metrics import NO_METRICS, Metrics, MetricsServer, PrometheusMetrics, health_report
+from daemon import prometheus as metrics_module
+from daemon.metrics import NO_METRICS, Metrics, health_report
+from daemon.prometheus import MetricsServer, PrometheusMetrics
 from daemon.simulator import SimulatedCloudgene, Timings
 from daemon.states import JobState
 from daemon.submission import Submission, submit
