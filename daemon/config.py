@@ -96,6 +96,12 @@ class StorageConfig:
     def secret_key_path(self) -> Path:
         return self.secret_key_file or self.state_dir / "secret.key"
 
+    @property
+    def uploads_dir(self) -> Path:
+        """Where the API streams uploaded inputs, a folder per request; retention removes a folder with the last
+        job whose inputs are in it."""
+        return self.state_dir / "uploads"
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:

@@ -2,9 +2,10 @@
 
 A job qualifies when it is completed, failed or cancelled and finished more than `keep_days` ago. For each one, in a
 transaction that holds its row (so an operator's `retry` at that moment either wins or waits), the result directory
-is removed, then the row with its inputs, outputs, events. Only directories inside `storage.results_dir` are ever
-removed: a job whose result directory lies elsewhere (results_dir changed since) is left alone, row and files, and
-listed as such. The maintenance tick runs this at most once an hour; `imputationd cleanup [--dry-run]` runs it now.
+is removed, then the row with its inputs, outputs, events; an upload folder of the API's goes with the last job
+whose inputs are in it. Only directories inside `storage.results_dir` are ever removed: a job whose result
+directory lies elsewhere (results_dir changed since) is left alone, row and files, and listed as such. The
+maintenance tick runs this at most once an hour; `imputationd cleanup [--dry-run]` runs it now.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ def cleanup(expired: ExpiredJobs, storage: StorageConfig, keep_days: int, *, now
                         error_kind="retention")
             continue
 
-        def remove_files(job: Job, candidate: Candidate = candidate) -> None:
+        uploads: set[Path] = set()
+
+        def remove_files(job: Job, candidate: Candidate = candidate, uploads: set[Path] = uploads) -> None:
+            uploads.update(_upload_folders(job, storage))
             if candidate.path is not None:
                 # Check again under the row lock: the path is what the row says now.
                 path = result_path(storage, job.id, job.result_dir)
@@ -123,7 +127,25 @@ def cleanup(expired: ExpiredJobs, storage: StorageConfig, keep_days: int, *, now
             log.info("job_deleted", job_id=str(candidate.job.id), service=candidate.job.service,
                      state=candidate.job.state.value, finished_at=candidate.job.finished_at.isoformat(),
                      bytes=candidate.size, reason=f"finished more than {keep_days} days ago")
+            _remove_unused_uploads(expired, uploads, candidate.job)
     return report
+
+
+def _upload_folders(job: Job, storage: StorageConfig) -> set[Path]:
+    """The API's upload folders (`storage.uploads_dir/<id>/`) that hold the job's inputs; inputs named on the
+    command line are the user's files, never deleted."""
+    root = storage.uploads_dir.resolve()  # inputs are stored resolved
+    return {Path(item.path).parent for item in job.inputs if Path(item.path).parent.parent == root}
+
+
+def _remove_unused_uploads(expired: ExpiredJobs, folders: set[Path], job: ExpiredJob) -> None:
+    """Remove the upload folders of a deleted job that no remaining job has inputs in: one upload submitted to
+    several services is several jobs, and it stays until the last of them is deleted."""
+    for folder in sorted(folders):
+        if expired.holds_inputs(str(folder)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("upload_deleted", job_id=str(job.id), folder=str(folder))
 
 
 __all__ = ["Candidate", "Report", "cleanup", "cutoff", "plan", "result_path"]

@@ -81,7 +81,7 @@ def create_job() -> Response:
 
 def _create(caller: Caller) -> Response:
     cfg = config()
-    folder = new_upload_dir(cfg.storage.state_dir)
+    folder = new_upload_dir(cfg.storage.uploads_dir)
     request.environ[UPLOAD_DIR] = str(folder)
     try:
         try:

@@ -1,5 +1,5 @@
 """Multipart uploads streamed to disk: each file part is written as it arrives into the request's own folder under
-`<state_dir>/uploads/`, never held whole in memory; the folder becomes the job's inputs, or is removed when the
+`storage.uploads_dir`, never held whole in memory; the folder becomes the job's inputs, or is removed when the
 submission is refused."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ class UploadingRequest(Request):
         return open(_unique(Path(folder), filename), "xb")  # noqa: SIM115 - werkzeug closes it
 
 
-def new_upload_dir(state_dir: Path) -> Path:
-    folder = state_dir / "uploads" / uuid.uuid4().hex
+def new_upload_dir(uploads_dir: Path) -> Path:
+    folder = uploads_dir / uuid.uuid4().hex
     folder.mkdir(parents=True, mode=0o700)
     return folder
 

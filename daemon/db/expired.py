@@ -39,6 +39,11 @@ class ExpiredJobs:
                            finished_at=cast(dt.datetime, row.finished_at), result_dir=row.result_dir)
                 for row in rows]
 
+    def holds_inputs(self, folder: str) -> bool:
+        """Whether any job still has an input inside `folder`."""
+        with self._reading() as session:
+            return session.execute(queries.input_under(folder)).first() is not None
+
     def delete(
         self, job_id: uuid.UUID, cutoff: dt.datetime, *, before_delete: Callable[[Job], None] | None = None
     ) -> bool:

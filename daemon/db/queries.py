@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import raiseload, selectinload
 from sqlalchemy.orm.strategy_options import _AbstractLoad
 
-from daemon.db.models import ApiToken, IdempotencyKey, Job, JobEvent, JobOutput, OwnerStatus, ServiceStatus
+from daemon.db.models import ApiToken, IdempotencyKey, Job, JobEvent, JobInput, JobOutput, OwnerStatus, ServiceStatus
 from daemon.states import IN_FLIGHT, TERMINAL, JobState, OutputState
 
 # The models' tables as Core tables: `__table__` is typed as any FromClause.
@@ -461,6 +461,13 @@ def expired_job(job_id: uuid.UUID, cutoff: dt.datetime) -> sa.Select[Job]:
         .where(Job.id == job_id, Job.state.in_(list(TERMINAL)), Job.finished_at < cutoff)
         .with_for_update(skip_locked=True)
     )
+
+
+def input_under(folder: str) -> sa.Select[int]:
+    """Any job input whose path lies inside `folder` (a prefix compared as text: `LIKE` would read the path's own
+    `_` and `%` as wildcards)."""
+    prefix = folder.rstrip("/") + "/"
+    return sa.select(JobInput.id).where(sa.func.substr(JobInput.path, 1, len(prefix)) == prefix).limit(1)
 
 
 def delete_job(job_id: uuid.UUID) -> sa.Delete:

@@ -48,9 +48,10 @@ class World:
         self.outside = self.job(JobState.CANCELLED, now - dt.timedelta(days=50), files=True, result_dir=outside)
 
     def job(self, state: JobState | None, finished: dt.datetime | None, *, files: bool,
-            result_dir: Path | None = None, created: dt.datetime | None = None) -> uuid.UUID:
-        [job] = self.store.admin.create_group([NewJob(service="sim", panel="p", build="hg19",
-                                                      inputs=[NewInput(path="/in.vcf.gz", size=1, sha256="0" * 64)])])
+            result_dir: Path | None = None, created: dt.datetime | None = None,
+            inputs: tuple[Path, ...] = (Path("/in.vcf.gz"),)) -> uuid.UUID:
+        new_inputs = [NewInput(path=str(path), size=1, sha256="0" * 64) for path in inputs]
+        [job] = self.store.admin.create_group([NewJob(service="sim", panel="p", build="hg19", inputs=new_inputs)])
         folder = result_dir or self.config.storage.results_dir / str(job.id)
         if files:
             (folder / "statistics").mkdir(parents=True)
@@ -138,6 +139,32 @@ def test_cleanup_deletes_folders_and_rows(world: World, capsys) -> None:
 
     code, out, _ = run(capsys, "cleanup", "--keep-days", "1", "--json", "-c", str(world.config_path))
     assert [d["id"] for d in json.loads(out)["deleted"]] == [str(world.recent)]
+
+
+def test_an_upload_folder_goes_with_the_last_job_whose_inputs_are_in_it(world: World, tmp_path: Path) -> None:
+    uploads = world.config.storage.uploads_dir
+    shared, own, neighbour = (uploads / name for name in ("ab12", "cd34", "ab123"))
+    users_file = tmp_path / "users" / "mine.vcf.gz"  # named on the command line: the user's, never ours to delete
+    for path in (shared / "a.vcf.gz", own / "b.vcf.gz", neighbour / "c.vcf.gz", users_file):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"vcf")
+    now = utcnow()
+    # One upload sent to two services is two jobs; they finish at different times.
+    first = world.job(JobState.COMPLETED, now - dt.timedelta(days=45), files=False, inputs=(shared / "a.vcf.gz",))
+    second = world.job(JobState.FAILED, now - dt.timedelta(days=5), files=False, inputs=(shared / "a.vcf.gz",))
+    world.job(JobState.FAILED, now - dt.timedelta(days=45), files=False, inputs=(own / "b.vcf.gz", users_file))
+    world.job(JobState.COMPLETED, now - dt.timedelta(days=1), files=False, inputs=(neighbour / "c.vcf.gz",))
+
+    retention.cleanup(world.store.expired, world.config.storage, 30)
+    assert not world.exists(first) and world.exists(second)
+    assert (shared / "a.vcf.gz").is_file()  # the second job may still be retried: its inputs stay
+    assert not own.exists()
+    assert users_file.is_file()
+    assert (neighbour / "c.vcf.gz").is_file()  # "ab123" only begins like "ab12"
+
+    retention.cleanup(world.store.expired, world.config.storage, 3)
+    assert not world.exists(second) and not shared.exists()
+    assert (neighbour / "c.vcf.gz").is_file() and uploads.is_dir()
 
 
 def test_a_job_retried_meanwhile_is_not_deleted(world: World) -> None:
