@@ -7,13 +7,15 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import NotFound
 from werkzeug.wrappers import Response as BaseResponse
 
 from daemon.api.auth import COOKIE, caller_from, sees, store
-from daemon.api.jobs import config, service_health
+from daemon.api.jobs import config, decode_cursor, encode_cursor, service_health
+from daemon.api.problems import Problem
 from daemon.db.api_tokens import Caller
 from daemon.db.transitions import JobNotFound
 from daemon.states import TERMINAL, JobState
@@ -23,6 +25,7 @@ dashboard = Blueprint("dashboard", __name__)
 
 #: Seconds between two reloads of the jobs page.
 REFRESH_SECONDS = 10
+#: Jobs on one page of the jobs list; older ones are a link away.
 PAGE = 200
 
 
@@ -77,16 +80,24 @@ def jobs() -> BaseResponse | str:
     state = args.get("state") or None
     states = [JobState(state)] if state in {s.value for s in JobState} else None
     service = args.get("service") or None
-    shown = store().admin.jobs_page(states=states, service=service, owner=owner, limit=PAGE)
+    try:
+        before = decode_cursor(args["cursor"]) if args.get("cursor") else None
+    except Problem:
+        before = None  # a mangled link still shows the newest jobs
+    shown = store().admin.jobs_page(states=states, service=service, owner=owner, before=before, limit=PAGE + 1)
     counts: Counter[str] = Counter()
     for (svc, who), by_state in store().admin.counts_by_owner().items():
         if (owner is None or who == owner) and (service is None or svc == service):
             counts.update(by_state)
+    filters = {"state": state or "", "service": service or "", "owner": owner or ""}
+    kept = {key: value for key, value in filters.items() if value}
+    older = urlencode({**kept, "cursor": encode_cursor(shown[PAGE - 1])}) if len(shown) > PAGE else None
     return render_template(
-        "jobs.html", caller=caller, jobs=shown, counts=counts, states=[s.value for s in JobState],
-        services=sorted(config().services), filters={"state": state or "", "service": service or "",
-                                                     "owner": owner or ""},
-        refresh=REFRESH_SECONDS, active=sum(n for s, n in counts.items() if JobState(s) not in TERMINAL))
+        "jobs.html", caller=caller, jobs=shown[:PAGE], counts=counts, states=[s.value for s in JobState],
+        services=sorted(config().services), filters=filters, refresh=REFRESH_SECONDS,
+        active=sum(n for s, n in counts.items() if JobState(s) not in TERMINAL),
+        matching=counts[state] if state else sum(counts.values()), older=older,
+        newest=urlencode(kept) if before is not None else None)
 
 
 @dashboard.get("/jobs/<job_id>")

@@ -159,11 +159,11 @@ def list_jobs() -> Response:
     if not 1 <= limit <= MAX_LIMIT:
         raise Problem(422, f"limit: must be from 1 to {MAX_LIMIT}")
     group = _uuid_or_422(args["group"], "group") if args.get("group") else None
-    before = _decode_cursor(args["cursor"]) if args.get("cursor") else None
+    before = decode_cursor(args["cursor"]) if args.get("cursor") else None
     jobs = store().admin.jobs_page(states=states, service=args.get("service") or None, owner=owner, group=group,
                                    before=before, limit=limit + 1)
     page, more = jobs[:limit], len(jobs) > limit
-    return as_json({"jobs": page, "next_cursor": _encode_cursor(page[-1]) if more else None})
+    return as_json({"jobs": page, "next_cursor": encode_cursor(page[-1]) if more else None})
 
 
 @api.get("/jobs/<job_id>")
@@ -295,11 +295,11 @@ def _uuid_or_422(text: str, field: str) -> uuid.UUID:
         raise Problem(422, f"{field}: not an id") from None
 
 
-def _encode_cursor(job: dict[str, Any]) -> str:
+def encode_cursor(job: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(f"{job['created_at'].isoformat()}|{job['id']}".encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, _, job_id = text.partition("|")

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from support.api_support import Api
 
 from daemon.api import create_app
+from daemon.api.dashboard import PAGE
 from daemon.api.openapi import document
 from daemon.db.models import Job, JobOutput
 from daemon.states import JobState, OutputState
@@ -355,3 +356,27 @@ def test_a_file_many_times_the_decoders_chunk_is_streamed_to_disk(api: Api) -> N
     [stored] = response.json()["inputs"]
     assert stored["size"] == vcf.stat().st_size
     assert stored["sha256"] == hashlib.sha256(vcf.read_bytes()).hexdigest()
+
+
+def test_the_dashboards_jobs_list_says_when_it_shows_only_the_newest_and_links_to_the_older(api: Api) -> None:
+    with api.store._db.session() as session, session.begin():
+        for number in range(PAGE + 5):
+            job_id = uuid.uuid4()
+            session.add(Job(id=job_id, group_id=job_id, service="mis", owner="alice", panel="p", build="hg19",
+                            name=f"job-{number:03}", state=JobState.FAILED))
+        other = uuid.uuid4()
+        session.add(Job(id=other, group_id=other, service="mis", owner="bob", panel="p", build="hg19",
+                        state=JobState.FAILED))
+    cookie = {"imputationd_token": api.tokens["alice_read"]}
+    with httpx.Client(base_url=api.url, cookies=cookie) as browser:
+        first = browser.get("/", params={"state": "failed"}).text
+        rows = re.findall(r'data-job="([0-9a-f-]+)"', first)
+        assert len(rows) == PAGE
+        assert f"Showing {PAGE} of {PAGE + 5} jobs, the newest." in first
+        older = re.search(r'<a href="\?([^"]+)" id="older">', first)
+        assert older is not None and "state=failed" in older.group(1)
+        second = browser.get("/?" + older.group(1).replace("&amp;", "&")).text
+    rest = re.findall(r'data-job="([0-9a-f-]+)"', second)
+    assert len(rest) == 5 and not set(rest) & set(rows)
+    assert str(other) not in rows + rest
+    assert 'id="older"' not in second and "← Newest jobs" in second
