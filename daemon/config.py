@@ -850,7 +850,7 @@ def _check_plain_http(values: dict[str, Any], where: str, ctx: Context) -> None:
     if url is None or urlsplit(url).scheme != "http" or values.get("allow_plain_http"):
         return
     host = urlsplit(url).hostname or ""
-    if not _is_loopback(host):
+    if not is_loopback(host):
         ctx.report(
             f"{where}.base_url",
             f"plain http:// to {host} would send the token and the genotype files unencrypted; use https://, or "
@@ -858,7 +858,8 @@ def _check_plain_http(values: dict[str, Any], where: str, ctx: Context) -> None:
         )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, without brackets or port) is this machine."""
     if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always this machine
         return True
     try:

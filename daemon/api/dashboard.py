@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import NotFound
@@ -16,6 +16,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from daemon.api.auth import COOKIE, caller_from, sees, store
 from daemon.api.jobs import config, decode_cursor, encode_cursor, service_health
 from daemon.api.problems import Problem
+from daemon.config import is_loopback
 from daemon.db.api_tokens import Caller
 from daemon.db.transitions import JobNotFound
 from daemon.states import TERMINAL, JobState
@@ -51,6 +52,12 @@ def login_submit() -> BaseResponse | tuple[str, int]:
     token = (request.form.get("token") or "").strip()
     if caller_from(token, via="login") is None:
         return render_template("login.html", error="That token is not valid."), 401
+    if config().api.secure_cookie and not _secure_context():
+        # The browser would keep a Secure cookie and never send it back over this plain http: the login would
+        # bounce back here without a word.
+        return render_template("login.html", error=(
+            "This dashboard's login cookie is sent over HTTPS only (api.secure_cookie): open it through https://, "
+            "or have the operator set api.secure_cookie: false on a trusted network.")), 400
     target = request.args.get("next") or "/"
     if not target.startswith("/") or target.startswith("//"):  # never off to another site
         target = "/"
@@ -98,6 +105,15 @@ def jobs() -> BaseResponse | str:
         active=sum(n for s, n in counts.items() if JobState(s) not in TERMINAL),
         matching=counts[state] if state else sum(counts.values()), older=older,
         newest=urlencode(kept) if before is not None else None)
+
+
+def _secure_context() -> bool:
+    """Whether a browser sends a Secure cookie back to this page: over https (here, or at a TLS proxy that says so;
+    used only to choose a message, never to decide who is logged in), or from a loopback host, which browsers
+    treat as secure."""
+    if request.scheme == "https" or request.headers.get("X-Forwarded-Proto", "").lower() == "https":
+        return True
+    return is_loopback(urlsplit(f"//{request.host}").hostname or "")
 
 
 @dashboard.get("/jobs/<job_id>")

@@ -5,6 +5,7 @@ job's folder."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import http.client
 import re
@@ -380,3 +381,24 @@ def test_the_dashboards_jobs_list_says_when_it_shows_only_the_newest_and_links_t
     assert len(rest) == 5 and not set(rest) & set(rows)
     assert str(other) not in rows + rest
     assert 'id="older"' not in second and "← Newest jobs" in second
+
+
+@pytest.mark.parametrize(("host", "forwarded", "logs_in"), [
+    ("dash.example.org:8470", None, False),  # plain http to another machine: the Secure cookie would never return
+    ("dash.example.org", "https", True),  # behind a TLS proxy
+    ("127.0.0.1:8470", None, True),  # browsers send Secure cookies to loopback over http
+    ("[::1]:8470", None, True),
+    ("localhost:8470", None, True),
+])
+def test_a_login_whose_secure_cookie_would_never_come_back_says_so(api: Api, host: str, forwarded: str | None,
+                                                                    logs_in: bool) -> None:
+    secure = dataclasses.replace(api.config, api=dataclasses.replace(api.config.api, secure_cookie=True))
+    browser = create_app(secure, api.store).test_client()
+    headers = {"Host": host} | ({"X-Forwarded-Proto": forwarded} if forwarded else {})
+    response = browser.post("/login", data={"token": api.tokens["alice_read"]}, headers=headers)
+    if logs_in:
+        assert response.status_code == 302
+        assert "Secure" in response.headers["Set-Cookie"]
+    else:
+        assert response.status_code == 400 and "Set-Cookie" not in response.headers
+        assert "sent over HTTPS only (api.secure_cookie)" in response.get_data(as_text=True)
