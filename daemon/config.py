@@ -147,6 +147,10 @@ class ApiConfig:
     max_upload_mb: Annotated[int, integer(1, 10_000_000)] = 20000
     #: The dashboard's login cookie is `Secure` (sent over HTTPS only): leave it on behind a TLS proxy.
     secure_cookie: bool = True
+    #: Reverse proxies in front of the API that add X-Forwarded-For/-Proto/-Host: their values are believed for
+    #: that many hops (werkzeug's ProxyFix), so logs name the client rather than the proxy. 0: none are believed
+    #: (set it only when every request comes through the proxies: a client could otherwise forge them).
+    proxy_hops: Annotated[int, integer(0, 10)] = 0
 
 
 #: Job states a notification can be sent for (`notifications.on`).

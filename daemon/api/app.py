@@ -8,6 +8,7 @@ from pathlib import Path
 import structlog
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, InternalServerError, NotFound
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from daemon import __version__
 from daemon.api.dashboard import dashboard, not_found, template_globals
@@ -36,6 +37,9 @@ def create_app(config: Config, store: JobStore) -> Flask:
     app.register_blueprint(api)
     app.register_blueprint(dashboard)
     app.context_processor(template_globals)
+    if config.api.proxy_hops:
+        hops = config.api.proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 
     @app.before_request
     def started() -> None:

@@ -402,3 +402,19 @@ def test_a_login_whose_secure_cookie_would_never_come_back_says_so(api: Api, hos
     else:
         assert response.status_code == 400 and "Set-Cookie" not in response.headers
         assert "sent over HTTPS only (api.secure_cookie)" in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(("hops", "logged"), [(0, "10.0.0.2"), (1, "203.0.113.9")])
+def test_the_client_behind_a_configured_proxy_is_named_in_the_logs(api: Api, hops: int, logged: str) -> None:
+    proxied = dataclasses.replace(api.config, api=dataclasses.replace(api.config.api, proxy_hops=hops,
+                                                                      secure_cookie=True))
+    proxy = create_app(proxied, api.store).test_client()
+    forwarded = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https", "Host": "dash.example.org"}
+    with capture_logs() as logs:
+        proxy.get("/api/v1/jobs", headers={**forwarded, "Authorization": "Bearer imd_0_x"},
+                  environ_base={"REMOTE_ADDR": "10.0.0.2"})
+    [line] = [entry for entry in logs if entry["event"] == "api_auth_failed"]
+    assert line["remote"] == logged  # without proxy_hops, a client's own X-Forwarded-For is not believed
+    login = proxy.post("/login", data={"token": api.tokens["alice_read"]}, headers=forwarded,
+                       environ_base={"REMOTE_ADDR": "10.0.0.2"})
+    assert login.status_code == 302 and "Secure" in login.headers["Set-Cookie"]
