@@ -138,7 +138,10 @@ def services() -> BaseResponse | str:
     if caller is None:
         return _login_first()
     owner = (request.args.get("owner") or caller.owner) if caller.admin else caller.owner
-    return render_template("services.html", caller=caller, owner=owner, services=service_health(config(), owner))
+    # An admin may look at any owner's health: the owners who have jobs are offered.
+    owners = sorted({who for _, who in store().admin.counts_by_owner()} | {owner, caller.owner}) if caller.admin else []
+    return render_template("services.html", caller=caller, owner=owner, owners=owners,
+                           services=service_health(config(), owner))
 
 
 def template_globals() -> dict[str, Any]:

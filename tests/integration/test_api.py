@@ -418,3 +418,15 @@ def test_the_client_behind_a_configured_proxy_is_named_in_the_logs(api: Api, hop
     login = proxy.post("/login", data={"token": api.tokens["alice_read"]}, headers=forwarded,
                        environ_base={"REMOTE_ADDR": "10.0.0.2"})
     assert login.status_code == 302 and "Secure" in login.headers["Set-Cookie"]
+
+
+def test_an_admin_picks_whose_services_the_dashboard_shows(api: Api) -> None:
+    created(api, "alice")
+    created(api, "bob")
+    with httpx.Client(base_url=api.url, cookies={"imputationd_token": api.tokens["admin"]}) as admin:
+        page = admin.get("/services").text
+        assert re.findall(r'<option value="([^"]+)"', page) == ["alice", "bob", "ops"]
+        assert "for bob" in admin.get("/services", params={"owner": "bob"}).text
+    with httpx.Client(base_url=api.url, cookies={"imputationd_token": api.tokens["alice_read"]}) as alice:
+        page = alice.get("/services", params={"owner": "bob"}).text
+    assert "for alice" in page and "<option" not in page  # an owner sees only their own
