@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,9 @@ log = structlog.get_logger("daemon.retention")
 
 #: Most jobs one pass deletes; the next pass takes the rest.
 BATCH = 500
+#: An upload folder that no job has an input in is abandoned once nothing was written to it for this long: its
+#: request died before its job was stored (the daemon stopped, the connection lost). A live upload keeps writing.
+ABANDONED_UPLOAD_SECONDS = 86400.0
 
 
 class OutsideResults(Exception):
@@ -131,6 +135,36 @@ def cleanup(expired: ExpiredJobs, storage: StorageConfig, keep_days: int, *, now
     return report
 
 
+def remove_abandoned_uploads(expired: ExpiredJobs, storage: StorageConfig, *, now: float | None = None) -> list[Path]:
+    """Remove the upload folders that no job has inputs in and that nothing was written to for
+    `ABANDONED_UPLOAD_SECONDS`; returns them. Runs whether or not `keep_days` is set: they are nobody's results."""
+    now = time.time() if now is None else now
+    try:
+        folders = sorted(path for path in storage.uploads_dir.iterdir() if path.is_dir() and not path.is_symlink())
+    except FileNotFoundError:
+        return []
+    removed = []
+    for folder in folders:
+        if now - _last_written(folder) < ABANDONED_UPLOAD_SECONDS or expired.holds_inputs(str(folder.resolve())):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("upload_abandoned_deleted", folder=str(folder), reason="no job has inputs in it")
+        removed.append(folder)
+    return removed
+
+
+def _last_written(folder: Path) -> float:
+    """The newest modification time of `folder` and of everything under it."""
+    newest = folder.lstat().st_mtime
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(parent, name)).st_mtime)
+            except FileNotFoundError:
+                pass
+    return newest
+
+
 def _upload_folders(job: Job, storage: StorageConfig) -> set[Path]:
     """The API's upload folders (`storage.uploads_dir/<id>/`) that hold the job's inputs; inputs named on the
     command line are the user's files, never deleted."""
@@ -148,4 +182,4 @@ def _remove_unused_uploads(expired: ExpiredJobs, folders: set[Path], job: Expire
         log.info("upload_deleted", job_id=str(job.id), folder=str(folder))
 
 
-__all__ = ["Candidate", "Report", "cleanup", "cutoff", "plan", "result_path"]
+__all__ = ["Candidate", "Report", "cleanup", "cutoff", "plan", "remove_abandoned_uploads", "result_path"]

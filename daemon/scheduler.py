@@ -532,10 +532,13 @@ class Daemon:
         self.notifier.tick()
 
     def _retention(self) -> None:
-        keep_days = self.config.storage.keep_days
-        if keep_days is None or time.monotonic() - self._last_retention < RETENTION_INTERVAL:
+        if time.monotonic() - self._last_retention < RETENTION_INTERVAL:
             return
         self._last_retention = time.monotonic()
+        retention.remove_abandoned_uploads(self.store.expired, self.config.storage)
+        keep_days = self.config.storage.keep_days
+        if keep_days is None:
+            return
         report = retention.cleanup(self.store.expired, self.config.storage, keep_days)
         if report.deleted or report.skipped:
             log.info("retention_done", jobs_deleted=len(report.deleted), bytes_freed=report.bytes,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import time
 import uuid
 from pathlib import Path
 
@@ -191,3 +193,30 @@ def test_the_daemon_maintenance_applies_keep_days(world: World) -> None:
     finally:
         daemon.pool.shutdown()
         daemon.engine.dispose()
+
+
+def test_an_upload_folder_no_job_has_inputs_in_is_removed_a_day_after_its_last_write(tmp_path: Path,
+                                                                                      sqlite_url: str) -> None:
+    from daemon.scheduler import Daemon
+
+    _, config = write_config(tmp_path, sqlite_url, keep_days=None)  # not results: removed whether or not it is set
+    uploads = config.storage.uploads_dir
+    abandoned, recent, used, slow = (uploads / name for name in ("dead", "fresh", "used", "slow"))
+    day_ago = time.time() - retention.ABANDONED_UPLOAD_SECONDS - 60
+    for folder in (abandoned, recent, used, slow):
+        (folder / "part.vcf.gz").parent.mkdir(parents=True)
+        (folder / "part.vcf.gz").write_bytes(b"vcf")
+        if folder is not recent:
+            os.utime(folder, (day_ago, day_ago))
+            os.utime(folder / "part.vcf.gz", (day_ago, day_ago))
+    os.utime(slow / "part.vcf.gz")  # an upload still being written: its file changes, its folder does not
+    daemon = Daemon(config)
+    try:
+        daemon.store.admin.create_group([NewJob(service="sim", panel="p", build="hg19", inputs=[
+            NewInput(path=str((used / "part.vcf.gz").resolve()), size=3, sha256="0" * 64)])])
+        daemon.maintenance_tick()
+    finally:
+        daemon.pool.shutdown()
+        daemon.engine.dispose()
+    assert not abandoned.exists()
+    assert (recent / "part.vcf.gz").is_file() and (used / "part.vcf.gz").is_file() and (slow / "part.vcf.gz").is_file()
