@@ -14,10 +14,12 @@ A rule has a `kind`, how many more times it fires (`times`, None = until removed
 - modifiers: `delay` (sleep `seconds` before or after the application acts; `times=None` gives a fixed per-call
   latency for benchmarks). Every matching delay applies.
 - job faults, consumed when a job is created (scope ignored): `fail_validation` (the job fails input validation),
-  `stall` (the job stays WAITING), `dead` (the job goes DEAD(-1) when it would start running), `echo_secrets` (the
-  job repeats its secrets in what it says: the token and the job's password in every log message, so in its progress
-  and its failure reasons; the hashes of its result files in its export message; and the first GET of each of its
-  files answers 500 with a message quoting the file's hash and the token).
+  `fail_imputation` (it fails in its imputation step, after validation and QC), `wrong_md5` (the `.md5` file beside
+  each of its zips publishes a digest the zip does not have; with `message`, holds that text instead: a malformed
+  one), `stall` (the job stays WAITING), `dead` (the job goes DEAD(-1) when it would start running), `echo_secrets`
+  (the job repeats its secrets in what it says: the token and the job's password in every log message, so in its
+  progress and its failure reasons; the hashes of its result files in its export message; and the first GET of each of
+  its files answers 500 with a message quoting the file's hash and the token).
 - submit faults, consumed by a submit that passed every check (scope ignored): `slow_submit` — Cloudgene copies
   the whole upload into its workspace before the job exists, here for `seconds`; a client that stops waiting
   meanwhile (timed out, killed) does not stop it: the job is created all the same, the answer goes nowhere. With
@@ -189,9 +191,10 @@ class Faults:
         the input (what a resubmit may cure)."""
         return self.add("fail_imputation", times=times, message=message)
 
-    def wrong_md5(self, times: int | None = 1) -> FaultRule:
-        """The job's `.md5` files publish a digest that none of its zips has (the zips themselves are sound)."""
-        return self.add("wrong_md5", times=times)
+    def wrong_md5(self, times: int | None = 1, message: str | None = None) -> FaultRule:
+        """The job's `.md5` files publish a digest that none of its zips has (the zips themselves are sound); with
+        `message`, each holds that text instead (a malformed `.md5`, say "" or "not a checksum")."""
+        return self.add("wrong_md5", times=times, message=message)
 
     def stall(self, times: int | None = 1) -> FaultRule:
         return self.add("stall", times=times)

@@ -355,7 +355,7 @@ class Simulation:
                 raise
             faults = job_faults()
             if "wrong_md5" in faults:
-                results = [_wrong_md5(f) if f.name.endswith(".md5") else f for f in results]
+                results = [_wrong_md5(f, faults["wrong_md5"]) if f.name.endswith(".md5") else f for f in results]
             errors = list(errors)
             if "fail_validation" in faults and not errors:
                 errors.append(faults["fail_validation"] or
@@ -734,8 +734,8 @@ def replace_timings(sim: Simulation, **changes: Any) -> None:
             job.wake = 0.0  # due times follow from the timings
 
 
-def _wrong_md5(file: ResultFile) -> ResultFile:
-    """The `wrong_md5` fault: the `.md5` file publishes a digest its zip does not have."""
-    file.path.write_text(f"{'0' * 32}  {file.name.removesuffix('.md5')}\n")
+def _wrong_md5(file: ResultFile, text: str | None) -> ResultFile:
+    """The `wrong_md5` fault: the `.md5` file publishes a digest its zip does not have, or holds `text` instead."""
+    file.path.write_text(f"{'0' * 32}  {file.name.removesuffix('.md5')}\n" if text is None else text)
     data = file.path.read_bytes()
     return dataclasses.replace(file, size=len(data), sha256=hashlib.sha256(data).hexdigest())

@@ -368,7 +368,9 @@ def build_results(
             produced.append(("output", zpath.name, zpath))
             # imputationserver2 writes md5sum's line for each zip beside it.
             md5_path = zpath.with_name(zpath.name + ".md5")
-            md5_path.write_text(f"{hashlib.md5(zpath.read_bytes()).hexdigest()}  {zpath.name}\n")
+            with open(zpath, "rb") as fh:  # streamed: a zip of a big input is not read into memory whole
+                md5 = hashlib.file_digest(fh, "md5").hexdigest()
+            md5_path.write_text(f"{md5}  {zpath.name}\n")
             produced.append(("output", md5_path.name, md5_path))
         for m in members:
             m.unlink()

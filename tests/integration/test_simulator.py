@@ -496,6 +496,36 @@ def test_outputs_shape(sim: SimulatedCloudgene, client: httpx.Client, clock: Fak
     assert params["output"]["download"] is True and params["output"]["hash"]
 
 
+def test_each_zip_has_its_md5_beside_it(sim: SimulatedCloudgene, client: httpx.Client, clock: FakeClock,
+                                       vcf: Path) -> None:
+    """imputationserver2 writes md5sum's line for each result zip beside it: listed with the zip, downloaded like
+    any result file (its GET spends one of its own downloads, none of the zip's)."""
+    job = finish(client, clock, submit_ok(client, [vcf]))
+    files = files_of(job)
+    assert files["chr_20.zip.md5"]["parameterId"] == files["chr_20.zip"]["parameterId"]
+    r = download(sim, files["chr_20.zip.md5"])
+    assert r.status_code == 200
+    assert r.text == f"{hashlib.md5(sim.file_bytes(job['id'], 'chr_20.zip')).hexdigest()}  chr_20.zip\n"
+    after = files_of(status(client, job["id"]))
+    assert (after["chr_20.zip.md5"]["count"], after["chr_20.zip"]["count"]) == (9, 10)
+
+
+@pytest.mark.parametrize("text", [None, "", "not a checksum\n"], ids=["wrong", "empty", "malformed"])
+def test_the_wrong_md5_fault_spoils_the_md5_not_the_zip(sim: SimulatedCloudgene, client: httpx.Client,
+                                                        clock: FakeClock, vcf: Path, text: str | None) -> None:
+    sim.faults.wrong_md5(message=text)
+    faulty, sound = submit_ok(client, [vcf]), submit_ok(client, [vcf])  # one job takes the fault
+    clock.advance(10)
+    published = download(sim, files_of(status(client, faulty))["chr_20.zip.md5"]).text
+    assert published == (f"{'0' * 32}  chr_20.zip\n" if text is None else text)
+    assert files_of(status(client, faulty))["chr_20.zip.md5"]["size"] == f"{len(published)} bytes"
+    with zipfile.ZipFile(io.BytesIO(sim.file_bytes(faulty, "chr_20.zip"))) as zf:
+        zf.setpassword(b"pw")
+        assert zf.testzip() is None  # the zip itself is sound
+    zip_md5 = hashlib.md5(sim.file_bytes(sound, "chr_20.zip")).hexdigest()
+    assert download(sim, files_of(status(client, sound))["chr_20.zip.md5"]).text == f"{zip_md5}  chr_20.zip\n"
+
+
 def test_qc_only_mode_has_no_imputation_zips(client: httpx.Client, clock: FakeClock, vcf: Path) -> None:
     job = finish(client, clock, submit_ok(client, [vcf], mode="qc_only"))
     assert job["state"] == State.SUCCESS
