@@ -48,7 +48,7 @@ from daemon.logging import bind_job, register_secret, scrub
 from daemon.metrics import NO_METRICS, Metrics
 from daemon.outcome import KEEP, JobColumns, Keep, Outcome, OutputColumns
 from daemon.remote import RemoteOutput, SubmitRequest, parameters_of
-from daemon.resultfiles import CHECKSUM_SUFFIX, parse_md5sum
+from daemon.resultfiles import CHECKSUM_SUFFIX, read_md5sum
 from daemon.services import Adapters, scrubbing
 from daemon.services.base import ServiceAdapter
 from daemon.services.errors import NOT_FOUND_KINDS, JobLimitReached, Permanent, ServiceError, Transient
@@ -452,7 +452,7 @@ class Pipeline:
         sibling = by_name.get(row.name + CHECKSUM_SUFFIX)
         if sibling is not None and sibling.state is OutputState.VERIFIED and sibling.local_path:
             try:
-                checksum = ("md5", parse_md5sum(Path(sibling.local_path).read_text("utf-8", "replace"), row.name))
+                checksum = ("md5", read_md5sum(Path(sibling.local_path), row.name))
             except (Permanent, OSError) as exc:
                 problem = str(exc) if isinstance(exc, Permanent) else f"{sibling.name}: {exc.strerror or exc}"
                 self._give_up(row, f"its published checksum cannot be read: {problem}", "bad_checksum")

@@ -111,13 +111,17 @@ def fsync_dir(directory: Path) -> None:
 
 
 __all__ = [
+    "CHECKSUM_SUFFIX",
     "DIR_MODE",
     "FILE_MODE",
+    "MD5SUM_MAX",
     "NAME_MAX",
     "PARTIAL_DIR",
     "PARTIAL_SUFFIX",
     "fsync_dir",
     "make_dirs",
+    "parse_md5sum",
+    "read_md5sum",
     "remove_partial_dir",
     "safe_relative_path",
 ]
@@ -126,6 +130,8 @@ __all__ = [
 #: What imputationserver2 writes beside each result zip: `md5sum`'s line for it ("HASH  NAME", or "HASH *NAME").
 CHECKSUM_SUFFIX = ".md5"
 _MD5SUM_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")
+#: The most of a stored `.md5` file that is read: md5sum writes one short line per file.
+MD5SUM_MAX = 64 * 1024
 
 
 def parse_md5sum(text: str, name: str) -> str:
@@ -138,3 +144,14 @@ def parse_md5sum(text: str, name: str) -> str:
     shown = printable(name + CHECKSUM_SUFFIX)
     raise Permanent(f"{shown}: not an md5sum line for {printable(PurePosixPath(name).name)} (expected 'HASH  NAME')",
                     kind="bad_checksum")
+
+
+def read_md5sum(path: Path, name: str) -> str:
+    """`parse_md5sum` of the stored `.md5` file at `path`, of which at most MD5SUM_MAX bytes are read: a bigger one
+    is no md5sum file (`Permanent(kind="bad_checksum")`), and is not read into memory whole. `OSError`s pass."""
+    with open(path, "rb") as fh:
+        data = fh.read(MD5SUM_MAX + 1)
+    if len(data) > MD5SUM_MAX:
+        raise Permanent(f"{printable(name + CHECKSUM_SUFFIX)}: more than {MD5SUM_MAX} bytes, not an md5sum file",
+                        kind="bad_checksum")
+    return parse_md5sum(data.decode("utf-8", "replace"), name)

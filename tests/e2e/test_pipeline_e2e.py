@@ -313,6 +313,47 @@ def test_a_download_cut_off_half_way_resumes_where_it_stopped_and_spends_no_seco
     assert not (Path(job.result_dir) / ".resume").exists()
 
 
+@pytest.mark.parametrize("text", ["", "not a checksum\n"], ids=["empty", "malformed"])
+def test_a_zip_whose_md5_says_nothing_of_it_is_given_up_unfetched(e2e, text):
+    """A `.md5` that arrived but holds no md5sum line for its zip: the zip is failed naming the `.md5`, never
+    fetched (it would arrive unchecked; its downloads stay unspent) and the job fails."""
+    h = e2e()
+    h.sim.faults.wrong_md5(message=text)
+    [job] = h.submit()
+    h.start()
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    rows = {o.name: o for o in job.outputs}
+    assert rows["chr_20.zip.md5"].state.value == "verified"
+    assert (rows["chr_20.zip"].state.value, rows["chr_20.zip"].attempts) == ("failed", 0)
+    assert rows["chr_20.zip"].error == ("its published checksum cannot be read: chr_20.zip.md5: not an md5sum "
+                                        "line for chr_20.zip (expected 'HASH  NAME')")
+    assert h.downloads_of(job, "chr_20.zip") == [] and len(h.downloads_of(job, "chr_20.zip.md5")) == 1
+    assert job.error == f"1 of {len(rows)} result files could not be downloaded: chr_20.zip"
+    problems = h.logs.problems()
+    assert only_events(problems) == ["download_failed", "job_state"], h.logs.dump()
+    assert problems[0]["error_kind"] == "bad_checksum" and problems[0]["file"] == "chr_20.zip"
+
+
+def test_a_zip_whose_md5_cannot_be_downloaded_is_given_up_unfetched(e2e):
+    """The server will not serve the `.md5` (404): it fails, and its zip with it, unfetched, never unchecked."""
+    h = e2e(timings=Timings(queue=0.1, run=0.1, export=60))
+    job, remote_id = exporting_job(h)
+    h.publish_with_fault("mis", remote_id, "chr_20.zip.md5", "error", status=404, times=None)
+    job = h.wait_state(job.id, "failed")
+    h.stop_daemon()
+
+    rows = {o.name: o for o in job.outputs}
+    assert rows["chr_20.zip.md5"].state.value == "failed" and "HTTP 404" in rows["chr_20.zip.md5"].error
+    assert (rows["chr_20.zip"].state.value, rows["chr_20.zip"].attempts) == ("failed", 0)
+    assert rows["chr_20.zip"].error == "its published checksum (chr_20.zip.md5) could not be downloaded"
+    assert h.downloads_of(job, "chr_20.zip") == []
+    assert all(o.state.value == "verified" for name, o in rows.items() if not name.startswith("chr_20.zip"))
+    assert job.error.startswith(f"2 of {len(rows)} result files could not be downloaded: ")
+    assert set(job.error.partition(": ")[2].split(", ")) == {"chr_20.zip", "chr_20.zip.md5"}
+
+
 def test_results_retired_before_download(e2e):
     # Retention 0: the server deletes the results the moment the job succeeds, before any poll sees SUCCESS.
     h = e2e(timings=Timings(queue=0.1, run=0.1, export=0.1, retention=0.0))
