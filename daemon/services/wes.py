@@ -182,7 +182,8 @@ def parse_outputs(outputs: Any, *, api_root: str, call: str) -> tuple[RemoteOutp
             checksum = parse_checksum(obj.get("checksum"))
             if checksum is None and isinstance(obj.get("checksums"), list):
                 checksum = next((c for c in map(parse_checksum, obj["checksums"]) if c), None)
-            if isinstance(obj.get("size"), int) and not isinstance(obj.get("size"), bool):
+            # A negative size (-1: "unknown" to some servers) publishes nothing to check the file against.
+            if isinstance(obj.get("size"), int) and not isinstance(obj.get("size"), bool) and obj["size"] >= 0:
                 size = obj["size"]
         found.append((key, prefix + name, location, checksum, size))
 

@@ -196,11 +196,11 @@ def test_wes_run_answered_too_late_is_found_on_a_server_that_lists_workflows(tmp
     assert any("found the earlier submission" in (e.reason or "") for e in job.events)
 
 
-@pytest.mark.parametrize("published", ["right", "wrong"])
+@pytest.mark.parametrize("published", ["right", "wrong", "wrong_size"])
 def test_wes_outputs_are_checked_against_their_published_checksum_and_size(tmp_path, sqlite_url,
                                                                          sapporo: SapporoServer, vcf, published):
-    """Outputs published as CWL File objects with `checksum: sha1$…` and `size`: a file whose SHA-1 differs is
-    never verified (fetched MAX_INTEGRITY_ATTEMPTS times, then given up) and the job fails saying why."""
+    """Outputs published as CWL File objects with `checksum: sha1$…` and `size`: a file whose SHA-1 or size
+    differs is never verified (fetched MAX_INTEGRITY_ATTEMPTS times, then given up) and the job fails saying why."""
     with LateProxy(sapporo.origin, lost=None, publish_checksums=published) as proxy:
         config = make_config(tmp_path, sqlite_url, sapporo)
         service = dataclasses.replace(config.services["wes"], base_url=proxy.origin)
@@ -213,7 +213,8 @@ def test_wes_outputs_are_checked_against_their_published_checksum_and_size(tmp_p
     else:
         assert job.state is JobState.FAILED
         assert all(o.state is OutputState.FAILED and o.bad_downloads == MAX_INTEGRITY_ATTEMPTS for o in job.outputs)
-        assert all("its sha1 is " in o.error and "the server published" in o.error for o in job.outputs)
+        said = "its sha1 is " if published == "wrong" else " bytes arrived, but the server published "
+        assert all(said in o.error and "the server published" in o.error for o in job.outputs)
 
 
 def test_a_cwl_workflow_gets_its_inputs_as_file_objects(tmp_path, sqlite_url, sapporo: SapporoServer, vcf) -> None:

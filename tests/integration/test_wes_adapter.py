@@ -714,6 +714,32 @@ def test_status_complete_with_sapporo_outputs(router: respx.MockRouter, adapter:
     ]
 
 
+def test_status_complete_carries_a_cwl_files_checksum_and_size(router: respx.MockRouter, adapter: WesAdapter) -> None:
+    """What the server publishes about each output reaches the pipeline, which checks the file against it: a
+    `checksum` in any of the spellings servers use and a `size` in bytes; a negative size (-1, "unknown" to some
+    servers) or one that is not a number publishes none."""
+    sha1, md5 = "0123456789abcdef0123456789abcdef01234567", "0123456789abcdef0123456789abcdef"
+    outputs = {
+        "dose": {"class": "File", "location": f"{API}/runs/{RUN}/outputs/chr20.dose.vcf.gz",
+                 "checksum": f"sha1${sha1}", "size": 1024},
+        "info": {"class": "File", "location": f"{API}/runs/{RUN}/outputs/chr20.info.gz", "checksum": f"md5${md5}",
+                 "size": 0},
+        "log": {"class": "File", "location": f"{API}/runs/{RUN}/outputs/run.log", "size": -1},
+        "qc": {"class": "File", "location": f"{API}/runs/{RUN}/outputs/qc.html", "size": "1024"},
+        "flag": {"class": "File", "location": f"{API}/runs/{RUN}/outputs/flag.txt", "size": True},
+    }
+    router.get(f"{API}/runs/{RUN}/status").respond(200, json={"run_id": RUN, "state": "COMPLETE"})
+    router.get(f"{API}/runs/{RUN}").respond(200, json=sapporo_log("COMPLETE", outputs=outputs))
+    status = adapter.status(RUN)
+    assert [(o.name, o.checksum, o.size, o.size_text) for o in status.outputs] == [
+        ("chr20.dose.vcf.gz", ("sha1", sha1), 1024, "1024 bytes"),
+        ("chr20.info.gz", ("md5", md5), 0, "0 bytes"),
+        ("run.log", None, None, None),
+        ("qc.html", None, None, None),
+        ("flag.txt", None, None, None),
+    ]
+
+
 def test_status_executor_error_message(router: respx.MockRouter, adapter: WesAdapter) -> None:
     stderr = "\n".join(f"line {n}" for n in range(100)) + "\nERROR: panel hrc has no chr20\n\n"
     router.get(f"{API}/runs/{RUN}/status").respond(200, json={"run_id": RUN, "state": "EXECUTOR_ERROR"})

@@ -14,7 +14,7 @@ the run goes on, as on servers that accept a cancel and ignore it.
 
 `publish_checksums="right"` (or `"wrong"`): a run log's outputs (sapporo's `{file_name, file_url}` entries) are
 published as CWL `File` objects, each with its `size` and a `sha1$…` checksum, the file's own (or one it does not
-have), as servers on a CWL engine publish them.
+have), as servers on a CWL engine publish them. `"wrong_size"`: the right checksum and a size one byte too many.
 
 `local_outputs=f`: a run log's outputs are published as `file://` paths, `f(run_id, file_name)`, as a server on a
 shared file system publishes them.
@@ -55,7 +55,7 @@ _NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "cont
 class LateProxy:
     def __init__(self, upstream: str, *, delay: float = 0.0, lost: Literal["before", "after"] | None = "before",
                  wes03_listing: bool = False, ignore_cancel: bool = False,
-                 publish_checksums: Literal["right", "wrong"] | None = None,
+                 publish_checksums: Literal["right", "wrong", "wrong_size"] | None = None,
                  local_outputs: Callable[[str, str], Path] | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.delay = delay
@@ -161,9 +161,10 @@ class LateProxy:
         files = []
         for entry in run_log.get("outputs") or []:
             data = self._client.get(urljoin(self.upstream + "/", entry["file_url"]), headers=headers).content
-            digest = hashlib.sha1(data).hexdigest() if self.publish_checksums == "right" else "0" * 40
+            digest = "0" * 40 if self.publish_checksums == "wrong" else hashlib.sha1(data).hexdigest()
+            size = len(data) + (self.publish_checksums == "wrong_size")
             files.append({"class": "File", "basename": entry["file_name"], "location": entry["file_url"],
-                          "size": len(data), "checksum": f"sha1${digest}"})
+                          "size": size, "checksum": f"sha1${digest}"})
         run_log["outputs"] = {f"out{index}": file for index, file in enumerate(files)}
         return json.dumps(run_log).encode()
 
