@@ -14,7 +14,8 @@ Rules this module keeps:
 
 Errors: `Permanent(kind="unsafe_name")` for a hostile name; `BadDownload` (a `Transient`: the server served the
 file, spending a download count, and what arrived is unusable) with kinds `truncated`, `length_mismatch`,
-`timeout`/`connection` (mid-body), `bad_response` (garbled Content-Length or Content-Encoding), `corrupt_zip`;
+`timeout`/`connection` (mid-body), `bad_response` (garbled Content-Length or Content-Encoding), `corrupt_zip`,
+`size_mismatch`/`checksum_mismatch` (not what the server `Published`: a WES size or checksum, a zip's `.md5`);
 `Transient` with kinds `timeout`/`connection` (before an answer), `disk_full`, `interrupted` (`DownloadInterrupted`);
 `Permanent(kind="zip_password")` when the job's password does not open the zip; the adapter's own errors (a
 refusal, a failure before the answer) pass through. Other local `OSError`s (permissions, a read-only file system)
@@ -100,8 +101,9 @@ class _Digests:
 
 class BadDownload(Transient):
     """The server answered 2xx, so this GET spent one of the file's download counts, and the body that came is
-    unusable: cut off (by a close, a reset or a timeout), shorter or longer than announced, undecodable, or a
-    corrupt zip. The caller counts these against the file (`JobOutput.bad_downloads`) and gives it up after a few.
+    unusable: cut off (by a close, a reset or a timeout), shorter or longer than announced, undecodable, a
+    corrupt zip, or not the size or checksum the server published. The caller counts these against the file
+    (`JobOutput.bad_downloads`) and gives it up after a few.
 
     A failure before the answer (refused, reset or timed out while waiting for it) is a plain `Transient`: it cannot
     be told apart from an outage, which must never fail a job."""
