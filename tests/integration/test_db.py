@@ -429,6 +429,31 @@ def test_0006_gives_jobs_a_qc_report_that_holds_json(empty_engine: sa.Engine) ->
     assert "qc" not in {c["name"] for c in sa.inspect(empty_engine).get_columns("jobs")}
 
 
+def test_0007_gives_result_files_their_published_size_in_bytes(empty_engine: sa.Engine) -> None:
+    """A result file recorded before 0007 keeps its row and has no published size; a size past 4 GiB fits (a
+    multi-GB zip's); a downgrade takes the column away and keeps the rows."""
+    _migrate(empty_engine, "upgrade", "0006")
+    _insert_old_job(empty_engine, "downloading")
+    with empty_engine.begin() as conn:
+        job_key = conn.execute(sa.text("SELECT id FROM jobs")).scalar_one()
+        conn.execute(sa.text(
+            "INSERT INTO job_outputs (job_id, name, url, remote_checksum, state, attempts, bad_downloads)"
+            " VALUES (:job, 'chr_1.vcf.gz', 'http://x/chr_1.vcf.gz', :sum, 'pending', 0, 0)"
+        ), {"job": job_key, "sum": "sha1:" + "a" * 40})
+    _migrate(empty_engine, "upgrade", "0007")
+    # Plain SQL: the models are the newest revision's, and this database stops at 0007.
+    with empty_engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT name, remote_checksum, remote_size FROM job_outputs")).one() == (
+            "chr_1.vcf.gz", "sha1:" + "a" * 40, None)
+        conn.execute(sa.text("UPDATE job_outputs SET remote_size = :size"), {"size": 5 << 30})
+    with empty_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT remote_size FROM job_outputs")).scalar_one() == 5 << 30
+    _migrate(empty_engine, "downgrade", "0006")
+    assert "remote_size" not in {c["name"] for c in sa.inspect(empty_engine).get_columns("job_outputs")}
+    with empty_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM job_outputs")).scalar() == 1
+
+
 def test_0008_gives_old_jobs_and_their_services_status_to_the_operator(empty_engine: sa.Engine) -> None:
     """Jobs stored before owners existed are the operator's, and so is what was known against their service's token
     (a block, a lowered limit); the service keeps its pause. A downgrade gives the operator's status back."""
