@@ -253,3 +253,30 @@ def test_wes_outputs_published_as_paths_are_copied_only_from_under_the_root(tmp_
     else:
         assert job.state is JobState.FAILED
         assert all(o.state is OutputState.FAILED and "is not under wes.outputs_root" in o.error for o in job.outputs)
+
+
+@pytest.mark.parametrize("published", ["right", "wrong"])
+def test_cwl_file_objects_at_server_paths_are_checked_against_their_checksum_and_size(tmp_path, sqlite_url,
+                                                                                     sapporo: SapporoServer, vcf,
+                                                                                     published):
+    """outputs_as: path with outputs as a CWL engine on a shared file system publishes them: File objects whose
+    `location` is a file:// path, with `checksum: sha1$…` and `size`. A copy is held to those as a download is."""
+    with LateProxy(sapporo.origin, lost=None, publish_checksums=published,
+                   local_outputs=lambda run_id, name: sapporo.outputs_dir(run_id) / name) as proxy:
+        config = make_config(tmp_path, sqlite_url, sapporo)
+        service = config.services["wes"]
+        wes = dataclasses.replace(service.wes, outputs_as="path", outputs_root=sapporo.run_dir)
+        service = dataclasses.replace(service, base_url=proxy.origin, wes=wes)
+        job = run_to_end(dataclasses.replace(config, services={"wes": service}), vcf, timeout=90)
+    assert job.outputs and all(o.url.startswith("file://") for o in job.outputs)
+    assert all(o.remote_checksum and o.remote_checksum.startswith("sha1:") and o.remote_size for o in job.outputs)
+    if published == "right":
+        assert job.state is JobState.COMPLETED, job.error
+        for output in job.outputs:
+            source = sapporo.outputs_dir(job.remote_id) / output.name
+            assert output.state is OutputState.VERIFIED and output.size == output.remote_size
+            assert output.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    else:
+        assert job.state is JobState.FAILED
+        assert all(o.state is OutputState.FAILED and o.bad_downloads == MAX_INTEGRITY_ATTEMPTS for o in job.outputs)
+        assert all("its sha1 is " in o.error and "the server published" in o.error for o in job.outputs)

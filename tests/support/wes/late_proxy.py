@@ -17,7 +17,7 @@ published as CWL `File` objects, each with its `size` and a `sha1$…` checksum,
 have), as servers on a CWL engine publish them. `"wrong_size"`: the right checksum and a size one byte too many.
 
 `local_outputs=f`: a run log's outputs are published as `file://` paths, `f(run_id, file_name)`, as a server on a
-shared file system publishes them.
+shared file system publishes them; with `publish_checksums` too, as CWL `File` objects whose `location` is that path.
 
 `wes03_listing=True`: `GET …/runs` answers as the GA4GH reference server `wes-service` does: every run under
 `workflows` (the WES 0.3 name), unpaged, in no fixed order, each entry only `run_id` and `state` (no tags).
@@ -148,7 +148,7 @@ class LateProxy:
         content = answer.content
         run_log = handler.command == "GET" and answer.status_code == 200 and len(parts) >= 2 and parts[-2] == "runs"
         if run_log and self.publish_checksums:
-            content = self._with_checksums(answer.json(), headers)
+            content = self._with_checksums(answer.json(), headers, run_id=parts[-1])
         elif run_log and self.local_outputs is not None:
             log = answer.json()
             log["outputs"] = [{"file_name": entry["file_name"],
@@ -157,13 +157,15 @@ class LateProxy:
             content = json.dumps(log).encode()
         self._answer(handler, answer.status_code, relayed, content)
 
-    def _with_checksums(self, run_log: dict, headers: dict[str, str]) -> bytes:
+    def _with_checksums(self, run_log: dict, headers: dict[str, str], run_id: str) -> bytes:
         files = []
         for entry in run_log.get("outputs") or []:
             data = self._client.get(urljoin(self.upstream + "/", entry["file_url"]), headers=headers).content
             digest = "0" * 40 if self.publish_checksums == "wrong" else hashlib.sha1(data).hexdigest()
             size = len(data) + (self.publish_checksums == "wrong_size")
-            files.append({"class": "File", "basename": entry["file_name"], "location": entry["file_url"],
+            location = (self.local_outputs(run_id, entry["file_name"]).as_uri() if self.local_outputs is not None
+                        else entry["file_url"])
+            files.append({"class": "File", "basename": entry["file_name"], "location": location,
                           "size": size, "checksum": f"sha1${digest}"})
         run_log["outputs"] = {f"out{index}": file for index, file in enumerate(files)}
         return json.dumps(run_log).encode()
