@@ -14,6 +14,7 @@ import datetime as dt
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def cleanup(expired: ExpiredJobs, storage: StorageConfig, keep_days: int, *, now
     """Delete what `plan` lists, job by job; a job that changed meanwhile (retried, taken) is skipped."""
     limit_at = cutoff(keep_days, now)
     report = Report()
+    # Upload folders of the deleted jobs, each with the job that held it: removed at the end if no job still does.
+    uploads: dict[Path, str] = {}
     for candidate in plan(expired, storage, keep_days, now=now, limit=limit):
         if candidate.problem is not None:
             report.skipped.append(candidate)
@@ -105,10 +108,8 @@ def cleanup(expired: ExpiredJobs, storage: StorageConfig, keep_days: int, *, now
                         error_kind="retention")
             continue
 
-        uploads: set[Path] = set()
-
-        def remove_files(job: Job, candidate: Candidate = candidate, uploads: set[Path] = uploads) -> None:
-            uploads.update(_upload_folders(job, storage))
+        def remove_files(job: Job, candidate: Candidate = candidate) -> None:
+            uploads.update(dict.fromkeys(_upload_folders(job, storage), str(job.id)))
             if candidate.path is not None:
                 # Check again under the row lock: the path is what the row says now.
                 path = result_path(storage, job.id, job.result_dir)
@@ -131,7 +132,11 @@ def cleanup(expired: ExpiredJobs, storage: StorageConfig, keep_days: int, *, now
             log.info("job_deleted", job_id=str(candidate.job.id), service=candidate.job.service,
                      state=candidate.job.state.value, finished_at=candidate.job.finished_at.isoformat(),
                      bytes=candidate.size, reason=f"finished more than {keep_days} days ago")
-            _remove_unused_uploads(expired, uploads, candidate.job)
+    # One upload sent to several services is several jobs: a folder goes with the last of them. A job whose deletion
+    # failed still holds its inputs, so its folder stays.
+    for folder in _unused_uploads(expired, storage, uploads):
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("upload_deleted", job_id=uploads[folder], folder=str(folder))
     return report
 
 
@@ -139,17 +144,16 @@ def remove_abandoned_uploads(expired: ExpiredJobs, storage: StorageConfig, *, no
     """Remove the upload folders that no job has inputs in and that nothing was written to for
     `ABANDONED_UPLOAD_SECONDS`; returns them. Runs whether or not `keep_days` is set: they are nobody's results."""
     now = time.time() if now is None else now
+    root = storage.uploads_dir.resolve()  # inputs are stored resolved
     try:
-        folders = sorted(path for path in storage.uploads_dir.iterdir() if path.is_dir() and not path.is_symlink())
+        folders = [path for path in root.iterdir() if path.is_dir() and not path.is_symlink()]
     except FileNotFoundError:
         return []
-    removed = []
-    for folder in folders:
-        if now - _last_written(folder) < ABANDONED_UPLOAD_SECONDS or expired.holds_inputs(str(folder.resolve())):
-            continue
+    stale = [folder for folder in folders if now - _last_written(folder) >= ABANDONED_UPLOAD_SECONDS]
+    removed = _unused_uploads(expired, storage, stale)
+    for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
         log.info("upload_abandoned_deleted", folder=str(folder), reason="no job has inputs in it")
-        removed.append(folder)
     return removed
 
 
@@ -172,14 +176,12 @@ def _upload_folders(job: Job, storage: StorageConfig) -> set[Path]:
     return {Path(item.path).parent for item in job.inputs if Path(item.path).parent.parent == root}
 
 
-def _remove_unused_uploads(expired: ExpiredJobs, folders: set[Path], job: ExpiredJob) -> None:
-    """Remove the upload folders of a deleted job that no remaining job has inputs in: one upload submitted to
-    several services is several jobs, and it stays until the last of them is deleted."""
-    for folder in sorted(folders):
-        if expired.holds_inputs(str(folder)):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        log.info("upload_deleted", job_id=str(job.id), folder=str(folder))
+def _unused_uploads(expired: ExpiredJobs, storage: StorageConfig, folders: Iterable[Path]) -> list[Path]:
+    """Those of `folders` (upload folders, resolved) that no job has an input in."""
+    folders = set(folders)
+    if not folders:
+        return []
+    return sorted(folders - expired.input_folders(storage.uploads_dir.resolve()))
 
 
 __all__ = ["Candidate", "Report", "cleanup", "cutoff", "plan", "remove_abandoned_uploads", "result_path"]

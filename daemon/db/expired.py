@@ -6,6 +6,7 @@ import datetime as dt
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 from daemon.db import queries
@@ -39,10 +40,10 @@ class ExpiredJobs:
                            finished_at=cast(dt.datetime, row.finished_at), result_dir=row.result_dir)
                 for row in rows]
 
-    def holds_inputs(self, folder: str) -> bool:
-        """Whether any job still has an input inside `folder`."""
+    def input_folders(self, root: Path) -> set[Path]:
+        """The folders inside `root` that directly hold an input of some job: one query for all of them."""
         with self._reading() as session:
-            return session.execute(queries.input_under(folder)).first() is not None
+            return {Path(path).parent for path in session.scalars(queries.input_paths_under(str(root)))}
 
     def delete(
         self, job_id: uuid.UUID, cutoff: dt.datetime, *, before_delete: Callable[[Job], None] | None = None

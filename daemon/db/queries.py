@@ -463,11 +463,11 @@ def expired_job(job_id: uuid.UUID, cutoff: dt.datetime) -> sa.Select[Job]:
     )
 
 
-def input_under(folder: str) -> sa.Select[int]:
-    """Any job input whose path lies inside `folder` (a prefix compared as text: `LIKE` would read the path's own
-    `_` and `%` as wildcards)."""
+def input_paths_under(folder: str) -> sa.Select[str]:
+    """The paths of the job inputs inside `folder` (a prefix compared as text: `LIKE` would read the path's own `_`
+    and `%` as wildcards)."""
     prefix = folder.rstrip("/") + "/"
-    return sa.select(JobInput.id).where(sa.func.substr(JobInput.path, 1, len(prefix)) == prefix).limit(1)
+    return sa.select(JobInput.path).where(sa.func.substr(JobInput.path, 1, len(prefix)) == prefix).distinct()
 
 
 def delete_job(job_id: uuid.UUID) -> sa.Delete:
