@@ -406,16 +406,27 @@ ACTIVE_OWNERS = (
 
 
 def add_services(rows: list[dict[str, Any]], *, postgres: bool) -> sa.Executable:
-    """Insert status rows, leaving those that exist: each dialect's own INSERT … ON CONFLICT DO NOTHING."""
+    """Insert service status rows, leaving those that exist."""
+    return _insert_missing(ServiceStatus, rows, ["name"], postgres=postgres)
+
+
+def add_owner_status(service: str, owner: str, at: dt.datetime, *, postgres: bool) -> sa.Executable:
+    """Insert an owner's status row on a service unless it exists (another daemon may be inserting it right now)."""
+    return _insert_missing(OwnerStatus, [{"service": service, "owner": owner, "updated_at": at}],
+                           ["service", "owner"], postgres=postgres)
+
+
+def _insert_missing(model: type[Any], rows: list[dict[str, Any]], key: list[str], *, postgres: bool) -> sa.Executable:
+    """Each dialect's own INSERT … ON CONFLICT (key) DO NOTHING."""
     # Imported here and not at the top: SQLAlchemy's PostgreSQL dialect is 2.9 MiB of a daemon's RSS that one on
     # SQLite never needs (bench/memory.py, and the ratio to the Celery stack has no room for it).
     if postgres:
         from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 
-        return postgresql_insert(ServiceStatus).values(rows).on_conflict_do_nothing(index_elements=["name"])
+        return postgresql_insert(model).values(rows).on_conflict_do_nothing(index_elements=key)
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-    return sqlite_insert(ServiceStatus).values(rows).on_conflict_do_nothing(index_elements=["name"])
+    return sqlite_insert(model).values(rows).on_conflict_do_nothing(index_elements=key)
 
 
 # ------------------------------------------------------------------ API tokens and idempotency keys

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from sqlalchemy.orm import Session
 
 from daemon.db import queries
-from daemon.db.engine import Connections
+from daemon.db.engine import Connections, is_postgres
 from daemon.db.models import OwnerStatus, ServiceStatus, utcnow
 
 
@@ -93,8 +93,11 @@ def service_row(session: Session, service: str) -> ServiceStatus:
 
 
 def owner_row(session: Session, service: str, owner: str) -> OwnerStatus:
+    """The owner's status row on the service, locked; made first when missing. Daemons sharing a database may
+    each find it missing at once: the row is inserted unless it exists (waiting for another's insert to commit),
+    then locked, so neither fails on the other's row."""
     status = session.scalars(queries.locked_owner_status(service, owner)).one_or_none()
     if status is None:
-        status = OwnerStatus(service=service, owner=owner, updated_at=utcnow())
-        session.add(status)
+        session.execute(queries.add_owner_status(service, owner, utcnow(), postgres=is_postgres(session.connection())))
+        status = session.scalars(queries.locked_owner_status(service, owner)).one()
     return status

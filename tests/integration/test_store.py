@@ -399,3 +399,27 @@ def test_downloads_are_claimed_soonest_retiring_first(store: JobStore) -> None:
         force(store, [job_id], state=JobState.DOWNLOADING, next_poll_at=now, retires_at=retires_at)
     claimed = store.queue.claim_due("me", states={JobState.DOWNLOADING}, services=["mis"], limit=3, lease_seconds=60)
     assert [job.id for job in claimed] == [ids[2], ids[1], ids[3]]
+
+
+def test_an_owners_status_row_made_by_two_daemons_at_once_is_made_once(store: JobStore) -> None:
+    # Daemon A has inserted the missing row and not committed yet when daemon B finds it missing too: B waits for
+    # A's row and uses it instead of failing on the primary key (it did, on PostgreSQL, in a three-daemon run).
+    from daemon.db.service_status import owner_row
+
+    inserted, b_done = threading.Event(), threading.Event()
+
+    def daemon(name: str) -> None:
+        if name == "a":
+            with store._db.session() as session, session.begin():
+                owner_row(session, "mis", "alice").effective_limit = 2
+                inserted.set()
+                time.sleep(0.5)
+        else:
+            assert inserted.wait(10)
+            store.services.record_token("mis", "alice", expires=None)
+            b_done.set()
+
+    run_threads(daemon, [("a",), ("b",)])
+    assert b_done.is_set()
+    [status] = [s for key, s in store.services.owner_statuses().items() if key == ("mis", "alice")]
+    assert status.effective_limit == 2 and status.token_checked_at is not None
